@@ -1,0 +1,78 @@
+"""Every configuration field, with the paper's values (PrivAttNet on VISPR).
+
+Variant configs import this and override a few fields. Any field can be set
+from the command line: `python run.py --config=configs/privattnet.py
+--config.batch_size=64 --config.data.manual_dir=/data/vispr`.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 12345
+  config.image_size = 224  # Eval resize and train crop size; the grid is image_size / 16.
+  config.batch_size = 256  # Global, across all devices and hosts.
+  config.num_epochs = 100
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.half_precision = False  # bf16 compute; parameters and optimiser state stay fp32.
+
+  config.log_every_steps = 50
+  config.eval_every_steps = -1  # -1: once per epoch.
+  config.checkpoint_every_steps = -1  # -1: at every evaluation.
+  config.keep_checkpoints = 3  # The N latest; the best by validation Spearman is kept too.
+  config.eval_splits = ("test",)  # Evaluated with the best checkpoint when training ends.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.manual_dir = ""  # A VISPR-layout root; empty: the synthetic dataset.
+  config.data.data_dir = ""  # Where TFDS builds; empty: <workdir>/../tfds or ~/tensorflow_datasets.
+  config.data.builder_config = "max256"  # "max256" (shorter side <= 256 px) or "original".
+  config.data.splits_dir = ""  # Folder with train2017.txt etc.; empty: the bundled copies.
+  config.data.strict = False  # Any skipped annotation fails the build.
+  config.data.resize_size = -1  # Train resize before the random crop; -1: image_size * 264 / 224.
+  config.data.crop_scale = (0.08, 1.0)
+  config.data.crop_ratio = (3 / 4, 4 / 3)
+  config.data.num_workers = 0  # grain worker processes.
+  config.data.prefetch_buffer_size = 2
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.dir = ""  # Empty: <data_dir>/synthetic_vispr.
+  config.data.synthetic.num_train = 2000
+  config.data.synthetic.num_val = 400
+  config.data.synthetic.num_test = 400
+  config.data.synthetic.seed = 0
+  config.data.synthetic.image_size = 160  # Side of the generated images.
+
+  # The privacy score, computed in the input pipeline (see privattnet_jax/attributes.py).
+  config.score = ml_collections.ConfigDict()
+  config.score.pooling = "max"  # max (VISPR's definition), sum, mean.
+  config.score.source = "profiles_mean"  # profiles_mean, profile, user_study_1, file.
+  config.score.profile_index = 0
+  config.score.preferences_file = ""
+  config.score.missing_value = 0.0  # Preference of an attribute absent from the table.
+  config.score.per_profile = False  # Target: the 30 profile scores.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "privattnet"  # privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn.
+  config.model.encoder = ml_collections.ConfigDict()
+  config.model.encoder.depth = 50  # 18, 34, 50 (the paper), or 0 for the tiny test encoder.
+  config.model.encoder.width = 64  # Stem width; 64 is torchvision's.
+  config.model.encoder.stages = 3  # 3: cut after conv4_x (the paper); 4: through conv5_x.
+  config.model.encoder.trainable = False  # The paper freezes the encoder.
+  config.model.encoder.batchnorm = "update"  # Frozen encoder BN: "update" (authors' code) or "frozen".
+  config.model.encoder.pretrained = ""  # Weight file: torchvision .pth, timm .safetensors, or ours.
+  config.model.attention = ml_collections.ConfigDict()
+  config.model.attention.steps = 3  # T.
+  config.model.attention.hidden_size = 1024  # H, the LSTM width.
+  config.model.attention.regressor_hidden = 512
+  config.model.attention.feature_dropout = 0.8
+  config.model.attention.dropout = 0.5
+  config.model.attention.output = "mean"  # mean of the per-step scores, or "last".
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-4
+  config.optim.schedule = "constant"  # constant, cosine, warmup_cosine.
+  config.optim.warmup_steps = 0
+  config.optim.weight_decay = 1e-6  # Coupled L2: added to the gradient before Adam.
+  config.optim.attention_gamma = 1e-5
+  config.optim.attention_tau_per_step = 0.2  # tau = 0.2 * T.
+  return config

@@ -1,0 +1,1 @@
+"""VISPR data: the TFDS builder over the real layout and the synthetic VISPR-format generator."""
