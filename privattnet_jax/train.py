@@ -1,0 +1,424 @@
+"""Training and evaluation: TrainState, the pure per-device steps, the data-parallel wrapper, the loop.
+
+The per-device steps are written with named-axis collectives over the `batch`
+axis (pmap semantics) and compiled with `jax.jit(jax.shard_map(...))` over a
+one-axis mesh of every device of every process, so the same code runs on one
+CPU, N fake CPU devices, a GPU node, a TPU slice and several hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from privattnet_jax import attributes
+from privattnet_jax import checkpoints
+from privattnet_jax import input_pipeline
+from privattnet_jax import metrics as metrics_lib
+from privattnet_jax import models
+from privattnet_jax import data as data_lib
+
+AXIS = "batch"
+DEVICE_KEYS = ("image", "score", "labels", "mask")  # What the jitted steps read from a batch.
+ATTRIBUTE_MODELS = ("privattnet_mlc", "ap_pr")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # Dropout key; each step folds in its step number and device index.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What turns model outputs into a loss and into privacy scores; constant for a run."""
+
+  kind: str  # "regression" (a score head) or "attributes" (a multi-label head).
+  target_mean: np.ndarray  # (P,), the training split's mean raw score.
+  preferences: np.ndarray  # (68, P)
+  pooling: str
+  attention_gamma: float
+  attention_tau: float
+
+  def __hash__(self):  # Used as a static jit argument.
+    return id(self)
+
+
+def make_task(config: ml_collections.ConfigDict, target_mean) -> Task:
+  kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
+  return Task(
+      kind=kind,
+      target_mean=np.asarray(target_mean, np.float32).reshape(-1),
+      preferences=input_pipeline.preferences_from_config(config),
+      pooling=config.score.pooling,
+      attention_gamma=config.optim.attention_gamma,
+      attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
+  )
+
+
+def predicted_scores(outputs: dict, task: Task) -> jax.Array:
+  """Raw privacy scores (B, P) from the model outputs (undoing the target normalisation)."""
+  if task.kind == "regression":
+    return outputs["score"].astype(jnp.float32) / 2 + task.target_mean
+  logits = outputs["attribute_logits"].astype(jnp.float32)
+  offset = attributes.NUM_ATTRIBUTES - logits.shape[-1]  # 1 for the 67 non-safe attributes.
+  return attributes.pooled_soft_score(jax.nn.sigmoid(logits), jnp.asarray(task.preferences[offset:]), task.pooling)
+
+
+def compute_loss(outputs: dict, batch: dict, task: Task) -> tuple[jax.Array, dict]:
+  """The paper's loss: MSE on (y - mean) * 2 (or BCE for attribute heads) + the attention penalty."""
+  mask = batch["mask"]
+  count = jnp.maximum(mask.sum(), 1.0)
+  if task.kind == "regression":
+    target = (batch["score"] - task.target_mean) * 2
+    per_example = jnp.square(outputs["score"].astype(jnp.float32) - target).mean(-1)
+  else:
+    logits = outputs["attribute_logits"].astype(jnp.float32)
+    labels = batch["labels"][:, attributes.NUM_ATTRIBUTES - logits.shape[-1]:]
+    per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
+  data_loss = (per_example * mask).sum() / count
+  penalty = jnp.zeros(())
+  if "attention" in outputs:
+    # gamma * sum_i (tau - sum_t alpha_ti)^2, averaged over the batch: AMNet's doubly stochastic term.
+    attention_total = outputs["attention"].astype(jnp.float32).sum(axis=1)
+    penalty = task.attention_gamma * (jnp.square(task.attention_tau - attention_total).sum(-1) * mask).sum() / count
+  loss = data_loss + penalty
+  return loss, {"loss": loss, "data_loss": data_loss, "attention_penalty": penalty}
+
+
+def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, dict]:
+  """One optimisation step on one device's share of the global batch (inside shard_map)."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    outputs, new_model_state = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, aux = compute_loss(outputs, batch, task)
+    return loss, (aux, new_model_state)
+
+  grads, (aux, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  batch_stats = jax.lax.pmean(new_model_state.get("batch_stats", state.batch_stats), AXIS)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  aux["grad_norm"] = optax.global_norm(grads)
+  return new_state, jax.lax.pmean(aux, AXIS)
+
+
+def eval_step(state: TrainState, batch: dict, task: Task) -> dict:
+  """Per-example predictions of one device's share; targets echo back so all stay aligned."""
+  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  result = {"prediction": predicted_scores(outputs, task), "target": batch["score"], "mask": batch["mask"]}
+  if "attention" in outputs:
+    result["attention"] = outputs["attention"].astype(jnp.float32)
+  if "attribute_logits" in outputs:
+    result["attribute_probabilities"] = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
+  return result
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), (AXIS,))
+
+
+def parallel_train_step(mesh, task: Task):
+  step = jax.shard_map(functools.partial(train_step, task=task), mesh=mesh,
+                       in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def parallel_eval_step(mesh, task: Task):
+  step = jax.shard_map(functools.partial(eval_step, task=task), mesh=mesh,
+                       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+  return jax.jit(step)
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """This process's batch -> global arrays split over the mesh's batch axis."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in DEVICE_KEYS}
+
+
+def _to_host(tree):
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, params, total_steps: int) -> optax.GradientTransformation:
+  """Adam with coupled L2 (added to the gradient before Adam, as torch's Adam weight_decay).
+
+  A frozen encoder's parameters are mapped to `set_to_zero`: no update, no optimiser state.
+  """
+  optim = config.optim
+  if optim.schedule == "constant":
+    learning_rate = optim.learning_rate
+  elif optim.schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(optim.learning_rate, max(total_steps, 1))
+  elif optim.schedule == "warmup_cosine":
+    learning_rate = optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1))
+  else:
+    raise ValueError(f"optim.schedule must be constant, cosine or warmup_cosine, got {optim.schedule!r}")
+  tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(learning_rate))
+  if config.model.encoder.trainable:
+    return tx
+  labels = {name: "frozen" if name == "encoder" else "trained" for name in params}
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def create_train_state(config, model, task, image_shape, total_steps, rng) -> TrainState:
+  init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32))
+  variables = flax.core.unfreeze(variables)
+  if config.model.encoder.pretrained:
+    from privattnet_jax import weights  # pylint: disable=g-import-not-at-top
+
+    encoder = weights.load_pretrained_encoder(
+        config.model.encoder.pretrained,
+        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]})
+    variables["params"]["encoder"] = encoder["params"]
+    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
+  params = variables["params"]
+  return TrainState.create(
+      apply_fn=model.apply, params=params, batch_stats=variables.get("batch_stats", {}),
+      tx=create_optimizer(config, params, total_steps), rng=dropout_rng)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if config.batch_size <= 0 or config.batch_size % devices:
+    raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})")
+  if config.batch_size % processes:
+    raise ValueError(f"batch_size={config.batch_size} must be divisible by the process count ({processes})")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set num_train_steps > 0 or num_epochs > 0")
+  if config.image_size < 32:
+    raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
+  for name in ("log_every_steps", "keep_checkpoints"):
+    if config[name] <= 0:
+      raise ValueError(f"{name} must be positive, got {config[name]}")
+
+
+class MetricWriter:
+  """One JSON object per logged step in metrics.jsonl, plus TensorBoard events (no TensorFlow)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      self._jsonl = open(workdir / "metrics.jsonl", "a")
+      self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    for key, value in values.items():
+      if isinstance(value, (int, float)) and np.isfinite(value):
+        self._tensorboard.add_scalar(key, value, step)
+    self._tensorboard.flush()
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+@dataclasses.dataclass
+class EvalResult:
+  metrics: dict
+  predictions: np.ndarray
+  targets: np.ndarray
+  extras: dict  # attention, attribute_probabilities, labels, image_id, boxes, num_boxes (host side).
+
+
+def evaluate(state: TrainState, eval_fn, batches, mesh) -> EvalResult:
+  """Runs every batch once; padded rows (mask 0) are dropped before the metrics."""
+  collected: dict[str, list] = {}
+  local_single_process = jax.process_count() == 1
+  for batch in batches:
+    out = _to_host(eval_fn(state, shard_batch(batch, mesh)))
+    keep = out.pop("mask") > 0
+    for key, value in out.items():
+      collected.setdefault(key, []).append(np.asarray(value)[keep])
+    if local_single_process:
+      for key in ("labels", "image_id", "boxes", "num_boxes"):
+        if key in batch:
+          collected.setdefault(key, []).append(np.asarray(batch[key])[keep])
+  arrays = {k: np.concatenate(v) for k, v in collected.items()}
+  predictions, targets = arrays.pop("prediction"), arrays.pop("target")
+  result_metrics = metrics_lib.score_metrics(predictions, targets)
+  if "attribute_probabilities" in arrays and "labels" in arrays:
+    probabilities = arrays["attribute_probabilities"]
+    offset = attributes.NUM_ATTRIBUTES - probabilities.shape[-1]
+    result_metrics["attribute_map"] = metrics_lib.mean_average_precision(
+        probabilities, arrays["labels"][:, offset:] > 0)["map"]
+  return EvalResult(result_metrics, predictions, targets, arrays)
+
+
+def _headline(m: dict) -> str:
+  return f"L1 {m['l1']:.3f}  Pearson {m['pearson']:.3f}  Spearman {m['spearman']:.3f}  MSE {m['mse']:.3f}  (n={m['n']})"
+
+
+class Experiment:
+  """Everything a run derives from its config: data, task, model, mesh and compiled steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, need_train: bool = True):
+    validate_config(config)
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.sources = data_lib.load_data_sources(config)
+    self.manager = checkpoints.create_manager(self.workdir, config.keep_checkpoints)
+    self.mesh = create_mesh()
+    num_train = len(self.sources["train"])
+    self.steps_per_epoch = num_train // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
+    self.total_steps = config.num_train_steps if config.num_train_steps > 0 else (
+        config.num_epochs * self.steps_per_epoch)
+    target_mean = self._target_mean()
+    self.task = make_task(config, target_mean)
+    self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1])
+    image_shape = (config.image_size, config.image_size, 3)
+    replicated = NamedSharding(self.mesh, P())
+    self.initial_state = jax.device_put(create_train_state(
+        config, self.model, self.task, image_shape, self.total_steps, jax.random.PRNGKey(config.seed)), replicated)
+    # Kept apart: the train step donates (deletes) the state it is given.
+    self.abstract_state = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state)
+    self.train_fn = parallel_train_step(self.mesh, self.task) if need_train else None
+    self.eval_fn = parallel_eval_step(self.mesh, self.task)
+
+  def _target_mean(self) -> np.ndarray:
+    """The training split's mean score (the authors hard-coded theirs); reused from a checkpoint."""
+    latest = self.manager.latest_step()
+    if latest is not None:
+      return np.asarray(checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32)
+    return input_pipeline.split_scores(self.sources["train"], self.config).mean(axis=0)
+
+  def metadata(self) -> dict:
+    return {"config": self.config.to_dict(), "target_mean": self.task.target_mean.tolist()}
+
+  def eval_batches(self, split: str):
+    return input_pipeline.create_eval_batches(self.sources[split], self.config)
+
+  def restore(self, step: int, data_iterator=None) -> TrainState:
+    state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Trains (resuming from the latest checkpoint), then evaluates the best checkpoint.
+
+  Returns {split: metrics} for `config.eval_splits`, also written to eval_<split>.json.
+  """
+  experiment = Experiment(config, workdir)
+  manager, mesh = experiment.manager, experiment.mesh
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
+  checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
+
+  train_loader = input_pipeline.create_train_loader(experiment.sources["train"], config)
+  train_iterator = iter(train_loader)
+  state = experiment.initial_state
+  start_step = 0
+  latest = manager.latest_step()
+  if latest is not None:
+    state = experiment.restore(latest, train_iterator)
+    start_step = int(state.step)
+    logging.info("Resumed from the checkpoint at step %d in %s", start_step, workdir)
+
+  writer = MetricWriter(experiment.workdir)
+  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
+               config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
+               jax.device_count())
+  pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
+  window_start, window_steps = time.time(), 0
+  for step in range(start_step + 1, experiment.total_steps + 1):
+    batch = next(train_iterator)
+    state, step_metrics = experiment.train_fn(state, shard_batch(batch, mesh))
+    if pending is not None:
+      _check_finite(*pending, manager)
+    pending = (step, step_metrics)
+    window_steps += 1
+    is_last = step == experiment.total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _check_finite(*pending, manager)
+      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      elapsed = time.time() - window_start
+      images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
+      eta = (experiment.total_steps - step) * elapsed / window_steps
+      logging.info("step %d/%d  loss %.4f  %.1f img/s  ETA %s", step, experiment.total_steps, values["loss"],
+                   images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)))
+      writer.write(step, {**values, "images_per_second": images_per_second})
+      window_start, window_steps = time.time(), 0
+    validation = None
+    if step % eval_every == 0 or is_last:
+      _check_finite(*pending, manager)
+      validation = evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"), mesh).metrics
+      logging.info("step %d validation: %s", step, _headline(validation))
+      writer.write(step, {f"validation/{k}": v for k, v in validation.items() if k != "per_profile"})
+    if step % checkpoint_every == 0 or is_last or validation is not None:
+      _check_finite(*pending, manager)
+      selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
+      checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
+  manager.wait_until_finished()
+  writer.close()
+  return {split: evaluate_checkpoint(config, workdir, split, experiment=experiment) for split in config.eval_splits}
+
+
+def _check_finite(step: int, step_metrics: dict, manager) -> None:
+  loss = float(step_metrics["loss"])
+  if not np.isfinite(loss):
+    manager.wait_until_finished()
+    last_good = manager.latest_step()
+    raise NonFiniteLossError(
+        f"the loss is {loss} at step {step}; stopping. The last good checkpoint is "
+        f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}.")
+
+
+def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
+                        experiment: Experiment | None = None) -> dict:
+  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json."""
+  experiment = experiment or Experiment(config, workdir, need_train=False)
+  manager = experiment.manager
+  if step is None:
+    step = manager.best_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint at step {step}; available: {sorted(manager.all_steps())}")
+  if split not in experiment.sources:
+    raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
+  state = experiment.restore(step)
+  result = evaluate(state, experiment.eval_fn, experiment.eval_batches(split), experiment.mesh)
+  summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
+  summary.update({k: v for k, v in result.metrics.items() if k not in summary})
+  summary["step"] = int(step)
+  if jax.process_index() == 0:
+    (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
+  print(f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True)
+  return summary
