@@ -1,0 +1,202 @@
+"""The training loop on the tiny synthetic dataset: steps, evaluation, resume, NaN stops, devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from privattnet_jax import checkpoints
+from privattnet_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _final_params(config, workdir):
+  experiment = train.Experiment(config, workdir, need_train=False)
+  return jax.device_get(experiment.restore(experiment.manager.latest_step()).params)
+
+
+def test_compute_loss_by_hand():
+  task = train.Task(kind="regression", target_mean=np.array([2.0], np.float32), preferences=np.ones((68, 1)),
+                    pooling="max", attention_gamma=0.5, attention_tau=0.6)
+  outputs = {"score": jnp.array([[0.0], [1.0]]),
+             "attention": jnp.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])}
+  batch = {"score": jnp.array([[3.0], [2.0]]), "mask": jnp.array([1.0, 1.0]), "labels": jnp.zeros((2, 68))}
+  loss, aux = train.compute_loss(outputs, batch, task)
+  # Normalised targets: (3 - 2) * 2 = 2 and 0; squared errors 4 and 1.
+  assert float(aux["data_loss"]) == pytest.approx(2.5)
+  # Attention totals per location: [1.5, 0.5] and [0, 2]; (0.6 - x)^2 summed: 0.82 and 2.32.
+  assert float(aux["attention_penalty"]) == pytest.approx(0.5 * (0.82 + 2.32) / 2)
+  assert float(loss) == pytest.approx(2.5 + 0.5 * 1.57)
+  masked = dict(batch, mask=jnp.array([1.0, 0.0]))
+  assert float(train.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(4.0)
+  assert np.asarray(train.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
+
+
+def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  results = train.train_and_evaluate(tiny_config, str(workdir))
+  test_metrics = json.loads((workdir / "eval_test.json").read_text())
+  assert set(("l1", "mse", "pearson", "spearman", "n")) <= set(test_metrics)
+  assert test_metrics["n"] == tiny_config.data.synthetic.num_test  # Every test example exactly once.
+  assert results["test"]["l1"] == pytest.approx(test_metrics["l1"])
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [line for line in logged if "loss" in line]
+  assert [line["step"] for line in train_lines] == [2, 4]
+  assert all(np.isfinite(line["loss"]) and line["images_per_second"] > 0 for line in train_lines)
+  assert any("validation/spearman" in line for line in logged)
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
+  assert manager.latest_step() == 4
+  assert manager.best_step() in (2, 4)
+
+
+def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, tmp_path):
+  config = tiny_config
+  config.model.encoder.trainable = False
+  config.model.encoder.batchnorm = "frozen"
+  config.num_train_steps = 2
+  experiment = train.Experiment(config, tmp_path / "frozen")
+  before = jax.device_get(experiment.initial_state.params)
+  train.train_and_evaluate(config, str(tmp_path / "frozen"))
+  after = _final_params(config, tmp_path / "frozen")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before["encoder"], after["encoder"])
+  changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before["head"], after["head"])
+  assert any(jax.tree_util.tree_leaves(changed))
+  state = experiment.initial_state
+  encoder_state_leaves = [
+      leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+      if "encoder" in jax.tree_util.keystr(path)]
+  assert encoder_state_leaves == []
+
+
+def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_path, monkeypatch):
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config(tiny_data_dir)
+  config.num_train_steps = 6
+  config.eval_every_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  expected = _final_params(config, tmp_path / "straight")
+
+  original = train.shard_batch
+  calls = {"n": 0}
+
+  def crash_at_step_five(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 5:  # Killed after the checkpoint at step 4.
+      raise KeyboardInterrupt("simulated kill")
+    return original(batch, mesh)
+
+  monkeypatch.setattr(train, "shard_batch", crash_at_step_five)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert checkpoints.create_manager(tmp_path / "resumed", keep=3, read_only=True).latest_step() == 4
+  monkeypatch.setattr(train, "shard_batch", original)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = _final_params(config, tmp_path / "resumed")
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, resumed)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+  original = train.shard_batch
+  calls = {"n": 0}
+
+  def poison_step_three(batch, mesh):
+    if batch["mask"].shape == (tiny_config.batch_size,) and "image_id" not in batch:
+      calls["n"] += 1
+      if calls["n"] == 3:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    return original(batch, mesh)
+
+  monkeypatch.setattr(train, "shard_batch", poison_step_three)
+  with pytest.raises(train.NonFiniteLossError, match="at step 3.*step 2"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "nan"))
+  assert checkpoints.create_manager(tmp_path / "nan", keep=3, read_only=True).latest_step() == 2
+
+
+def test_evaluate_checkpoint_on_a_named_split(tiny_config, tmp_path):
+  workdir = tmp_path / "eval"
+  tiny_config.eval_splits = ()
+  train.train_and_evaluate(tiny_config, str(workdir))
+  result = train.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=2)
+  assert result["step"] == 2 and result["n"] == tiny_config.data.synthetic.num_val
+  assert json.loads((workdir / "eval_validation.json").read_text())["n"] == result["n"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
+    train.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=3)
+
+
+def _run_script(script: str, env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), **env_extra)
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
+  """Same global batches on a 1-device and a 2-device mesh: the same parameters (pmean semantics)."""
+  script = f"""
+    import jax, numpy as np
+    from tests.conftest import make_tiny_config
+    from privattnet_jax import input_pipeline, train
+    config = make_tiny_config({tiny_data_dir!r})
+    config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
+    config.model.attention.dropout = 0.0
+    experiment = train.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
+    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config))]
+    params = []
+    for devices in (jax.devices()[:1], jax.devices()[:2]):
+      mesh = jax.sharding.Mesh(np.array(devices), (train.AXIS,))
+      state = jax.device_put(jax.device_get(experiment.initial_state), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      step = train.parallel_train_step(mesh, experiment.task)
+      for batch in batches:
+        state, _ = step(state, train.shard_batch(batch, mesh))
+      params.append(jax.device_get(state.params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), *params)
+    print("SAME")
+  """
+  result = _run_script(script, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "SAME" in result.stdout
+
+
+def test_two_processes_keep_identical_parameters(tiny_data_dir, tmp_path):
+  """jax.distributed on loopback with CPU collectives: each process reads its shard, params agree."""
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
+
+  data.load_data_sources(make_tiny_config(tiny_data_dir))  # Build once, before two readers start.
+  port = 20000 + os.getpid() % 20000
+  script = f"""
+    import sys, jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id = int(sys.argv[1])
+    jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from tests.conftest import make_tiny_config
+    from privattnet_jax import train
+    config = make_tiny_config({tiny_data_dir!r})
+    config.num_train_steps = 2
+    config.eval_splits = ("test",)
+    train.train_and_evaluate(config, {str(tmp_path / "multihost")!r})
+    experiment = train.Experiment(config, {str(tmp_path / "multihost")!r}, need_train=False)
+    state = experiment.restore(experiment.manager.latest_step())
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree_util.tree_leaves(state.params)]
+    np.save({str(tmp_path)!r} + f"/params_{{process_id}}.npy", np.concatenate([l.ravel() for l in leaves]))
+    print("DONE", jax.process_count(), jax.device_count())
+  """
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i)], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in processes]
+  for process, (stdout, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-4000:]
+    assert "DONE 2 4" in stdout
+  first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
+  np.testing.assert_array_equal(first, second)
+  assert json.loads((tmp_path / "multihost" / "eval_test.json").read_text())["n"] == 12
