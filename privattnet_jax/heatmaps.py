@@ -1,0 +1,232 @@
+"""Attention heat maps: AMNet's overlay procedure, in numpy and Pillow only.
+
+For each attention step the (L,) map is reshaped to its (h, w) grid, min-max
+normalised (per map, or across the steps of one image), scaled to 0..255,
+resized bicubically to the image, coloured with the jet colour map and blended
+50/50 with the image. A panel puts the image and one overlay per step side by
+side with the score written above.
+
+Differences from AMNet's OpenCV code, all deliberate: the colour map is
+matplotlib's jet (OpenCV's COLORMAP_JET is a slightly different table), the
+bicubic kernel is Pillow's (a = -0.5; OpenCV uses a = -0.75), overlays keep the
+image's own size instead of 224 x 224, and `global` normalisation is the plain
+(a - min) / (max - min) over all steps (AMNet's global branch, which it never
+enabled, mixes two scales).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+NORMALISATIONS = ("per_map", "global")
+CAPTION_HEIGHT = 16  # Pixels of the caption strip above the panel's images (and of the title strip).
+CAPTION_BACKGROUND = (255, 255, 255)
+CAPTION_COLOUR = (0, 0, 0)
+
+# matplotlib's `_jet_data` (lib/matplotlib/_cm.py): per channel, (x, y_below, y_above) anchors.
+_JET_SEGMENTS = {
+    "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
+    "green": ((0.000, 0, 0), (0.125, 0, 0), (0.375, 1, 1), (0.640, 1, 1), (0.910, 0, 0), (1.000, 0, 0)),
+    "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
+}
+
+
+def _segment_lookup_table(segments: Sequence[tuple[float, float, float]], size: int) -> np.ndarray:
+  """One channel of a LinearSegmentedColormap, as matplotlib's `_create_lookup_table` builds it."""
+  anchors = np.asarray(segments, dtype=np.float64)
+  y_below, y_above = anchors[:, 1], anchors[:, 2]
+  # Interpolating in index units (0..size-1), not [0, 1], gives matplotlib's exact floats, so
+  # the uint8 table truncates the same way at entries that land on an integer (97, 128, 159).
+  x = anchors[:, 0] * (size - 1)
+  samples = (size - 1) * np.linspace(0.0, 1.0, size)
+  right = np.searchsorted(x, samples)[1:-1]
+  distance = (samples[1:-1] - x[right - 1]) / (x[right] - x[right - 1])
+  inner = distance * (y_below[right] - y_above[right - 1]) + y_above[right - 1]
+  return np.clip(np.concatenate([[y_above[0]], inner, [y_below[-1]]]), 0.0, 1.0)
+
+
+def jet_lut() -> np.ndarray:
+  """matplotlib's 256-entry jet table, float64 (256, 3) RGB in [0, 1]."""
+  return np.stack([_segment_lookup_table(_JET_SEGMENTS[c], 256) for c in ("red", "green", "blue")], axis=1)
+
+
+JET_LUT = jet_lut()
+# matplotlib's `cmap(x, bytes=True)` truncates (lut * 255) to uint8; so do we.
+JET_LUT_UINT8 = (JET_LUT * 255).astype(np.uint8)
+
+
+def jet(values) -> np.ndarray:
+  """matplotlib's `cm.jet(values)[..., :3]` for floats in [0, 1]: (..., 3) float RGB.
+
+  As in matplotlib, value v picks entry floor(v * 256), clipped to 0..255.
+  """
+  values = np.asarray(values, dtype=np.float64)
+  index = np.clip(np.floor(values * 256), 0, 255).astype(np.int64)
+  return JET_LUT[index]
+
+
+def colourise(intensity: np.ndarray) -> np.ndarray:
+  """Applies jet to a uint8 intensity image: (...,) uint8 -> (..., 3) uint8 RGB."""
+  intensity = np.asarray(intensity)
+  if intensity.dtype != np.uint8:
+    raise ValueError(f"colourise expects uint8 intensities, got {intensity.dtype}")
+  return JET_LUT_UINT8[intensity]
+
+
+def infer_grid_shape(num_locations: int, grid_shape: Sequence[int] | None = None) -> tuple[int, int]:
+  """The attention grid (h, w) for L locations: given, or the square root of L.
+
+  Raises:
+    ValueError: the given shape does not hold L cells, or L is not square and no
+      shape was given.
+  """
+  if grid_shape is not None:
+    height, width = (int(g) for g in grid_shape)
+    if height <= 0 or width <= 0 or height * width != num_locations:
+      raise ValueError(f"grid_shape {tuple(grid_shape)} does not hold the attention's L={num_locations} locations")
+    return height, width
+  side = math.isqrt(num_locations)
+  if num_locations <= 0 or side * side != num_locations:
+    raise ValueError(f"attention has L={num_locations} locations, not a square grid: pass grid_shape=(h, w)")
+  return side, side
+
+
+def _check_attention(attention) -> np.ndarray:
+  attention = np.asarray(attention, dtype=np.float64)
+  if attention.ndim != 2:
+    raise ValueError(f"attention must be (T, L), one row per step; got shape {attention.shape}")
+  if attention.shape[0] == 0 or attention.shape[1] == 0:
+    raise ValueError(f"attention must have at least one step and one location; got shape {attention.shape}")
+  if not np.all(np.isfinite(attention)):
+    raise ValueError("attention holds non-finite values")
+  return attention
+
+
+def _check_image(image) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"image must be uint8 (H, W, 3) RGB; got {image.dtype} {image.shape}")
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"image is empty: {image.shape}")
+  return image
+
+
+def normalise_attention(attention, normalisation: str = "per_map") -> np.ndarray:
+  """Min-max normalises (T, L) maps to [0, 1]: each row alone, or all rows of one image together.
+
+  A constant map (or, under `global`, constant maps) normalises to zeros, as AMNet's does.
+  """
+  attention = _check_attention(attention)
+  if normalisation == "per_map":
+    low = attention.min(axis=1, keepdims=True)
+    span = attention.max(axis=1, keepdims=True) - low
+  elif normalisation == "global":
+    low = attention.min()
+    span = attention.max() - low
+  else:
+    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+  shifted = attention - low
+  return np.divide(shifted, span, out=np.zeros_like(shifted), where=np.broadcast_to(span, shifted.shape) > 0)
+
+
+def attention_intensity(
+    attention, image_size: tuple[int, int], grid_shape: Sequence[int] | None = None, *,
+    normalisation: str = "per_map") -> np.ndarray:
+  """The heat maps before colouring: (T, H, W) uint8, each grid map upsampled to image_size.
+
+  Args:
+    attention: (T, L) attention weights of one image.
+    image_size: (H, W) of the image the maps are laid over.
+    grid_shape: (h, w) with h * w = L; inferred when L is square.
+    normalisation: `per_map` or `global`.
+  """
+  attention = _check_attention(attention)
+  grid_height, grid_width = infer_grid_shape(attention.shape[1], grid_shape)
+  height, width = (int(s) for s in image_size)
+  # AMNet truncates (not rounds) the scaled map to uint8 before resizing; kept.
+  levels = (normalise_attention(attention, normalisation) * 255).astype(np.uint8)
+  maps = []
+  for level_map in levels.reshape(-1, grid_height, grid_width):
+    resized = Image.fromarray(level_map, mode="L").resize((width, height), Image.Resampling.BICUBIC)
+    maps.append(np.asarray(resized))
+  return np.stack(maps)
+
+
+def blend(image: np.ndarray, overlay: np.ndarray, weight: float = 0.5) -> np.ndarray:
+  """(1 - weight) * image + weight * overlay, rounded to uint8 like cv2.addWeighted."""
+  mixed = (1.0 - weight) * image.astype(np.float64) + weight * overlay.astype(np.float64)
+  return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def attention_overlays(
+    image, attention, grid_shape: Sequence[int] | None = None, *,
+    normalisation: str = "per_map") -> list[np.ndarray]:
+  """One (H, W, 3) uint8 overlay per step: jet heat map blended 50/50 with the image.
+
+  Args:
+    image: uint8 (H, W, 3) RGB, the picture the model saw (any size: the maps
+      are stretched over it, as the model's eval resize stretched it to the grid).
+    attention: (T, L) attention weights of this image.
+    grid_shape: (h, w), inferred when L is square.
+    normalisation: `per_map` (each step's map to 0..255) or `global` (one
+      min-max over all steps of the image, so steps compare in strength).
+  """
+  image = _check_image(image)
+  intensities = attention_intensity(attention, image.shape[:2], grid_shape, normalisation=normalisation)
+  return [blend(image, colourise(intensity)) for intensity in intensities]
+
+
+def _format_score(score: float) -> str:
+  return f"{score:.2f}" if math.isfinite(score) else str(score)
+
+
+def attention_panel(
+    image, attention, grid_shape: Sequence[int] | None = None, *,
+    score: float | None = None, step_scores: Sequence[float] | None = None,
+    normalisation: str = "per_map", title: str | None = None) -> Image.Image:
+  """The image and one overlay per step side by side, labelled, as an RGB PIL image.
+
+  Layout: an optional title strip, then a caption strip, then the images, each
+  strip CAPTION_HEIGHT pixels high. The panel is W * (T + 1) wide and
+  H + CAPTION_HEIGHT * (2 if title else 1) high. The captions read
+  `score S` (or `image`) over the image and `step t` (1-based; with
+  `: s` when step_scores are given) over each overlay, in Pillow's default font.
+
+  Args:
+    image: uint8 (H, W, 3) RGB.
+    attention: (T, L) attention weights.
+    grid_shape: (h, w), inferred when L is square.
+    score: the privacy score written over the image, if any.
+    step_scores: T per-step scores written over the overlays, if any.
+    normalisation: `per_map` or `global`, see attention_overlays.
+    title: a line of text above everything (e.g. the file name), if any.
+  """
+  image = _check_image(image)
+  overlays = attention_overlays(image, attention, grid_shape, normalisation=normalisation)
+  if step_scores is not None and len(step_scores) != len(overlays):
+    raise ValueError(f"{len(step_scores)} step scores for {len(overlays)} attention steps")
+  height, width = image.shape[:2]
+  top = CAPTION_HEIGHT * (2 if title else 1)
+  panel = Image.new("RGB", (width * (len(overlays) + 1), height + top), CAPTION_BACKGROUND)
+  for column, tile in enumerate([image, *overlays]):
+    panel.paste(Image.fromarray(tile, mode="RGB"), (column * width, top))
+  draw = ImageDraw.Draw(panel)
+  font = ImageFont.load_default()
+  if title:
+    draw.text((2, 2), title, fill=CAPTION_COLOUR, font=font)
+  captions = ["image" if score is None else f"score {_format_score(float(score))}"]
+  for step in range(len(overlays)):
+    caption = f"step {step + 1}"
+    if step_scores is not None:
+      caption += f": {_format_score(float(step_scores[step]))}"
+    captions.append(caption)
+  for column, caption in enumerate(captions):
+    # Drawn on its own strip so a long caption is clipped at its column, not spilled over the next.
+    strip = Image.new("RGB", (width, CAPTION_HEIGHT), CAPTION_BACKGROUND)
+    ImageDraw.Draw(strip).text((2, 2), caption, fill=CAPTION_COLOUR, font=font)
+    panel.paste(strip, (column * width, top - CAPTION_HEIGHT))
+  return panel
