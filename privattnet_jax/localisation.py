@@ -96,7 +96,7 @@ def localisation_per_image(
     `pointing_chance` (N,) and `has_boxes` (N,) bool.
   """
   attention, boxes, num_boxes, valid = _check_inputs(attention, boxes, num_boxes)
-  num_images, num_steps, num_locations = attention.shape
+  num_images, _, num_locations = attention.shape
   grid_height, grid_width = infer_grid_shape(num_locations, grid_shape)
 
   # Elementary rectangles: inside or outside the union as a whole, each within one cell.
