@@ -1,1 +1,62 @@
 """VISPR data: the TFDS builder over the real layout and the synthetic VISPR-format generator."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from absl import logging
+
+DEFAULT_DATA_DIR = "~/.cache/privattnet_jax"
+SYNTHETIC_SUBDIR = "synthetic_vispr"  # <data_dir>/synthetic_vispr: the generated VISPR-layout root.
+SYNTHETIC_TFDS_SUBDIR = "tfds_synthetic"  # <data_dir>/tfds_synthetic/<params hash>: its TFDS builds.
+
+
+def resolve_data_dir(config) -> pathlib.Path:
+  """config.data.data_dir, or ~/.cache/privattnet_jax when empty."""
+  return pathlib.Path(config.data.data_dir or DEFAULT_DATA_DIR).expanduser()
+
+
+def prepare_builder(config):
+  """The prepared `vispr` builder for a full config: real VISPR, or the synthetic dataset.
+
+  With config.data.manual_dir set, VISPR is built from it into data_dir. With it
+  empty, the synthetic dataset is generated (cached by its parameters) at
+  config.data.synthetic.dir, default <data_dir>/synthetic_vispr, and built into
+  <data_dir>/tfds_synthetic/<hash of the generation parameters>, so a synthetic
+  build never collides with a real one, nor with another generation's build.
+  """
+  from privattnet_jax.data import synthetic, vispr  # pylint: disable=g-import-not-at-top  # Keeps `import privattnet_jax.data` light.
+
+  data = config.data
+  data_dir = resolve_data_dir(config)
+  if data.manual_dir:
+    return vispr.prepare(
+        pathlib.Path(data.manual_dir).expanduser(), data_dir, data.builder_config, data.splits_dir, data.strict
+    )
+  syn = data.synthetic
+  syn_dir = pathlib.Path(syn.dir).expanduser() if syn.dir else data_dir / SYNTHETIC_SUBDIR
+  if data.splits_dir:
+    logging.warning("config.data.splits_dir=%s is ignored: the synthetic dataset has its own split lists.",
+                    data.splits_dir)
+  root = synthetic.ensure_synthetic(
+      syn_dir, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, seed=syn.seed,
+      image_size=syn.image_size,
+  )
+  params = synthetic.read_params(root)
+  tfds_dir = data_dir / SYNTHETIC_TFDS_SUBDIR / synthetic.params_digest(params)
+  return vispr.prepare(root, tfds_dir, data.builder_config, splits_dir=root, strict=data.strict)
+
+
+def load_data_sources(config) -> dict[str, Any]:
+  """{split: random-access source} for a full config (see configs/default.py, docs/design.md).
+
+  Splits train, validation, test; records hold the encoded JPEG (undecoded),
+  image_id, labels, height, width and boxes.
+  """
+  from privattnet_jax.data import vispr  # pylint: disable=g-import-not-at-top
+
+  return vispr.data_sources(prepare_builder(config))
+
+
+__all__ = ["load_data_sources", "prepare_builder", "resolve_data_dir", "DEFAULT_DATA_DIR"]
