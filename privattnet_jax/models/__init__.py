@@ -1,0 +1,125 @@
+"""The model variants, assembled by name from `config.model`.
+
+Every model is a `PrivacyModel`: an `encoder` (ResNet) and a `head`, the two top-level parameter
+names the optimiser mask uses to freeze the encoder. `model.apply(variables, images, train=...)`
+returns the output dict of docs/design.md; `method="head_from_features"` runs the head alone on
+encoder features, `method="encode"` the encoder alone.
+
+| name | encoder | head | outputs |
+|---|---|---|---|
+| privattnet | stages from config (3: conv4_x, the paper) | attention + LSTM, per-step MLP regressor | score, step_scores, attention |
+| privattnet_mlc | same | same trunk, per-step 67-way logit head | attribute_logits (67), attention |
+| privnet | always through conv5_x | global average pool, Dense(P) | score |
+| ap_pr | always through conv5_x | global average pool, Dense(68) | attribute_logits (68) |
+| pr_cnn | always through conv5_x | pool, dropout 0.4, 68, 128 sigmoid, 128 sigmoid, P | score |
+
+The pooled models (privnet, ap_pr, pr_cnn) ignore `model.encoder.stages`: they are defined on
+the full trunk (AMNet's `ResNet50FT`, VISPR's classifiers). Attribute models ignore
+`num_outputs` (their width is the attribute count).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from privattnet_jax import attributes
+from privattnet_jax.models import heads
+from privattnet_jax.models.attention import AttentionHead
+from privattnet_jax.models.resnet import ResNet
+
+MODEL_NAMES = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
+BATCHNORM_MODES = ("update", "frozen")
+NUM_NON_SAFE_ATTRIBUTES = attributes.NUM_ATTRIBUTES - 1  # 67: every attribute but a0_safe.
+
+
+class PrivacyModel(nn.Module):
+  """Encoder + head, with the encoder's freezing and BatchNorm behaviour.
+
+  Attributes:
+    encoder: the ResNet trunk.
+    head: a module mapping features (B, h, w, D) and `train` to the output dict.
+    encoder_trainable: False (the paper): the encoder's output is `stop_gradient`ed, so its
+      parameters get exactly zero gradient (the optimiser mask then gives them no update).
+    encoder_batchnorm: 'update' (the authors' PyTorch behaviour: in training the encoder's
+      BatchNorm normalises with batch statistics and its running averages keep updating, even
+      when frozen) or 'frozen' (running averages always, never updated; needed for a feature
+      cache). Applies whether or not the encoder is trainable.
+  """
+  encoder: nn.Module
+  head: nn.Module
+  encoder_trainable: bool = False
+  encoder_batchnorm: str = "update"
+
+  def __post_init__(self):
+    if self.encoder_batchnorm not in BATCHNORM_MODES:
+      raise ValueError(f"model.encoder.batchnorm must be one of {BATCHNORM_MODES}, got {self.encoder_batchnorm!r}")
+    super().__post_init__()
+
+  def encode(self, images, train: bool):
+    """(B, S, S, 3) ImageNet-normalised images -> encoder features (B, h, w, D)."""
+    use_running_average = self.encoder_batchnorm == "frozen" or not train
+    features = self.encoder(images, use_running_average=use_running_average)
+    if not self.encoder_trainable:
+      features = jax.lax.stop_gradient(features)
+    return features
+
+  def head_from_features(self, features, train: bool):
+    """The head alone on encoder features (B, h, w, D), e.g. read from a feature cache."""
+    return self.head(features, train=train)
+
+  def __call__(self, images, train: bool):
+    return self.head_from_features(self.encode(images, train), train)
+
+
+def _positive_int(value: Any, field: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{field} must be a positive integer, got {value!r}")
+  return value
+
+
+def create_model(config, num_outputs: int) -> PrivacyModel:
+  """The model named by `config.model.name`, for a full config (it reads `half_precision` too).
+
+  num_outputs: P, the score width (1, or 30 with `score.per_profile`); attribute models
+  (privattnet_mlc: 67, ap_pr: 68) do not use it.
+  """
+  model_config = config.model
+  name = model_config.name
+  if name not in MODEL_NAMES:
+    raise ValueError(f"model.name must be one of {MODEL_NAMES}, got {name!r}")
+  num_outputs = _positive_int(num_outputs, "num_outputs")
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  encoder_config = model_config.encoder
+  if not isinstance(encoder_config.trainable, bool):
+    raise ValueError(f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}")
+
+  if name in ("privattnet", "privattnet_mlc"):
+    stages = encoder_config.stages
+    attention_config = model_config.attention
+    mlc = name == "privattnet_mlc"
+    head = AttentionHead(
+        num_outputs=NUM_NON_SAFE_ATTRIBUTES if mlc else num_outputs,
+        output_key="attribute_logits" if mlc else "score",
+        steps=attention_config.steps,
+        hidden_size=attention_config.hidden_size,
+        regressor_hidden=attention_config.regressor_hidden,
+        feature_dropout=attention_config.feature_dropout,
+        dropout=attention_config.dropout,
+        output=attention_config.output,
+        dtype=dtype)
+  else:
+    stages = 4
+    if name == "privnet":
+      head = heads.PooledLinearHead(num_outputs, "score", dtype=dtype)
+    elif name == "ap_pr":
+      head = heads.PooledLinearHead(attributes.NUM_ATTRIBUTES, "attribute_logits", dtype=dtype)
+    else:
+      head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
+
+  encoder = ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype)
+  return PrivacyModel(encoder=encoder, head=head, encoder_trainable=encoder_config.trainable,
+                      encoder_batchnorm=encoder_config.batchnorm)
