@@ -1,0 +1,532 @@
+"""The grain input pipeline: decode, augment, normalise, score, batch, shard.
+
+Records are the dataset records of docs/design.md (`image` as encoded JPEG
+bytes, `image_id`, multi-hot `labels`, `boxes`, ...), read from any random-access
+source (the TFDS `vispr` data source, or a list in tests). The privacy score is
+computed here from the labels and a preference table, so one dataset build
+serves every score definition (see `privattnet_jax/attributes.py`).
+
+Train (`create_train_loader`): a `grain.DataLoader` that shards the records per
+JAX process, shuffles them afresh every epoch, decodes, takes a random resized
+crop (torchvision's algorithm) of the image resized to `resize_size` squared,
+flips horizontally with p = 0.5 and normalises with ImageNet statistics. The
+resize and the crop are one PIL `resize(box=...)` call on the original pixels
+(one resampling instead of two). Shuffling and augmentation depend only on the
+seed and the position in the stream: each record's generator is grain's
+`Philox(key=sampler_seed + global_index)`, the index counting across epochs.
+Its iterator state is checkpointable (`get_state`/`set_state`, or orbax through
+`grain.checkpoint.CheckpointSave/CheckpointRestore`), so a resumed run continues
+at the exact next batch.
+
+Eval (`create_eval_batches`): one pass over every record, resized to
+`image_size` squared; the last global batch is padded with `mask` 0 rows, and
+every process yields `ceil(N / global_batch)` batches, so each example counts
+exactly once across processes and no process waits on another.
+
+Worker processes (`config.data.num_workers > 0`) are started with `spawn`: each
+re-imports the main module (guard its entry point with
+`if __name__ == "__main__":`), so its absl flags are defined again but never
+parsed there. The transforms here hold plain values taken from the config and
+read no flag, so workers do not depend on flag parsing. grain itself reads an
+absl flag in the parent when it starts workers, so parse flags (`app.run`)
+before creating a loader; outside an absl app (tests, notebooks) the loaders
+mark the flags parsed with their defaults, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Iterator, Sequence
+
+from absl import flags
+from absl import logging
+import grain
+import numpy as np
+from PIL import Image
+
+from privattnet_jax import attributes
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# normalised = pixel * _SCALE - _OFFSET == (pixel / 255 - mean) / std.
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_OFFSET = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+MAX_BOXES = 16  # Eval batches carry boxes zero-padded to this many per image.
+# The paper resizes to 264 before cropping 224; other image sizes keep the ratio.
+_REFERENCE_RESIZE, _REFERENCE_CROP = 264, 224
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.
+# Train: grain threads reading encoded records (~30 KB each) ahead of the transform, in
+# each process. grain polls every buffered read per element, so the buffer stays small.
+_READ_THREADS, _READ_AHEAD = 4, 16
+
+
+# ----------------------------------------------------------------------------
+# The privacy score.
+
+
+def preferences_from_config(config) -> np.ndarray:
+  """The (68, P) preference table that `config.score` selects (P = 1, or 30 per profile)."""
+  score = config.score
+  return attributes.preference_table(
+      score.source,
+      profile_index=score.profile_index,
+      preferences_file=score.preferences_file,
+      per_profile=score.per_profile,
+      missing_value=score.missing_value,
+  )
+
+
+def split_scores(source, config) -> np.ndarray:
+  """The (N, P) float32 privacy scores of every record of `source`, in source order.
+
+  Reads the labels only: the records' images stay encoded, so this is cheap
+  enough to run at start-up for the training mean of the target.
+  """
+  labels = np.zeros((len(source), attributes.NUM_ATTRIBUTES), dtype=bool)
+  chunk = 1024
+  for start in range(0, len(source), chunk):
+    indices = list(range(start, min(start + chunk, len(source))))
+    if hasattr(source, "__getitems__"):
+      records = source.__getitems__(indices)
+    else:
+      records = [source[i] for i in indices]
+    for i, record in zip(indices, records):
+      labels[i] = _labels(record)
+  return attributes.privacy_score(labels, preferences_from_config(config), config.score.pooling)
+
+
+def _labels(record) -> np.ndarray:
+  labels = np.asarray(record["labels"], dtype=bool)
+  if labels.shape != (attributes.NUM_ATTRIBUTES,):
+    raise ValueError(
+        f"record {record.get('image_id')!r}: labels have shape {labels.shape}, "
+        f"expected ({attributes.NUM_ATTRIBUTES},)"
+    )
+  return labels
+
+
+# ----------------------------------------------------------------------------
+# Image transforms.
+
+
+def resize_size(config) -> int:
+  """The train resize before the random crop: `config.data.resize_size`, or 264/224 of the crop."""
+  size = config.data.resize_size
+  if size == -1:
+    size = round(config.image_size * _REFERENCE_RESIZE / _REFERENCE_CROP)
+  if size <= 0:
+    raise ValueError(f"data.resize_size must be positive or -1, got {config.data.resize_size}")
+  return int(size)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) RGB -> float32, ImageNet-normalised.
+
+  Works on (H, W * 3) rows against the per-channel constants tiled to a row:
+  broadcasting a (3,) vector would make numpy's inner loop 3 elements long,
+  about 7x slower.
+  """
+  height, width, channels = image.shape
+  out = np.ascontiguousarray(image).reshape(height, width * channels).astype(np.float32)
+  out *= np.tile(_SCALE, width)
+  out -= np.tile(_OFFSET, width)
+  return out.reshape(height, width, channels)
+
+
+def decode_image(data: bytes, min_size: int) -> Image.Image:
+  """Decodes encoded image bytes to RGB.
+
+  A JPEG much larger than needed is decoded at a reduced scale (`Image.draft`,
+  1/2 .. 1/8) that keeps both sides >= `min_size`, which is far faster and
+  loses nothing the later resize to `min_size` would keep.
+  """
+  image = Image.open(io.BytesIO(data))
+  image.draft("RGB", (min_size, min_size))
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  return image
+
+
+def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
+  """The eval transform: a PIL image -> float32 (S, S, 3), resized to S x S and normalised.
+
+  Reusable for users' own photos; apply `PIL.ImageOps.exif_transpose` first
+  for camera files (the dataset builder already did so for its records). A
+  JPEG not yet loaded is decoded at a reduced scale when it is much larger.
+  """
+  image.draft("RGB", (image_size, image_size))
+  if image.mode != "RGB":
+    image = image.convert("RGB")
+  image = image.resize((image_size, image_size), Image.BILINEAR)
+  return normalize(np.asarray(image))
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+  """torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of the crop.
+
+  Ten attempts at a crop of random area fraction in `scale` and random
+  log-uniform aspect ratio in `ratio` that fits; otherwise the central crop
+  clamped to `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(_CROP_ATTEMPTS):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_image(
+    data: bytes,
+    rng: np.random.Generator,
+    *,
+    image_size: int,
+    resize_size: int,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+  """Encoded image -> float32 (S, S, 3): resize to R x R, random resized crop to S, flip, normalise.
+
+  The crop is drawn in the R x R frame (as torchvision would, after the
+  resize) and mapped back to the decoded image, so resize, crop and rescale
+  are one bilinear resampling of the original pixels.
+  """
+  image = decode_image(data, resize_size)
+  top, left, h, w = random_resized_crop_box(rng, resize_size, resize_size, crop_scale, crop_ratio)
+  sx, sy = image.width / resize_size, image.height / resize_size
+  box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+  image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
+  if rng.random() < 0.5:
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return normalize(np.asarray(image))
+
+
+def eval_image(data: bytes, image_size: int) -> np.ndarray:
+  """Encoded image -> float32 (S, S, 3), resized to S x S and normalised."""
+  return preprocess_image(decode_image(data, image_size), image_size)
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """Record -> {image, score, labels, mask}; `rng` is the record's own generator from grain."""
+
+  def __init__(self, *, image_size, resize_size, crop_scale, crop_ratio, preferences, pooling):
+    if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+      raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(crop_scale)}")
+    if not (0 < crop_ratio[0] <= crop_ratio[1]):
+      raise ValueError(f"data.crop_ratio must satisfy 0 < lo <= hi, got {tuple(crop_ratio)}")
+    self.image_size = int(image_size)
+    self.resize_size = int(resize_size)
+    self.crop_scale = tuple(float(s) for s in crop_scale)
+    self.crop_ratio = tuple(float(r) for r in crop_ratio)
+    self.preferences = np.asarray(preferences, dtype=np.float32)
+    self.pooling = str(pooling)
+
+  def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    labels = _labels(element)
+    image = train_image(
+        element["image"],
+        rng,
+        image_size=self.image_size,
+        resize_size=self.resize_size,
+        crop_scale=self.crop_scale,
+        crop_ratio=self.crop_ratio,
+    )
+    return {
+        "image": image,
+        "score": attributes.privacy_score(labels, self.preferences, self.pooling),
+        "labels": labels.astype(np.float32),
+        "mask": np.float32(1.0),
+    }
+
+
+class EvalTransform(grain.transforms.Map):
+  """Record (or `{}`, a padding row) -> {image, score, labels, mask, image_id, boxes, num_boxes}."""
+
+  def __init__(self, *, image_size, preferences, pooling):
+    self.image_size = int(image_size)
+    self.preferences = np.asarray(preferences, dtype=np.float32)
+    self.pooling = str(pooling)
+
+  def map(self, element) -> dict[str, np.ndarray]:
+    num_outputs = self.preferences.shape[1]
+    if not element:
+      return {
+          "image": np.zeros((self.image_size, self.image_size, 3), np.float32),
+          "score": np.zeros((num_outputs,), np.float32),
+          "labels": np.zeros((attributes.NUM_ATTRIBUTES,), np.float32),
+          "mask": np.float32(0.0),
+          "image_id": np.str_(""),
+          "boxes": np.zeros((MAX_BOXES, 4), np.float32),
+          "num_boxes": np.int32(0),
+      }
+    labels = _labels(element)
+    image_id = element["image_id"]
+    if isinstance(image_id, bytes):
+      image_id = image_id.decode("utf-8")
+    boxes = np.asarray(element.get("boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
+    if len(boxes) > MAX_BOXES:
+      raise ValueError(f"record {image_id!r} has {len(boxes)} boxes; eval batches hold at most {MAX_BOXES}")
+    padded_boxes = np.zeros((MAX_BOXES, 4), np.float32)
+    padded_boxes[: len(boxes)] = boxes
+    return {
+        "image": eval_image(element["image"], self.image_size),
+        "score": attributes.privacy_score(labels, self.preferences, self.pooling),
+        "labels": labels.astype(np.float32),
+        "mask": np.float32(1.0),
+        "image_id": np.str_(image_id),
+        "boxes": padded_boxes,
+        "num_boxes": np.int32(len(boxes)),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Sharding and loaders.
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+  """Where this process sits: its index, the process count and its share of the global batch."""
+
+  process_index: int
+  process_count: int
+  batch_size: int  # Per process.
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.batch_size * self.process_count
+
+
+def process_layout(
+    global_batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> ProcessLayout:
+  """Splits the global batch across processes; None: ask JAX (tests pass explicit values)."""
+  if process_index is None or process_count is None or local_device_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  # Workers unpickling transforms skip it.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f"batch_size {global_batch_size} (global) must be a positive multiple of the "
+        f"process count {process_count}"
+    )
+  batch_size = global_batch_size // process_count
+  if batch_size % local_device_count:
+    raise ValueError(
+        f"the per-process batch {batch_size} (batch_size {global_batch_size} / {process_count} "
+        f"processes) must be divisible by the {local_device_count} local devices"
+    )
+  return ProcessLayout(process_index, process_count, batch_size)
+
+
+def sampler_seed(seed: int) -> int:
+  """A well-mixed 31-bit seed for grain's sampler.
+
+  grain keys epoch e's shuffle by `seed + e` and record i's generator by
+  `seed + i`; mixing keeps runs with neighbouring `config.seed`s unrelated.
+  """
+  return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1)[0] >> 1)
+
+
+def steps_per_epoch(num_examples: int, config, *, process_count: int | None = None) -> int:
+  """Full train batches per epoch (batches run across epoch boundaries; see create_train_loader)."""
+  if process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_count = jax.process_count()
+  per_process = config.batch_size // process_count
+  return (num_examples // process_count) // per_process
+
+
+def create_train_loader(
+    source,
+    config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+    num_epochs: int | None = None,
+) -> grain.DataLoader:
+  """The train loader over `source`; iterate it for per-process batches (design.md, Batches).
+
+  Each process reads its own contiguous 1/process_count of the records
+  (the remainder of N / process_count is dropped), shuffled afresh every
+  epoch. `num_epochs` None repeats forever. Batches run across epoch
+  boundaries; with a finite `num_epochs` the final partial batch is dropped.
+
+  `iter(loader)` is a `grain.DataLoaderIterator`: `get_state()` / `set_state()`
+  (JSON bytes) or `grain.checkpoint.CheckpointSave/CheckpointRestore` with
+  orbax. Restoring checks that the seed, the sharding, the worker count and
+  `repr(source)` match. The batch composition depends on
+  `config.data.num_workers` (each worker batches its own share of the
+  stream), so keep the worker count when resuming.
+  """
+  layout = process_layout(
+      config.batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      local_device_count=local_device_count,
+  )
+  if config.data.num_workers > 0:
+    _ensure_flags_parsed()
+  if len(source) < layout.process_count:
+    raise ValueError(f"{len(source)} records cannot be sharded across {layout.process_count} processes")
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=layout.process_index, shard_count=layout.process_count, drop_remainder=True
+  )
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=shard_options,
+      shuffle=True,
+      num_epochs=num_epochs,
+      seed=sampler_seed(config.seed),
+  )
+  transform = TrainTransform(
+      image_size=config.image_size,
+      resize_size=resize_size(config),
+      crop_scale=config.data.crop_scale,
+      crop_ratio=config.data.crop_ratio,
+      preferences=preferences_from_config(config),
+      pooling=config.score.pooling,
+  )
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=[transform, grain.transforms.Batch(layout.batch_size, drop_remainder=True)],
+      worker_count=config.data.num_workers,
+      worker_buffer_size=config.data.prefetch_buffer_size,
+      shard_options=shard_options,
+      read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
+  )
+
+
+class _EvalRows:
+  """This process's rows of the padded eval stream: a record, or `{}` for a padding row.
+
+  Global batch b holds records [b * G, (b + 1) * G); process p takes the slice
+  [b * G + p * B, b * G + (p + 1) * B) of it, and indices >= N are padding
+  (not None, which grain's MapDataset treats as filtered out).
+  """
+
+  def __init__(self, source, layout: ProcessLayout, num_batches: int):
+    self._source = source
+    self._layout = layout
+    self._num_batches = num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches * self._layout.batch_size
+
+  def __getitem__(self, row: int):
+    batch, offset = divmod(row, self._layout.batch_size)
+    index = (
+        batch * self._layout.global_batch_size
+        + self._layout.process_index * self._layout.batch_size
+        + offset
+    )
+    return self._source[index] if index < len(self._source) else {}
+
+  def __repr__(self) -> str:
+    return f"_EvalRows({self._source!r}, {self._layout}, num_batches={self._num_batches})"
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+  """Batches every process yields in one eval pass: ceil(N / global batch)."""
+  return -(-num_examples // global_batch_size)
+
+
+def create_eval_batches(
+    source,
+    config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+    batch_size: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `source` in per-process batches, the last padded with `mask` 0.
+
+  Every process yields `num_eval_batches(len(source), global batch)` batches,
+  and each record appears in exactly one row with mask 1 across all
+  processes. Batches also carry host-side `image_id` (str), `boxes`
+  (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
+  `config.batch_size`. Argument errors raise here, not at the first `next`.
+  """
+  layout = process_layout(
+      config.batch_size if batch_size is None else batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      local_device_count=local_device_count,
+  )
+  rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
+  transform = EvalTransform(
+      image_size=config.image_size,
+      preferences=preferences_from_config(config),
+      pooling=config.score.pooling,
+  )
+  dataset = grain.MapDataset.source(rows).map(transform).batch(layout.batch_size)
+  # Whole batches are assembled in grain's read threads (PIL decodes without the
+  # GIL), two in flight; workers, if any, take whole batches in turn, so the
+  # order and the batch shapes do not depend on the worker count.
+  stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  copy = config.data.num_workers > 0
+  if copy:
+    _ensure_flags_parsed()
+    stream = stream.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=config.data.num_workers,
+            per_worker_buffer_size=config.data.prefetch_buffer_size,
+        )
+    )
+  return _iterate_and_close(stream, copy) if len(rows) else iter(())
+
+
+def _iterate_and_close(stream, copy: bool) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the batches, as plain arrays: workers hand over shared-memory arrays,
+  which callers keeping host-side keys for a whole pass would otherwise pin."""
+  iterator = iter(stream)
+  try:
+    for batch in iterator:
+      yield {key: np.array(value) for key, value in batch.items()} if copy else batch
+  finally:
+    iterator.close()
+
+
+def _ensure_flags_parsed() -> None:
+  """grain reads an absl flag when it starts workers; unparsed flags would raise there."""
+  if not flags.FLAGS.is_parsed():
+    logging.warning(
+        "absl flags are not parsed; marking them parsed with their defaults so that grain "
+        "can start its workers (parse flags first, e.g. with absl.app.run)."
+    )
+    flags.FLAGS.mark_as_parsed()
