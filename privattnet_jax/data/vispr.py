@@ -21,13 +21,20 @@ Decisions (documented in the README):
   ~89.5 MP) on the size actually decoded. JPEGs larger than that are decoded
   through libjpeg's DCT scaling (`draft`, 1/2, 1/4 or 1/8) down to the limit and
   counted as `downscaled_too_large`; other formats, or JPEGs still too large at
-  1/8, are skipped as `too_large`. PIL's own bomb check is suspended only while
-  opening (it reads the header) because ours replaces it.
+  1/8, are skipped as `too_large`. PIL's own bomb check (which would refuse such
+  a JPEG at open) is suspended while one image is opened and decoded, because
+  ours, on the decoded size, replaces it.
+- The same `max_pixels` holds in the `original` config: an oversize JPEG is
+  stored at the reduced size there too.
 - `height`/`width` are the original image's size after its EXIF orientation is
   applied (the image as a viewer shows it), before any downscaling.
-- An annotation without `id` takes its file name's stem as the id.
-- Already-RGB baseline JPEGs that need no change are stored byte for byte (no
-  generational loss); everything else is re-encoded at `jpeg_quality`.
+- An annotation without `id` takes its file name's stem as the id. `boxes`
+  (optional, synthetic data) are taken as given, relative to the displayed image.
+- Transparent pixels are composited on white; 16-bit images are scaled, not
+  clipped (see `_to_8bit`).
+- RGB JPEGs that need no change (no rotation, resize or conversion) are stored
+  byte for byte (no generational loss); everything else is re-encoded at
+  `jpeg_quality`.
 """
 
 from __future__ import annotations
@@ -404,25 +411,25 @@ def _decoded_pixels(width: int, height: int, factor: int) -> int:
   return math.ceil(width / factor) * math.ceil(height / factor)
 
 
-def _reduction_factor(width: int, height: int, is_jpeg: bool, max_side: int, max_pixels: int | None):
+def _reduction_factor(width: int, height: int, can_draft: bool, max_side: int, max_pixels: int | None):
   """The JPEG DCT scale to decode at: the largest that keeps the shorter side >= max_side,
   or a larger one if needed to stay within max_pixels. Returns (factor, forced by the limit)."""
   factor = 1
-  if is_jpeg and max_side:
+  if can_draft and max_side:
     for f in reversed(_JPEG_SCALES):
       if min(width, height) // f >= max_side:
         factor = f
         break
   if max_pixels is None or _decoded_pixels(width, height, factor) <= max_pixels:
     return factor, False
-  if is_jpeg:
+  if can_draft:
     for f in _JPEG_SCALES:
       if f > factor and _decoded_pixels(width, height, f) <= max_pixels:
         return f, True
   raise _Skip(
       "too_large",
       f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
-      + (" even at 1/8 JPEG scale" if is_jpeg else " (only JPEGs can be decoded reduced)"),
+      + (" even at 1/8 JPEG scale" if can_draft else " (only JPEGs can be decoded reduced)"),
   )
 
 
@@ -447,20 +454,20 @@ def _to_8bit(image: Image.Image) -> Image.Image:
       scaled = array / 257.0
     else:
       scaled = (array - low) / max(high - low, 1e-12) * 255.0
-  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
   """Any PIL mode -> RGB, recording what was converted."""
   mode = image.mode
-  if mode == "RGB":
-    return image
   if mode == "P":
     conversions.append("palette")
-    if "transparency" in image.info:
-      image, mode = image.convert("RGBA"), "RGBA"
-    else:
-      return image.convert("RGB")
+  if mode in ("P", "RGB", "L") and "transparency" in image.info:  # A transparent colour (PNG tRNS, GIF).
+    image, mode = image.convert("RGBA"), "RGBA"
+  elif mode == "RGB":
+    return image
+  elif mode == "P":
+    return image.convert("RGB")
   if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
     conversions.append("alpha")
     rgba = image.convert("RGBA")
@@ -500,8 +507,9 @@ def process_image(
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad headers.
       raise _Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
     is_jpeg = image.format == "JPEG"
+    can_draft = image.format in ("JPEG", "MPO")  # MPO: phone cameras' JPEG with extra frames.
     width, height = image.size
-    factor, forced = _reduction_factor(width, height, is_jpeg, max_side, max_pixels)
+    factor, forced = _reduction_factor(width, height, can_draft, max_side, max_pixels)
     if factor > 1:
       image.draft(None, (width // factor, height // factor))
       if forced:
