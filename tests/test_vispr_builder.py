@@ -466,3 +466,55 @@ def test_process_image_too_large_even_at_one_eighth():
   with pytest.raises(vispr._Skip) as skip:  # pylint: disable=protected-access
     vispr.process_image(_jpeg(Image.new("RGB", (800, 800))), max_side=256, max_pixels=5_000)
   assert skip.value.reason == "too_large"
+
+
+# ---------------------------------------------------------------------------------------------
+# privattnet_jax.data.load_data_sources: the full-config entry point.
+
+
+def _config(data_dir, **synthetic_fields):
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.data.data_dir = str(data_dir)
+  config.data.synthetic.update({**dict(num_train=6, num_val=2, num_test=3, seed=0, image_size=32), **synthetic_fields})
+  return config
+
+
+def test_load_data_sources_synthetic_default(tmp_path):
+  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
+
+  sources = data.load_data_sources(_config(tmp_path))
+  assert {s: len(v) for s, v in sources.items()} == {"train": 6, "validation": 2, "test": 3}
+  assert synthetic.read_params(tmp_path / data.SYNTHETIC_SUBDIR)["num_train"] == 6
+  builds = list((tmp_path / data.SYNTHETIC_TFDS_SUBDIR).glob("*/vispr/max256/1.0.0/dataset_info.json"))
+  assert len(builds) == 1
+  assert not (tmp_path / "vispr").exists()  # Never where a real VISPR build goes.
+  # Other generation parameters: regenerated and built afresh, not a stale build reused.
+  sources = data.load_data_sources(_config(tmp_path, num_train=5))
+  assert len(sources["train"]) == 5
+  assert len(list((tmp_path / data.SYNTHETIC_TFDS_SUBDIR).glob("*/vispr/max256/1.0.0/dataset_info.json"))) == 2
+
+
+def test_load_data_sources_real_layout(synthetic_root, tmp_path):
+  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
+
+  config = _config(tmp_path)
+  config.data.manual_dir = str(synthetic_root)
+  config.data.splits_dir = str(synthetic_root)
+  config.data.builder_config = "original"
+  sources = data.load_data_sources(config)
+  assert {s: len(v) for s, v in sources.items()} == {"train": 10, "validation": 4, "test": 4}
+  assert (tmp_path / "vispr" / "original" / "1.0.0" / vispr.REPORT_FILENAME).is_file()
+  assert not (tmp_path / data.SYNTHETIC_SUBDIR).exists()
+  config.data.manual_dir = str(tmp_path / "missing")
+  config.data.builder_config = "max256"
+  with pytest.raises(vispr.ManualDirError):
+    data.load_data_sources(config)
+
+
+def test_default_data_dir():
+  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
+
+  config = _config("")
+  assert data.resolve_data_dir(config) == pathlib.Path.home() / ".cache" / "privattnet_jax"
