@@ -61,6 +61,7 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.
 # Train: grain threads reading encoded records (~30 KB each) ahead of the transform, in
 # each process. grain polls every buffered read per element, so the buffer stays small.
 _READ_THREADS, _READ_AHEAD = 4, 16
+_SCORE_CHUNK = 1024  # split_scores: records per read; bounds the (chunk, 68, P) score intermediate.
 
 
 # ----------------------------------------------------------------------------
@@ -85,17 +86,17 @@ def split_scores(source, config) -> np.ndarray:
   Reads the labels only: the records' images stay encoded, so this is cheap
   enough to run at start-up for the training mean of the target.
   """
-  labels = np.zeros((len(source), attributes.NUM_ATTRIBUTES), dtype=bool)
-  chunk = 1024
-  for start in range(0, len(source), chunk):
-    indices = list(range(start, min(start + chunk, len(source))))
+  preferences = preferences_from_config(config)
+  scores = np.zeros((len(source), preferences.shape[1]), dtype=np.float32)
+  for start in range(0, len(source), _SCORE_CHUNK):
+    indices = list(range(start, min(start + _SCORE_CHUNK, len(source))))
     if hasattr(source, "__getitems__"):
       records = source.__getitems__(indices)
     else:
       records = [source[i] for i in indices]
-    for i, record in zip(indices, records):
-      labels[i] = _labels(record)
-  return attributes.privacy_score(labels, preferences_from_config(config), config.score.pooling)
+    labels = np.stack([_labels(record) for record in records])
+    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, config.score.pooling)
+  return scores
 
 
 def _labels(record) -> np.ndarray:
@@ -153,11 +154,11 @@ def decode_image(data: bytes, min_size: int) -> Image.Image:
 def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
   """The eval transform: a PIL image -> float32 (S, S, 3), resized to S x S and normalised.
 
-  Reusable for users' own photos; apply `PIL.ImageOps.exif_transpose` first
-  for camera files (the dataset builder already did so for its records). A
-  JPEG not yet loaded is decoded at a reduced scale when it is much larger.
+  Reusable for users' own photos, and leaves `image` as it was. For a large
+  JPEG file, `decode_image(data, image_size)` first decodes it at a reduced
+  scale, much faster; apply `PIL.ImageOps.exif_transpose` to camera photos
+  (the dataset builder already did so for its records).
   """
-  image.draft("RGB", (image_size, image_size))
   if image.mode != "RGB":
     image = image.convert("RGB")
   image = image.resize((image_size, image_size), Image.BILINEAR)

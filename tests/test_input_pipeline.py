@@ -204,11 +204,12 @@ def test_preprocess_image_accepts_any_mode_and_large_jpegs():
     assert out.shape == (16, 16, 3) and out.dtype == np.float32 and np.all(np.isfinite(out))
   # A JPEG 16x larger than needed decodes at 1/8 scale (draft); the result matches a full decode.
   data = _jpeg(_gradient(512, 640), quality=100)
-  drafted = input_pipeline.preprocess_image(Image.open(io.BytesIO(data)), 32)
-  full = Image.open(io.BytesIO(data))
-  full.load()
   assert input_pipeline.decode_image(data, 32).size == (80, 64)
-  np.testing.assert_allclose(drafted, input_pipeline.preprocess_image(full, 32), atol=0.1)
+  assert input_pipeline.decode_image(data, 100).size == (160, 128)  # 1/4: both sides stay >= 100
+  full = Image.open(io.BytesIO(data))
+  np.testing.assert_allclose(input_pipeline.eval_image(data, 32), input_pipeline.preprocess_image(full, 32),
+                             atol=0.1)
+  assert full.size == (640, 512)  # the caller's image is left as it was
 
 
 # --- Train batches -----------------------------------------------------------
@@ -456,7 +457,7 @@ class _LabelsOnlySource(ListSource):
     return [self.records[i] for i in indices]
 
 
-def test_split_scores_reads_labels_only():
+def test_split_scores_reads_labels_only(monkeypatch):
   source = _LabelsOnlySource(_RECORDS[:10])
   config = _config()
   scores = input_pipeline.split_scores(source, config)
@@ -464,6 +465,10 @@ def test_split_scores_reads_labels_only():
   assert scores.shape == (10, 1) and scores.dtype == np.float32 and source.batched_reads == 1
   np.testing.assert_allclose(scores, attributes.privacy_score(labels, attributes.preference_table(), "max"))
   assert scores[0, 0] == 0  # record 0 is a0_safe
+  monkeypatch.setattr(input_pipeline, "_SCORE_CHUNK", 4)  # reads of 4, 4 and 2 records
+  source.batched_reads = 0
+  np.testing.assert_array_equal(input_pipeline.split_scores(source, config), scores)
+  assert source.batched_reads == 3
   config.score.per_profile = True
   config.score.pooling = "mean"
   per_profile = input_pipeline.split_scores(ListSource(source.records), config)
