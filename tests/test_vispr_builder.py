@@ -10,14 +10,17 @@ import json
 import pathlib
 import pickle
 import shutil
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from privattnet_jax import attributes
+from configs import default
+from privattnet_jax import attributes, data
 from privattnet_jax.data import synthetic, vispr
 
 SIZE = 48
@@ -473,8 +476,6 @@ def test_process_image_too_large_even_at_one_eighth():
 
 
 def _config(data_dir, **synthetic_fields):
-  from configs import default  # pylint: disable=g-import-not-at-top
-
   config = default.get_config()
   config.data.data_dir = str(data_dir)
   config.data.synthetic.update({**dict(num_train=6, num_val=2, num_test=3, seed=0, image_size=32), **synthetic_fields})
@@ -482,8 +483,6 @@ def _config(data_dir, **synthetic_fields):
 
 
 def test_load_data_sources_synthetic_default(tmp_path):
-  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
-
   sources = data.load_data_sources(_config(tmp_path))
   assert {s: len(v) for s, v in sources.items()} == {"train": 6, "validation": 2, "test": 3}
   assert synthetic.read_params(tmp_path / data.SYNTHETIC_SUBDIR)["num_train"] == 6
@@ -497,8 +496,6 @@ def test_load_data_sources_synthetic_default(tmp_path):
 
 
 def test_load_data_sources_real_layout(synthetic_root, tmp_path):
-  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
-
   config = _config(tmp_path)
   config.data.manual_dir = str(synthetic_root)
   config.data.splits_dir = str(synthetic_root)
@@ -514,7 +511,26 @@ def test_load_data_sources_real_layout(synthetic_root, tmp_path):
 
 
 def test_default_data_dir():
-  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
-
   config = _config("")
   assert data.resolve_data_dir(config) == pathlib.Path.home() / ".cache" / "privattnet_jax"
+
+
+def test_concurrent_processes_share_one_build(tmp_path):
+  # Processes of one job start together on a fresh data_dir: one generates and builds, the
+  # others wait for it and reuse it (without the lock they delete each other's files).
+  script = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent)!r})
+      import test_vispr_builder as t
+      from privattnet_jax import data
+      sources = data.load_data_sources(t._config({str(tmp_path)!r}))
+      print("SIZES", sorted((s, len(v)) for s, v in sources.items()))
+  """)
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  processes = [subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIZES [('test', 3), ('train', 6), ('validation', 2)]" in stdout
+  assert len(list(tmp_path.glob("tfds_synthetic/*/vispr/max256/1.0.0/dataset_info.json"))) == 1

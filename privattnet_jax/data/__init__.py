@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Any
 
@@ -10,6 +11,25 @@ from absl import logging
 DEFAULT_DATA_DIR = "~/.cache/privattnet_jax"
 SYNTHETIC_SUBDIR = "synthetic_vispr"  # <data_dir>/synthetic_vispr: the generated VISPR-layout root.
 SYNTHETIC_TFDS_SUBDIR = "tfds_synthetic"  # <data_dir>/tfds_synthetic/<params hash>: its TFDS builds.
+LOCK_FILENAME = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: pathlib.Path):
+  """Serialises generation and building across processes sharing data_dir (several processes
+  of one job, or two jobs): the first builds, the others wait and then reuse its build."""
+  data_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only.
+  except ImportError:
+    yield
+    return
+  with open(data_dir / LOCK_FILENAME, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def resolve_data_dir(config) -> pathlib.Path:
@@ -26,10 +46,15 @@ def prepare_builder(config):
   <data_dir>/tfds_synthetic/<hash of the generation parameters>, so a synthetic
   build never collides with a real one, nor with another generation's build.
   """
-  from privattnet_jax.data import synthetic, vispr  # pylint: disable=g-import-not-at-top  # Keeps `import privattnet_jax.data` light.
+  data_dir = resolve_data_dir(config)
+  with _exclusive(data_dir):
+    return _prepare_builder(config, data_dir)
+
+
+def _prepare_builder(config, data_dir: pathlib.Path):
+  from privattnet_jax.data import synthetic, vispr  # pylint: disable=g-import-not-at-top
 
   data = config.data
-  data_dir = resolve_data_dir(config)
   if data.manual_dir:
     return vispr.prepare(
         pathlib.Path(data.manual_dir).expanduser(), data_dir, data.builder_config, data.splits_dir, data.strict

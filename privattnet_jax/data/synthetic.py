@@ -514,6 +514,9 @@ def ensure_synthetic(
     shutil.rmtree(tmp)
   generate(tmp, num_train, num_val, num_test, seed, image_size, attributes=attributes,
            safe_fraction=safe_fraction, min_area=min_area, max_area=max_area)
+  if read_params(out) == params:  # Another process finished the same generation meanwhile.
+    shutil.rmtree(tmp)
+    return out
   if out.exists():
     shutil.rmtree(out)
   try:
