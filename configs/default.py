@@ -25,7 +25,7 @@ def get_config():
 
   config.data = ml_collections.ConfigDict()
   config.data.manual_dir = ""  # A VISPR-layout root; empty: the synthetic dataset.
-  config.data.data_dir = ""  # Where TFDS builds; empty: <workdir>/../tfds or ~/tensorflow_datasets.
+  config.data.data_dir = ""  # Where TFDS builds (and the synthetic data lives); empty: ~/.cache/privattnet_jax.
   config.data.builder_config = "max256"  # "max256" (shorter side <= 256 px) or "original".
   config.data.splits_dir = ""  # Folder with train2017.txt etc.; empty: the bundled copies.
   config.data.strict = False  # Any skipped annotation fails the build.
