@@ -306,6 +306,11 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
   resolved = _resolve(path)
   source, names, unexpected = read_weights(resolved)
   own_file = resolved.suffix.lower() in OWN_SUFFIXES
+  if not source:
+    raise WeightImportError(
+        f"{resolved}: no torchvision-style ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) in the file; "
+        f"its keys begin {_listing(unexpected, limit=5)} (other layouts, e.g. transformers' ResNetModel, "
+        "are not supported)")
   target = traverse_util.flatten_dict(dict(encoder_variables))
   if not target or set(key[0] for key in target) != {"params", "batch_stats"}:
     raise ValueError("encoder_variables must hold an encoder's 'params' and 'batch_stats'")

@@ -228,6 +228,10 @@ def test_unknown_and_absent_files(tmp_path):
     weights.load_pretrained_encoder(tmp_path / "weights.h5", shapes)
   with pytest.raises(weights.WeightImportError, match="no such weight file"):
     weights.load_pretrained_encoder(tmp_path / "nothing.pth", shapes)
+  safetensors_numpy.save_file({"resnet.embedder.embedder.convolution.weight": np.zeros((64, 3, 7, 7), np.float32)},
+                              str(tmp_path / "transformers.safetensors"))
+  with pytest.raises(weights.WeightImportError, match="no torchvision-style ResNet keys .* its keys begin resnet.embedder"):
+    weights.load_pretrained_encoder(tmp_path / "transformers.safetensors", shapes)
   (tmp_path / "foreign.msgpack").write_bytes(b"\x81\xa1a\x01")
   with pytest.raises(weights.WeightImportError, match="not a privattnet_jax.encoder file"):
     weights.load_pretrained_encoder(tmp_path / "foreign.msgpack", shapes)

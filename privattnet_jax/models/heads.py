@@ -89,7 +89,7 @@ class ProfileHead(nn.Module):
   @nn.compact
   def __call__(self, features, train: bool):
     x = global_average_pool(features)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=not train)
     x = torch_linear(self.num_attributes, x.shape[-1], dtype=self.dtype, name="attributes")(x)
     x = nn.sigmoid(torch_linear(self.hidden, self.num_attributes, dtype=self.dtype, name="profile_hidden1")(x))
     x = nn.sigmoid(torch_linear(self.hidden, self.hidden, dtype=self.dtype, name="profile_hidden2")(x))
