@@ -120,7 +120,7 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
   grads = jax.lax.pmean(grads, AXIS)
   batch_stats = jax.lax.pmean(new_model_state.get("batch_stats", state.batch_stats), AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  aux["grad_norm"] = optax.global_norm(grads)
+  aux["grad_norm"] = optax.tree.norm(grads)
   return new_state, jax.lax.pmean(aux, AXIS)
 
 
@@ -355,38 +355,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
                config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
                jax.device_count())
-  pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
-  window_start, window_steps = time.time(), 0
-  for step in range(start_step + 1, experiment.total_steps + 1):
-    batch = next(train_iterator)
-    state, step_metrics = experiment.train_fn(state, shard_batch(batch, mesh))
-    if pending is not None:
-      _check_finite(*pending, manager)
-    pending = (step, step_metrics)
-    window_steps += 1
-    is_last = step == experiment.total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      _check_finite(*pending, manager)
-      values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      elapsed = time.time() - window_start
-      images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
-      eta = (experiment.total_steps - step) * elapsed / window_steps
-      logging.info("step %d/%d  loss %.4f  %.1f img/s  ETA %s", step, experiment.total_steps, values["loss"],
-                   images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)))
-      writer.write(step, {**values, "images_per_second": images_per_second})
-      window_start, window_steps = time.time(), 0
-    validation = None
-    if step % eval_every == 0 or is_last:
-      _check_finite(*pending, manager)
-      validation = evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"), mesh).metrics
-      logging.info("step %d validation: %s", step, _headline(validation))
-      writer.write(step, {f"validation/{k}": v for k, v in validation.items() if k != "per_profile"})
-    if step % checkpoint_every == 0 or is_last or validation is not None:
-      _check_finite(*pending, manager)
-      selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
-      checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
-  manager.wait_until_finished()
-  writer.close()
+  try:
+    pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
+    window_start, window_steps = time.time(), 0
+    for step in range(start_step + 1, experiment.total_steps + 1):
+      batch = next(train_iterator)
+      state, step_metrics = experiment.train_fn(state, shard_batch(batch, mesh))
+      if pending is not None:
+        _check_finite(*pending, manager)
+      pending = (step, step_metrics)
+      window_steps += 1
+      is_last = step == experiment.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(*pending, manager)
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        elapsed = time.time() - window_start
+        images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
+        eta = (experiment.total_steps - step) * elapsed / window_steps
+        logging.info("step %d/%d  loss %.4f  %.1f img/s  ETA %s", step, experiment.total_steps, values["loss"],
+                     images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        writer.write(step, {**values, "images_per_second": images_per_second})
+        window_start, window_steps = time.time(), 0
+      validation = None
+      if step % eval_every == 0 or is_last:
+        _check_finite(*pending, manager)
+        eval_start = time.time()
+        validation = evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"), mesh).metrics
+        logging.info("step %d validation: %s", step, _headline(validation))
+        writer.write(step, {f"validation/{k}": v for k, v in validation.items() if k != "per_profile"})
+        window_start += time.time() - eval_start  # Training throughput excludes evaluation.
+      if step % checkpoint_every == 0 or is_last or validation is not None:
+        _check_finite(*pending, manager)
+        selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
+        checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
+  finally:
+    # A checkpoint still being written (async) is completed even when the run is interrupted.
+    manager.wait_until_finished()
+    writer.close()
   return {split: evaluate_checkpoint(config, workdir, split, experiment=experiment) for split in config.eval_splits}
 
 
