@@ -51,7 +51,7 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   config.half_precision = FLAGS.dtype == "bfloat16"
   config.model.encoder.trainable = encoder_mode == "trainable"
   task = train.make_task(config, target_mean=np.zeros(1))
-  model = models.create_model(config, num_outputs=1)
+  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train.AXIS)
   mesh = train.create_mesh()
   state = train.create_train_state(config, model, task, (config.image_size, config.image_size, 3), 1000,
                                    jax.random.PRNGKey(0))

@@ -53,6 +53,9 @@ def get_config():
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "privattnet"  # privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn.
+  # Training BatchNorm pools statistics over all devices, so results do not depend on the device
+  # count (one all-reduce per BatchNorm layer); False: per-device statistics, as torch DataParallel.
+  config.model.sync_batchnorm = True
   config.model.encoder = ml_collections.ConfigDict()
   config.model.encoder.depth = 50  # 18, 34, 50 (the paper), or 0 for the tiny test encoder.
   config.model.encoder.width = 64  # Stem width; 64 is torchvision's.

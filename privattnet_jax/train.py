@@ -106,7 +106,14 @@ def compute_loss(outputs: dict, batch: dict, task: Task) -> tuple[jax.Array, dic
 
 
 def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, dict]:
-  """One optimisation step on one device's share of the global batch (inside shard_map)."""
+  """One optimisation step on one device's share of the global batch (inside shard_map).
+
+  The loss is `pmean`ed over the batch axis before differentiation: under shard_map the
+  gradient of that replicated loss with respect to the replicated parameters is already the
+  global-batch gradient. (Differentiating the per-device loss and then `pmean`ing the gradients,
+  the `jax.pmap` idiom, gives N times the gradient here: the transpose of the implicit broadcast
+  of replicated parameters sums over devices.)
+  """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
@@ -114,10 +121,9 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": rng}, mutable=["batch_stats"])
     loss, aux = compute_loss(outputs, batch, task)
-    return loss, (aux, new_model_state)
+    return jax.lax.pmean(loss, AXIS), (aux, new_model_state)
 
   grads, (aux, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
   batch_stats = jax.lax.pmean(new_model_state.get("batch_stats", state.batch_stats), AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   aux["grad_norm"] = optax.tree.norm(grads)
@@ -302,7 +308,7 @@ class Experiment:
         config.num_epochs * self.steps_per_epoch)
     target_mean = self._target_mean()
     self.task = make_task(config, target_mean)
-    self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1])
+    self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=AXIS)
     image_shape = (config.image_size, config.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
     self.initial_state = jax.device_put(create_train_state(

@@ -81,11 +81,13 @@ def _positive_int(value: Any, field: str) -> int:
   return value
 
 
-def create_model(config, num_outputs: int) -> PrivacyModel:
+def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = None) -> PrivacyModel:
   """The model named by `config.model.name`, for a full config (it reads `half_precision` too).
 
   num_outputs: P, the score width (1, or 30 with `score.per_profile`); attribute models
   (privattnet_mlc: 67, ap_pr: 68) do not use it.
+  batchnorm_axis_name: the named device axis (inside shard_map/pmap) over which training-mode
+  BatchNorm averages its statistics when `model.sync_batchnorm` is set; None outside one.
   """
   model_config = config.model
   name = model_config.name
@@ -93,6 +95,7 @@ def create_model(config, num_outputs: int) -> PrivacyModel:
     raise ValueError(f"model.name must be one of {MODEL_NAMES}, got {name!r}")
   num_outputs = _positive_int(num_outputs, "num_outputs")
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  axis_name = batchnorm_axis_name if model_config.get("sync_batchnorm", True) else None
   encoder_config = model_config.encoder
   if not isinstance(encoder_config.trainable, bool):
     raise ValueError(f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}")
@@ -110,7 +113,8 @@ def create_model(config, num_outputs: int) -> PrivacyModel:
         feature_dropout=attention_config.feature_dropout,
         dropout=attention_config.dropout,
         output=attention_config.output,
-        dtype=dtype)
+        dtype=dtype,
+        batchnorm_axis_name=axis_name)
   else:
     stages = 4
     if name == "privnet":
@@ -120,6 +124,7 @@ def create_model(config, num_outputs: int) -> PrivacyModel:
     else:
       head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
 
-  encoder = ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype)
+  encoder = ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype,
+                   batchnorm_axis_name=axis_name)
   return PrivacyModel(encoder=encoder, head=head, encoder_trainable=encoder_config.trainable,
                       encoder_batchnorm=encoder_config.batchnorm)

@@ -83,6 +83,7 @@ class AttentionHead(nn.Module):
     steps: T. hidden_size: H, the LSTM width. regressor_hidden: the per-step MLP width.
     feature_dropout: on a (0.8). dropout: everywhere else (0.5).
     output: 'mean' over steps, or 'last' step only.
+    batchnorm_axis_name: device axis for synchronised BatchNorm statistics in training, or None.
   """
   num_outputs: int
   output_key: str = "score"
@@ -93,6 +94,7 @@ class AttentionHead(nn.Module):
   dropout: float = 0.5
   output: str = "mean"
   dtype: Any = jnp.float32
+  batchnorm_axis_name: str | None = None
 
   def __post_init__(self):
     if self.output not in OUTPUT_MODES:
@@ -134,7 +136,7 @@ class AttentionHead(nn.Module):
     x = nn.Conv(channels, (1, 1), use_bias=True, kernel_init=conv_init, bias_init=conv_init,
                 dtype=self.dtype, param_dtype=jnp.float32, name="feature_conv")(features.astype(self.dtype))
     x = nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
-                     dtype=self.dtype, param_dtype=jnp.float32, name="feature_bn")(x)
+                     axis_name=self.batchnorm_axis_name if train else None, dtype=self.dtype, param_dtype=jnp.float32, name="feature_bn")(x)
     x = nn.Dropout(self.feature_dropout, name="feature_dropout")(nn.relu(x), deterministic=deterministic)
     annotations = x.reshape(batch, num_locations, channels)  # Row-major: cell = row * width + col.
 

@@ -114,11 +114,14 @@ class ResNet(nn.Module):
     width: stem width; 64 is torchvision's, stage k has width * 2**k planes.
     stages: 3 stops after conv4_x (torchvision `layer3`, the paper's cut), 4 runs through conv5_x.
     dtype: compute dtype; parameters stay float32.
+    batchnorm_axis_name: the device axis over which training-mode BatchNorm pools its batch
+      statistics (synchronised BatchNorm: results independent of the device count), or None.
   """
   depth: int = 50
   width: int = 64
   stages: int = 3
   dtype: Any = jnp.float32
+  batchnorm_axis_name: str | None = None
 
   def __post_init__(self):
     validate(self.depth, self.width, self.stages)
@@ -132,6 +135,7 @@ class ResNet(nn.Module):
                              dtype=self.dtype, param_dtype=jnp.float32)
     norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
                              momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
+                             axis_name=None if use_running_average else self.batchnorm_axis_name,
                              dtype=self.dtype, param_dtype=jnp.float32)
     x = images.astype(self.dtype)
     x = conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
