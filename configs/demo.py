@@ -2,14 +2,20 @@
 
 `python run.py --config=configs/demo.py --workdir=/tmp/demo` generates the data
 (cached), builds it with the real VISPR builder, trains, evaluates on the test
-split. `--config=configs/demo.py:privnet` runs the no-attention head instead.
+split. `--config=configs/demo.py:<variant>` runs another model: the variant's own config
+(configs/<variant>.py: privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn) shrunk to demo size,
+so each keeps its own settings (e.g. PR-CNN's 30 per-profile targets).
 """
 
-from configs import default
+import importlib
+
+VARIANTS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
 
 
 def get_config(variant="privattnet"):
-  config = default.get_config()
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/demo.py:<variant> must be one of {VARIANTS}, got {variant!r}")
+  config = importlib.import_module(f"configs.{variant}").get_config()
   config.image_size = 128  # An 8x8 attention grid.
   config.batch_size = 32
   config.num_epochs = 12
@@ -20,10 +26,8 @@ def get_config(variant="privattnet"):
   config.data.synthetic.num_train = 2000
   config.data.synthetic.num_val = 300
   config.data.synthetic.num_test = 500
-  config.model.name = variant
   config.model.encoder.depth = 0  # The tiny test encoder.
   config.model.encoder.width = 16
-  config.model.encoder.stages = 4 if variant in ("privnet", "ap_pr", "pr_cnn") else 3
   config.model.encoder.trainable = True  # No pretrained weights here: learn the encoder.
   config.model.attention.hidden_size = 128
   config.model.attention.regressor_hidden = 64

@@ -53,11 +53,13 @@ class Task:
   """What turns model outputs into a loss and into privacy scores; constant for a run."""
 
   kind: str  # "regression" (a score head) or "attributes" (a multi-label head).
-  target_mean: np.ndarray  # (P,), the training split's mean raw score.
+  target_mean: np.ndarray  # (P,), the training split's mean raw score, per column.
   preferences: np.ndarray  # (68, P)
   pooling: str
   attention_gamma: float
   attention_tau: float
+  # (68, 1) profile-mean table of the paper's table row, with `score.per_profile` (else None).
+  table_preferences: np.ndarray | None = None
 
   def __hash__(self):  # Used as a static jit argument.
     return id(self)
@@ -72,16 +74,44 @@ def make_task(config: ml_collections.ConfigDict, target_mean) -> Task:
       pooling=config.score.pooling,
       attention_gamma=config.optim.attention_gamma,
       attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
+      table_preferences=attributes.preference_table(
+          "profiles_mean", missing_value=config.score.missing_value) if config.score.per_profile else None,
   )
 
 
+def attribute_scores(probabilities, preferences, pooling: str):
+  """Scores (..., P) pooled from attribute probabilities (..., K) and a (68, P) preference table.
+
+  K = 68 (AP-PR) or 67 (PrivAttNet_MLC, no `a0_safe` column): the table's last K rows are used.
+  numpy or jax arrays, as `attributes.pooled_soft_score`.
+  """
+  offset = attributes.NUM_ATTRIBUTES - probabilities.shape[-1]
+  return attributes.pooled_soft_score(probabilities, preferences[offset:], pooling)
+
+
 def predicted_scores(outputs: dict, task: Task) -> jax.Array:
-  """Raw privacy scores (B, P) from the model outputs (undoing the target normalisation)."""
+  """Raw privacy scores (B, P) from the model outputs (undoing the per-column target normalisation)."""
   if task.kind == "regression":
     return outputs["score"].astype(jnp.float32) / 2 + task.target_mean
-  logits = outputs["attribute_logits"].astype(jnp.float32)
-  offset = attributes.NUM_ATTRIBUTES - logits.shape[-1]  # 1 for the 67 non-safe attributes.
-  return attributes.pooled_soft_score(jax.nn.sigmoid(logits), jnp.asarray(task.preferences[offset:]), task.pooling)
+  probabilities = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
+  return attribute_scores(probabilities, jnp.asarray(task.preferences), task.pooling)
+
+
+def table_scores(predictions: np.ndarray, probabilities: np.ndarray | None, labels: np.ndarray,
+                 task: Task) -> tuple[np.ndarray, np.ndarray]:
+  """The paper-table row of a per-profile run: (N,) scalar predictions and targets.
+
+  The target is the other rows' ground truth: the preferences averaged over the 30 profiles,
+  then pooled over the image's attributes (`task.table_preferences`). Attribute models pool
+  their probabilities with that same table (exactly what the checkpoint gives with
+  per_profile=False). Regression models (PR-CNN) average their 30 profile predictions; under
+  max pooling that estimates mean_p max_a, which is >= the target max_a mean_p, so even exact
+  profile scores miss it (equal under sum and mean pooling, which are linear in the preferences).
+  """
+  target = attributes.privacy_score(labels > 0, task.table_preferences, task.pooling)[:, 0]
+  if task.kind == "regression":
+    return predictions.mean(axis=1), target
+  return attribute_scores(probabilities, task.table_preferences, task.pooling)[:, 0], target
 
 
 def compute_loss(outputs: dict, batch: dict, task: Task) -> tuple[jax.Array, dict]:
@@ -133,7 +163,8 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
 def eval_step(state: TrainState, batch: dict, task: Task) -> dict:
   """Per-example predictions of one device's share; targets echo back so all stay aligned."""
   outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-  result = {"prediction": predicted_scores(outputs, task), "target": batch["score"], "mask": batch["mask"]}
+  result = {"prediction": predicted_scores(outputs, task), "target": batch["score"], "labels": batch["labels"],
+            "mask": batch["mask"]}
   if "attention" in outputs:
     result["attention"] = outputs["attention"].astype(jnp.float32)
   if "attribute_logits" in outputs:
@@ -261,8 +292,14 @@ class EvalResult:
   extras: dict  # attention, attribute_probabilities, labels, image_id, boxes, num_boxes (host side).
 
 
-def evaluate(state: TrainState, eval_fn, batches, mesh) -> EvalResult:
-  """Runs every batch once; padded rows (mask 0) are dropped before the metrics."""
+def evaluate(state: TrainState, eval_fn, batches, mesh, task: Task | None = None) -> EvalResult:
+  """Runs every batch once; padded rows (mask 0) are dropped before the metrics.
+
+  Metrics: `metrics.score_metrics` (per profile and averaged for P > 1); for attribute models
+  `attribute_map` (macro AP over the attributes with a positive example) and `attribute_ap`
+  ({attribute_id: AP}, None without a positive); with a per-profile `task`, `table`: the
+  paper-table row (`table_scores`).
+  """
   collected: dict[str, list] = {}
   local_single_process = jax.process_count() == 1
   for batch in batches:
@@ -272,21 +309,41 @@ def evaluate(state: TrainState, eval_fn, batches, mesh) -> EvalResult:
       collected.setdefault(key, []).append(np.asarray(value)[keep])
     if local_single_process:
       for key in ("labels", "image_id", "boxes", "num_boxes"):
-        if key in batch:
+        if key in batch and key not in out:
           collected.setdefault(key, []).append(np.asarray(batch[key])[keep])
   arrays = {k: np.concatenate(v) for k, v in collected.items()}
   predictions, targets = arrays.pop("prediction"), arrays.pop("target")
   result_metrics = metrics_lib.score_metrics(predictions, targets)
-  if "attribute_probabilities" in arrays and "labels" in arrays:
-    probabilities = arrays["attribute_probabilities"]
+  probabilities = arrays.get("attribute_probabilities")
+  if probabilities is not None and "labels" in arrays:
     offset = attributes.NUM_ATTRIBUTES - probabilities.shape[-1]
-    result_metrics["attribute_map"] = metrics_lib.mean_average_precision(
-        probabilities, arrays["labels"][:, offset:] > 0)["map"]
+    average_precision = metrics_lib.mean_average_precision(probabilities, arrays["labels"][:, offset:] > 0)
+    result_metrics["attribute_map"] = average_precision["map"]
+    result_metrics["attribute_ap"] = {
+        attribute_id: None if np.isnan(ap) else ap
+        for attribute_id, ap in zip(attributes.ATTRIBUTE_IDS[offset:], average_precision["per_attribute_ap"])}
+  if task is not None and task.table_preferences is not None and "labels" in arrays:
+    result_metrics["table"] = metrics_lib.regression_metrics(
+        *table_scores(predictions, probabilities, arrays["labels"], task))
   return EvalResult(result_metrics, predictions, targets, arrays)
 
 
+def scalar_metrics(result_metrics: dict) -> dict:
+  """The loggable numbers of `evaluate`'s metrics: top-level scalars and the table row as `table/<key>`."""
+  scalars = {f"table/{k}": v for k, v in result_metrics.get("table", {}).items()}
+  scalars.update({k: v for k, v in result_metrics.items() if isinstance(v, (int, float))})
+  return scalars
+
+
 def _headline(m: dict) -> str:
-  return f"L1 {m['l1']:.3f}  Pearson {m['pearson']:.3f}  Spearman {m['spearman']:.3f}  MSE {m['mse']:.3f}  (n={m['n']})"
+  line = f"L1 {m['l1']:.3f}  Pearson {m['pearson']:.3f}  Spearman {m['spearman']:.3f}  MSE {m['mse']:.3f}  (n={m['n']})"
+  if "per_profile" in m:
+    line = f"mean over {len(m['per_profile'])} profiles: {line}"
+  if "table" in m:
+    line += f"; paper-table row (profile-mean score): {_headline(m['table'])}"
+  if "attribute_map" in m:
+    line += f"; attribute mAP {m['attribute_map']:.3f}"
+  return line
 
 
 class Experiment:
@@ -306,8 +363,7 @@ class Experiment:
       raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
     self.total_steps = config.num_train_steps if config.num_train_steps > 0 else (
         config.num_epochs * self.steps_per_epoch)
-    target_mean = self._target_mean()
-    self.task = make_task(config, target_mean)
+    self.task = make_task(config, self._target_mean(input_pipeline.preferences_from_config(config).shape[1]))
     self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=AXIS)
     image_shape = (config.image_size, config.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
@@ -319,11 +375,20 @@ class Experiment:
     self.train_fn = parallel_train_step(self.mesh, self.task) if need_train else None
     self.eval_fn = parallel_eval_step(self.mesh, self.task)
 
-  def _target_mean(self) -> np.ndarray:
-    """The training split's mean score (the authors hard-coded theirs); reused from a checkpoint."""
+  def _target_mean(self, num_outputs: int) -> np.ndarray:
+    """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
+
+    Attribute models never use it, so their checkpoints serve any `score.per_profile`.
+    """
     latest = self.manager.latest_step()
     if latest is not None:
-      return np.asarray(checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32)
+      mean = np.asarray(checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32)
+      if mean.shape == (num_outputs,):
+        return mean
+      if self.config.model.name not in ATTRIBUTE_MODELS:
+        raise ValueError(
+            f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
+            f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir")
     return input_pipeline.split_scores(self.sources["train"], self.config).mean(axis=0)
 
   def metadata(self) -> dict:
@@ -386,9 +451,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % eval_every == 0 or is_last:
         _check_finite(*pending, manager)
         eval_start = time.time()
-        validation = evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"), mesh).metrics
+        validation = evaluate(
+            state, experiment.eval_fn, experiment.eval_batches("validation"), mesh, experiment.task).metrics
         logging.info("step %d validation: %s", step, _headline(validation))
-        writer.write(step, {f"validation/{k}": v for k, v in validation.items() if k != "per_profile"})
+        writer.write(step, {f"validation/{k}": v for k, v in scalar_metrics(validation).items()})
         window_start += time.time() - eval_start  # Training throughput excludes evaluation.
       if step % checkpoint_every == 0 or is_last or validation is not None:
         _check_finite(*pending, manager)
@@ -425,7 +491,7 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
   state = experiment.restore(step)
-  result = evaluate(state, experiment.eval_fn, experiment.eval_batches(split), experiment.mesh)
+  result = evaluate(state, experiment.eval_fn, experiment.eval_batches(split), experiment.mesh, experiment.task)
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)

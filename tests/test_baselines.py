@@ -1,0 +1,213 @@
+"""The baselines (AP-PR, PR-CNN) and personalised (30-profile) risk for every model.
+
+Each model trains two steps with `score.per_profile=True` on the tiny synthetic data, once per
+module (`runs`), and the tests read its eval_test.json and checkpoints. The rest are hand-made
+cases of the evaluation plumbing and of the scores' dependence on the preferences.
+"""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from privattnet_jax import attributes
+from privattnet_jax import checkpoints
+from privattnet_jax import data as data_lib
+from privattnet_jax import input_pipeline
+from privattnet_jax import metrics as metrics_lib
+from privattnet_jax import train
+from tests.conftest import make_tiny_config
+
+MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
+NUM_PROFILES = attributes.NUM_PROFILES
+
+
+def _task(kind, preferences, target_mean=None, pooling="max"):
+  target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
+  return train.Task(kind=kind, target_mean=target_mean, preferences=preferences, pooling=pooling,
+                    attention_gamma=0.0, attention_tau=0.0)
+
+
+def _config(data_dir, name, per_profile=True):
+  config = make_tiny_config(data_dir, name)
+  config.score.per_profile = per_profile
+  config.num_train_steps = 2
+  return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_compilation():
+  """XLA's cheapest compilation for this module: its runs are compile-bound (2 steps, 12 images
+  per split), and the optimisations change no result these tests read."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data_dir, tmp_path_factory):
+  """name -> (config, workdir, eval_test.json) of a per-profile run, trained on first use."""
+  done = {}
+
+  def get(name):
+    if name not in done:
+      config = _config(tiny_data_dir, name)
+      workdir = tmp_path_factory.mktemp(name)
+      train.train_and_evaluate(config, str(workdir))
+      done[name] = (config, workdir, json.loads((workdir / "eval_test.json").read_text()))
+    return done[name]
+
+  return get
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs, name):
+  config, workdir, metrics = runs(name)
+  num_test = config.data.synthetic.num_test
+  assert len(metrics["per_profile"]) == NUM_PROFILES
+  assert all(profile["n"] == num_test for profile in metrics["per_profile"])
+  for key in ("l1", "mse"):
+    assert metrics[key] == pytest.approx(np.mean([profile[key] for profile in metrics["per_profile"]]))
+  assert metrics["table"]["n"] == num_test and np.isfinite(metrics["table"]["l1"])
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  validation = [line for line in logged if "validation/l1" in line]
+  assert validation and all("validation/table/l1" in line for line in validation)
+  assert not any(isinstance(v, (dict, list)) for line in validation for v in line.values())
+  # The checkpoint keeps one training mean per profile column: the mean of the 30 raw targets.
+  manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
+  stored = checkpoints.restore_metadata(manager, manager.latest_step())["target_mean"]
+  sources = data_lib.load_data_sources(config)
+  expected = input_pipeline.split_scores(sources["train"], config).mean(axis=0)
+  assert len(stored) == NUM_PROFILES and np.ptp(expected) > 0  # The profiles' means differ.
+  np.testing.assert_allclose(stored, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, ids", [("ap_pr", attributes.ATTRIBUTE_IDS),
+                                       ("privattnet_mlc", attributes.ATTRIBUTE_IDS[1:])])
+def test_attribute_models_report_ap_per_attribute_id(runs, name, ids):
+  _, _, metrics = runs(name)
+  assert tuple(metrics["attribute_ap"]) == ids
+  present = [ap for ap in metrics["attribute_ap"].values() if ap is not None]
+  assert present and all(0 <= ap <= 1 for ap in present)
+  assert metrics["attribute_map"] == pytest.approx(np.mean(present))
+
+
+def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mean_score(runs):
+  config, workdir, metrics = runs("pr_cnn")
+  experiment = train.Experiment(config, workdir, need_train=False)
+  state = experiment.restore(experiment.manager.best_step())
+  result = train.evaluate(state, experiment.eval_fn, experiment.eval_batches("test"), experiment.mesh)
+  assert result.predictions.shape == result.targets.shape == (config.data.synthetic.num_test, NUM_PROFILES)
+  assert "table" not in result.metrics  # Without the task there is no table to pool with.
+  labels = result.extras["labels"] > 0
+  target = attributes.privacy_score(labels, attributes.preference_table("profiles_mean"), "max")[:, 0]
+  # Max pooling: the score of the averaged preferences is at most the average of the profile scores.
+  assert np.all(target <= result.targets.mean(axis=1) + 1e-5)
+  expected = metrics_lib.regression_metrics(result.predictions.mean(axis=1), target)
+  for key in ("l1", "mse", "pearson", "spearman"):
+    assert metrics["table"][key] == pytest.approx(expected[key], rel=1e-5)
+
+
+def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(runs, tmp_path):
+  """AP-PR trains on attributes alone: per_profile=False evaluates the same checkpoint on the
+  profile-mean score, and gives exactly the per-profile run's table row."""
+  config, workdir, metrics = runs("ap_pr")
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  scalar_config = _config(config.data.data_dir, "ap_pr", per_profile=False)
+  scalar = train.evaluate_checkpoint(scalar_config, str(tmp_path), "test")
+  assert "per_profile" not in scalar and "table" not in scalar
+  for key in ("l1", "mse", "pearson", "spearman", "n"):
+    assert scalar[key] == pytest.approx(metrics["table"][key], rel=1e-5)
+  assert scalar["attribute_map"] == pytest.approx(metrics["attribute_map"])
+
+
+def test_regression_checkpoint_refuses_another_number_of_score_columns(runs):
+  config, workdir, _ = runs("pr_cnn")
+  with pytest.raises(ValueError, match="predict 30 score column.*this config 1"):
+    train.Experiment(_config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False)
+
+
+def test_eval_reports_attribute_ap_by_id_without_padding_rows():
+  """Through the real eval step and `evaluate`: a 67-column (PrivAttNet_MLC) head, AP by hand."""
+  ids = attributes.ATTRIBUTE_IDS
+  probabilities = np.full((6, 67), 0.5, np.float32)
+  labels = np.zeros((6, 68), np.float32)
+  labels[[0, 3], 0] = 1  # a0_safe: not among the 67 columns, must not shift them.
+  # a1 (column 1 of the labels, 0 of the head), ranked pos, neg, pos, neg, neg: AP (1 + 2/3) / 2.
+  probabilities[:, 0] = [0.9, 0.8, 0.7, 0.6, 0.1, 0.95]
+  labels[:, 1] = [1, 0, 1, 0, 0, 0]
+  # a2 ranked neg, pos, pos, neg, neg: AP (1/2 + 2/3) / 2.
+  probabilities[:, 1] = [0.2, 0.9, 0.4, 0.3, 0.8, 0.99]
+  labels[:, 2] = [0, 0, 1, 0, 1, 1]
+  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # Row 5 is padding: counted, it would change both APs.
+  logits = np.log(probabilities / (1 - probabilities))
+  batches = [{"image": logits[i:i + 3], "score": np.zeros((3, 1), np.float32), "labels": labels[i:i + 3],
+              "mask": mask[i:i + 3]} for i in (0, 3)]
+  state = train.TrainState.create(apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
+                                  params={}, batch_stats={}, tx=optax.identity(), rng=jax.random.PRNGKey(0))
+  task = _task("attributes", np.ones((68, 1), np.float32))
+  mesh = train.create_mesh()
+  result = train.evaluate(state, train.parallel_eval_step(mesh, task), batches, mesh, task)
+  ap = result.metrics["attribute_ap"]
+  assert tuple(ap) == ids[1:]
+  assert ap["a1_age_approx"] == pytest.approx((1 + 2 / 3) / 2)
+  assert ap["a2_weight_approx"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+  assert all(ap[attribute_id] is None for attribute_id in ids[3:])  # No positive example.
+  assert result.metrics["attribute_map"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+  assert result.metrics["n"] == 5
+
+
+@pytest.mark.parametrize("pooling", attributes.POOLINGS)
+@pytest.mark.parametrize("num_logits", [68, 67])  # AP-PR, PrivAttNet_MLC.
+def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logits):
+  """Raising one profile's preference for faces raises that profile's score of the image with a
+  face, and leaves the image without one and the other profile alone."""
+  face, age = attributes.ATTRIBUTE_INDEX["a9_face_complete"], attributes.ATTRIBUTE_INDEX["a1_age_approx"]
+  logits = np.full((2, attributes.NUM_ATTRIBUTES), -12.0, np.float32)
+  logits[:, age] = 12.0  # Both images show an age cue; only image 0 a face.
+  logits[0, face] = 12.0
+  low = np.ones((attributes.NUM_ATTRIBUTES, 2), np.float32)
+  low[0] = 0.0  # a0_safe
+  low[face] = [2.0, 3.0]
+  high = low.copy()
+  high[face, 0] = 4.0
+
+  def scores(preferences):
+    task = _task("attributes", preferences, pooling=pooling)
+    return np.asarray(train.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
+
+  before, after = scores(low), scores(high)
+  # The hard score of the same images, which the soft score approaches as the logits grow.
+  present = logits > 0
+  np.testing.assert_allclose(before, attributes.privacy_score(present, low, pooling), atol=1e-2)
+  np.testing.assert_allclose(after, attributes.privacy_score(present, high, pooling), atol=1e-2)
+  assert after[0, 0] > before[0, 0] + 0.9  # max 2 -> 4, sum 3 -> 5, mean 1.5 -> 2.5.
+  np.testing.assert_allclose(after[1], before[1], atol=1e-3)
+  np.testing.assert_array_equal(after[:, 1], before[:, 1])
+  assert before[0, 1] > before[1, 1]  # Within one table too: the face costs more than its absence.
+
+
+def test_per_profile_targets_are_normalised_per_column():
+  task = _task("regression", np.ones((68, 2), np.float32), np.array([1.0, 3.0], np.float32))
+  outputs = {"score": np.array([[0.0, 0.0], [2.0, -2.0]], np.float32)}
+  batch = {"score": np.array([[1.0, 3.0], [3.0, 1.0]], np.float32), "mask": np.ones(2, np.float32)}
+  # Normalised targets [[0, 0], [4, -4]]: squared errors [[0, 0], [4, 4]], per-example means 0 and 4.
+  assert float(train.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
+  np.testing.assert_allclose(train.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
+
+
+def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
+  """configs/pr_cnn.py: our MSE on (y - mean) * 2 = 8 / P * sum_n ||yhat_n - y_n||^2 / (2N)."""
+  rng = np.random.default_rng(0)
+  task = _task("regression", np.ones((68, NUM_PROFILES), np.float32),
+               rng.uniform(1, 3, NUM_PROFILES).astype(np.float32))
+  outputs = {"score": rng.normal(size=(5, NUM_PROFILES)).astype(np.float32)}
+  batch = {"score": rng.uniform(0, 5, (5, NUM_PROFILES)).astype(np.float32), "mask": np.ones(5, np.float32)}
+  raw_predictions = np.asarray(train.predicted_scores(outputs, task))
+  caffe = np.square(raw_predictions - batch["score"]).sum() / (2 * 5)
+  ours = float(train.compute_loss(outputs, batch, task)[1]["data_loss"])
+  assert ours == pytest.approx(8 / NUM_PROFILES * caffe, rel=1e-5)
