@@ -6,6 +6,7 @@
   python run.py --mode=predict --workdir=/tmp/demo --images ~/Pictures --output=/tmp/scores
   python run.py --mode=export --workdir=/tmp/demo
   python run.py --mode=predict --exported=/tmp/demo/export --images=photo.jpg --output=/tmp/scores
+  python run.py --mode=compare --workdirs=/tmp/demo,/tmp/demo_privnet --output=compare.md
 
 Every config field can be overridden with --config.<field>=<value>. Predict and export read the
 config from the checkpoint; a --config given to them must describe the same model.
@@ -20,22 +21,23 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "evaluate", "predict", "export")
+MODES = ("train", "evaluate", "predict", "export", "compare")
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py); train and evaluate need one.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate the best checkpoint; "
-                  "evaluate: evaluate a checkpoint on --split; predict: score --images; export: write a "
-                  "jax.export predictor.")
-flags.DEFINE_string("split", "test", "Split for --mode=evaluate: train, validation or test.")
+                  "evaluate: evaluate a checkpoint on --split, with report.md/report.html; predict: score "
+                  "--images; export: write a jax.export predictor; compare: tabulate --workdirs.")
+flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
 flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict and export; default: the best by "
                      "validation Spearman.")
 flags.DEFINE_multi_string("images", [], "predict: image files, folders (searched recursively) or globs; "
                           "more paths may follow as plain arguments.")
 flags.DEFINE_string("output", None, "predict: the output folder; export: the artifact folder (default "
-                    "<workdir>/export).")
+                    "<workdir>/export); compare: the markdown file.")
 flags.DEFINE_string("exported", None, "predict: run the artifact in this folder instead of a --workdir checkpoint.")
+flags.DEFINE_list("workdirs", [], "compare: the runs' workdirs, comma separated.")
 flags.DEFINE_integer("profile", None, "predict: also give profile K's (0..29) score.")
 flags.DEFINE_string("preferences", None, "predict: also give the score for these ratings (TSV as "
                     "data/user_studies/user_profiles.tsv with one rating column; attribute models).")
@@ -106,6 +108,8 @@ def main(argv):
       raise app.UsageError("--mode=predict needs --workdir (a checkpoint) or --exported (an artifact), not both")
   elif FLAGS.mode == "export":
     _require("workdir")
+  elif FLAGS.mode == "compare":
+    _require("workdirs", "output")
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
@@ -115,6 +119,10 @@ def main(argv):
   try:
     if FLAGS.mode == "predict":
       status = _predict([*FLAGS.images, *extra])
+    elif FLAGS.mode == "compare":
+      from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
+
+      print(f"wrote {evaluation_report.compare_runs(FLAGS.workdirs, FLAGS.output, FLAGS.split)}")
     else:
       # Imported after flag parsing: grain worker processes re-import this module.
       from privattnet_jax import train  # pylint: disable=g-import-not-at-top

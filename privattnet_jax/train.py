@@ -29,6 +29,7 @@ import optax
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
+from privattnet_jax import evaluation_report
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
@@ -485,7 +486,8 @@ def _check_finite(step: int, step_metrics: dict, manager) -> None:
 
 def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
                         experiment: Experiment | None = None) -> dict:
-  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json."""
+  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
+  `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
   experiment = experiment or Experiment(config, workdir, need_train=False)
   step = select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
@@ -495,7 +497,19 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)
+  summary["model"] = config.model.name
+  localisation = evaluation_report.localisation_summary(result.extras)
+  if localisation is not None:
+    summary["localisation"] = localisation
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
+    if "labels" in result.extras:
+      paths = evaluation_report.write_eval_report(
+          evaluation_report.report_dir(workdir, split), method_name=config.model.name, split=split,
+          summary=summary, extras=result.extras, predictions=result.predictions, targets=result.targets,
+          source=experiment.sources[split])
+      logging.info("Wrote %s and %s", *paths)
+    else:  # Several processes: each holds only its own rows' labels and ids.
+      logging.info("No report.md: a multi-process evaluation keeps the labels and image ids per process")
   print(f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True)
   return summary

@@ -1,5 +1,5 @@
-"""Predict on users' photos (formats, broken files, heat maps, profiles, preferences), on two tiny
-models trained once for this module."""
+"""Predict on users' photos (formats, broken files, heat maps, profiles, preferences), the evaluation
+report and the comparison of runs, on two tiny models trained once for this module."""
 
 import csv
 import json
@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from privattnet_jax import attributes
+from privattnet_jax import evaluation_report
 from privattnet_jax import heatmaps
 from privattnet_jax import predict
 from tests import tiny_runs
@@ -26,11 +27,12 @@ STEPS = 3  # The tiny config's attention steps.
 @pytest.fixture(scope="module")
 def runs(tiny_data_dir, tmp_path_factory):
   """A per-profile PrivAttNet (attention, 30 profile scores) and an AP-PR (68 attribute probabilities),
-  each trained two steps."""
+  each trained two steps and evaluated on the test split (report.md)."""
   root = tmp_path_factory.mktemp("predict_runs")
   return {
-      "profiles": tiny_runs.train_tiny_run(tiny_data_dir, root / "privattnet", "privattnet", per_profile=True),
-      "attributes": tiny_runs.train_tiny_run(tiny_data_dir, root / "ap_pr", "ap_pr"),
+      "profiles": tiny_runs.train_tiny_run(tiny_data_dir, root / "privattnet", "privattnet", per_profile=True,
+                                           eval_splits=("test",)),
+      "attributes": tiny_runs.train_tiny_run(tiny_data_dir, root / "ap_pr", "ap_pr", eval_splits=("test",)),
   }
 
 
@@ -331,3 +333,64 @@ def test_missing_checkpoint_and_step(tmp_path, runs):
     predict.load_checkpoint_predictor(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
     predict.load_checkpoint_predictor(runs["profiles"], step=7)
+
+
+# ----------------------------------------------------------------------------
+# The evaluation report and the comparison of runs.
+
+
+def test_evaluate_writes_the_report_with_localisation(runs):
+  workdir = runs["profiles"]
+  summary = json.loads((workdir / "eval_test.json").read_text())
+  assert summary["model"] == "privattnet"
+  localisation = summary["localisation"]
+  assert len(localisation["mass_inside"]) == STEPS and len(localisation["pointing_game"]) == STEPS
+  assert localisation["num_images"] > 0 and 0 < localisation["box_area"] < 1
+  text = (workdir / "report.md").read_text()
+  assert "| method | L1 | Pearson | Spearman | MSE | n | source |" in text
+  assert f"| privattnet | {summary['l1']:.3f} | {summary['pearson']:.3f} |" in text
+  assert "| PrivAttNet | 0.40 | 0.87 | 0.84 |" in text  # The published row beside it.
+  assert "## Attention localisation" in text and "## Errors by attribute group" in text
+  assert "### Most risky images" in text and "### Least risky images" in text
+  examples = sorted((workdir / "report_files").glob("example_*.png"))
+  assert len(examples) == 2 * evaluation_report.REPORT_EXAMPLES
+  panel = Image.open(examples[0])
+  assert panel.width % (STEPS + 1) == 0  # Image + one overlay per step.
+  html_text = (workdir / "report.html").read_text()
+  assert html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES
+  assert "<td>privattnet</td>" in html_text
+
+
+def test_models_without_attention_report_without_localisation(runs):
+  workdir = runs["attributes"]
+  summary = json.loads((workdir / "eval_test.json").read_text())
+  assert "localisation" not in summary and "attribute_map" in summary
+  text = (workdir / "report.md").read_text()
+  assert "| ap_pr |" in text and "Attention localisation" not in text and "attribute_map" in text
+  assert len(list((workdir / "report_files").glob("example_*.png"))) == 2 * evaluation_report.REPORT_EXAMPLES
+
+
+def test_compare_puts_the_runs_beside_the_published_numbers(runs, tmp_path):
+  out = evaluation_report.compare_runs([str(runs["profiles"]), str(runs["attributes"])], tmp_path / "compare.md")
+  lines = out.read_text().splitlines()
+  first = json.loads((runs["profiles"] / "eval_test.json").read_text())
+  assert f"| privattnet (privattnet) | {first['l1']:.3f} |" in "\n".join(lines)
+  rows = [line for line in lines if line.startswith("| ")]
+  assert [row.split(" | ")[0] for row in rows[1:3]] == ["| privattnet (privattnet)", "| ap_pr (ap_pr)"]
+  assert sum("published, VISPR test" in row for row in rows) == 5
+  assert "- ap_pr (ap_pr): attribute_map" in out.read_text()
+  with pytest.raises(FileNotFoundError, match="eval_test.json does not exist"):
+    evaluation_report.compare_runs([str(tmp_path)], tmp_path / "x.md")
+
+
+def test_report_dir_keeps_splits_apart(tmp_path):
+  assert evaluation_report.report_dir(tmp_path, "test") == tmp_path
+  assert evaluation_report.report_dir(tmp_path, "validation") == tmp_path / "report_validation"
+
+
+def test_stored_image_checks_the_id():
+  source = [{"image_id": b"2017_1", "image": b"x"}]
+  assert evaluation_report._stored_image(source, 0, "2017_1") == b"x"  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="holds '2017_1'"):
+    evaluation_report._stored_image(source, 0, "2017_2")  # pylint: disable=protected-access
+
