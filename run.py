@@ -49,6 +49,8 @@ flags.DEFINE_integer("panel_size", 256, "predict: longer side of each heat-map p
 flags.DEFINE_integer("top_attributes", 5, "predict: attribute models' most probable attributes to list.")
 flags.DEFINE_integer("max_pixels", None, "predict: refuse images with more pixels (decompression bombs; "
                      "JPEGs are decoded reduced instead); default: Pillow's limit.")
+flags.DEFINE_integer("loader_processes", 0, "predict: read photos in this many worker processes (0: threads); "
+                     "faster for camera-size photos on a many-core host.")
 flags.DEFINE_list("export_platforms", ["cpu", "cuda"], "export: platforms to lower for.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU or TPU runs); "
                   "the coordinator flags below are for clusters it cannot detect itself.")
@@ -77,7 +79,8 @@ def _predict(images) -> int:
   result = predict.predict(
       predictor, images, FLAGS.output, profile=FLAGS.profile, preferences_file=FLAGS.preferences,
       heatmap_panels=FLAGS.heatmaps, normalisation=FLAGS.heatmap_normalisation, top_attributes=FLAGS.top_attributes,
-      max_pixels=FLAGS.max_pixels, panel_size=FLAGS.panel_size, progress=sys.stderr.isatty())
+      max_pixels=FLAGS.max_pixels, panel_size=FLAGS.panel_size, loader_processes=FLAGS.loader_processes,
+      progress=sys.stderr.isatty())
   print(f"{result.num_images - result.num_failed} of {result.num_images} images scored; predictions in "
         f"{result.output_dir}", flush=True)
   if result.num_failed:

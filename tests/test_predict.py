@@ -156,6 +156,14 @@ def test_pixel_limit_option_refuses_large_images(profile_predictor, photos, tmp_
   assert not (tmp_path / "heatmaps").exists()
 
 
+def test_worker_processes_read_photos_as_threads_do(profile_predictor, photos, tmp_path):
+  files = [str(photos / n) for n in ("photo.jpg", "text.jpg", "rotated.jpg", "bomb.png", "deep.png")]
+  threads = predict.predict(profile_predictor, files, tmp_path / "threads", heatmap_panels=False, progress=False)
+  processes = predict.predict(profile_predictor, files, tmp_path / "processes", heatmap_panels=False,
+                              loader_processes=1, progress=False)
+  assert processes.records == threads.records and processes.num_failed == 2
+
+
 def test_collect_images_globs_folders_and_missing_names(photos):
   entries = predict.collect_images([str(photos / "photo.*"), str(photos / "nested"), str(photos / "nothing*.png"),
                                     str(photos / "photo.jpg")])
