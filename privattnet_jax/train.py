@@ -29,6 +29,7 @@ import optax
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
+from privattnet_jax import evaluation_report
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
@@ -65,12 +66,15 @@ class Task:
     return id(self)
 
 
-def make_task(config: ml_collections.ConfigDict, target_mean) -> Task:
+def make_task(config: ml_collections.ConfigDict, target_mean, preferences=None) -> Task:
+  """The run's Task; `preferences` (68, P) from a checkpoint's metadata, else from `config.score`."""
   kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
+  if preferences is None:
+    preferences = input_pipeline.preferences_from_config(config)
   return Task(
       kind=kind,
       target_mean=np.asarray(target_mean, np.float32).reshape(-1),
-      preferences=input_pipeline.preferences_from_config(config),
+      preferences=np.asarray(preferences, np.float32),
       pooling=config.score.pooling,
       attention_gamma=config.optim.attention_gamma,
       attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
@@ -160,15 +164,26 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
   return new_state, jax.lax.pmean(aux, AXIS)
 
 
-def eval_step(state: TrainState, batch: dict, task: Task) -> dict:
-  """Per-example predictions of one device's share; targets echo back so all stay aligned."""
-  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-  result = {"prediction": predicted_scores(outputs, task), "target": batch["score"], "labels": batch["labels"],
-            "mask": batch["mask"]}
+def inference_outputs(outputs: dict, task: Task) -> dict:
+  """Model outputs -> what users see: raw `score` (B, P), raw `step_scores` (B, T, P), `attention`
+  (B, T, L), `attribute_probabilities` (B, K); each where the model has it. Evaluation, predict
+  and the exported predictor all go through here, so they agree."""
+  result = {"score": predicted_scores(outputs, task)}
+  if "step_scores" in outputs:
+    result["step_scores"] = outputs["step_scores"].astype(jnp.float32) / 2 + task.target_mean
   if "attention" in outputs:
     result["attention"] = outputs["attention"].astype(jnp.float32)
   if "attribute_logits" in outputs:
     result["attribute_probabilities"] = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
+  return result
+
+
+def eval_step(state: TrainState, batch: dict, task: Task) -> dict:
+  """Per-example predictions of one device's share; targets echo back so all stay aligned."""
+  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  result = inference_outputs(outputs, task)
+  result["prediction"] = result.pop("score")
+  result.update(target=batch["score"], labels=batch["labels"], mask=batch["mask"])
   return result
 
 
@@ -239,6 +254,21 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
   return TrainState.create(
       apply_fn=model.apply, params=params, batch_stats=variables.get("batch_stats", {}),
       tx=create_optimizer(config, params, total_steps), rng=dropout_rng)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model, task: Task, mesh) -> TrainState:
+  """The shapes (replicated over `mesh`) of the TrainState a checkpoint of `config` holds.
+
+  Traced, never run: no initialisation is computed and no pretrained weight file is read, so a
+  checkpoint restores where neither the training data nor the encoder's weight file exist.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.encoder.pretrained = ""  # The restored values replace any initial weights.
+  image_shape = (config.image_size, config.image_size, 3)
+  shapes = jax.eval_shape(lambda rng: create_train_state(config, model, task, image_shape, 1, rng),
+                          jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -392,7 +422,10 @@ class Experiment:
     return input_pipeline.split_scores(self.sources["train"], self.config).mean(axis=0)
 
   def metadata(self) -> dict:
-    return {"config": self.config.to_dict(), "target_mean": self.task.target_mean.tolist()}
+    # The preference table rides along: a checkpoint must not depend on a TSV file of the machine it
+    # was trained on (score.source='file') to turn attribute probabilities into scores.
+    return {"config": self.config.to_dict(), "target_mean": self.task.target_mean.tolist(),
+            "preferences": self.task.preferences.tolist()}
 
   def eval_batches(self, split: str):
     return input_pipeline.create_eval_batches(self.sources[split], self.config)
@@ -400,6 +433,45 @@ class Experiment:
   def restore(self, step: int, data_iterator=None) -> TrainState:
     state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
     return state
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  """A checkpoint ready for inference: its config, task, model and state, on a mesh of every device."""
+  config: ml_collections.ConfigDict
+  task: Task
+  model: Any
+  state: TrainState
+  step: int
+  mesh: jax.sharding.Mesh
+
+
+def select_step(manager, workdir, step: int | None = None) -> int:
+  """The best checkpoint by validation Spearman, or `step` after checking that it exists."""
+  if step is None:
+    step = manager.best_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint at step {step}; available: {sorted(manager.all_steps())}")
+  return step
+
+
+def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> RestoredRun:
+  """Restores a checkpoint from itself alone: its metadata gives the config, the target mean and
+  the preference table, so no dataset is built or read (predict, export)."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first")
+  manager = checkpoints.create_manager(workdir, keep=1, read_only=True)
+  step = select_step(manager, workdir, step)
+  metadata = checkpoints.restore_metadata(manager, step)
+  config = ml_collections.ConfigDict(metadata["config"])
+  task = make_task(config, metadata["target_mean"], metadata.get("preferences"))
+  model = models.create_model(config, num_outputs=task.preferences.shape[1], batchnorm_axis_name=AXIS)
+  mesh = create_mesh()
+  state, _ = checkpoints.restore(manager, step, abstract_train_state(config, model, task, mesh))
+  return RestoredRun(config, task, model, state, step, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
@@ -479,15 +551,10 @@ def _check_finite(step: int, step_metrics: dict, manager) -> None:
 
 def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
                         experiment: Experiment | None = None) -> dict:
-  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json."""
+  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
+  `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
   experiment = experiment or Experiment(config, workdir, need_train=False)
-  manager = experiment.manager
-  if step is None:
-    step = manager.best_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint at step {step}; available: {sorted(manager.all_steps())}")
+  step = select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
   state = experiment.restore(step)
@@ -495,7 +562,19 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)
+  summary["model"] = config.model.name
+  localisation = evaluation_report.localisation_summary(result.extras)
+  if localisation is not None:
+    summary["localisation"] = localisation
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
+    if "labels" in result.extras:
+      paths = evaluation_report.write_eval_report(
+          evaluation_report.report_dir(workdir, split), method_name=config.model.name, split=split,
+          summary=summary, extras=result.extras, predictions=result.predictions, targets=result.targets,
+          source=experiment.sources[split])
+      logging.info("Wrote %s and %s", *paths)
+    else:  # Several processes: each holds only its own rows' labels and ids.
+      logging.info("No report.md: a multi-process evaluation keeps the labels and image ids per process")
   print(f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True)
   return summary
