@@ -222,7 +222,7 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
              "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32)}
     outputs = jax.device_get(eval_fn(run.state, train.shard_batch(batch, run.mesh)))
     outputs["score"] = outputs.pop("prediction")
-    for key in ("target", "mask"):
+    for key in ("target", "labels", "mask"):  # Echoed inputs, not predictions.
       outputs.pop(key)
     return outputs
 
