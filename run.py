@@ -16,12 +16,13 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "evaluate")
+MODES = ("train", "evaluate", "cache_features")
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate the best checkpoint; "
-                  "evaluate: evaluate a checkpoint on --split.")
+                  "evaluate: evaluate a checkpoint on --split; cache_features: build (or check) the "
+                  "frozen-encoder feature cache of config.feature_cache, which train then reads.")
 flags.DEFINE_string("split", "test", "Split for --mode=evaluate: train, validation or test.")
 flags.DEFINE_integer("step", None, "Checkpoint step for --mode=evaluate; default: the best by validation Spearman.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU or TPU runs); "
@@ -48,6 +49,10 @@ def main(argv):
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
       train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
+    elif FLAGS.mode == "cache_features":
+      config.feature_cache.enabled = True
+      cache = train.Experiment(config, FLAGS.workdir, need_train=False).feature_cache
+      print(f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record", flush=True)
   except (train.NonFiniteLossError, FileNotFoundError, ValueError) as error:
     logging.error("%s", error)
     print(f"error: {error}", file=sys.stderr)
