@@ -7,6 +7,7 @@
 Every config field can be overridden with --config.<field>=<value>.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -32,10 +33,18 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, with --distrib
 flags.DEFINE_integer("process_id", None, "This process's index, with --distributed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
+QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+
+
+def _quiet_library_info(record) -> bool:
+  return record.levelno >= std_logging.WARNING or not any(lib in record.pathname for lib in QUIET_LIBRARIES)
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   # Imported after flag parsing: grain worker processes re-import this module.

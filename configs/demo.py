@@ -10,12 +10,12 @@ from configs import default
 
 def get_config(variant="privattnet"):
   config = default.get_config()
-  config.image_size = 64
+  config.image_size = 128  # An 8x8 attention grid.
   config.batch_size = 32
   config.num_epochs = 12
   config.log_every_steps = 20
   config.keep_checkpoints = 2
-  config.data.resize_size = 72
+  config.data.resize_size = 144
   config.data.crop_scale = (0.5, 1.0)  # Planted objects are small: keep them in most crops.
   config.data.synthetic.num_train = 2000
   config.data.synthetic.num_val = 300
