@@ -178,7 +178,8 @@ def parallel_encode_step(mesh, dtype):
 def shard_batch(batch: dict, mesh) -> dict:
   """This process's batch -> global arrays split over the mesh's batch axis."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in DEVICE_KEYS if k in batch}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in DEVICE_KEYS if k in batch}
 
 
 def _to_host(tree):
