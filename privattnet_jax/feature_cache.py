@@ -2,7 +2,7 @@
 
 With `model.encoder.trainable=False` and `model.encoder.batchnorm='frozen'` an image's encoder
 features depend on the image and the encoder weights alone, so they can be computed once and
-read back every epoch: no JPEG decoding, no augmentation, no encoder pass (~70% of a training
+read back every epoch: no JPEG decoding, no augmentation, no encoder pass (~75% of a training
 step's arithmetic at the paper's size). Batches then carry `features` (B, h, w, D) instead of
 `image`, and the train and eval steps run `PrivacyModel.head_from_features`.
 

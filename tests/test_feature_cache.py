@@ -195,7 +195,6 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 4
-  assert model_inputs == {"train": {"features"}, "eval": {"features"}, "encode": {"image"}}
   manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
   assert manifest["splits"]["train"]["records"] == 2 * config.data.synthetic.num_train
 
@@ -206,3 +205,4 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   assert not np.array_equal(train_batches[6], train_batches[5])
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 6
   assert results["test"]["n"] == config.data.synthetic.num_test
+  assert model_inputs == {"train": {"features"}, "eval": {"features"}, "encode": {"image"}}
