@@ -22,13 +22,15 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "evaluate", "predict", "export", "compare")
+MODES = ("train", "evaluate", "cache_features", "predict", "export", "compare")
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py); train and evaluate need one.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate the best checkpoint; "
-                  "evaluate: evaluate a checkpoint on --split, with report.md/report.html; predict: score "
+                  "evaluate: evaluate a checkpoint on --split, with report.md/report.html; cache_features: "
+                  "build (or check) the frozen-encoder feature cache of config.feature_cache, which train "
+                  "then reads; predict: score "
                   "--images; export: write a jax.export predictor; compare: tabulate --workdirs.")
 flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
 flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict and export; default: the best by "
@@ -109,7 +111,7 @@ def main(argv):
   extra = argv[1:]
   if extra and FLAGS.mode != "predict":
     raise app.UsageError(f"unexpected arguments: {extra}")
-  if FLAGS.mode in ("train", "evaluate"):
+  if FLAGS.mode in ("train", "evaluate", "cache_features"):
     _require("config", "workdir")
   elif FLAGS.mode == "predict":
     _require("output")
@@ -143,6 +145,11 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
       elif FLAGS.mode == "evaluate":
         train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
+      elif FLAGS.mode == "cache_features":
+        config.feature_cache.enabled = True
+        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feature_cache
+        print(f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
+              flush=True)
       else:
         from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 

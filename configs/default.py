@@ -71,6 +71,18 @@ def get_config():
   config.model.attention.dropout = 0.5
   config.model.attention.output = "mean"  # mean of the per-step scores, or "last".
 
+  # Frozen-encoder feature cache (privattnet_jax/feature_cache.py): the encoder runs once per image
+  # and training reads the stored features. Needs model.encoder.trainable=False and
+  # model.encoder.batchnorm="frozen"; `run.py --mode=cache_features` builds it ahead of training.
+  config.feature_cache = ml_collections.ConfigDict()
+  config.feature_cache.enabled = False
+  config.feature_cache.dir = ""  # Empty: feature_cache/ inside the dataset's TFDS version folder.
+  config.feature_cache.dtype = "bfloat16"  # Stored features: bfloat16 (~400 KB per 224 px image) or float32.
+  # 0: the train split through the eval transform (no augmentation); K >= 1: K augmented views
+  # per training image (the train transform, seeded per view), one drawn per step.
+  config.feature_cache.train_views = 0
+  config.feature_cache.splits = ("train", "validation", "test")
+
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4
   config.optim.schedule = "constant"  # constant, cosine, warmup_cosine.

@@ -99,6 +99,16 @@ def split_scores(source, config) -> np.ndarray:
   return scores
 
 
+def example_targets(element, preferences: np.ndarray, pooling: str) -> dict[str, np.ndarray]:
+  """A real example's `score`, `labels` and `mask`: every batch's keys beside the model input."""
+  labels = _labels(element)
+  return {
+      "score": attributes.privacy_score(labels, preferences, pooling),
+      "labels": labels.astype(np.float32),
+      "mask": np.float32(1.0),
+  }
+
+
 def _labels(record) -> np.ndarray:
   labels = np.asarray(record["labels"], dtype=bool)
   if labels.shape != (attributes.NUM_ATTRIBUTES,):
@@ -246,37 +256,47 @@ class TrainTransform(grain.transforms.RandomMap):
     self.preferences = np.asarray(preferences, dtype=np.float32)
     self.pooling = str(pooling)
 
-  def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    labels = _labels(element)
-    image = train_image(
-        element["image"],
+  def image(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+    """One augmented view of encoded image bytes (also the feature cache's train views)."""
+    return train_image(
+        data,
         rng,
         image_size=self.image_size,
         resize_size=self.resize_size,
         crop_scale=self.crop_scale,
         crop_ratio=self.crop_ratio,
     )
-    return {
-        "image": image,
-        "score": attributes.privacy_score(labels, self.preferences, self.pooling),
-        "labels": labels.astype(np.float32),
-        "mask": np.float32(1.0),
-    }
+
+  def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    targets = example_targets(element, self.preferences, self.pooling)
+    return {"image": self.image(element["image"], rng), **targets}
 
 
 class EvalTransform(grain.transforms.Map):
-  """Record (or `{}`, a padding row) -> {image, score, labels, mask, image_id, boxes, num_boxes}."""
+  """Record (or `{}`, a padding row) -> {image, score, labels, mask, image_id, boxes, num_boxes}.
+
+  Subclasses change the model input (`input_key`, `model_input`, `padding_input`), e.g. the
+  feature cache's cached features or augmented views; the other keys stay the same.
+  """
+
+  input_key = "image"
 
   def __init__(self, *, image_size, preferences, pooling):
     self.image_size = int(image_size)
     self.preferences = np.asarray(preferences, dtype=np.float32)
     self.pooling = str(pooling)
 
+  def model_input(self, element) -> np.ndarray:
+    return eval_image(element["image"], self.image_size)
+
+  def padding_input(self) -> np.ndarray:
+    return np.zeros((self.image_size, self.image_size, 3), np.float32)
+
   def map(self, element) -> dict[str, np.ndarray]:
     num_outputs = self.preferences.shape[1]
     if not element:
       return {
-          "image": np.zeros((self.image_size, self.image_size, 3), np.float32),
+          self.input_key: self.padding_input(),
           "score": np.zeros((num_outputs,), np.float32),
           "labels": np.zeros((attributes.NUM_ATTRIBUTES,), np.float32),
           "mask": np.float32(0.0),
@@ -284,7 +304,6 @@ class EvalTransform(grain.transforms.Map):
           "boxes": np.zeros((MAX_BOXES, 4), np.float32),
           "num_boxes": np.int32(0),
       }
-    labels = _labels(element)
     image_id = element["image_id"]
     if isinstance(image_id, bytes):
       image_id = image_id.decode("utf-8")
@@ -294,10 +313,8 @@ class EvalTransform(grain.transforms.Map):
     padded_boxes = np.zeros((MAX_BOXES, 4), np.float32)
     padded_boxes[: len(boxes)] = boxes
     return {
-        "image": eval_image(element["image"], self.image_size),
-        "score": attributes.privacy_score(labels, self.preferences, self.pooling),
-        "labels": labels.astype(np.float32),
-        "mask": np.float32(1.0),
+        self.input_key: self.model_input(element),
+        **example_targets(element, self.preferences, self.pooling),
         "image_id": np.str_(image_id),
         "boxes": padded_boxes,
         "num_boxes": np.int32(len(boxes)),
@@ -378,13 +395,20 @@ def create_train_loader(
     process_count: int | None = None,
     local_device_count: int | None = None,
     num_epochs: int | None = None,
+    transform: grain.transforms.Map | grain.transforms.RandomMap | None = None,
+    views_per_example: int = 1,
 ) -> grain.DataLoader:
   """The train loader over `source`; iterate it for per-process batches (design.md, Batches).
 
-  Each process reads its own contiguous 1/process_count of the records
+  Each process reads its own contiguous 1/process_count of the examples
   (the remainder of N / process_count is dropped), shuffled afresh every
   epoch. `num_epochs` None repeats forever. Batches run across epoch
   boundaries; with a finite `num_epochs` the final partial batch is dropped.
+
+  `transform` replaces the image transform (`train_transform(config)`), e.g. to read
+  cached features. With `views_per_example` V > 1, `source` holds V records per
+  example (record i * V + v is view v of example i) and every draw of an example
+  reads one view, chosen from the seed and the stream position (see `ViewSampler`).
 
   `iter(loader)` is a `grain.DataLoaderIterator`: `get_state()` / `set_state()`
   (JSON bytes) or `grain.checkpoint.CheckpointSave/CheckpointRestore` with
@@ -401,19 +425,38 @@ def create_train_loader(
   )
   if config.data.num_workers > 0:
     _ensure_flags_parsed()
-  if len(source) < layout.process_count:
-    raise ValueError(f"{len(source)} records cannot be sharded across {layout.process_count} processes")
+  if views_per_example < 1 or len(source) % views_per_example:
+    raise ValueError(f"{len(source)} records are not {views_per_example} views per example")
+  num_examples = len(source) // views_per_example
+  if num_examples < layout.process_count:
+    raise ValueError(f"{num_examples} examples cannot be sharded across {layout.process_count} processes")
   shard_options = grain.sharding.ShardOptions(
       shard_index=layout.process_index, shard_count=layout.process_count, drop_remainder=True
   )
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
+      num_records=num_examples,
       shard_options=shard_options,
       shuffle=True,
       num_epochs=num_epochs,
       seed=sampler_seed(config.seed),
   )
-  transform = TrainTransform(
+  if views_per_example > 1:
+    sampler = ViewSampler(sampler, views_per_example, sampler_seed(config.seed))
+  batch = grain.transforms.Batch(layout.batch_size, drop_remainder=True)
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=[transform or train_transform(config), batch],
+      worker_count=config.data.num_workers,
+      worker_buffer_size=config.data.prefetch_buffer_size,
+      shard_options=shard_options,
+      read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
+  )
+
+
+def train_transform(config) -> TrainTransform:
+  """The image train transform (decode, random resized crop, flip, normalise) of a full config."""
+  return TrainTransform(
       image_size=config.image_size,
       resize_size=resize_size(config),
       crop_scale=config.data.crop_scale,
@@ -421,15 +464,33 @@ def create_train_loader(
       preferences=preferences_from_config(config),
       pooling=config.score.pooling,
   )
-  return grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=[transform, grain.transforms.Batch(layout.batch_size, drop_remainder=True)],
-      worker_count=config.data.num_workers,
-      worker_buffer_size=config.data.prefetch_buffer_size,
-      shard_options=shard_options,
-      read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
-  )
+
+
+class ViewSampler:
+  """An `IndexSampler` over examples, reading one of V stored views per draw (record i * V + v).
+
+  The view depends only on the seed and the draw's position in the stream, so a run is
+  reproducible and resumes exactly; each draw picks a view uniformly, like online augmentation
+  drawing from V precomputed augmentations.
+  """
+
+  def __init__(self, sampler: grain.samplers.IndexSampler, views: int, seed: int):
+    self._sampler = sampler
+    self._views = int(views)
+    self._seed = int(seed)
+
+  def __len__(self) -> int:
+    return len(self._sampler)
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    metadata = self._sampler[index]
+    view = int(np.random.SeedSequence([self._seed, metadata.index]).generate_state(1)[0]) % self._views
+    return grain.RecordMetadata(
+        index=metadata.index, record_key=metadata.record_key * self._views + view, rng=metadata.rng
+    )
+
+  def __repr__(self) -> str:
+    return f"ViewSampler({self._sampler!r}, views={self._views}, seed={self._seed})"
 
 
 class _EvalRows:
@@ -474,6 +535,7 @@ def create_eval_batches(
     process_count: int | None = None,
     local_device_count: int | None = None,
     batch_size: int | None = None,
+    transform: EvalTransform | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `source` in per-process batches, the last padded with `mask` 0.
 
@@ -481,7 +543,8 @@ def create_eval_batches(
   and each record appears in exactly one row with mask 1 across all
   processes. Batches also carry host-side `image_id` (str), `boxes`
   (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
-  `config.batch_size`. Argument errors raise here, not at the first `next`.
+  `config.batch_size`; `transform` replaces the image transform (the feature cache's
+  transforms). Argument errors raise here, not at the first `next`.
   """
   layout = process_layout(
       config.batch_size if batch_size is None else batch_size,
@@ -490,7 +553,7 @@ def create_eval_batches(
       local_device_count=local_device_count,
   )
   rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
-  transform = EvalTransform(
+  transform = transform or EvalTransform(
       image_size=config.image_size,
       preferences=preferences_from_config(config),
       pooling=config.score.pooling,

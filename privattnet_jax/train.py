@@ -30,13 +30,15 @@ import optax
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
 from privattnet_jax import evaluation_report
+from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
 from privattnet_jax import data as data_lib
 
 AXIS = "batch"
-DEVICE_KEYS = ("image", "score", "labels", "mask")  # What the jitted steps read from a batch.
+MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.
+DEVICE_KEYS = (*MODEL_INPUTS, "score", "labels", "mask")  # What the jitted steps read from a batch.
 ATTRIBUTE_MODELS = ("privattnet_mlc", "ap_pr")
 
 
@@ -139,6 +141,14 @@ def compute_loss(outputs: dict, batch: dict, task: Task) -> tuple[jax.Array, dic
   return loss, {"loss": loss, "data_loss": data_loss, "attention_penalty": penalty}
 
 
+def apply_model(state: TrainState, params, batch: dict, **kwargs):
+  """Images through encoder and head, or cached encoder features (feature_cache) through the head."""
+  variables = {"params": params, "batch_stats": state.batch_stats}
+  if "features" in batch:
+    return state.apply_fn(variables, batch["features"], method="head_from_features", **kwargs)
+  return state.apply_fn(variables, batch["image"], **kwargs)
+
+
 def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, dict]:
   """One optimisation step on one device's share of the global batch (inside shard_map).
 
@@ -151,9 +161,8 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
-    outputs, new_model_state = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
+    outputs, new_model_state = apply_model(state, params, batch, train=True, rngs={"dropout": rng},
+                                           mutable=["batch_stats"])
     loss, aux = compute_loss(outputs, batch, task)
     return jax.lax.pmean(loss, AXIS), (aux, new_model_state)
 
@@ -180,7 +189,7 @@ def inference_outputs(outputs: dict, task: Task) -> dict:
 
 def eval_step(state: TrainState, batch: dict, task: Task) -> dict:
   """Per-example predictions of one device's share; targets echo back so all stay aligned."""
-  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  outputs = apply_model(state, state.params, batch, train=False)
   result = inference_outputs(outputs, task)
   result["prediction"] = result.pop("score")
   result.update(target=batch["score"], labels=batch["labels"], mask=batch["mask"])
@@ -203,10 +212,20 @@ def parallel_eval_step(mesh, task: Task):
   return jax.jit(step)
 
 
+def parallel_encode_step(mesh, dtype):
+  """The encoder alone (inference BatchNorm), data-parallel: images -> features in `dtype`."""
+  def encode(state: TrainState, images):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return state.apply_fn(variables, images, train=False, method="encode").astype(dtype)
+
+  return jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
 def shard_batch(batch: dict, mesh) -> dict:
   """This process's batch -> global arrays split over the mesh's batch axis."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in DEVICE_KEYS}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in DEVICE_KEYS if k in batch}
 
 
 def _to_host(tree):
@@ -285,6 +304,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every_steps", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"{name} must be positive, got {config[name]}")
+  if config.feature_cache.enabled:
+    feature_cache.validate_config(config)
 
 
 class MetricWriter:
@@ -404,6 +425,7 @@ class Experiment:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state)
     self.train_fn = parallel_train_step(self.mesh, self.task) if need_train else None
     self.eval_fn = parallel_eval_step(self.mesh, self.task)
+    self.feature_cache = self.prepare_feature_cache() if config.feature_cache.enabled else None
 
   def _target_mean(self, num_outputs: int) -> np.ndarray:
     """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
@@ -427,7 +449,23 @@ class Experiment:
     return {"config": self.config.to_dict(), "target_mean": self.task.target_mean.tolist(),
             "preferences": self.task.preferences.tolist()}
 
+  def prepare_feature_cache(self) -> feature_cache.FeatureCache:
+    """Builds or checks the cache for the run's frozen encoder: the latest checkpoint's when there
+    is one (a resumed run keeps its encoder even if the config's weights changed), else the initial one."""
+    latest = self.manager.latest_step()
+    state = self.initial_state if latest is None else self.restore(latest)
+    encode_step = parallel_encode_step(self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype])
+    return feature_cache.ensure(self.config, self.sources, state,
+                                lambda images: encode_step(state, shard_batch({"image": images}, self.mesh)["image"]))
+
+  def train_loader(self):
+    if self.feature_cache is not None and self.feature_cache.has_train():
+      return self.feature_cache.train_loader(self.config)
+    return input_pipeline.create_train_loader(self.sources["train"], self.config)
+
   def eval_batches(self, split: str):
+    if self.feature_cache is not None and self.feature_cache.has_eval(split):
+      return self.feature_cache.eval_batches(split, self.config)
     return input_pipeline.create_eval_batches(self.sources[split], self.config)
 
   def restore(self, step: int, data_iterator=None) -> TrainState:
@@ -484,8 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
 
-  train_loader = input_pipeline.create_train_loader(experiment.sources["train"], config)
-  train_iterator = iter(train_loader)
+  train_iterator = iter(experiment.train_loader())
   state = experiment.initial_state
   start_step = 0
   latest = manager.latest_step()

@@ -1,0 +1,245 @@
+"""Head training from the frozen-encoder feature cache against the image path, and a full run's cost.
+
+  python -m benchmarks.feature_cache_benchmark          # CPU: 224 px, ResNet-50 to conv4_x, batch 32
+  python -m benchmarks.feature_cache_benchmark --synthetic_features --batch_size=256 \
+      --dtype=bfloat16 --num_images=10000 --full_run_epochs=100          # a GPU, VISPR-sized
+
+Image mode (default): generates a synthetic VISPR-format dataset of --num_images JPEGs
+(--source_size px), builds the feature cache of its train split with `feature_cache.ensure`,
+then times head training both ways through the real loaders: images (grain decode + random
+resized crop + flip, frozen encoder forward, head forward/backward) and cached features (grain
+read of array_record records, head forward/backward). Synthetic-features mode skips the images:
+an in-memory VISPR-sized feature set is read through the same grain transform, and also held
+on the device, where batches are gathered by index (no host pipeline at all); --full_run_epochs
+then runs that many real epochs of head training.
+
+Both modes print XLA's FLOPs per image of each train step (compiled cost analysis), the
+step-only rates (one device-resident batch, repeated) beside the loader-fed rates, the bytes
+per cached image, and the cost of one full PrivAttNet run from the measured rates: the
+--project_encode images encoded once, then --project_epochs epochs over --project_train from
+the cache (the per-epoch validation pass is not included).
+"""
+
+import pathlib
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from configs import privattnet
+from privattnet_jax import data as data_lib
+from privattnet_jax import feature_cache
+from privattnet_jax import input_pipeline
+from privattnet_jax import models
+from privattnet_jax import train
+
+flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("steps", 6, "Steps per timed window, after two warm-up steps.")
+flags.DEFINE_integer("windows", 3, "Timed windows per measurement; the best is reported (the cores are shared).")
+flags.DEFINE_integer("num_images", 256, "Training images (image mode) or feature records (synthetic mode).")
+flags.DEFINE_integer("source_size", 256, "Side of the generated JPEGs (VISPR's max256 build: shorter side 256).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (config.half_precision).")
+flags.DEFINE_enum("cache_dtype", "bfloat16", list(feature_cache.DTYPES), "Stored feature dtype.")
+flags.DEFINE_bool("synthetic_features", False, "Skip the images: time the cache path on a synthetic feature set.")
+flags.DEFINE_integer("full_run_epochs", 0, "Synthetic mode: run this many epochs from device-resident features.")
+flags.DEFINE_string("workdir", "", "Where the dataset and cache go; empty: a temporary folder.")
+flags.DEFINE_integer("project_encode", 22167, "Full-run projection: images encoded once (VISPR: all splits).")
+flags.DEFINE_integer("project_train", 10000, "Full-run projection: training images per epoch.")
+flags.DEFINE_integer("project_epochs", 100, "Full-run projection: epochs.")
+FLAGS = flags.FLAGS
+
+
+def make_config(workdir: pathlib.Path):
+  config = privattnet.get_config()  # ResNet-50 to conv4_x, frozen: the paper's model.
+  config.image_size = FLAGS.image_size
+  config.batch_size = FLAGS.batch_size
+  config.half_precision = FLAGS.dtype == "bfloat16"
+  config.model.encoder.batchnorm = "frozen"
+  config.data.data_dir = str(workdir / "data")
+  config.data.synthetic.num_train = FLAGS.num_images
+  config.data.synthetic.num_val = config.data.synthetic.num_test = 8
+  config.data.synthetic.image_size = FLAGS.source_size
+  config.feature_cache.enabled = True
+  config.feature_cache.dtype = FLAGS.cache_dtype
+  config.feature_cache.splits = ("train",)
+  config.feature_cache.dir = str(workdir / "feature_cache")
+  return config
+
+
+def flops_per_image(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / FLAGS.batch_size
+
+
+def timed_rate(step, state, next_batch):
+  """Images/s of the best of --windows windows of --steps steps fed by `next_batch()`, dispatched
+  as the train loop does (the best: other jobs' bursts on shared cores only slow a window down)."""
+  for _ in range(2):
+    state, metrics = step(state, next_batch())
+  jax.block_until_ready(metrics)
+  rates = []
+  for _ in range(FLAGS.windows):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      state, metrics = step(state, next_batch())
+    jax.block_until_ready(metrics)
+    rates.append(FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
+  return max(rates), state
+
+
+def random_targets(rng, size: int) -> dict:
+  return {
+      "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
+      "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
+      "mask": np.ones(size, np.float32),
+  }
+
+
+def copy_state(state):
+  return jax.tree_util.tree_map(lambda x: x.copy(), state)  # The train step donates its state.
+
+
+def synthetic_feature_records(num: int, shape, dtype, rng) -> list:
+  """`num` cache-like records over a pool of distinct feature maps (the loader copies them anyway)."""
+  pool = [rng.standard_normal(shape, np.float32).astype(dtype) for _ in range(min(num, 256))]
+  labels = rng.uniform(size=(num, 68)) < 0.1
+  return [{"features": pool[i % len(pool)], "labels": labels[i], "image_id": f"synthetic_{i}",
+           "boxes": np.zeros((0, 4), np.float32)} for i in range(num)]
+
+
+def device_resident_rate(compiled, state, mesh, num: int, shape, dtype, epochs: int):
+  """Head training on features held on the device, batches gathered by index: (img/s, epochs' wall s)."""
+  sharding = NamedSharding(mesh, P(train.AXIS))
+  features = jax.jit(lambda key: jax.random.normal(key, (num, *shape), jnp.float32).astype(dtype),
+                     out_shardings=NamedSharding(mesh, P()))(jax.random.PRNGKey(0))
+  targets = jax.device_put(random_targets(np.random.default_rng(1), num), NamedSharding(mesh, P()))
+  gather = jax.jit(lambda tree, index: jax.tree_util.tree_map(lambda x: x[index], tree), out_shardings=sharding)
+  steps_per_epoch = num // FLAGS.batch_size
+  orders = iter(())
+
+  def next_batch():
+    nonlocal orders
+    index = next(orders, None)
+    if index is None:
+      orders = iter(np.random.default_rng().permutation(num)[: steps_per_epoch * FLAGS.batch_size]
+                    .reshape(steps_per_epoch, FLAGS.batch_size))
+      index = next(orders)
+    return gather({"features": features, **targets}, jnp.asarray(index))
+
+  rate, state = timed_rate(compiled, state, next_batch)
+  run_seconds = None
+  if epochs:
+    start = time.perf_counter()
+    for _ in range(epochs * steps_per_epoch):
+      state, metrics = compiled(state, next_batch())
+    jax.block_until_ready(metrics)
+    run_seconds = time.perf_counter() - start
+  return rate, run_seconds
+
+
+def main(argv):
+  del argv
+  workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
+  config = make_config(workdir)
+  mesh = train.create_mesh()
+  task = train.make_task(config, target_mean=np.zeros(1))
+  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train.AXIS)
+  image_shape = (config.image_size, config.image_size, 3)
+  state = jax.device_put(train.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
+                         NamedSharding(mesh, P()))
+  cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
+  encode_step = train.parallel_encode_step(mesh, cache_dtype)
+  rng = np.random.default_rng(0)
+  local_batch = FLAGS.batch_size // jax.process_count()
+  images = rng.standard_normal((local_batch, *image_shape), np.float32)
+  image_batch = train.shard_batch({"image": images, **random_targets(rng, local_batch)}, mesh)
+  encoder = encode_step.lower(state, image_batch["image"]).compile()
+  features = np.asarray(jax.device_get(encoder(state, image_batch["image"])))
+  shape = features.shape[1:]
+  feature_batch = train.shard_batch({"features": features, **random_targets(rng, local_batch)}, mesh)
+  train_fn = train.parallel_train_step(mesh, task)
+  image_step = train_fn.lower(state, image_batch).compile()
+  feature_step = train_fn.lower(state, feature_batch).compile()
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}); "
+        f"{config.image_size} px, ResNet-50 to conv4_x (frozen, random weights), features {tuple(shape)} "
+        f"{FLAGS.cache_dtype}, batch {FLAGS.batch_size}, compute {FLAGS.dtype}", flush=True)
+  results = {"flops_image_step": flops_per_image(image_step), "flops_feature_step": flops_per_image(feature_step),
+             "flops_encoder": flops_per_image(encoder)}
+  flop_ratio = results["flops_image_step"] / results["flops_feature_step"]
+  print(f"GFLOP per image: image train step {results['flops_image_step'] / 1e9:.2f} "
+        f"(encoder forward {results['flops_encoder'] / 1e9:.2f}), feature train step "
+        f"{results['flops_feature_step'] / 1e9:.2f}; ratio {flop_ratio:.2f}", flush=True)
+
+  results["images_step_only"], _ = timed_rate(image_step, copy_state(state), lambda: image_batch)
+  results["features_step_only"], _ = timed_rate(feature_step, copy_state(state), lambda: feature_batch)
+  print(f"step only (one device-resident batch): images {results['images_step_only']:.1f} img/s, "
+        f"features {results['features_step_only']:.1f} img/s", flush=True)
+
+  feature_train = feature_cache.FeatureTrainTransform(
+      preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
+  if FLAGS.synthetic_features:
+    records = synthetic_feature_records(FLAGS.num_images, shape, cache_dtype, rng)
+    loader = iter(input_pipeline.create_train_loader(records, config, transform=feature_train))
+    results["features_loader"], _ = timed_rate(
+        feature_step, copy_state(state), lambda: train.shard_batch(next(loader), mesh))
+    first = records[0]
+    results["bytes_per_record"] = len(
+        feature_cache.encode_record(first["features"], first["labels"], first["image_id"], first["boxes"]))
+    results["features_device"], run_seconds = device_resident_rate(
+        feature_step, copy_state(state), mesh, FLAGS.num_images, shape, cache_dtype, FLAGS.full_run_epochs)
+    print(f"loader-fed: features (grain, in-memory records) {results['features_loader']:.1f} img/s; "
+          f"device-resident features, gathered per step: {results['features_device']:.1f} img/s", flush=True)
+    if run_seconds is not None:
+      print(f"full run: {FLAGS.full_run_epochs} epochs x {FLAGS.num_images} images from device-resident features "
+            f"in {run_seconds:.1f} s", flush=True)
+    cache_rate, encode_rate = results["features_loader"], None
+  else:
+    start = time.perf_counter()
+    sources = data_lib.load_data_sources(config)
+    print(f"generated and built {FLAGS.num_images} training JPEGs ({FLAGS.source_size} px) in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    start = time.perf_counter()
+    cache = feature_cache.ensure(config, sources, state,
+                                 lambda batch: encoder(state, train.shard_batch({"image": batch}, mesh)["image"]))
+    encode_rate = FLAGS.num_images / (time.perf_counter() - start)
+    results["bytes_per_record"] = cache.bytes_per_record()
+    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config))
+    results["images_loader"], _ = timed_rate(
+        image_step, copy_state(state), lambda: train.shard_batch(next(image_loader), mesh))
+    feature_loader = iter(cache.train_loader(config))
+    results["features_loader"], _ = timed_rate(
+        feature_step, copy_state(state), lambda: train.shard_batch(next(feature_loader), mesh))
+    print(f"cache build (decode + resize + encoder + write): {encode_rate:.1f} img/s", flush=True)
+    print(f"loader-fed: images (decode + augment + frozen encoder + head) {results['images_loader']:.1f} img/s, "
+          f"cached features {results['features_loader']:.1f} img/s: "
+          f"{results['features_loader'] / results['images_loader']:.2f}x", flush=True)
+    cache_rate = results["features_loader"]
+
+  what = "serialised record, before array_record's framing" if FLAGS.synthetic_features else "on disk"
+  print(f"cache: {results['bytes_per_record'] / 1e3:.0f} KB per image {what} "
+        f"({np.prod(shape)} x {cache_dtype.itemsize} B of features + labels, id, boxes)", flush=True)
+  train_seconds = FLAGS.project_epochs * FLAGS.project_train / cache_rate
+  line = (f"full run ({FLAGS.project_encode} images encoded once, {FLAGS.project_epochs} epochs x "
+          f"{FLAGS.project_train} from the cache): ")
+  if encode_rate is not None:
+    encode_seconds = FLAGS.project_encode / encode_rate
+    image_seconds = FLAGS.project_epochs * FLAGS.project_train / results["images_loader"]
+    line += (f"{(encode_seconds + train_seconds) / 3600:.1f} h (encode {encode_seconds / 3600:.2f} h + train "
+             f"{train_seconds / 3600:.1f} h) against {image_seconds / 3600:.1f} h on the image path; ")
+  else:
+    line += f"training {train_seconds:.0f} s with the grain loader, "
+    line += f"{FLAGS.project_epochs * FLAGS.project_train / results['features_device']:.0f} s device-resident; "
+  line += f"cache {FLAGS.project_encode * results['bytes_per_record'] / 1e9:.1f} GB"
+  print(line, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
