@@ -605,13 +605,13 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
     summary["localisation"] = localisation
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
-    if "labels" in result.extras:
+    if "image_id" in result.extras:
       paths = evaluation_report.write_eval_report(
           evaluation_report.report_dir(workdir, split), method_name=config.model.name, split=split,
           summary=summary, extras=result.extras, predictions=result.predictions, targets=result.targets,
           source=experiment.sources[split])
       logging.info("Wrote %s and %s", *paths)
-    else:  # Several processes: each holds only its own rows' labels and ids.
+    else:  # Several processes: image ids (host strings) stay with the process that read them.
       logging.info("No report.md: a multi-process evaluation keeps the labels and image ids per process")
   print(f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True)
   return summary
