@@ -64,7 +64,7 @@ class Task:
   # (68, 1) profile-mean table of the paper's table row, with `score.per_profile` (else None).
   table_preferences: np.ndarray | None = None
 
-  def __hash__(self):  # Used as a static jit argument.
+  def __hash__(self):  # By identity: the generated hash would fail on the numpy fields.
     return id(self)
 
 
@@ -546,8 +546,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending = (step, step_metrics)
       window_steps += 1
       is_last = step == experiment.total_steps
-      if step % config.log_every_steps == 0 or is_last:
-        _check_finite(*pending, manager)
+      log_now = step % config.log_every_steps == 0 or is_last
+      evaluate_now = step % eval_every == 0 or is_last
+      checkpoint_now = step % checkpoint_every == 0 or evaluate_now
+      if log_now or checkpoint_now:  # (evaluate_now implies checkpoint_now)
+        _check_finite(*pending, manager)  # This step's loss too, before it is logged or saved.
+      if log_now:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.time() - window_start
         images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
@@ -557,16 +561,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, {**values, "images_per_second": images_per_second})
         window_start, window_steps = time.time(), 0
       validation = None
-      if step % eval_every == 0 or is_last:
-        _check_finite(*pending, manager)
+      if evaluate_now:
         eval_start = time.time()
         validation = evaluate(
             state, experiment.eval_fn, experiment.eval_batches("validation"), mesh, experiment.task).metrics
         logging.info("step %d validation: %s", step, _headline(validation))
         writer.write(step, {f"validation/{k}": v for k, v in scalar_metrics(validation).items()})
         window_start += time.time() - eval_start  # Training throughput excludes evaluation.
-      if step % checkpoint_every == 0 or is_last or validation is not None:
-        _check_finite(*pending, manager)
+      if checkpoint_now:
         selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
         checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
   finally:
