@@ -10,6 +10,7 @@ import pytest
 from configs import default
 from privattnet_jax import models
 from privattnet_jax.models.attention import AttentionHead
+from privattnet_jax.models.dropout import Dropout
 from privattnet_jax.models.resnet import ResNet
 
 IMAGE_SIZE = 64  # Tiny encoder: grid 4x4 after conv4_x, 2x2 after conv5_x.
@@ -220,7 +221,7 @@ def test_only_the_query_and_regressor_read_the_dropped_out_hidden_state():
   variables = randomise_batch_stats(head.init(jax.random.key(1), features, train=False))
 
   def double_hidden_dropout(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.Dropout) and context.module.name == "hidden_dropout":
+    if isinstance(context.module, Dropout) and context.module.name == "hidden_dropout":
       return 2.0 * args[0]
     return next_fun(*args, **kwargs)
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from privattnet_jax.models import dropout
 from privattnet_jax.models import heads
 from privattnet_jax.models.resnet import BATCHNORM_EPSILON, BATCHNORM_MOMENTUM
 
@@ -57,7 +58,7 @@ class AttentionStep(nn.Module):
     # H -> L with bias: one scalar per grid cell, added to all D channels of that cell's key.
     location_bias = heads.torch_linear(num_locations, self.hidden_size, dtype=self.dtype, name="query")(query)
     energy = nn.relu(keys + location_bias[:, :, None])
-    energy = nn.Dropout(self.dropout_rate, name="energy_dropout")(energy, deterministic=self.deterministic)
+    energy = dropout.Dropout(self.dropout_rate, name="energy_dropout")(energy, deterministic=self.deterministic)
     logits = heads.torch_linear(1, channels, use_bias=False, dtype=self.dtype, name="attention_logit")(energy)
     attention = jax.nn.softmax(logits[..., 0].astype(jnp.float32), axis=-1)  # (B, L), fp32 always.
     context = jnp.einsum("bl,bld->bd", attention, features.astype(jnp.float32)).astype(self.dtype)
@@ -66,7 +67,7 @@ class AttentionStep(nn.Module):
     lstm_state, hidden = nn.OptimizedLSTMCell(
         self.hidden_size, kernel_init=lstm_init, recurrent_kernel_init=lstm_init, bias_init=lstm_init,
         dtype=self.dtype, param_dtype=jnp.float32, name="lstm")(lstm_state, context)
-    hidden_out = nn.Dropout(self.dropout_rate, name="hidden_dropout")(hidden, deterministic=self.deterministic)
+    hidden_out = dropout.Dropout(self.dropout_rate, name="hidden_dropout")(hidden, deterministic=self.deterministic)
     step_output = heads.MLPRegressor(self.regressor_hidden, self.num_outputs, self.dropout_rate,
                                      dtype=self.dtype, name="regressor")(hidden_out, self.deterministic)
     return (lstm_state, hidden_out), (attention, step_output.astype(jnp.float32))
@@ -137,7 +138,7 @@ class AttentionHead(nn.Module):
                 dtype=self.dtype, param_dtype=jnp.float32, name="feature_conv")(features.astype(self.dtype))
     x = nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
                      axis_name=self.batchnorm_axis_name if train else None, dtype=self.dtype, param_dtype=jnp.float32, name="feature_bn")(x)
-    x = nn.Dropout(self.feature_dropout, name="feature_dropout")(nn.relu(x), deterministic=deterministic)
+    x = dropout.Dropout(self.feature_dropout, name="feature_dropout")(nn.relu(x), deterministic=deterministic)
     annotations = x.reshape(batch, num_locations, channels)  # Row-major: cell = row * width + col.
 
     # Step 2: the initial LSTM state; h0 is also the first attention query.
@@ -148,7 +149,7 @@ class AttentionHead(nn.Module):
 
     # Step 3: the attention keys, computed once outside the step loop.
     keys = heads.torch_linear(channels, channels, use_bias=False, dtype=self.dtype, name="keys")(annotations)
-    keys = nn.Dropout(self.dropout, name="key_dropout")(nn.relu(keys), deterministic=deterministic)
+    keys = dropout.Dropout(self.dropout, name="key_dropout")(nn.relu(keys), deterministic=deterministic)
 
     # Step 4: T steps, one set of parameters, a fresh dropout key per step.
     steps = nn.scan(

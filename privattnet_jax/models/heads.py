@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from privattnet_jax.models import dropout
+
 
 def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
   """U(-bound, bound): torch's default for Linear/Conv weights and biases and for LSTM tensors."""
@@ -51,7 +53,7 @@ class MLPRegressor(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     x = torch_linear(self.hidden, x.shape[-1], dtype=self.dtype, name="hidden")(x)
-    x = nn.Dropout(self.dropout_rate, name="dropout")(nn.relu(x), deterministic=deterministic)
+    x = dropout.Dropout(self.dropout_rate, name="dropout")(nn.relu(x), deterministic=deterministic)
     return torch_linear(self.num_outputs, self.hidden, dtype=self.dtype, name="output")(x)
 
 
@@ -89,7 +91,7 @@ class ProfileHead(nn.Module):
   @nn.compact
   def __call__(self, features, train: bool):
     x = global_average_pool(features)
-    x = nn.Dropout(self.dropout_rate, name="dropout")(x, deterministic=not train)
+    x = dropout.Dropout(self.dropout_rate, name="dropout")(x, deterministic=not train)
     x = torch_linear(self.num_attributes, x.shape[-1], dtype=self.dtype, name="attributes")(x)
     x = nn.sigmoid(torch_linear(self.hidden, self.num_attributes, dtype=self.dtype, name="profile_hidden1")(x))
     x = nn.sigmoid(torch_linear(self.hidden, self.hidden, dtype=self.dtype, name="profile_hidden2")(x))
