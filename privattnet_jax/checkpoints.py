@@ -12,6 +12,7 @@ import math
 import pathlib
 from typing import Any
 
+from absl import logging
 import grain
 import orbax.checkpoint as ocp
 
@@ -52,7 +53,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   """Restores (state, metadata) and, when given one, moves `data_iterator` to the saved position."""
   items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
   if data_iterator is not None:
-    items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if (pathlib.Path(manager.directory) / str(step) / "data_iterator").exists():
+      items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    else:  # Saved by a run with device-resident features (feature_cache.on_device), whose position is the step.
+      logging.warning("checkpoint %d has no input-pipeline position (its run held the features on the devices): "
+                      "the host loader starts a new shuffle from its first batch", step)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], restored["metadata"]
 

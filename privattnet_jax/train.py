@@ -29,6 +29,7 @@ import optax
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
+from privattnet_jax import device_features
 from privattnet_jax import evaluation_report
 from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
@@ -222,9 +223,11 @@ def parallel_encode_step(mesh, dtype):
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """This process's batch -> global arrays split over the mesh's batch axis."""
+  """This process's batch -> global arrays split over the mesh's batch axis (a global jax.Array,
+  as `device_features` batches carry, is used as it is)."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+  return {k: batch[k] if isinstance(batch[k], jax.Array) else
+          jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
           for k in DEVICE_KEYS if k in batch}
 
 
@@ -306,6 +309,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name} must be positive, got {config[name]}")
   if config.feature_cache.enabled:
     feature_cache.validate_config(config)
+  elif config.feature_cache.get("on_device", False):
+    raise ValueError("feature_cache.on_device=True needs feature_cache.enabled=True (it holds the cache's features)")
 
 
 class MetricWriter:
@@ -426,6 +431,9 @@ class Experiment:
     self.train_fn = parallel_train_step(self.mesh, self.task) if need_train else None
     self.eval_fn = parallel_eval_step(self.mesh, self.task)
     self.feature_cache = self.prepare_feature_cache() if config.feature_cache.enabled else None
+    self.device_train, self.device_eval = None, {}
+    if self.feature_cache is not None and config.feature_cache.get("on_device", False):
+      self._load_to_devices(need_train)
 
   def _target_mean(self, num_outputs: int) -> np.ndarray:
     """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
@@ -458,12 +466,32 @@ class Experiment:
     return feature_cache.ensure(self.config, self.sources, state,
                                 lambda images: encode_step(state, shard_batch({"image": images}, self.mesh)["image"]))
 
+  def _load_to_devices(self, need_train: bool) -> None:
+    """feature_cache.on_device: the cached train and validation splits go to device memory."""
+    if need_train and self.feature_cache.has_train():
+      self.device_train = device_features.load_train(self.feature_cache, self.config, self.mesh, AXIS)
+      self.train_fn = device_features.parallel_train_step(
+          self.mesh, AXIS, functools.partial(train_step, task=self.task), self.device_train, self.steps_per_epoch,
+          self.config)
+    if self.feature_cache.has_eval("validation"):
+      self.device_eval["validation"] = device_features.load_eval(
+          self.feature_cache, "validation", self.config, self.mesh, AXIS)
+
+  def step_function(self, data_iterator):
+    """The train step as a function of the state alone: on a batch from `data_iterator` (the host
+    loader), or gathered on the devices (`device_train`, where `data_iterator` is None)."""
+    if self.device_train is not None:
+      return lambda state: self.train_fn(state, self.device_train.arrays)
+    return lambda state: self.train_fn(state, shard_batch(next(data_iterator), self.mesh))
+
   def train_loader(self):
     if self.feature_cache is not None and self.feature_cache.has_train():
       return self.feature_cache.train_loader(self.config)
     return input_pipeline.create_train_loader(self.sources["train"], self.config)
 
   def eval_batches(self, split: str):
+    if split in self.device_eval:
+      return self.device_eval[split].batches()
     if self.feature_cache is not None and self.feature_cache.has_eval(split):
       return self.feature_cache.eval_batches(split, self.config)
     return input_pipeline.create_eval_batches(self.sources[split], self.config)
@@ -522,7 +550,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
 
-  train_iterator = iter(experiment.train_loader())
+  # Device-resident features need no host iterator: their position is the step number.
+  train_iterator = None if experiment.device_train is not None else iter(experiment.train_loader())
   state = experiment.initial_state
   start_step = 0
   latest = manager.latest_step()
@@ -531,6 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(state.step)
     logging.info("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
+  run_step = experiment.step_function(train_iterator)
   writer = MetricWriter(experiment.workdir)
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
                config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
@@ -539,8 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
     window_start, window_steps = time.time(), 0
     for step in range(start_step + 1, experiment.total_steps + 1):
-      batch = next(train_iterator)
-      state, step_metrics = experiment.train_fn(state, shard_batch(batch, mesh))
+      state, step_metrics = run_step(state)
       if pending is not None:
         _check_finite(*pending, manager)
       pending = (step, step_metrics)
