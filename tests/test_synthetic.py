@@ -108,6 +108,16 @@ def test_deterministic_by_seed(tmp_path, root):
   assert (bigger / image).read_bytes() == (root / image).read_bytes()
 
 
+def test_worker_processes_write_the_same_files(tmp_path, root, monkeypatch):
+  monkeypatch.setattr(synthetic, "_PARALLEL_MIN_IMAGES", 0)  # Use the pool for this small set.
+  monkeypatch.setattr(synthetic, "_CHUNK", 5)  # Several chunks per split, one split ending mid-chunk.
+  pooled = _generate(tmp_path / "pooled", workers=2)
+  files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
+  for f in files:
+    assert (root / f).read_bytes() == (pooled / f).read_bytes(), f
+
+
 def _crop_features(root, split):
   features, targets = [], []
   for annotation in _annotations(root, split):

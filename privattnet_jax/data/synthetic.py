@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import functools
 import math
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -53,6 +56,8 @@ MARKER_FILENAME = "synthetic_params.json"
 SPLITS = (("train2017", "num_train"), ("val2017", "num_val"), ("test2017", "num_test"))
 ID_BASE = 90_000_000  # Synthetic ids 2017_9xxxxxxx; real VISPR ids start at 2017_1.
 ID_SPLIT_STRIDE = 1_000_000
+_CHUNK = 256  # Images per pool task.
+_PARALLEL_MIN_IMAGES = 4096  # ~25 s on one core: below it, starting worker processes does not pay.
 
 # Ten attributes spanning the preference range (profile mean in brackets):
 # hair colour 2.05, sports 2.26, landmark 2.63, vehicle 2.78, date/time 3.10, face 3.42,
@@ -431,8 +436,13 @@ def generate(
     safe_fraction: float = 0.25,
     min_area: float = 0.04,
     max_area: float = 0.16,
+    workers: int = 0,
 ) -> pathlib.Path:
   """Writes the synthetic dataset into out_dir (created if needed) and returns its path.
+
+  `workers` processes render the images (0: one per CPU); sets under a few thousand images are
+  rendered in this process, where starting workers would cost more than it saves. The output
+  does not depend on the worker count.
 
   Files of an earlier, larger generation in out_dir are not removed; use
   ensure_synthetic for a clean, cached generation.
@@ -441,36 +451,59 @@ def generate(
   _validate(params)
   out = pathlib.Path(out_dir)
   counts = {"train2017": params["num_train"], "val2017": params["num_val"], "test2017": params["num_test"]}
+  jobs = []  # (split_index, split, start, stop): chunks of images, rendered serially or in a pool.
   for split_index, (split, _) in enumerate(SPLITS):
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations" / split).mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(counts[split]):
-      rng = np.random.default_rng([params["seed"], split_index, i])
-      image, labels, boxes, box_labels = render_image(
-          rng, params["image_size"], params["attributes"], params["safe_fraction"], params["min_area"],
-          params["max_area"],
-      )
-      ident = image_id(split_index, i)
-      image_path = f"images/{split}/{ident}.jpg"
-      image.save(out / image_path, format="JPEG", quality=92)
-      annotation = {
-          "id": ident,
-          "image_path": image_path,
-          "labels": labels,
-          "boxes": [[round(v, 6) for v in box] for box in boxes],
-          "box_labels": box_labels,
-          "source": "privattnet_jax synthetic",
-      }
-      relative = f"annotations/{split}/{ident}.json"
-      (out / relative).write_text(json.dumps(annotation))
-      lines.append(relative)
+    jobs += [(split_index, split, start, min(start + _CHUNK, counts[split]))
+             for start in range(0, counts[split], _CHUNK)]
+  workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+  render = functools.partial(_write_images, out, params)
+  if workers > 1 and sum(counts.values()) >= _PARALLEL_MIN_IMAGES:
+    # spawn, not fork: the caller may be a process with JAX's threads running.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+      chunks = list(pool.map(render, jobs))
+  else:
+    chunks = [render(job) for job in jobs]
+  for split in counts:
+    lines = [line for job, chunk in zip(jobs, chunks) if job[1] == split for line in chunk]
     (out / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines))
   (out / "user_studies").mkdir(exist_ok=True)
   for tsv in sorted(attributes_lib.USER_STUDIES_DIR.glob("*.tsv")):
     shutil.copyfile(tsv, out / "user_studies" / tsv.name)
   (out / MARKER_FILENAME).write_text(json.dumps(params, indent=1))
   return out
+
+
+def _write_images(out: pathlib.Path, params: Mapping[str, Any], job: tuple[int, str, int, int]) -> list[str]:
+  """Renders and writes images start .. stop - 1 of a split; returns their annotation paths.
+
+  Image i of split s depends on (seed, s, i) alone, so the files do not depend on the chunking
+  or the worker count.
+  """
+  split_index, split, start, stop = job
+  relatives = []
+  for i in range(start, stop):
+    rng = np.random.default_rng([params["seed"], split_index, i])
+    image, labels, boxes, box_labels = render_image(
+        rng, params["image_size"], params["attributes"], params["safe_fraction"], params["min_area"],
+        params["max_area"],
+    )
+    ident = image_id(split_index, i)
+    image_path = f"images/{split}/{ident}.jpg"
+    image.save(out / image_path, format="JPEG", quality=92)
+    annotation = {
+        "id": ident,
+        "image_path": image_path,
+        "labels": labels,
+        "boxes": [[round(v, 6) for v in box] for box in boxes],
+        "box_labels": box_labels,
+        "source": "privattnet_jax synthetic",
+    }
+    relative = f"annotations/{split}/{ident}.json"
+    (out / relative).write_text(json.dumps(annotation))
+    relatives.append(relative)
+  return relatives
 
 
 def read_params(out_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -547,11 +580,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--safe_fraction", type=float, default=0.25)
   parser.add_argument("--min_area", type=float, default=0.04, help="Smallest object box, as a fraction of the image.")
   parser.add_argument("--max_area", type=float, default=0.16)
+  parser.add_argument("--workers", type=int, default=0, help="Rendering processes; 0: one per CPU.")
   args = parser.parse_args(argv)
   out = generate(
       args.out, args.num_train, args.num_val, args.num_test, args.seed, args.image_size,
       attributes=[a for a in args.attributes.split(",") if a], safe_fraction=args.safe_fraction,
-      min_area=args.min_area, max_area=args.max_area,
+      min_area=args.min_area, max_area=args.max_area, workers=args.workers,
   )
   print(f"Wrote {args.num_train} / {args.num_val} / {args.num_test} synthetic VISPR images to {out}")
 
