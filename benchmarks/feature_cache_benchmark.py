@@ -10,8 +10,8 @@ then times head training both ways through the real loaders: images (grain decod
 resized crop + flip, frozen encoder forward, head forward/backward) and cached features (grain
 read of array_record records, head forward/backward). Synthetic-features mode skips the images:
 an in-memory VISPR-sized feature set is read through the same grain transform, and also held
-on the device, where batches are gathered by index (no host pipeline at all); --full_run_epochs
-then runs that many real epochs of head training.
+on the devices as `feature_cache.on_device` holds it, each batch gathered inside the train step
+(no host pipeline at all); --full_run_epochs then runs that many real epochs of head training.
 
 Both modes print XLA's FLOPs per image of each train step (compiled cost analysis), the
 step-only rates (one device-resident batch, repeated) beside the loader-fed rates, the bytes
@@ -20,6 +20,7 @@ per cached image, and the cost of one full PrivAttNet run from the measured rate
 the cache (the per-epoch validation pass is not included).
 """
 
+import functools
 import pathlib
 import tempfile
 import time
@@ -34,6 +35,7 @@ import numpy as np
 
 from configs import privattnet
 from privattnet_jax import data as data_lib
+from privattnet_jax import device_features
 from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import models
@@ -115,31 +117,28 @@ def synthetic_feature_records(num: int, shape, dtype, rng) -> list:
            "boxes": np.zeros((0, 4), np.float32)} for i in range(num)]
 
 
-def device_resident_rate(compiled, state, mesh, num: int, shape, dtype, epochs: int):
-  """Head training on features held on the device, batches gathered by index: (img/s, epochs' wall s)."""
+def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epochs: int):
+  """Head training as `feature_cache.on_device` runs it (`device_features`: features held on the
+  devices, each batch gathered inside the train step): (img/s, wall s of `epochs` epochs)."""
+  devices = mesh.devices.size
+  num -= num % devices
   sharding = NamedSharding(mesh, P(train.AXIS))
-  features = jax.jit(lambda key: jax.random.normal(key, (num, *shape), jnp.float32).astype(dtype),
-                     out_shardings=NamedSharding(mesh, P()))(jax.random.PRNGKey(0))
-  targets = jax.device_put(random_targets(np.random.default_rng(1), num), NamedSharding(mesh, P()))
-  gather = jax.jit(lambda tree, index: jax.tree_util.tree_map(lambda x: x[index], tree), out_shardings=sharding)
+  features = jax.jit(lambda key: jax.random.normal(key, (num, 1, *shape), jnp.float32).astype(dtype),
+                     out_shardings=sharding)(jax.random.PRNGKey(0))
+  targets = random_targets(np.random.default_rng(1), num)
+  arrays = {"features": features, "score": targets["score"], "labels": targets["labels"],
+            "valid": np.ones(num, bool)}
+  arrays = {key: jax.device_put(value, sharding) for key, value in arrays.items()}
+  train_set = device_features.TrainSet(arrays, num // devices, 1, num)
   steps_per_epoch = num // FLAGS.batch_size
-  orders = iter(())
-
-  def next_batch():
-    nonlocal orders
-    index = next(orders, None)
-    if index is None:
-      orders = iter(np.random.default_rng().permutation(num)[: steps_per_epoch * FLAGS.batch_size]
-                    .reshape(steps_per_epoch, FLAGS.batch_size))
-      index = next(orders)
-    return gather({"features": features, **targets}, jnp.asarray(index))
-
-  rate, state = timed_rate(compiled, state, next_batch)
+  step = device_features.parallel_train_step(
+      mesh, train.AXIS, functools.partial(train.train_step, task=task), train_set, steps_per_epoch, config)
+  rate, state = timed_rate(step, state, lambda: arrays)
   run_seconds = None
   if epochs:
     start = time.perf_counter()
     for _ in range(epochs * steps_per_epoch):
-      state, metrics = compiled(state, next_batch())
+      state, metrics = step(state, arrays)
     jax.block_until_ready(metrics)
     run_seconds = time.perf_counter() - start
   return rate, run_seconds
@@ -194,7 +193,7 @@ def main(argv):
     results["bytes_per_record"] = len(
         feature_cache.encode_record(first["features"], first["labels"], first["image_id"], first["boxes"]))
     results["features_device"], run_seconds = device_resident_rate(
-        feature_step, copy_state(state), mesh, FLAGS.num_images, shape, cache_dtype, FLAGS.full_run_epochs)
+        copy_state(state), mesh, task, config, FLAGS.num_images, shape, cache_dtype, FLAGS.full_run_epochs)
     print(f"loader-fed: features (grain, in-memory records) {results['features_loader']:.1f} img/s; "
           f"device-resident features, gathered per step: {results['features_device']:.1f} img/s", flush=True)
     if run_seconds is not None:

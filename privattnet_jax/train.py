@@ -568,6 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
     window_start, window_steps = time.time(), 0
+    run_start, seconds = time.time(), {"validation": 0.0, "checkpoint": 0.0}
     for step in range(start_step + 1, experiment.total_steps + 1):
       state, step_metrics = run_step(state)
       if pending is not None:
@@ -597,14 +598,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d validation: %s", step, _headline(validation))
         writer.write(step, {f"validation/{k}": v for k, v in scalar_metrics(validation).items()})
         window_start += time.time() - eval_start  # Training throughput excludes evaluation.
+        seconds["validation"] += time.time() - eval_start
       if checkpoint_now:
         selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
+        save_start = time.time()
         checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
+        seconds["checkpoint"] += time.time() - save_start
+    save_start = time.time()
+    manager.wait_until_finished()
+    seconds["checkpoint"] += time.time() - save_start
+    _log_run_time(time.time() - run_start, experiment.total_steps - start_step, config.batch_size, seconds)
   finally:
     # A checkpoint still being written (async) is completed even when the run is interrupted.
     manager.wait_until_finished()
     writer.close()
   return {split: evaluate_checkpoint(config, workdir, split, experiment=experiment) for split in config.eval_splits}
+
+
+def _log_run_time(total: float, steps: int, batch_size: int, seconds: dict) -> None:
+  """Where a run's wall time went: train steps (with logging), validation, checkpoint saves (the
+  time the loop waited in `save`: async writes overlap the next steps)."""
+  stepping = total - sum(seconds.values())
+  logging.info("Trained %d steps in %.1f s: %.1f s of train steps (%.1f img/s), %.1f s of validation, "
+               "%.1f s in checkpoint saves", steps, total, stepping, steps * batch_size / max(stepping, 1e-9),
+               seconds["validation"], seconds["checkpoint"])
 
 
 def _check_finite(step: int, step_metrics: dict, manager) -> None:
