@@ -12,6 +12,7 @@
 #    train step from the host loader and from device-resident features, then 100 real epochs.
 # 3. train_step_benchmark in bf16: the image path, frozen and trainable encoder.
 #
+# PARTS="1 3" runs a subset; TRAIN_STEP_FLAGS adds flags to part 3 (e.g. --encoder_modes=trainable).
 # Sizes shrink for a CPU dry run: NUM_TRAIN=64 NUM_VAL=16 TEST_IMAGES=16 EPOCHS=2 SMALL=1.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR}
@@ -21,13 +22,15 @@ NUM_VAL=${NUM_VAL:-4167}
 TEST_IMAGES=${TEST_IMAGES:-2000}
 EPOCHS=${EPOCHS:-100}
 WORK=${WORK:-/tmp/privattnet_gpu_session}
+PARTS=${PARTS:-1 2 3}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/session.txt"; }
 
 if [ -d .whl ] && ! python -c "import grain, tensorflow_datasets, ml_collections" 2> /dev/null; then
   # Wheels of what the lent machine lacks, downloaded beforehand (pip download).
   stamp "installing $(ls .whl | wc -l) wheels"
-  pip install -q --no-deps .whl/*.whl > "$OUT/pip.txt" 2>&1
+  python -m pip install -q --no-deps .whl/*.whl > "$OUT/pip.txt" 2>&1
 fi
 python - > "$OUT/environment.txt" 2>&1 <<'EOF'
 import importlib, jax
@@ -43,6 +46,7 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/environment.txt" 2>&1
 stamp "environment: $(head -1 "$OUT/environment.txt")"
 
+if part 1; then
 stamp "1. the paper's run: ${NUM_TRAIN}/${NUM_VAL}/${TEST_IMAGES} images, ${EPOCHS} epochs"
 rm -rf "$WORK"
 SIZE_FLAGS=()
@@ -58,9 +62,12 @@ time timeout 280 python run.py --config=configs/privattnet.py --workdir="$WORK/r
 stamp "   exit $?"
 grep -E "synthetic dataset|Building the feature|rows encoded|on the devices|Training privattnet|Trained|step 3900/|test \(checkpoint" \
   "$OUT/paper_run.txt" | cut -c1-400 | tee -a "$OUT/session.txt"
+fi
 
 
-if [ -z "${SMALL:-}" ]; then
+if ! part 2; then
+  :
+elif [ -z "${SMALL:-}" ]; then
   stamp "2. feature cache benchmark"
   timeout 140 python -m benchmarks.feature_cache_benchmark --synthetic_features --batch_size=256 --dtype=bfloat16 \
     --num_images="$NUM_TRAIN" --steps=20 --full_run_epochs="$EPOCHS" > "$OUT/feature_cache.txt" 2>&1
@@ -71,9 +78,9 @@ else
   stamp "   exit $?"
 fi
 
-if [ -z "${SMALL:-}" ]; then
+if [ -z "${SMALL:-}" ] && part 3; then
   stamp "3. train step benchmark, bf16"
-  timeout 130 python -m benchmarks.train_step_benchmark --dtype=bfloat16 --batch_sizes=32,256 \
+  timeout 130 python -m benchmarks.train_step_benchmark --dtype=bfloat16 --batch_sizes=32,256 ${TRAIN_STEP_FLAGS:-} \
     > "$OUT/train_step_bf16.txt" 2>&1
   stamp "   exit $?"
 fi

@@ -41,6 +41,7 @@ AXIS = "batch"
 MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.
 DEVICE_KEYS = (*MODEL_INPUTS, "score", "labels", "mask")  # What the jitted steps read from a batch.
 ATTRIBUTE_MODELS = ("privattnet_mlc", "ap_pr")
+MAX_STEPS_AHEAD = 8  # Steps the host may dispatch before the devices finish them (bounds queued batches).
 
 
 class NonFiniteLossError(RuntimeError):
@@ -566,21 +567,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
                jax.device_count())
   try:
-    pending = None  # (step, metrics) of the last dispatched step: checked one step late, without stalling.
+    # (step, loss) of the steps dispatched since the last check. The host runs ahead of the devices
+    # by at most MAX_STEPS_AHEAD steps and reads the losses at its sync points (log, checkpoint),
+    # so the devices never wait for the host between steps.
+    unchecked = []
     window_start, window_steps = time.time(), 0
     run_start, seconds = time.time(), {"validation": 0.0, "checkpoint": 0.0}
     for step in range(start_step + 1, experiment.total_steps + 1):
       state, step_metrics = run_step(state)
-      if pending is not None:
-        _check_finite(*pending, manager)
-      pending = (step, step_metrics)
+      unchecked.append((step, step_metrics["loss"]))
+      if len(unchecked) > MAX_STEPS_AHEAD:
+        jax.block_until_ready(unchecked[-MAX_STEPS_AHEAD - 1][1])  # Waits on that step alone, copies nothing.
       window_steps += 1
       is_last = step == experiment.total_steps
       log_now = step % config.log_every_steps == 0 or is_last
       evaluate_now = step % eval_every == 0 or is_last
       checkpoint_now = step % checkpoint_every == 0 or evaluate_now
       if log_now or checkpoint_now:  # (evaluate_now implies checkpoint_now)
-        _check_finite(*pending, manager)  # This step's loss too, before it is logged or saved.
+        _check_finite(unchecked, manager)  # Up to this step's loss, before it is logged or saved.
+        unchecked = []
       if log_now:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.time() - window_start
@@ -624,14 +629,16 @@ def _log_run_time(total: float, steps: int, batch_size: int, seconds: dict) -> N
                seconds["validation"], seconds["checkpoint"])
 
 
-def _check_finite(step: int, step_metrics: dict, manager) -> None:
-  loss = float(step_metrics["loss"])
-  if not np.isfinite(loss):
-    manager.wait_until_finished()
-    last_good = manager.latest_step()
-    raise NonFiniteLossError(
-        f"the loss is {loss} at step {step}; stopping. The last good checkpoint is "
-        f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}.")
+def _check_finite(unchecked: list, manager) -> None:
+  """Raises at the first of these (step, loss) pairs whose loss is NaN or infinite."""
+  losses = jax.device_get([loss for _, loss in unchecked])
+  for (step, _), loss in zip(unchecked, losses):
+    if not np.isfinite(loss):
+      manager.wait_until_finished()
+      last_good = manager.latest_step()
+      raise NonFiniteLossError(
+          f"the loss is {float(loss)} at step {step}; stopping. The last good checkpoint is "
+          f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}.")
 
 
 def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
