@@ -44,8 +44,13 @@ _READ_THREADS = 8
 
 
 def _local_positions(mesh) -> list[int]:
-  """This process's device positions along the (one-axis) mesh, in mesh order."""
-  return [k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()]
+  """This process's device positions along the (one-axis) mesh, in mesh order; they must be
+  contiguous, as `jax.make_array_from_process_local_data` lays a process's rows out."""
+  positions = [k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()]
+  if positions != list(range(positions[0], positions[0] + len(positions))):
+    raise ValueError(f"feature_cache.on_device needs each process's devices next to each other on the mesh; "
+                     f"process {jax.process_index()} has positions {positions}")
+  return positions
 
 
 class _Rows:

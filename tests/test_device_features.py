@@ -173,3 +173,39 @@ def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():
   with pytest.raises(ValueError, match=r"train views take 6.1 GiB per device, more than 3/4 of the 8.0 GiB "
                                        r"of a Small GPU: set feature_cache.on_device=False"):
     device_features._check_fits(int(6.1 * 2**30), mesh, "cached train views")
+
+
+def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, tmp_path):
+  """jax.distributed on loopback (2 processes x 2 CPU devices): each process loads its devices'
+  share of the cache, the steps all-reduce across processes, the parameters stay identical."""
+  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
+
+  data.load_data_sources(make_tiny_config(tiny_data_dir))  # Build once, before two readers start.
+  port = 20000 + (os.getpid() + 7919) % 20000
+  script = f"""
+    import sys, jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id = int(sys.argv[1])
+    jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from tests.test_device_features import _on_device_config
+    from privattnet_jax import train
+    config = _on_device_config({tiny_data_dir!r}, {str(tmp_path / "cache")!r})
+    config.num_train_steps = 3
+    config.eval_every_steps = 3
+    config.eval_splits = ("validation",)
+    results = train.train_and_evaluate(config, {str(tmp_path / "run")!r})
+    experiment = train.Experiment(config, {str(tmp_path / "run")!r}, need_train=False)
+    state = experiment.restore(3)
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree_util.tree_leaves(state.params)]
+    np.save({str(tmp_path)!r} + f"/params_{{process_id}}.npy", np.concatenate([l.ravel() for l in leaves]))
+    print("DONE", jax.process_count(), jax.device_count(), results["validation"]["n"])
+  """
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i)], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in processes]
+  for process, (stdout, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-4000:]
+    assert "DONE 2 4 12" in stdout
+  first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
+  np.testing.assert_array_equal(first, second)
