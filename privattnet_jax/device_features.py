@@ -5,8 +5,8 @@ once into arrays sharded over the mesh's batch axis (each device holds 1/N of th
 every train step gathers its batch from them inside the jitted step. The host then only
 dispatches steps: at the paper's size a step reads 100 MB of features (256 x 14x14x1024 bf16),
 which a host loader could not supply at an accelerator's step rate (docs/benchmarks.md). The
-price is device memory: 402 KB per record (bf16, 224 px), 4 GB for VISPR's 10k training images
-plus 0.9 GB of validation, split over the devices.
+price is device memory: 402 KB per record (bf16, 224 px), 4.0 GB for VISPR's 10,000 training
+images plus 1.7 GB for its 4,167 validation images, split over the devices.
 
 Train order: device d holds examples d, d + N, d + 2N, ... (N devices) and each epoch draws its
 share of every global batch from its own records in a fresh permutation seeded by (config.seed,
@@ -68,16 +68,19 @@ class _Rows:
 
 
 def _read_rows(source, rows: list[list[int]], make_row) -> dict[str, np.ndarray]:
-  """The rows, read with parallel threads, stacked into one array per key."""
+  """The rows, read with parallel threads, stacked into one array per key (strings, such as image
+  ids, as wide as the longest: a width taken from the first row would cut longer ones)."""
   stream = grain.MapDataset.source(_Rows(source, rows, make_row)).to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=2 * _READ_THREADS))
   arrays: dict[str, np.ndarray] = {}
   for j, row in enumerate(stream):
     if not arrays:
-      arrays = {key: np.empty((len(rows), *np.shape(value)), np.asarray(value).dtype) for key, value in row.items()}
+      arrays = {key: np.empty((len(rows), *np.shape(value)),
+                              object if np.asarray(value).dtype.kind in "USO" else np.asarray(value).dtype)
+                for key, value in row.items()}
     for key, value in row.items():
       arrays[key][j] = value
-  return arrays
+  return {key: value.astype(str) if value.dtype == object else value for key, value in arrays.items()}
 
 
 def _to_device(arrays: dict[str, np.ndarray], mesh, axis: str) -> dict[str, jax.Array]:

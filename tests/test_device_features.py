@@ -209,3 +209,12 @@ def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, 
     assert "DONE 2 4 12" in stdout
   first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
   np.testing.assert_array_equal(first, second)
+
+
+def test_rows_keep_strings_longer_than_the_first():
+  records = ["a", "2017_90000001_long_id"]
+  arrays = device_features._read_rows(
+      records, [[0], [1], []], lambda rows: {"image_id": np.str_(rows[0] if rows else ""),
+                                             "valid": bool(rows)})
+  np.testing.assert_array_equal(arrays["image_id"], ["a", "2017_90000001_long_id", ""])
+  np.testing.assert_array_equal(arrays["valid"], [True, True, False])
