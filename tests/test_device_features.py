@@ -1,11 +1,7 @@
 """Cached features held on the devices: the batches they give, evaluation parity, exact resume, errors."""
 
 import functools
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
+import logging
 import types
 
 import jax
@@ -17,9 +13,8 @@ from privattnet_jax import checkpoints
 from privattnet_jax import device_features
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
+from tests import subprocesses
 from tests.conftest import make_tiny_config
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _on_device_config(data_dir, cache_dir, **cache_fields):
@@ -86,7 +81,7 @@ def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp
   assert on_device.metrics == host.metrics and on_device.metrics["n"] == 12
 
 
-def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch):
+def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch, caplog):
   config = _on_device_config(tiny_data_dir, tmp_path / "cache")
   config.num_train_steps = 8  # Across the epoch boundary (6 steps per epoch).
   config.checkpoint_every_steps = 4
@@ -123,6 +118,15 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
                          final_params(tmp_path / "uninterrupted"))
   assert resumed["validation"] == reference["validation"]
 
+  # The run goes on with the host loader: its checkpoints hold no grain position, so the loader
+  # starts a new shuffle, and says so.
+  config.feature_cache.on_device = False
+  config.num_train_steps = 10
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+  assert "checkpoint 8 has no input-pipeline position" in caplog.text
+  assert checkpoints.create_manager(tmp_path / "uninterrupted", keep=3, read_only=True).latest_step() == 10
+
 
 def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data_dir, tmp_path):
   """48 train examples over 2 devices (and 47: one device holds a padding row, never drawn)."""
@@ -151,9 +155,7 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
         np.testing.assert_array_equal(on_device.extras[key], host.extras[key])
     print("OK")
   """
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+  result = subprocesses.run_script(script)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "OK" in result.stdout
 
@@ -181,12 +183,8 @@ def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, 
   from privattnet_jax import data  # pylint: disable=g-import-not-at-top
 
   data.load_data_sources(make_tiny_config(tiny_data_dir))  # Build once, before two readers start.
-  port = 20000 + (os.getpid() + 7919) % 20000
   script = f"""
-    import sys, jax, numpy as np
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process_id = int(sys.argv[1])
-    jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
     from tests.test_device_features import _on_device_config
     from privattnet_jax import train
     config = _on_device_config({tiny_data_dir!r}, {str(tmp_path / "cache")!r})
@@ -200,12 +198,7 @@ def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, 
     np.save({str(tmp_path)!r} + f"/params_{{process_id}}.npy", np.concatenate([l.ravel() for l in leaves]))
     print("DONE", jax.process_count(), jax.device_count(), results["validation"]["n"])
   """
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i)], env=env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900) for p in processes]
-  for process, (stdout, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-4000:]
+  for stdout in subprocesses.run_on_two_processes(script):
     assert "DONE 2 4 12" in stdout
   first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
   np.testing.assert_array_equal(first, second)

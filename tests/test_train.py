@@ -1,11 +1,6 @@
 """The training loop on the tiny synthetic dataset: steps, evaluation, resume, NaN stops, devices."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +9,7 @@ import pytest
 
 from privattnet_jax import checkpoints
 from privattnet_jax import train
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests import subprocesses
 
 
 def _final_params(config, workdir):
@@ -134,12 +128,6 @@ def test_evaluate_checkpoint_on_a_named_split(tiny_config, tmp_path):
     train.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=3)
 
 
-def _run_script(script: str, env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=str(REPO), **env_extra)
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
-
-
 def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
   """Same global batches on a 1-device and a 2-device mesh: the same parameters (pmean semantics).
 
@@ -175,7 +163,7 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     assert moved > 1e-3, moved  # The steps moved the parameters far beyond the tolerance.
     print("SAME")
   """
-  result = _run_script(script, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  result = subprocesses.run_script(script)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "SAME" in result.stdout
 
@@ -186,12 +174,8 @@ def test_two_processes_keep_identical_parameters(tiny_data_dir, tmp_path):
   from privattnet_jax import data  # pylint: disable=g-import-not-at-top
 
   data.load_data_sources(make_tiny_config(tiny_data_dir))  # Build once, before two readers start.
-  port = 20000 + os.getpid() % 20000
   script = f"""
-    import sys, jax, numpy as np
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process_id = int(sys.argv[1])
-    jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
     from tests.conftest import make_tiny_config
     from privattnet_jax import train
     config = make_tiny_config({tiny_data_dir!r})
@@ -204,12 +188,7 @@ def test_two_processes_keep_identical_parameters(tiny_data_dir, tmp_path):
     np.save({str(tmp_path)!r} + f"/params_{{process_id}}.npy", np.concatenate([l.ravel() for l in leaves]))
     print("DONE", jax.process_count(), jax.device_count())
   """
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i)], env=env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900) for p in processes]
-  for process, (stdout, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-4000:]
+  for stdout in subprocesses.run_on_two_processes(script):
     assert "DONE 2 4" in stdout
   first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
   np.testing.assert_array_equal(first, second)

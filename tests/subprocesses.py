@@ -1,0 +1,49 @@
+"""Scripts in fresh Python processes: fake CPU devices, and two processes joined by jax.distributed.
+
+The device count of a JAX process is fixed when it starts, so tests of 2-device meshes and of
+multi-host runs run their code in child processes (cwd and PYTHONPATH: the repository).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEVICES_FLAG = "--xla_force_host_platform_device_count={}"
+
+# Prepended to a script run by `run_on_two_processes`: joins the run, defines `process_id`.
+_DISTRIBUTED_PROLOGUE = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id = int(sys.argv[1])
+jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=process_id)
+"""
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=DEVICES_FLAG.format(devices))
+
+
+def run_script(script: str, *, devices: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+  """`script` (indented as in the test) in one process with `devices` CPU devices."""
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=_env(devices), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -> list[str]:
+  """`script` in two processes of `devices` CPU devices each, joined by jax.distributed on loopback
+  with gloo collectives (`process_id` is defined); asserts both exit 0 and returns their stdouts."""
+  port = 20000 + os.getpid() % 20000 + run_on_two_processes.calls  # A fresh port per call in a session.
+  run_on_two_processes.calls += 1
+  code = _DISTRIBUTED_PROLOGUE.format(port=port) + textwrap.dedent(script)
+  processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=_env(devices), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [process.communicate(timeout=timeout) for process in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-4000:]
+  return [stdout for stdout, _ in outputs]
+
+
+run_on_two_processes.calls = 0
