@@ -131,7 +131,7 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
   arrays = {"features": features, "score": targets["score"], "labels": targets["labels"],
             "valid": np.ones(num, bool)}
   arrays = {key: jax.device_put(value, sharding) for key, value in arrays.items()}
-  train_set = device_features.TrainSet(arrays, num // devices, 1, num)
+  train_set = device_features.TrainSet(arrays, 1, num)
   steps_per_epoch = num // FLAGS.batch_size
   step = device_features.parallel_train_step(
       mesh, train.AXIS, functools.partial(train.train_step, task=task), train_set, steps_per_epoch, config)

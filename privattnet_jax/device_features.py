@@ -111,9 +111,8 @@ def _record_shape(cache: feature_cache.FeatureCache) -> tuple[tuple[int, ...], n
 @dataclasses.dataclass(frozen=True)
 class TrainSet:
   """The train split on the devices: `arrays` {features (R, V, h, w, D), score (R, P), labels (R, 68),
-  valid (R,)}, R = rows_per_device x devices; row block d belongs to device d."""
+  valid (R,)}, R = ceil(num_examples / devices) x devices; row block d belongs to device d."""
   arrays: dict[str, jax.Array]
-  rows_per_device: int
   views: int
   num_examples: int
 
@@ -143,7 +142,7 @@ def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str) -> Tr
   arrays = _read_rows(cache.source("train"), rows, make_row)
   logging.info("feature cache: train split on the devices, %d examples x %d views, %.2f GB read in %.1f s",
                num_examples, views, arrays["features"].nbytes / 1e9, time.time() - start)
-  return TrainSet(_to_device(arrays, mesh, axis), rows_per_device, views, num_examples)
+  return TrainSet(_to_device(arrays, mesh, axis), views, num_examples)
 
 
 def gather_batch(arrays: dict, step, *, axis: str, steps_per_epoch: int, local_batch: int, views: int,
