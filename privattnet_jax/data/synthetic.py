@@ -34,9 +34,9 @@ import argparse
 import colorsys
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
-import functools
 import math
 import multiprocessing
 import os
