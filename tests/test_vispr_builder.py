@@ -139,7 +139,7 @@ def test_builder_pickles_with_its_options(clean, synthetic_root):
 # id -> expected skip reason (train split).
 SKIPS = {
     "bad_missing_image": "missing_image",
-    "bad_image_is_a_folder": "unreadable_image",
+    "bad_image_is_a_folder": "not_a_regular_file",
     "bad_truncated_jpeg": "corrupt_image",
     "bad_garbled_jpeg": "corrupt_image",
     "bad_corrupt_png": "corrupt_image",

@@ -59,6 +59,7 @@ from etils import epath
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from privattnet_jax import attributes
+from privattnet_jax import safe_files
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
 SPLIT_FILES: dict[str, str] = {
@@ -79,7 +80,12 @@ SKIP_REASONS: dict[str, str] = {
     "unknown_label": "a label outside the 68 attributes of attributes.tsv (the example is skipped, not the label)",
     "duplicate_id": "an image id already written earlier in the same split",
     "missing_image": "the file at `image_path` does not exist",
-    "unreadable_image": "the file at `image_path` exists but cannot be read (e.g. a directory, no permission)",
+    "unreadable_image": "the file at `image_path` exists but cannot be read (e.g. no permission)",
+    "outside_root": "the annotation (split list entry) or its `image_path` resolves, after following symlinks, "
+                    "outside the manual dir: never read",
+    "not_a_regular_file": "the annotation or image is a folder, FIFO, device or socket: never opened for reading",
+    "file_too_large": "the annotation or image file is larger than its read limit (safe_files.MAX_*_BYTES)",
+    "symlink_loop": "the annotation's or image's path runs into a symlink loop",
     "not_an_image": "the file is not an image format PIL can identify",
     "corrupt_image": "an image header was found but decoding failed (truncated or corrupt data)",
     "too_large": "more pixels than max_pixels, and not a JPEG that DCT scaling can bring under it",
@@ -147,7 +153,11 @@ class ManualDirError(FileNotFoundError):
 
 
 class StrictBuildError(RuntimeError):
-  """strict=True and the build skipped annotations; the message lists them."""
+  """strict=True and the build skipped annotations; the message's first line sums up, the rest lists them."""
+
+
+class StaleBuildError(ValueError):
+  """A built dataset whose annotations or split lists have changed since: it is not reused."""
 
 
 class _Skip(Exception):
@@ -278,7 +288,16 @@ def load_build_report(builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLi
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
   """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped."""
-  return [line.strip() for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+  text = safe_files.read_bytes(path, max_bytes=safe_files.MAX_LIST_BYTES).decode("utf-8", errors="replace")
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _is_contained_file(root: pathlib.Path, relative: str) -> bool:
+  try:
+    safe_files.regular_file(relative, root)
+    return True
+  except safe_files.UnsafeFileError:
+    return False
 
 
 def _fail(problems: Sequence[str]) -> ManualDirError:
@@ -308,16 +327,17 @@ def check_manual_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLik
   lists: dict[str, list[str]] = {}
   for split, filename in SPLIT_FILES.items():
     path = splits_dir / filename
-    if not path.is_file():
-      problems.append(f"split list {path} does not exist")
+    try:
+      lists[split] = read_split_list(path)
+    except safe_files.UnsafeFileError as e:
+      problems.append(f"split list {path} does not exist" if e.reason == "missing" else f"split list {e}")
       continue
-    lists[split] = read_split_list(path)
     if not lists[split]:
       problems.append(f"split list {path} is empty")
   if problems:
     raise _fail(problems)
   for split, paths in lists.items():
-    if not any((root / p).is_file() for p in paths):
+    if not any(_is_contained_file(root, p) for p in paths):
       problems.append(
           f"none of the {len(paths)} annotations listed in {splits_dir / SPLIT_FILES[split]} exist "
           f"under {root} (first: {root / paths[0]})"
@@ -332,9 +352,38 @@ def split_lists_digest(splits_dir: str | os.PathLike = "") -> dict[str, str]:
   splits_dir = pathlib.Path(splits_dir) if splits_dir else attributes.SPLITS_DIR
   digest = {}
   for split, filename in SPLIT_FILES.items():
-    path = splits_dir / filename
-    digest[split] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    try:
+      data = safe_files.read_bytes(splits_dir / filename, max_bytes=safe_files.MAX_LIST_BYTES)
+      digest[split] = hashlib.sha256(data).hexdigest()
+    except safe_files.UnsafeFileError:
+      digest[split] = ""
   return digest
+
+
+def inputs_digest(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = "") -> str:
+  """sha256 over the split lists and the content of every listed annotation (contained reads).
+
+  Recorded in the build report: an annotation edited after the build (its image_path or labels)
+  makes the build stale, and a stale build is never reused (`prepare`). Annotations are small
+  (~1 KB), so hashing them costs about a second for all of VISPR.
+  """
+  splits_dir = pathlib.Path(splits_dir) if splits_dir else attributes.SPLITS_DIR
+  root = pathlib.Path(manual_dir)
+  digest = hashlib.sha256()
+  for split, filename in SPLIT_FILES.items():
+    try:
+      paths = read_split_list(splits_dir / filename)
+    except safe_files.UnsafeFileError as e:
+      paths = [f"<{e.reason}>"]
+    digest.update(f"{split}\0{len(paths)}\0".encode())
+    for relative in paths:
+      try:
+        content = hashlib.sha256(
+            safe_files.read_bytes(relative, max_bytes=safe_files.MAX_ANNOTATION_BYTES, root=root)).hexdigest()
+      except safe_files.UnsafeFileError as e:
+        content = f"<{e.reason}>"
+      digest.update(f"{relative}\0{content}\0".encode())
+  return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +602,15 @@ def process_image(
   return buffer.getvalue(), height, width, conversions
 
 
+def _read_contained(root: pathlib.Path, relative: str, kind: str, max_bytes: int, image_id: str) -> bytes:
+  """An annotation's or image's bytes, read only if it is a regular file inside the manual dir."""
+  try:
+    return safe_files.read_bytes(relative, max_bytes=max_bytes, root=root)
+  except safe_files.UnsafeFileError as e:
+    reason = {"missing": f"missing_{kind}", "unreadable": f"unreadable_{kind}"}.get(e.reason, e.reason)
+    raise _Skip(reason, f"{root / relative}: {e.message}", image_id) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The builder.
 
@@ -661,23 +719,13 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       yield image_id, example
 
   def _example(self, relative: str, fallback_id: str, written: set[str], config: VisprConfig):
-    path = self._manual_root / relative
-    try:
-      data = path.read_bytes()
-    except FileNotFoundError:
-      raise _Skip("missing_annotation", f"{path} does not exist", fallback_id) from None
-    except OSError as e:
-      raise _Skip("unreadable_annotation", f"{path}: {e}", fallback_id) from None
+    data = _read_contained(self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES,
+                           fallback_id)
     image_id, image_path, labels, boxes = parse_annotation(data, fallback_id)
     if image_id in written:
       raise _Skip("duplicate_id", f"{image_id} already written to this split ({relative})", image_id)
     image_file = self._manual_root / image_path
-    if not image_file.exists():
-      raise _Skip("missing_image", f"{image_file} does not exist", image_id)
-    try:
-      image_data = image_file.read_bytes()
-    except OSError as e:
-      raise _Skip("unreadable_image", f"{image_file}: {e}", image_id) from None
+    image_data = _read_contained(self._manual_root, image_path, "image", safe_files.MAX_IMAGE_BYTES, image_id)
     try:
       encoded, height, width, conversions = process_image(
           image_data, max_side=config.max_side, jpeg_quality=config.jpeg_quality, max_pixels=self._max_pixels
@@ -703,6 +751,7 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
         "manual_dir": os.fspath(self._manual_root.resolve()) if self._manual_root else "",
         "splits_dir": os.fspath(self._splits_dir.resolve()),
         "split_lists_sha256": split_lists_digest(self._splits_dir),
+        "inputs_sha256": inputs_digest(self._manual_root, self._splits_dir) if self._manual_root else "",
         "strict": self._strict,
         "max_side": config.max_side,
         "jpeg_quality": config.jpeg_quality,
@@ -750,8 +799,9 @@ def prepare(
   """The `vispr` builder over `manual_dir`, built into `data_dir` unless already built there.
 
   A reused build is checked against its report: with strict=True, a build that
-  skipped anything raises StrictBuildError; a different manual dir or split list
-  content is logged as a warning (delete the version folder to rebuild).
+  skipped anything raises StrictBuildError; changed split lists or annotations
+  (their digest, `inputs_digest`) raise StaleBuildError (delete the version folder to
+  rebuild); the same content under another manual dir is logged as a warning.
   """
   builder = Vispr(
       data_dir=os.fspath(data_dir), config=config_name, splits_dir=splits_dir, strict=strict, max_pixels=max_pixels
@@ -784,10 +834,18 @@ def _check_reused(data_path, manual_dir, splits_dir, strict) -> None:
     )
   if os.fspath(pathlib.Path(manual_dir).resolve()) != report.get("manual_dir"):
     logging.warning(
-        "%s was built from %s, not %s; delete the folder to rebuild.", data_path, report.get("manual_dir"), manual_dir
+        "%s was built from %s, not %s (same annotations and split lists).", data_path, report.get("manual_dir"),
+        manual_dir
     )
-  if split_lists_digest(splits_dir) != report.get("split_lists_sha256"):
-    logging.warning("%s was built from other split lists; delete the folder to rebuild.", data_path)
+  if "inputs_sha256" not in report:
+    logging.warning("%s records no digest of its inputs: it cannot be checked against %s", data_path, manual_dir)
+    return
+  changed = ("split lists" if split_lists_digest(splits_dir) != report.get("split_lists_sha256")
+             else "annotations" if inputs_digest(manual_dir, splits_dir) != report["inputs_sha256"] else None)
+  if changed:
+    raise StaleBuildError(
+        f"the {changed} in {manual_dir} changed since the dataset in {data_path} was built from them; "
+        f"delete {data_path} to rebuild it (it is not reused)")
 
 
 def data_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
