@@ -49,6 +49,7 @@ from PIL import Image
 from privattnet_jax import attributes
 from privattnet_jax import heatmaps
 from privattnet_jax import input_pipeline
+from privattnet_jax import safe_files
 from privattnet_jax.data import vispr
 
 EXPORT_FORMAT = "privattnet_jax.export/1"
@@ -377,7 +378,12 @@ def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]
   entries, seen = [], set()
 
   def add(path: pathlib.Path, error: str | None = None):
-    key = path.resolve() if error is None else path
+    key = path
+    if error is None:
+      try:
+        key = safe_files.resolve(path)
+      except safe_files.UnsafeFileError as e:  # A symlink loop: its own error entry.
+        error = f"{e.reason}: {e.message}"
     if key not in seen:
       seen.add(key)
       entries.append((path, error))
@@ -393,7 +399,7 @@ def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
       add_folder(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():  # A dangling or looping link: its reading error is the entry.
       add(path)
     elif glob.has_magic(spec):
       matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -426,9 +432,10 @@ def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
                panel_size: int = PANEL_SIZE) -> LoadedImage:
   """A photo -> the model's input, via the dataset builder's normalisation and the eval transform.
 
-  Raises on an unreadable, empty, non-image, corrupt or too large file (`reason: message`).
+  Raises on an unreadable, empty, non-image, corrupt or too large file (`reason: message`), and
+  on anything but a regular file (a FIFO, a device, a symlink loop) without reading it.
   """
-  data = pathlib.Path(path).read_bytes()
+  data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)
   if not data:
     raise ValueError("empty file")
   encoded, height, width, conversions = vispr.process_image(data, max_side=max_side, max_pixels=max_pixels)
@@ -454,13 +461,21 @@ class PredictResult:
 
 
 def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
-  """File stems, made unique in order (`x`, `x-2`, ...): the heat map file names."""
-  counts: dict[str, int] = collections.Counter()
+  """File stems, made unique in order (`x`, `x-2`, ...): the heat map file names.
+
+  Unique over the whole run, also against stems that look generated (`x-2.jpg` and a second
+  `x.jpg`) and regardless of case (case-insensitive file systems).
+  """
+  used: set[str] = set()
   names = []
   for path in paths:
     stem = path.stem or "image"
-    counts[stem] += 1
-    names.append(stem if counts[stem] == 1 else f"{stem}-{counts[stem]}")
+    name, suffix = stem, 1
+    while name.lower() in used:
+      suffix += 1
+      name = f"{stem}-{suffix}"
+    used.add(name.lower())
+    names.append(name)
   return names
 
 
@@ -566,6 +581,7 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
   if not entries:
     raise PredictError("no images given")
   output_dir = pathlib.Path(output_dir)
+  check_output_dir(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   draw_panels = heatmap_panels and "attention" in info["outputs"]
   panels_dir = output_dir / "heatmaps"
@@ -622,6 +638,15 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
   failed = sum(not record["ok"] for record in records)
   logging.info("Predicted %d images (%d failed) into %s", len(records), failed, output_dir)
   return PredictResult(len(records), failed, records, output_dir)
+
+
+def check_output_dir(output_dir: pathlib.Path) -> None:
+  """Fails before any work when the output folder cannot be one (a file, under a file)."""
+  for folder in (output_dir, *output_dir.parents):
+    if folder.exists():
+      if not folder.is_dir():
+        raise PredictError(f"--output {output_dir}: {folder} exists and is not a folder")
+      return
 
 
 def _load_or_error(load: Callable, path: pathlib.Path):
