@@ -4,19 +4,32 @@ One manager keeps the N latest checkpoints (for resuming) and the best one by
 validation Spearman (for evaluation and prediction). The metadata item holds
 the config and the training target's mean, so a checkpoint alone is enough to
 turn model outputs back into privacy scores.
+
+A checkpoint that does not restore (a truncated or deleted file, broken metadata) is named in
+one line (`CheckpointError`) with the steps that do restore. A training run that finds its
+latest checkpoints broken sets them aside (renamed into `checkpoints_set_aside/`, never
+deleted) and resumes from the newest one that restores (`set_aside_unrestorable`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import time
 from typing import Any
 
 from absl import logging
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 SELECTION_METRIC = "spearman"  # The authors select by Spearman; we select on validation.
+SET_ASIDE_DIR = "checkpoints_set_aside"  # <workdir>/checkpoints_set_aside/<step>-<UTC time>: broken ones.
+
+
+class CheckpointError(ValueError):
+  """A checkpoint step does not restore; the message names it and the steps that do."""
 
 
 def _selection_value(metrics: dict) -> float:
@@ -58,9 +71,80 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     else:  # Saved by a run with device-resident features (feature_cache.on_device), whose position is the step.
       logging.warning("checkpoint %d has no input-pipeline position (its run held the features on the devices): "
                       "the host loader starts a new shuffle from its first batch", step)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
   return restored["state"], restored["metadata"]
 
 
 def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  return _restore_or_explain(manager, step, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
+  """manager.restore, or a CheckpointError: the step is broken (naming the intact steps), or it is
+  intact and does not fit what was asked of it (another model's config)."""
+  try:
+    return manager.restore(step, args=args)
+  except Exception as error:  # pylint: disable=broad-except  # orbax/tensorstore raise many types.
+    logging.info("restoring checkpoint %d failed", step, exc_info=True)
+    broken = check_step(manager, step)
+    directory = pathlib.Path(manager.directory) / str(step)
+    if broken is None:
+      raise CheckpointError(f"checkpoint {directory} does not fit this run's model or config: "
+                            f"{_one_line(error)}") from error
+    intact = [s for s in sorted(manager.all_steps()) if s != step and check_step(manager, s) is None]
+    raise CheckpointError(f"checkpoint step {step} ({directory}) is corrupt: {broken}; steps that restore: "
+                          f"{intact or 'none'}") from error
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+  """The error's text on one line, without TensorStore's spec dump, cut at `limit` characters."""
+  text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_step(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """None when `step` restores (every state array read, the metadata parsed), else why not in one line.
+
+  The state is restored as saved (no target), so the check needs no model; it reads the whole
+  checkpoint once.
+  """
+  directory = pathlib.Path(manager.directory) / str(step)
+  for item in ("state", "metadata"):
+    if not (directory / item).is_dir():
+      return f"its {item}/ folder is missing"
+  try:
+    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                  metadata=ocp.args.JsonRestore()))
+  except Exception as error:  # pylint: disable=broad-except
+    return f"{type(error).__name__}: {_one_line(error)}"
+  return None
+
+
+def set_aside_unrestorable(manager: ocp.CheckpointManager, workdir: str | pathlib.Path) -> int | None:
+  """Before a run resumes: the newest step that restores, after setting aside the newer ones that do not.
+
+  Each broken step is renamed into <workdir>/checkpoints_set_aside/ (never deleted), with one
+  warning line naming it and the step the run resumes from. Returns None when no step restores
+  (the run starts afresh). Several processes share the checkpoints: there the run stops instead
+  (CheckpointError), since one process cannot move them under the others.
+  """
+  set_aside = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    reason = check_step(manager, step)
+    if reason is None:
+      break
+    if jax.process_count() > 1:
+      raise CheckpointError(f"checkpoint step {step} in {manager.directory} is corrupt: {reason}; move it out of "
+                            "the folder to resume from an earlier step")
+    target = pathlib.Path(workdir) / SET_ASIDE_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(pathlib.Path(manager.directory) / str(step), target)
+    set_aside.append((step, reason, target))
+  else:
+    step = None
+  if set_aside:
+    manager.reload()
+  for broken, reason, target in set_aside:
+    resume = f"resuming from step {step}" if step is not None else "no earlier step restores: starting afresh"
+    logging.warning("checkpoint step %d does not restore (%s); set aside as %s, %s", broken, reason, target, resume)
+  return step

@@ -35,6 +35,7 @@ from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
+from privattnet_jax import workdir_lock
 from privattnet_jax import data as data_lib
 
 AXIS = "batch"
@@ -413,6 +414,8 @@ class Experiment:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.sources = data_lib.load_data_sources(config)
     self.manager = checkpoints.create_manager(self.workdir, config.keep_checkpoints)
+    if need_train:  # A resumed run continues from the newest checkpoint that restores.
+      checkpoints.set_aside_unrestorable(self.manager, self.workdir)
     self.mesh = create_mesh()
     num_train = len(self.sources["train"])
     self.steps_per_epoch = num_train // config.batch_size
@@ -546,7 +549,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns {split: metrics} for `config.eval_splits`, also written to eval_<split>.json.
   """
-  experiment = Experiment(config, workdir)
+  if jax.process_index() == 0:  # One run per workdir; released when the training loop ends.
+    workdir_lock.acquire(workdir)
+  with workdir_lock.released_on_error(workdir):
+    experiment = Experiment(config, workdir)
   manager, mesh = experiment.manager, experiment.mesh
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
@@ -617,6 +623,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A checkpoint still being written (async) is completed even when the run is interrupted.
     manager.wait_until_finished()
     writer.close()
+    workdir_lock.release(workdir)
   return {split: evaluate_checkpoint(config, workdir, split, experiment=experiment) for split in config.eval_splits}
 
 
