@@ -12,8 +12,13 @@ Every config field can be overridden with --config.<field>=<value>. Predict and 
 config from the checkpoint; a --config given to them must describe the same model.
 """
 
+import errno
 import logging as std_logging
+import os
+import pathlib
 import sys
+import tempfile
+import traceback
 
 from absl import app
 from absl import flags
@@ -94,10 +99,96 @@ def _predict(images) -> int:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-  """Errors that end a run with one line instead of a traceback: bad requests (PredictError is a
-  ValueError), missing files and a diverged loss."""
-  train = sys.modules.get("privattnet_jax.train")
-  return (FileNotFoundError, ValueError) + ((train.NonFiniteLossError,) if train is not None else ())
+  """Errors that are the user's or the machine's, not the program's: bad requests (PredictError,
+  CheckpointError are ValueErrors), missing files, a diverged loss, a strict build that would skip,
+  a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
+  found = []
+  for module, name in (("privattnet_jax.train", "NonFiniteLossError"), ("privattnet_jax.data.vispr", "StrictBuildError"),
+                       ("privattnet_jax.workdir_lock", "WorkdirInUseError")):
+    if module in sys.modules:
+      found.append(getattr(sys.modules[module], name))
+  return (OSError, ValueError, KeyError, *found)
+
+
+def _message(error: BaseException) -> str:
+  """The error's message for the user: its first line (the rest goes to the traceback file), except
+  for the manual-dir instructions, which are the message."""
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return (f"no space left on the device ({error.filename or error}); free some and rerun: the checkpoints "
+            "and data written so far are kept, and training resumes from the last checkpoint")
+  vispr = sys.modules.get("privattnet_jax.data.vispr")
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  if vispr is not None and isinstance(error, vispr.ManualDirError):
+    return text
+  text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  if not isinstance(error, _expected_errors()):
+    text = f"internal error ({type(error).__name__}): {text}"
+  return text
+
+
+def _save_traceback(error: BaseException) -> str:
+  """Writes the traceback to <workdir>/errors.log (or a temporary file): where the one line points."""
+  text = "".join(traceback.format_exception(error))
+  try:
+    if FLAGS.workdir and os.path.isdir(FLAGS.workdir):
+      path = os.path.join(FLAGS.workdir, "errors.log")
+      with open(path, "a") as log:
+        log.write(text)
+    else:
+      fd, path = tempfile.mkstemp(prefix="privattnet_jax-error-", suffix=".log")
+      with os.fdopen(fd, "w") as log:
+        log.write(text)
+    return path
+  except OSError:  # A full disk: the traceback has nowhere to go but --verbosity=1.
+    return ""
+
+
+def _fail(error: BaseException) -> None:
+  """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
+  stderr with --verbosity=1."""
+  if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
+    traceback.print_exception(error)
+    where = ""
+  else:
+    path = _save_traceback(error)
+    where = f" (traceback in {path}; --verbosity=1 prints it)" if path else ""
+  print(f"error: {_message(error)}{where}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
+  config file's traceback into its message: its last line says what is wrong)."""
+  try:
+    return FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except  # ml_collections raises KeyError, OSError, ...
+    print(f"error: {_config_error_text(error)} (see --helpshort)", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _config_error_text(error: BaseException) -> str:
+  """A flag or config-file error on one line: a config file's traceback (which ml_collections puts
+  into its message) reduced to its last line, the rest joined and cut to a readable length."""
+  text = str(error.args[0]) if isinstance(error, (KeyError, AttributeError)) and error.args else str(error)
+  if isinstance(error.args[0] if error.args else None, KeyError):  # AttributeError(KeyError(...)).
+    text = str(error.args[0].args[0])
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "Traceback" in text:
+    lines = [lines[0], lines[-1]]
+  text = " ".join(lines) or type(error).__name__
+  return text if len(text) <= 400 else text[:400] + "..."
+
+
+def _load_config():
+  """FLAGS.config, loaded now (ml_collections loads the file and applies overrides on first use): a
+  missing file, an unknown field or a failing get_config is one line before any work."""
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.get("model")  # A config file that failed to load raises on first use.
+    return config
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"--config: {_config_error_text(error.__cause__ or error)}") from error
 
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
@@ -124,13 +215,17 @@ def main(argv):
   elif FLAGS.mode == "compare":
     _require("workdirs", "output")
   logging.get_absl_handler().addFilter(_quiet_library_info)
-  if FLAGS.distributed:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  config = FLAGS.config
   status = 0
   try:
+    config = _load_config()
+    if FLAGS.mode == "predict":
+      from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+
+      predict.check_output_dir(pathlib.Path(FLAGS.output))
+    if FLAGS.distributed:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
     if FLAGS.mode == "predict":
       status = _predict([*FLAGS.images, *extra])
     elif FLAGS.mode == "compare":
@@ -155,13 +250,9 @@ def main(argv):
 
         print(f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}")
   except Exception as error:  # pylint: disable=broad-except
-    if not isinstance(error, _expected_errors()):
-      raise
-    logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    _fail(error)
   sys.exit(status)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -56,9 +56,10 @@ def acquire(workdir: str | os.PathLike) -> None:
 
 
 def release(workdir: str | os.PathLike) -> None:
-  """Drops this process's lock on the workdir (if held); the file stays, holding the last owner."""
+  """Drops this process's lock on the workdir (if held); the file stays, empty."""
   fd = _held.pop(os.path.realpath(workdir), None)
   if fd is not None:
+    os.ftruncate(fd, 0)  # Empty: the run ended normally (a killed run's owner line stays, for the next).
     os.close(fd)  # Closing the descriptor releases the flock.
 
 

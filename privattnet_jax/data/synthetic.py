@@ -542,11 +542,16 @@ def ensure_synthetic(
   if out.exists() and any(out.iterdir()) and read_params(out) is None:
     raise ValueError(f"{out} is not empty and holds no {MARKER_FILENAME}: not a synthetic dataset, left untouched")
   out.parent.mkdir(parents=True, exist_ok=True)
+  _remove_dead_tmp_dirs(out)
   tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   if tmp.exists():
     shutil.rmtree(tmp)
-  generate(tmp, num_train, num_val, num_test, seed, image_size, attributes=attributes,
-           safe_fraction=safe_fraction, min_area=min_area, max_area=max_area)
+  try:
+    generate(tmp, num_train, num_val, num_test, seed, image_size, attributes=attributes,
+             safe_fraction=safe_fraction, min_area=min_area, max_area=max_area)
+  except BaseException:  # A full disk or an interrupt: no half-written folder stays behind.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if read_params(out) == params:  # Another process finished the same generation meanwhile.
     shutil.rmtree(tmp)
     return out
@@ -560,6 +565,20 @@ def ensure_synthetic(
     if read_params(out) != params:
       raise
   return out
+
+
+def _remove_dead_tmp_dirs(out: pathlib.Path) -> None:
+  """Deletes the temporary generations of processes that died (killed) before renaming theirs."""
+  for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # Alive under another user: not ours to remove.
+      pass
 
 
 def params_digest(params: Mapping[str, Any]) -> str:

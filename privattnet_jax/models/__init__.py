@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from privattnet_jax import attributes
 from privattnet_jax.models import heads
+from privattnet_jax.models import resnet
 from privattnet_jax.models.attention import AttentionHead
 from privattnet_jax.models.resnet import ResNet
 
@@ -73,6 +74,14 @@ class PrivacyModel(nn.Module):
 
   def __call__(self, images, train: bool):
     return self.head_from_features(self.encode(images, train), train)
+
+
+def encoder_output_stride(model_config) -> int:
+  """Input pixels per encoder feature-map cell for `config.model`: 16 for a ResNet cut after
+  conv4_x (3 stages), 32 through conv5_x (4 stages; the pooled models always). image_size must
+  be a multiple of it, so that every feature cell sees a whole patch of the image."""
+  stages = model_config.encoder.stages if model_config.name in ("privattnet", "privattnet_mlc") else 4
+  return resnet.output_stride(stages)
 
 
 def _positive_int(value: Any, field: str) -> int:
