@@ -242,8 +242,9 @@ def export_predictor(workdir, out_dir=None, step: int | None = None, config=None
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise PredictError(f"export platforms must be some of {PLATFORMS}, got {list(platforms)}")
-  run = _restore(workdir, step, config)
   out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "export"
+  check_output_dir(out_dir)
+  run = _restore(workdir, step, config)
   infer = _inference_function(run)
   size = run.config.image_size
   (batch,) = jax.export.symbolic_shape("batch")
@@ -645,7 +646,7 @@ def check_output_dir(output_dir: pathlib.Path) -> None:
   for folder in (output_dir, *output_dir.parents):
     if folder.exists():
       if not folder.is_dir():
-        raise PredictError(f"--output {output_dir}: {folder} exists and is not a folder")
+        raise PredictError(f"output folder {output_dir}: {folder} exists and is not a folder")
       return
 
 
