@@ -1,0 +1,341 @@
+"""Faults and hostile inputs (docs/faults.md): nothing outside the dataset is read, nothing hangs,
+nothing is lost or mixed up, and a broken run says so in one line with exit status 1."""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+from privattnet_jax import checkpoints
+from privattnet_jax import predict
+from privattnet_jax import safe_files
+from privattnet_jax import workdir_lock
+from privattnet_jax.data import synthetic
+from privattnet_jax.data import vispr
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+HANG_LIMIT_S = 20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
+
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
+  def _raise(signum, frame):
+    raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
+  previous = signal.signal(signal.SIGALRM, _raise)
+  signal.alarm(HANG_LIMIT_S)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)
+
+
+def _jpeg(path: pathlib.Path, colour=(200, 30, 30), size=(SIZE, SIZE)) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", size, colour).save(path, format="JPEG")
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset builder reads nothing outside the manual dir and never opens a FIFO.
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+  """A synthetic manual dir whose annotations and split lists point outside it, at a FIFO, into loops."""
+  base = tmp_path_factory.mktemp("hostile")
+  root = synthetic.generate(base / "vispr", 4, 2, 2, seed=0, image_size=SIZE)
+  secret = _jpeg(base / "secret" / "s.jpg", (1, 2, 3))
+  (base / "secret" / "x.json").write_text(json.dumps(
+      {"id": "bad_listed_outside", "image_path": "images/train2017/2017_90000000.jpg", "labels": ["a0_safe"]}))
+  os.mkfifo(root / "images" / "train2017" / "fifo.jpg")
+  os.symlink(secret, root / "images" / "train2017" / "link_out.jpg")
+  os.symlink("loop.jpg", root / "images" / "train2017" / "loop.jpg")
+  os.symlink("/dev/zero", root / "images" / "train2017" / "zero.jpg")
+  cases = {  # id -> (image_path, expected skip reason)
+      "bad_dotdot": ("../secret/s.jpg", "outside_root"),
+      "bad_absolute": (str(secret), "outside_root"),
+      "bad_etc": ("../../../../../../../../etc/hostname", "outside_root"),
+      "bad_symlink_out": ("images/train2017/link_out.jpg", "outside_root"),
+      "bad_fifo": ("images/train2017/fifo.jpg", "not_a_regular_file"),
+      "bad_loop": ("images/train2017/loop.jpg", "symlink_loop"),
+      "bad_dev_zero": ("images/train2017/zero.jpg", "outside_root"),
+      "bad_folder": ("images/train2017", "not_a_regular_file"),
+  }
+  with open(root / "train2017.txt", "a") as listing:
+    for image_id, (image_path, _) in cases.items():
+      relative = f"annotations/train2017/{image_id}.json"
+      (root / relative).write_text(json.dumps({"id": image_id, "image_path": image_path, "labels": ["a0_safe"]}))
+      listing.write(relative + "\n")
+    listing.write("../secret/x.json\n/etc/hostname\n")
+  expected = {image_id: reason for image_id, (_, reason) in cases.items()}
+  expected.update({"x": "outside_root", "hostname": "outside_root"})  # Split-list entries: their stems.
+  return root, expected, secret
+
+
+def test_builder_skips_every_path_outside_the_root_and_every_special_file(no_hang, hostile, tmp_path):
+  root, expected, _ = hostile
+  builder = vispr.prepare(root, tmp_path, "max256", splits_dir=root)
+  report = vispr.load_build_report(builder)
+  train = report["splits"]["train"]
+  skipped = {i: reason for reason, entry in train["skip_reasons"].items() for i in entry["ids"]}
+  assert skipped == expected
+  assert train["written"] == 4 and train["listed"] == 4 + len(expected)
+  written = {bytes(r["image_id"]).decode() for r in vispr.data_sources(builder)["train"]}
+  assert written == {synthetic.image_id(0, i) for i in range(4)}  # No outside image among them.
+
+
+def test_strict_build_counts_outside_paths_as_failures(no_hang, hostile, tmp_path):
+  root, _, _ = hostile
+  with pytest.raises(vispr.StrictBuildError, match="outside_root") as error:
+    vispr.prepare(root, tmp_path, "max256", splits_dir=root, strict=True)
+  assert str(error.value).splitlines()[0] == f"strict build: {len(hostile[1])} annotations would be skipped"
+
+
+def test_safe_reads_refuse_without_opening(no_hang, tmp_path):
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  for path, reason in ((fifo, "not_a_regular_file"), ("/dev/zero", "not_a_regular_file"),
+                       (tmp_path, "not_a_regular_file"), (tmp_path / "none", "missing")):
+    with pytest.raises(safe_files.UnsafeFileError) as error:
+      safe_files.read_bytes(path, max_bytes=10)
+    assert error.value.reason == reason
+  big = tmp_path / "big.bin"
+  big.write_bytes(b"x" * 11)
+  with pytest.raises(safe_files.UnsafeFileError, match="file_too_large"):
+    safe_files.read_bytes(big, max_bytes=10)
+  assert safe_files.read_bytes(big, max_bytes=11) == b"x" * 11
+  with pytest.raises(safe_files.UnsafeFileError, match="outside_root"):
+    safe_files.read_bytes("../big.bin", max_bytes=100, root=tmp_path / "sub")
+
+
+# ---------------------------------------------------------------------------------------------
+# A build whose inputs changed is not reused.
+
+
+def test_annotation_or_split_list_edited_after_the_build_is_never_reused(tmp_path):
+  root = synthetic.generate(tmp_path / "vispr", 2, 1, 1, seed=0, image_size=SIZE)
+  data_dir = tmp_path / "tfds"
+  vispr.prepare(root, data_dir, "max256", splits_dir=root)
+  vispr.prepare(root, data_dir, "max256", splits_dir=root)  # Unchanged: reused.
+  annotation = root / "annotations" / "train2017" / f"{synthetic.image_id(0, 1)}.json"
+  content = json.loads(annotation.read_text())
+  original = annotation.read_text()
+  annotation.write_text(json.dumps({**content, "labels": ["a9_face_complete"]}))
+  with pytest.raises(vispr.StaleBuildError, match="the annotations in .* changed"):
+    vispr.prepare(root, data_dir, "max256", splits_dir=root)
+  annotation.write_text(original)
+  with open(root / "val2017.txt", "a") as listing:
+    listing.write(f"annotations/train2017/{synthetic.image_id(0, 1)}.json\n")
+  with pytest.raises(vispr.StaleBuildError, match="split lists"):
+    vispr.prepare(root, data_dir, "max256", splits_dir=root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: one row per collected file, none hangs, no two rows share a panel.
+
+
+def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predict.Predictor:
+  """A Predictor with the attention model's outputs and a trivial function (no JAX, no checkpoint)."""
+  cells = grid[0] * grid[1]
+  info = {"model": "fake", "image_size": image_size, "max_side": 256, "steps": steps, "grid_shape": list(grid),
+          "num_scores": 1, "attribute_ids": None,
+          "outputs": {"score": ["batch", 1], "step_scores": ["batch", steps, 1], "attention": ["batch", steps, cells]}}
+
+  def infer(images, mask):
+    brightness = images.mean(axis=(1, 2, 3))
+    return {"score": brightness[:, None], "step_scores": np.repeat(brightness[:, None, None], steps, 1),
+            "attention": np.full((len(images), steps, cells), 1.0 / cells, np.float32)}
+
+  return predict.Predictor(info, 4, infer)
+
+
+def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_path):
+  photos = tmp_path / "photos"
+  for name in ("x.jpg", "x-2.jpg", "sub/x.jpg", "X.jpg", "sub/deeper/x-2.jpg", "y.png"):
+    _jpeg(photos / name, colour=(len(name) * 20, 50, 90))
+  os.mkfifo(photos / "fifo.jpg")
+  os.symlink("/dev/zero", photos / "zero.jpg")
+  os.symlink("loop.jpg", photos / "loop.jpg")
+  os.symlink(".", photos / "sub" / "again")  # A folder loop: not followed.
+  os.symlink(photos / "nothing.jpg", photos / "dangling.jpg")
+  out = tmp_path / "out"
+  result = predict.predict(_fake_predictor(), [str(photos), str(photos / "**" / "*.jpg")], out, progress=False)
+  records = {pathlib.Path(r["path"]).relative_to(photos).as_posix(): r for r in result.records}
+  good = {"x.jpg", "x-2.jpg", "sub/x.jpg", "X.jpg", "sub/deeper/x-2.jpg", "y.png"}
+  bad = {"fifo.jpg": "not_a_regular_file", "zero.jpg": "not_a_regular_file", "loop.jpg": "symlink_loop",
+         "dangling.jpg": "missing"}
+  assert set(records) == good | set(bad) and len(result.records) == len(records)
+  for name in good:
+    assert records[name]["ok"], records[name]
+  for name, reason in bad.items():
+    assert not records[name]["ok"] and records[name]["error"].startswith(reason), records[name]
+  panels = [r["heatmap"] for r in result.records if r["ok"]]
+  assert len(set(p.lower() for p in panels)) == len(panels) == len(good)
+  for name in good:  # Each panel is the panel of its own photo: its title is the file name.
+    assert (out / records[name]["heatmap"]).is_file()
+  lines = (out / "predictions.jsonl").read_text().splitlines()
+  assert len(lines) == len(records)
+
+
+def test_unique_names_never_collide_with_generated_ones():
+  paths = [pathlib.Path(p) for p in ("x-2.jpg", "sub/x.jpg", "b/x.png", "X.gif", "x-3.bmp", "c/x-2.jpg")]
+  names = predict._unique_names(paths)  # pylint: disable=protected-access
+  assert len({n.lower() for n in names}) == len(names)
+  assert names[:2] == ["x-2", "x"]
+
+
+def test_output_that_is_a_file_is_refused_before_any_image_is_read(tmp_path):
+  target = tmp_path / "out.txt"
+  target.write_text("keep me")
+  with pytest.raises(predict.PredictError, match="exists and is not a folder"):
+    predict.predict(_fake_predictor(), [str(_jpeg(tmp_path / "a.jpg"))], target, progress=False)
+  assert target.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a corrupt latest step is set aside and the run resumes from the one before.
+
+
+def _saved_steps(workdir: pathlib.Path, steps=(1, 2, 3)):
+  manager = checkpoints.create_manager(workdir, keep=5)
+  for step in steps:
+    rng = np.random.default_rng(step)  # Random: the arrays' files do not compress to nothing.
+    state = {"w": rng.normal(size=(64, 64)).astype(np.float32) + step, "b": np.arange(8, dtype=np.float32) * step}
+    checkpoints.save(manager, step, state, None, {"config": {}, "target_mean": [0.5], "step": step})
+  manager.wait_until_finished()
+  return manager
+
+
+def _abstract():
+  return {"w": jax_shape((64, 64)), "b": jax_shape((8,))}
+
+
+def jax_shape(shape):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.ShapeDtypeStruct(shape, np.float32)
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_step_before_resumes(tmp_path, caplog):
+  manager = _saved_steps(tmp_path)
+  victim = _largest_file(tmp_path / "checkpoints" / "3" / "state")
+  size = victim.stat().st_size
+  with open(victim, "r+b") as f:
+    f.truncate(size // 3)
+  resumed = checkpoints.set_aside_unrestorable(manager, tmp_path)
+  assert resumed == 2 and manager.latest_step() == 2
+  set_aside = list((tmp_path / checkpoints.SET_ASIDE_DIR).iterdir())
+  assert len(set_aside) == 1 and set_aside[0].name.startswith("3-")  # Renamed, not deleted.
+  assert (set_aside[0] / "state").is_dir()
+  warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+  assert len(warnings) == 1 and "step 3" in warnings[0] and "resuming from step 2" in warnings[0]
+  state, metadata = checkpoints.restore(manager, 2, _abstract())
+  assert metadata["step"] == 2 and float(state["b"][1]) == 2.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_metadata", "bad_json"])
+def test_restoring_a_corrupt_step_names_it_and_the_intact_steps(tmp_path, damage):
+  _saved_steps(tmp_path)
+  step_dir = tmp_path / "checkpoints" / "2"
+  if damage == "truncate":
+    victim = _largest_file(step_dir / "state")
+    with open(victim, "r+b") as f:
+      f.truncate(10)
+  elif damage == "delete_metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  else:
+    (step_dir / "metadata" / "metadata").write_text("{not json")
+  manager = checkpoints.create_manager(tmp_path, keep=1, read_only=True)
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpoints.restore(manager, 2, _abstract())
+  message = str(error.value)
+  assert "\n" not in message and "checkpoint step 2" in message and "steps that restore: [1, 3]" in message
+  assert step_dir.is_dir()  # evaluate/predict/export never move a checkpoint.
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per workdir.
+
+
+def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
+  code = ("import sys, time; from privattnet_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
+          "print('held', flush=True); time.sleep(120)")
+  child = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert child.stdout.readline().strip() == "held"
+  return child
+
+
+def test_workdir_lock_stops_a_second_run_and_is_taken_over_after_a_kill(tmp_path):
+  child = _hold_lock_in_child(tmp_path)
+  try:
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=f"in use by another run \\(pid {child.pid} on host"):
+      workdir_lock.acquire(tmp_path)
+  finally:
+    child.kill()
+    child.wait()
+  workdir_lock.acquire(tmp_path)  # The killed run's lock is stale: taken over.
+  try:
+    assert f"pid {os.getpid()}" in (tmp_path / workdir_lock.LOCK_FILENAME).read_text()
+  finally:
+    workdir_lock.release(tmp_path)
+  assert (tmp_path / workdir_lock.LOCK_FILENAME).read_text() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py: one line on stderr, exit status 1, no dataset work before a config error.
+
+
+def _run_py_cases(tmp_path: pathlib.Path) -> dict:
+  data_dir = tmp_path / "data"
+  common = ["--config=configs/demo.py", f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}"]
+  existing = tmp_path / "existing.txt"
+  existing.write_text("keep")
+  return {
+      "typo_field": (common + ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+      "bad_variant": (["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'run'}"], "got 'bogus'"),
+      "missing_config": (["--config=configs/nothere.py", f"--workdir={tmp_path / 'run'}"],
+                         "No such file or directory: 'configs/nothere.py'"),
+      "image_size_stride": (common + ["--config.image_size=100"], "multiple of the encoder's output stride 16"),
+      "model_name": (common + ["--config.model.name=nope"], "model.name must be one of"),
+      "missing_weights": (common + [f"--config.model.encoder.pretrained={tmp_path / 'w.pth'}"],
+                          f"model.encoder.pretrained={tmp_path / 'w.pth'}: does not exist"),
+      "output_is_a_file": (["--mode=predict", f"--workdir={tmp_path / 'run'}", f"--output={existing}",
+                            f"--images={existing}"], "exists and is not a folder"),
+      "workdir_in_use": (common[:1] + [f"--workdir={tmp_path / 'locked'}"] + common[2:],
+                         "is in use by another run (pid"),
+  }
+
+
+def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
+  cases = _run_py_cases(tmp_path)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  holder = _hold_lock_in_child(tmp_path / "locked")
+  try:
+    running = {name: subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for name, (args, _) in cases.items()}
+    results = {name: (process.wait(timeout=300), *process.communicate()) for name, process in running.items()}
+  finally:
+    holder.kill()
+    holder.wait()
+  for name, (status, _, stderr) in results.items():
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 1, (name, stderr[-2000:])
+    assert "Traceback" not in stderr, (name, stderr[-2000:])
+    assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
+  assert not (tmp_path / "data" / "synthetic_vispr").exists()  # Refused before any dataset work.
+  assert (tmp_path / "existing.txt").read_text() == "keep"
