@@ -103,11 +103,12 @@ def _expected_errors() -> tuple[type[Exception], ...]:
   CheckpointError are ValueErrors), missing files, a diverged loss, a strict build that would skip,
   a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
   found = []
-  for module, name in (("privattnet_jax.train", "NonFiniteLossError"), ("privattnet_jax.data.vispr", "StrictBuildError"),
+  for module, name in (("privattnet_jax.train", "NonFiniteLossError"),
+                       ("privattnet_jax.data.vispr", "StrictBuildError"),
                        ("privattnet_jax.workdir_lock", "WorkdirInUseError")):
     if module in sys.modules:
       found.append(getattr(sys.modules[module], name))
-  return (OSError, ValueError, KeyError, *found)
+  return (OSError, ValueError, KeyError, app.UsageError, *found)
 
 
 def _message(error: BaseException) -> str:
@@ -198,8 +199,8 @@ def _quiet_library_info(record) -> bool:
   return record.levelno >= std_logging.WARNING or not any(lib in record.pathname for lib in QUIET_LIBRARIES)
 
 
-def main(argv):
-  extra = argv[1:]
+def _check_usage(extra: list[str]) -> None:
+  """Raises app.UsageError when the mode lacks a flag it needs."""
   if extra and FLAGS.mode != "predict":
     raise app.UsageError(f"unexpected arguments: {extra}")
   if FLAGS.mode in ("train", "evaluate", "cache_features"):
@@ -214,6 +215,15 @@ def main(argv):
     _require("workdir")
   elif FLAGS.mode == "compare":
     _require("workdirs", "output")
+
+
+def main(argv):
+  extra = argv[1:]
+  try:
+    _check_usage(extra)
+  except app.UsageError as error:  # absl would print the module docstring too.
+    print(f"error: {error} (see --helpshort)", file=sys.stderr, flush=True)
+    sys.exit(1)
   logging.get_absl_handler().addFilter(_quiet_library_info)
   status = 0
   try:
