@@ -313,8 +313,12 @@ class UserScore:
 
 def _user_preference_table(path, missing_value: float) -> np.ndarray:
   """A user's ratings file -> (68, 1); one rating column, attributes it leaves out get `missing_value`."""
-  if not pathlib.Path(path).is_file():
-    raise PredictError(f"--preferences={path}: no such file")
+  try:
+    safe_files.regular_file(path)
+    if os.path.getsize(path) > safe_files.MAX_LIST_BYTES:
+      raise safe_files.UnsafeFileError("file_too_large", path, f"over {safe_files.MAX_LIST_BYTES} bytes")
+  except safe_files.UnsafeFileError as e:
+    raise PredictError(f"--preferences={path}: {'no such file' if e.reason == 'missing' else e.message}") from None
   try:
     _, values = attributes.read_preference_tsv(path)
   except ValueError as error:
