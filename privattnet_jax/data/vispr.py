@@ -14,6 +14,11 @@ logged, printed and saved as `build_report.json` in the built dataset's version
 folder, and `strict=True` turns any skip into an error.
 
 Decisions (documented in the README):
+- Annotations, images and split lists are read through `safe_files`: a path from
+  an annotation or a split list must resolve (symlinks followed) inside the manual
+  dir, else the record is skipped as `outside_root` without being read; only
+  regular files are opened (a FIFO, device or folder is `not_a_regular_file`), each
+  read is size-bounded, and a symlink loop is `symlink_loop` (docs/faults.md).
 - A label outside the 68 attributes skips the whole example (`unknown_label`)
   rather than dropping the label: the score is a max over the labels, so a
   dropped label could silently lower an image's risk.
