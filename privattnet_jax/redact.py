@@ -58,6 +58,7 @@ DEFAULT_MAX_AREA = 0.25
 AREA_STEP = 0.025  # Area a candidate adds per step, as a fraction of the image.
 CANDIDATES = 4  # Candidates per photo and round: the mask grown by 1..CANDIDATES area steps.
 BLUR_FRACTION = 0.04  # Gaussian sigma, as a fraction of the image's width (x) and height (y).
+BLUR_DETAIL = 4  # Pixels per sigma a wide blur is computed at (see _redacted_crop).
 PIXEL_FRACTION = 0.04  # Pixelation block size, likewise.
 FILL_COLOUR = (0, 0, 0)
 JPEG_QUALITY = 95  # Re-encoding costs some quality; 95 keeps it close to the source's.
@@ -131,12 +132,15 @@ def scale_boxes(boxes, from_size: tuple[int, int], to_size: tuple[int, int]) -> 
            min(to_size[1], int(np.ceil(y1 * sy)))) for x0, y0, x1, y1 in boxes]
 
 
-def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
-  """A boolean (h, w) mask -> a mode-L 0/255 mask of `size` (bilinear, thresholded at half)."""
-  small = Image.fromarray(mask.astype(np.uint8) * 255)
-  if small.size == tuple(size):
-    return small
-  return small.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= 128 else 0)
+def _mask_crop(mask: Image.Image, box, size: tuple[int, int]) -> Image.Image:
+  """The part of a mode-L 0/255 mask under `box` of an image of `size`: bilinearly upsampled and
+  thresholded at half (a smooth edge at full size), computed for that box alone."""
+  width, height = box[2] - box[0], box[3] - box[1]
+  if mask.size == tuple(size):
+    return mask.crop(box)
+  sx, sy = mask.size[0] / size[0], mask.size[1] / size[1]
+  source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+  return mask.resize((width, height), Image.Resampling.BILINEAR, box=source).point(lambda v: 255 if v >= 128 else 0)
 
 
 def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
@@ -149,7 +153,14 @@ def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, t
     sigma = (BLUR_FRACTION * width, BLUR_FRACTION * height)
     mx, my = int(np.ceil(3 * sigma[0])), int(np.ceil(3 * sigma[1]))  # Real pixels around, not edge copies.
     outer = (max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my))
-    blurred = image.crop(outer).filter(ImageFilter.GaussianBlur(sigma))
+    crop = image.crop(outer)
+    # A wide blur keeps no detail finer than sigma: blur a copy reduced to ~BLUR_DETAIL px per sigma
+    # and enlarge it back (a 12 MP photo's blur costs a fraction of the full-size one).
+    factor = max(1, int(min(sigma) / BLUR_DETAIL))
+    small = crop.reduce(factor) if factor > 1 else crop
+    blurred = small.filter(ImageFilter.GaussianBlur((sigma[0] / factor, sigma[1] / factor)))
+    if factor > 1:
+      blurred = blurred.resize(crop.size, Image.Resampling.BILINEAR)
     return blurred.crop((x0 - outer[0], y0 - outer[1], x1 - outer[0], y1 - outer[1])), box
   if method == "pixelate":  # Blocks on one grid over the whole image, whatever the box.
     bw, bh = max(1.0, PIXEL_FRACTION * width), max(1.0, PIXEL_FRACTION * height)
@@ -163,25 +174,27 @@ def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, t
   raise ValueError(f"redaction method must be one of {METHODS}, got {method!r}")
 
 
-def redact(image: Image.Image, mask: Image.Image, boxes, method: str = "blur") -> Image.Image:
-  """`image` with the pixels under `mask` (mode L, 255: redact) redacted, box by box.
+def redact(image: Image.Image, mask: np.ndarray, method: str = "blur", *,
+           copy: bool = True) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+  """`image` with the pixels under a boolean mask (any resolution: it is upsampled) redacted.
 
-  Only the boxes' crops (with the blur's context) are processed: a 12 MP photo with a small
-  region costs a small blur. Returns a new image.
+  Works box by box over the mask's regions: a 12 MP photo with a small region costs a small blur.
+  Returns the image (a new one unless `copy` is False) and the regions' boxes in its pixels.
   """
-  out = image.copy()
+  boxes = scale_boxes(mask_regions(mask), mask.shape[::-1], image.size)
+  small = Image.fromarray(mask.astype(np.uint8) * 255)
+  out = image.copy() if copy else image
   for box in boxes:
-    pixels, where = _redacted_crop(image, box, method)
-    out.paste(pixels, where[:2], mask.crop(where))
-  return out
+    pixels, where = _redacted_crop(out, box, method)
+    out.paste(pixels, where[:2], _mask_crop(small, where, image.size))
+  return out, boxes
 
 
 def redact_array(image: np.ndarray, mask: np.ndarray, method: str = "blur") -> np.ndarray:
   """uint8 (H, W, 3) and boolean (H, W) -> the redacted uint8 image (the model-resolution path)."""
   if not mask.any():
     return image
-  return np.asarray(redact(Image.fromarray(image), upsample_mask(mask, mask.shape[::-1]), mask_regions(mask),
-                           method))
+  return np.asarray(redact(Image.fromarray(image), mask, method, copy=False)[0])
 
 
 def model_pixels(model_input: np.ndarray) -> np.ndarray:
@@ -490,7 +503,7 @@ def encode_photo(photo: Photo, pixels: Image.Image, *, keep_metadata: bool) -> t
     pixels.putalpha(photo.alpha)
   options: dict = {}
   if fmt == "JPEG":
-    options = {"quality": JPEG_QUALITY, "optimize": True}
+    options = {"quality": JPEG_QUALITY}
     with contextlib.suppress(Exception):
       options["subsampling"] = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(photo.data)))
     if options.get("subsampling", 0) < 0:
@@ -595,17 +608,14 @@ class RedactSettings:
 
 def _finish(photo: Photo, mask: np.ndarray, settings: RedactSettings) -> tuple[bytes, str, list, float, Image.Image]:
   """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels)."""
-  size = photo.pixels.size
   if not mask.any():
     pixels = photo.pixels
     data = unchanged_copy(photo, keep_metadata=settings.keep_metadata)
     if data is not None:
       return data, WRITE_FORMATS[photo.format], [], 0.0, pixels
     return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), [], 0.0, pixels)
-  boxes = scale_boxes(mask_regions(mask), mask.shape[::-1], size)
-  full_mask = upsample_mask(mask, size)
-  pixels = redact(photo.pixels, full_mask, boxes, settings.method)
-  area = float(np.count_nonzero(np.asarray(full_mask))) / (size[0] * size[1])
+  pixels, boxes = redact(photo.pixels, mask, settings.method, copy=False)  # The photo is not used again.
+  area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
   return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), boxes, area, pixels)
 
 
@@ -734,20 +744,23 @@ def _boxes_mask(boxes, count: int, shape: tuple[int, int]) -> np.ndarray:
 
 
 def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_shape, *, target_drop: float = 0.5,
-                      method: str = "blur", max_area: float = DEFAULT_MAX_AREA,
+                      target_score: float | None = None, method: str = "blur", max_area: float = DEFAULT_MAX_AREA,
                       seed: int = 0) -> tuple[dict, Redactions]:
   """Risk drops of attention-guided, random and centred masks of the same area, and box coverage.
 
   images: uint8 (N, S, S, 3) model-resolution images with boxes (risky ones); each image is redacted
-  greedily down to `target_drop` of its score (or max_area), then a random mask (random grid
+  greedily until `target_drop` of its score is gone (or down to `target_score` when given) or
+  `max_area` is redacted, then a random mask (random grid
   saliency, thresholded as attention is) and a centred box of the same pixel count are scored.
   `box_coverage`: the share of the boxes' area the attention masks redact (pooled over images).
   Returns the JSON-ready summary and the greedy redactions (for examples).
   """
   images = np.asarray(images, np.uint8)
   rng = np.random.default_rng(seed)
-  greedy = greedy_redactions(score, images, lambda before: before * (1.0 - target_drop), grid_shape,
-                             method=method, max_area=max_area)
+  def targets(before):
+    return before * (1.0 - target_drop) if target_score is None else np.full(len(before), float(target_score))
+
+  greedy = greedy_redactions(score, images, targets, grid_shape, method=method, max_area=max_area)
   before = greedy.before
   size = images.shape[1:3]
   random_masks, centred_masks = [], []
@@ -768,7 +781,8 @@ def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_
   summary = {
       "num_images": len(images),
       "method": method,
-      "target_drop": target_drop,
+      "target_drop": target_drop if target_score is None else None,
+      "target_score": target_score,
       "max_area": max_area,
       "mean_score_before": float(before.mean()),
       "mean_area": float(greedy.areas.mean()),

@@ -276,7 +276,9 @@ def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
                             ("centred box, same area", "centred"))]
   blocks = [("heading", 2, "Redaction"), _text(
       f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the attention "
-      f"until {100 * redaction['target_drop']:.0f}% of their score is gone or {100 * redaction['max_area']:.0f}% "
+      + (f"until {100 * redaction['target_drop']:.0f}% of their score is gone" if redaction.get("target_drop")
+         else f"until their score is at most {format_value(redaction['target_score'])}")
+      + f" or {100 * redaction['max_area']:.0f}% "
       f"of the image is redacted (reached by {100 * redaction['target_reached']:.0f}%; mean area "
       f"{100 * redaction['mean_area']:.1f}%, mean score before {format_value(redaction['mean_score_before'])}). "
       f"The attention's masks cover {100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: "
