@@ -32,8 +32,8 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "evaluate: evaluate a checkpoint on --split, with report.md/report.html; cache_features: "
                   "build (or check) the frozen-encoder feature cache of config.feature_cache, which train "
                   "then reads; predict: score "
-                  "--images; export: write a jax.export predictor; redact: write --images with the regions the attention "
-                  "points at redacted and without metadata; compare: tabulate --workdirs.")
+                  "--images; export: write a jax.export predictor; redact: write --images with the regions "
+                  "the attention points at redacted and without metadata; compare: tabulate --workdirs.")
 flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
 flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict and export; default: the best by "
                      "validation Spearman.")
@@ -41,7 +41,8 @@ flags.DEFINE_multi_string("images", [], "predict, redact: image files, folders (
                           "more paths may follow as plain arguments.")
 flags.DEFINE_string("output", None, "predict, redact: the output folder; export: the artifact folder (default "
                     "<workdir>/export); compare: the markdown file.")
-flags.DEFINE_string("exported", None, "predict, redact: run the artifact in this folder instead of a --workdir checkpoint.")
+flags.DEFINE_string("exported", None, "predict, redact: run the artifact in this folder instead of a --workdir "
+                    "checkpoint.")
 flags.DEFINE_list("workdirs", [], "compare: the runs' workdirs, comma separated.")
 flags.DEFINE_integer("profile", None, "predict: also give (redact: redact for) profile K's (0..29) score.")
 flags.DEFINE_string("preferences", None, "predict: also give the score for these ratings (TSV as "

@@ -673,16 +673,17 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
+  # predict's reading machinery (threads or processes, batches read ahead, error text), shared.
+  # pylint: disable=protected-access
   records = []
   with (open(output_dir / "redaction.jsonl", "w") as jsonl_file,
         open(output_dir / "redaction.csv", "w", newline="") as csv_file,
-        concurrent.futures.ThreadPoolExecutor(predict._THREADS) as pool,  # pylint: disable=protected-access
-        predict._loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,  # pylint: disable=protected-access
+        concurrent.futures.ThreadPoolExecutor(predict._THREADS) as pool,
+        predict._loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
         tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar):
     writer = csv.writer(csv_file)
     writer.writerow(CSV_HEADER)
-    chunks = predict._loaded_chunks(entries, names, load, predictor.batch_size, loader)  # pylint: disable=protected-access
-    for chunk in chunks:
+    for chunk in predict._loaded_chunks(entries, names, load, predictor.batch_size, loader):
       good = [(path, name, photo) for path, name, photo in chunk if isinstance(photo, Photo)]
       outcome = None
       if good:
@@ -717,13 +718,14 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
             for key in list(record):
               if key not in ("path", "name"):
                 del record[key]
-            record.update(ok=False, error=predict._error_text(e))  # pylint: disable=protected-access
+            record.update(ok=False, error=predict._error_text(e))
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
         writer.writerow(_csv_row(record))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()
+  # pylint: enable=protected-access
   failed = sum(not record["ok"] for record in records)
   logging.info("Redacted %d images (%d failed) into %s", len(records), failed, output_dir)
   return RedactResult(len(records), failed, records, output_dir)

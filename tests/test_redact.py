@@ -179,6 +179,20 @@ def test_score_goes_down_and_the_regions_cover_the_private_patch(tmp_path):
   assert (tmp_path / "out" / record["panel"]).is_file()
 
 
+def test_candidates_of_all_photos_are_scored_together_each_round(tmp_path):
+  predictor = texture_predictor(batch_size=64)
+  calls, infer = [], predictor.infer
+  predictor.infer = lambda images, mask: (calls.append(int(mask.sum())), infer(images, mask))[1]
+  patches = [PATCH, (8, 8, 40, 36), (30, 20, 62, 48)]
+  files = {f"risky{i}.png": _encoded(risky_photo(patch=patch), "PNG") for i, patch in enumerate(patches)}
+  _, records = _run(tmp_path, files, predictor, target_score=-1.0)  # Unreachable: rounds up to max_area.
+  rounds = max(r["rounds"] for r in records.values())
+  assert rounds >= 2 and all(r["area"] <= redact.DEFAULT_MAX_AREA + 1e-9 for r in records.values())
+  assert calls[:2] == [3, 3 * redact.CANDIDATES]  # The photos, then every photo's candidates, in one call each.
+  assert len(calls) <= 2 + rounds
+  assert all(r["score_after"] < r["score_before"] for r in records.values())
+
+
 def test_max_area_caps_the_redaction(tmp_path):
   _, records = _run(tmp_path, {"risky.png": _encoded(risky_photo(), "PNG")}, target_score=-1.0, max_area=0.05)
   record = records["risky.png"]
