@@ -85,7 +85,9 @@ def quality(predictor: predict.Predictor) -> None:
                                             target_score=target, method=method, max_area=FLAGS.max_area)
       seconds = time.perf_counter() - start
       drop = summary["mean_drop"]
-      ratio = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+      def ratio(value):
+        return f"{value:.2f}" if value is not None else "-"
+
       print(f"{method:8s} | {label:17s} | {summary['num_images']:3d} | {summary['mean_score_before']:12.3f} | "
             f"{summary['mean_area']:.3f} | {summary['target_reached']:7.2f} | {drop['attention']:14.3f} | "
             f"{drop['random']:11.3f} | {drop['centred']:12.3f} | {ratio(summary['drop_ratio_random']):>8s} | "

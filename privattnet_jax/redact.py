@@ -67,7 +67,6 @@ WRITE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "T
                  "BMP": "BMP", "GIF": "GIF"}
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")  # Formats whose transparency the output keeps.
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tiff", "BMP": ".bmp", "GIF": ".gif"}
-QUALITY_EXAMPLES = 4  # Before/after examples in the evaluation report.
 
 # EXIF tags (Pillow's ExifTags numbers), by what they give away.
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
@@ -262,7 +261,7 @@ def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.n
   """
   images = np.asarray(images, np.uint8)
   count, size = len(images), images.shape[1:3]
-  before, attention = score(input_pipeline_normalize(images))
+  before, attention = score(normalise_images(images))
   targets = np.broadcast_to(np.asarray(targets(before), np.float64), (count,))
   after, current = before.copy(), attention.copy()
   masks = np.zeros((count, *size), bool)
@@ -282,7 +281,7 @@ def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.n
     if not proposals:
       break
     redacted = np.stack([redact_array(images[i], mask, method) for i, mask in proposals])
-    scores, maps = score(input_pipeline_normalize(redacted))
+    scores, maps = score(normalise_images(redacted))
     chosen: dict[int, int] = {}
     for j, (i, mask) in enumerate(proposals):
       best = chosen.get(i)
@@ -304,7 +303,7 @@ def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.n
   return Redactions(masks, before, after, attention, rounds, targets)
 
 
-def input_pipeline_normalize(images: np.ndarray) -> np.ndarray:
+def normalise_images(images: np.ndarray) -> np.ndarray:
   """uint8 (N, S, S, 3) -> the model's float input, as the eval transform normalises."""
   return np.stack([input_pipeline.normalize(image) for image in images])
 
@@ -774,7 +773,7 @@ def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_
     centred_masks.append(centred_box_mask(size, area))
   redacted = [redact_array(image, mask, method) for masks in (random_masks, centred_masks)
               for image, mask in zip(images, masks)]
-  scores, _ = score(input_pipeline_normalize(np.stack(redacted)))
+  scores, _ = score(normalise_images(np.stack(redacted)))
   random_after, centred_after = scores[:len(images)], scores[len(images):]
   truth = np.stack([_boxes_mask(b, int(n), size) for b, n in zip(boxes, num_boxes)])
   covered = np.count_nonzero(greedy.masks & truth) / max(np.count_nonzero(truth), 1)

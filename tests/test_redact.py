@@ -135,8 +135,8 @@ def test_redaction_changes_the_masked_pixels_and_nothing_else(method):
   mask[PATCH[1]:PATCH[3], PATCH[0]:PATCH[2]] = True
   out = redact.redact_array(image, mask, method)
   np.testing.assert_array_equal(out[~mask], image[~mask])
-  inside = _detail(redact.input_pipeline_normalize(out[None]))[0][mask]
-  before = _detail(redact.input_pipeline_normalize(image[None]))[0][mask]
+  inside = _detail(redact.normalise_images(out[None]))[0][mask]
+  before = _detail(redact.normalise_images(image[None]))[0][mask]
   assert inside.mean() < 0.25 * before.mean()  # The checkerboard's detail is gone.
   if method == "fill":
     assert (out[mask] == redact.FILL_COLOUR).all()
