@@ -11,7 +11,8 @@ attention points at blurred (or pixelated, or filled), and without its metadata:
   is blurred, attention moves to the next one). All candidates of all photos of a batch are scored
   in the same batched model calls; each photo keeps its smallest candidate at or below the target,
   else its lowest-scoring one. Rounds stop at the target, at `max_area`, or when no candidate
-  lowers the score (so the output never scores above the input).
+  lowers the score by more than `MIN_DROP` of the score's scale (so the output never scores above
+  the input, and a photo the model finds safe is not blurred for noise-level gains).
 * Resolution. Scoring happens at the model's resolution, on the model input itself (the photo as
   predict feeds it, stretched to S x S), so a round costs a few model rows and no decoding. Only the
   final mask is upsampled to the photo's full (EXIF-oriented) resolution, where each region's box
@@ -57,6 +58,7 @@ METHODS = ("blur", "pixelate", "fill")
 DEFAULT_MAX_AREA = 0.25
 AREA_STEP = 0.025  # Area a candidate adds per step, as a fraction of the image.
 CANDIDATES = 4  # Candidates per photo and round: the mask grown by 1..CANDIDATES area steps.
+MIN_DROP = 0.01  # A round must lower the score by more than this share of the score's scale, or rounds stop.
 BLUR_FRACTION = 0.04  # Gaussian sigma, as a fraction of the image's width (x) and height (y).
 BLUR_DETAIL = 4  # Pixels per sigma a wide blur is computed at (see _redacted_crop).
 PIXEL_FRACTION = 0.04  # Pixelation block size, likewise.
@@ -228,6 +230,11 @@ def scorer(predictor: predict.Predictor, user: predict.UserScore | None = None) 
   return score
 
 
+def score_scale(info: dict) -> float:
+  """The largest score the checkpoint's target gives (its largest preference): what MIN_DROP scales."""
+  return float(np.max(np.abs(np.asarray(info["preferences"], np.float64))))
+
+
 def safe_score(info: dict) -> float:
   """The score the checkpoint's target gives an image labelled safe (`a0_safe` alone)."""
   labels = attributes.multi_hot([attributes.SAFE_ATTRIBUTE])[None]
@@ -252,12 +259,13 @@ class Redactions:
 
 def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.ndarray], np.ndarray], grid_shape,
                       *, method: str = "blur", max_area: float = DEFAULT_MAX_AREA, area_step: float = AREA_STEP,
-                      candidates: int = CANDIDATES) -> Redactions:
+                      candidates: int = CANDIDATES, min_drop: float = 0.0) -> Redactions:
   """Greedy attention-guided masks for uint8 model-resolution images (N, S, S, 3).
 
   Round by round, every image still above its target gets `candidates` masks grown along the
   attention of its current redaction; they are all scored together (one batched call a round).
-  `targets` maps the images' own scores to the scores to reach.
+  `targets` maps the images' own scores to the scores to reach; a round that lowers an image's
+  score by `min_drop` or less ends its rounds.
   """
   images = np.asarray(images, np.uint8)
   count, size = len(images), images.shape[1:3]
@@ -295,8 +303,8 @@ def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.n
         chosen[i] = j
     active[:] = False
     for i, j in chosen.items():
-      if scores[j] >= after[i]:
-        continue  # No candidate lowers the risk: stop (the output is never riskier than the input).
+      if after[i] - scores[j] <= min_drop:
+        continue  # No candidate lowers the risk (by more than noise): stop.
       masks[i], after[i], current[i] = proposals[j][1], scores[j], maps[j]
       rounds[i] += 1
       active[i] = after[i] > targets[i] and masks[i].mean() < max_area - 0.5 / masks[i].size
@@ -688,7 +696,8 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
       if good:
         pixels = np.stack([model_pixels(photo.loaded.model_input) for _, _, photo in good])
         outcome = greedy_redactions(score, pixels, lambda before: settings.targets(before, info), grid_shape,
-                                    method=settings.method, max_area=settings.max_area)
+                                    method=settings.method, max_area=settings.max_area,
+                                    min_drop=MIN_DROP * score_scale(info))
         targets = outcome.targets
       writes = collections.deque()
       index = 0

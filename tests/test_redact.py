@@ -290,6 +290,13 @@ def test_a_safe_photo_is_left_alone(tmp_path):
   assert out == redact.strip_jpeg_metadata(files["safe.jpg"])
 
 
+def test_a_photo_redaction_cannot_make_safer_is_left_alone_under_a_relative_target(tmp_path):
+  _, records = _run(tmp_path, {"safe.png": _encoded(smooth_photo(), "PNG")}, target_drop=0.5)
+  record = records["safe.png"]
+  assert not record["target_reached"] and record["rounds"] == 0 and record["area"] == 0
+  assert record["score_after"] == record["score_before"]
+
+
 def test_hostile_files_get_error_rows_and_the_rest_is_redacted(tmp_path):
   files = {name: make() for name, (make, _) in tiny_runs.BROKEN.items()}
   files["risky.png"] = _encoded(risky_photo(), "PNG")
