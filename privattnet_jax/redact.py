@@ -77,6 +77,12 @@ _DEVICE_TAGS = {0x010F: "make", 0x0110: "model", 0x0131: "software", 0xA431: "bo
 _OWNER_TAGS = {0x013B: "artist", 0x8298: "copyright", 0xA430: "camera_owner_name", 0x9C9D: "xp_author"}
 _TIME_TAGS = {0x0132: "date_time", 0x9003: "date_time_original", 0x9004: "date_time_digitized"}
 _ORIENTATION = 0x0112
+# TIFF baseline tags that describe the image data itself (size, samples, compression, strips, tiles,
+# resolution, predictor, colour map...): a TIFF always has some, and they say nothing of its owner.
+_TIFF_STRUCTURE = frozenset({0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109,
+                             0x010A, 0x0111, 0x0112, 0x0115, 0x0116, 0x0117, 0x0118, 0x0119, 0x011A, 0x011B,
+                             0x011C, 0x0128, 0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145, 0x0152, 0x0153,
+                             0x0154, 0x0155})
 # JPEG markers a byte-for-byte copy keeps: APP0 (JFIF) and APP14 (Adobe: the colour transform).
 _JPEG_KEPT_APP = (0xE0, 0xEE)
 
@@ -363,7 +369,10 @@ def find_metadata(image: Image.Image) -> dict:
   except Exception:  # pylint: disable=broad-except  # A broken EXIF block is still EXIF.
     exif, found["exif"] = None, {"tags": "unreadable"}
   if exif:
-    found["exif"] = {"tags": len(exif)}
+    # A TIFF's own image tags (size, compression, strips) come back as EXIF too: not metadata.
+    tags = [tag for tag in exif if image.format != "TIFF" or tag not in _TIFF_STRUCTURE]
+    if tags:
+      found["exif"] = {"tags": len(tags)}
     ifds = {0: exif}
     for ifd in (_EXIF_IFD, _GPS_IFD):
       try:

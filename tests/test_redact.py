@@ -245,9 +245,14 @@ def test_no_metadata_is_left_and_the_row_lists_it(tmp_path):
       "safe.jpg": _encoded(smooth_photo(), "JPEG", quality=95, exif=exif, xmp=XMP, comment=b"Jane's phone"),
       "risky.png": _encoded(risky_photo(), "PNG", exif=exif),
       "safe.webp": _encoded(smooth_photo(), "WEBP", exif=exif, xmp=XMP),
+      "risky.tiff": _encoded(risky_photo(), "TIFF", exif=exif),
   }
   _, records = _run(tmp_path, files, target_score=0.3)
   assert not records["safe.jpg"]["regions"] and records["risky.jpg"]["regions"]
+  tiff = records.pop("risky.tiff")  # Pillow's TIFF writer keeps the main IFD's tags, not the GPS / EXIF IFDs.
+  assert tiff["metadata_found"]["owner"] == {"artist": "Jane Doe"} and "make" in tiff["metadata_found"]["device"]
+  assert not redact.find_metadata(Image.open(tmp_path / "out" / tiff["output"]))
+  assert b"Jane" not in (tmp_path / "out" / tiff["output"]).read_bytes()
   for name, record in records.items():
     found = record["metadata_found"]
     assert found["gps"] == {"latitude": pytest.approx(52.5163), "longitude": pytest.approx(13.3777),
