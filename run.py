@@ -35,7 +35,7 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "--images; export: write a jax.export predictor; redact: write --images with the regions "
                   "the attention points at redacted and without metadata; compare: tabulate --workdirs.")
 flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
-flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict and export; default: the best by "
+flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict, redact and export; default: the best by "
                      "validation Spearman.")
 flags.DEFINE_multi_string("images", [], "predict, redact: image files, folders (searched recursively) or globs; "
                           "more paths may follow as plain arguments.")

@@ -270,19 +270,22 @@ REDACTION_HEADERS = ("regions", "mean risk drop", "attention's drop / this")
 def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
   """The report's redaction section: attention against random regions and a centred box, at equal area."""
   drop = redaction["mean_drop"]
-  rows = [[name, format_value(drop[key]), "1" if key == "attention" else format_value(
-      drop["attention"] / drop[key] if drop[key] > 0 else None)]
-          for name, key in (("attention-guided", "attention"), ("random, same area", "random"),
-                            ("centred box, same area", "centred"))]
-  blocks = [("heading", 2, "Redaction"), _text(
-      f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the attention "
-      + (f"until {100 * redaction['target_drop']:.0f}% of their score is gone" if redaction.get("target_drop")
-         else f"until their score is at most {format_value(redaction['target_score'])}")
-      + f" or {100 * redaction['max_area']:.0f}% "
-      f"of the image is redacted (reached by {100 * redaction['target_reached']:.0f}%; mean area "
-      f"{100 * redaction['mean_area']:.1f}%, mean score before {format_value(redaction['mean_score_before'])}). "
-      f"The attention's masks cover {100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: "
-      f"{100 * redaction['box_area']:.1f}% of the images)."), ("table", REDACTION_HEADERS, rows)]
+  rows = []
+  for name, key in (("attention-guided", "attention"), ("random, same area", "random"),
+                    ("centred box, same area", "centred")):
+    ratio = drop["attention"] / drop[key] if drop[key] > 0 else None  # None: these regions raise the risk.
+    rows.append([name, format_value(drop[key]), format_value(ratio)])
+  if redaction.get("target_drop"):
+    target = f"until {100 * redaction['target_drop']:.0f}% of their score is gone"
+  else:
+    target = f"until their score is at most {format_value(redaction['target_score'])}"
+  text = (f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the "
+          f"attention {target} or {100 * redaction['max_area']:.0f}% of the image is redacted (reached by "
+          f"{100 * redaction['target_reached']:.0f}%; mean area {100 * redaction['mean_area']:.1f}%, mean score "
+          f"before {format_value(redaction['mean_score_before'])}). The attention's masks cover "
+          f"{100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: {100 * redaction['box_area']:.1f}% "
+          "of the images); random regions and a centred box of the same area per image for comparison.")
+  blocks = [("heading", 2, "Redaction"), _text(text), ("table", REDACTION_HEADERS, rows)]
   for index, panel in enumerate(panels):
     blocks.append(("image", "before and after redaction", _to_pil(panel), f"redaction_{index:03d}"))
   return blocks

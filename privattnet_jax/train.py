@@ -672,10 +672,11 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   if localisation is not None:
     summary["localisation"] = localisation
   redaction = None
-  if localisation is not None and "image_id" in result.extras:
+  if localisation is not None and "image_id" in result.extras:  # Boxes, attention, one process.
     redaction = evaluation_report.redaction_summary(
         result.extras, experiment.sources[split], _photo_inference(experiment, state), image_size=config.image_size,
         batch_size=config.batch_size, model_name=config.model.name)
+  if redaction is not None:
     summary["redaction"] = redaction[0]
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))

@@ -23,6 +23,7 @@ from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
 from privattnet_jax import predict
 from privattnet_jax import redact
+from privattnet_jax import report
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -364,6 +365,20 @@ def test_attention_beats_random_and_centred_regions_on_off_centre_patches():
   assert summary["mean_drop"]["attention"] > 2 * summary["mean_drop"]["centred"]
   assert summary["box_coverage"] > 0.6 and summary["target_reached"] == 1.0
   assert summary["mean_area"] == pytest.approx(greedy.areas.mean())
+
+
+def test_report_section_compares_the_drops_and_marks_regions_that_raise_the_risk():
+  summary = {"num_images": 3, "method": "fill", "target_drop": 0.5, "target_score": None, "max_area": 0.25,
+             "target_reached": 1 / 3, "mean_area": 0.12, "mean_score_before": 3.0, "box_coverage": 0.7,
+             "box_area": 0.14, "mean_drop": {"attention": 1.2, "random": -0.1, "centred": 0.3}}
+  panel = Image.new("RGB", (8, 4))
+  blocks = report.redaction_blocks(summary, [panel])
+  assert blocks[0] == ("heading", 2, "Redaction") and "until 50% of their score is gone" in blocks[1][1]
+  assert "cover 70% of the boxes' area" in blocks[1][1]
+  table = blocks[2]
+  assert table[2] == [["attention-guided", "1.200", "1.000"], ["random, same area", "-0.100", report.MISSING],
+                      ["centred box, same area", "0.300", "4.000"]]
+  assert blocks[3][0] == "image" and blocks[3][2].size == (8, 4)
 
 
 # ----------------------------------------------------------------------------
