@@ -6,6 +6,7 @@
   python run.py --mode=predict --workdir=/tmp/demo --images ~/Pictures --output=/tmp/scores
   python run.py --mode=export --workdir=/tmp/demo
   python run.py --mode=predict --exported=/tmp/demo/export --images=photo.jpg --output=/tmp/scores
+  python run.py --mode=redact --workdir=/tmp/demo --images ~/Pictures --output=/tmp/redacted
   python run.py --mode=compare --workdirs=/tmp/demo,/tmp/demo_privnet --output=compare.md
 
 Every config field can be overridden with --config.<field>=<value>. Predict and export read the
@@ -27,7 +28,7 @@ import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "evaluate", "cache_features", "predict", "export", "compare")
+MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py); train and evaluate need one.",
                                 lock_config=True)
@@ -36,29 +37,39 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "evaluate: evaluate a checkpoint on --split, with report.md/report.html; cache_features: "
                   "build (or check) the frozen-encoder feature cache of config.feature_cache, which train "
                   "then reads; predict: score "
-                  "--images; export: write a jax.export predictor; compare: tabulate --workdirs.")
+                  "--images; export: write a jax.export predictor; redact: write --images with the regions "
+                  "the attention points at redacted and without metadata; compare: tabulate --workdirs.")
 flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
-flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict and export; default: the best by "
+flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict, redact and export; default: the best by "
                      "validation Spearman.")
-flags.DEFINE_multi_string("images", [], "predict: image files, folders (searched recursively) or globs; "
+flags.DEFINE_multi_string("images", [], "predict, redact: image files, folders (searched recursively) or globs; "
                           "more paths may follow as plain arguments.")
-flags.DEFINE_string("output", None, "predict: the output folder; export: the artifact folder (default "
+flags.DEFINE_string("output", None, "predict, redact: the output folder; export: the artifact folder (default "
                     "<workdir>/export); compare: the markdown file.")
-flags.DEFINE_string("exported", None, "predict: run the artifact in this folder instead of a --workdir checkpoint.")
+flags.DEFINE_string("exported", None, "predict, redact: run the artifact in this folder instead of a --workdir "
+                    "checkpoint.")
 flags.DEFINE_list("workdirs", [], "compare: the runs' workdirs, comma separated.")
-flags.DEFINE_integer("profile", None, "predict: also give profile K's (0..29) score.")
+flags.DEFINE_integer("profile", None, "predict: also give (redact: redact for) profile K's (0..29) score.")
 flags.DEFINE_string("preferences", None, "predict: also give the score for these ratings (TSV as "
                     "data/user_studies/user_profiles.tsv with one rating column; attribute models).")
-flags.DEFINE_integer("batch_size", 32, "predict: images per batch (padded, so that it compiles once).")
-flags.DEFINE_bool("heatmaps", True, "predict: write heat map panels (attention models).")
+flags.DEFINE_integer("batch_size", 32, "predict, redact: images per batch (padded, so that it compiles once).")
+flags.DEFINE_bool("heatmaps", True, "predict: write heat map panels (attention models); redact: before/after panels.")
 flags.DEFINE_enum("heatmap_normalisation", "per_map", ("per_map", "global"),
                   "predict: min-max scale each step's map alone, or all steps of an image together.")
-flags.DEFINE_integer("panel_size", 256, "predict: longer side of each heat-map panel tile, in pixels.")
+flags.DEFINE_integer("panel_size", 256, "predict, redact: longer side of each panel tile, in pixels.")
 flags.DEFINE_integer("top_attributes", 5, "predict: attribute models' most probable attributes to list.")
-flags.DEFINE_integer("max_pixels", None, "predict: refuse images with more pixels (decompression bombs; "
+flags.DEFINE_integer("max_pixels", None, "predict, redact: refuse images with more pixels (decompression bombs; "
                      "JPEGs are decoded reduced instead); default: Pillow's limit.")
-flags.DEFINE_integer("loader_processes", 0, "predict: read photos in this many worker processes (0: threads); "
+flags.DEFINE_integer("loader_processes", 0, "predict, redact: read photos in this many worker processes (0: threads); "
                      "faster for camera-size photos on a many-core host.")
+flags.DEFINE_enum("method", "blur", ("blur", "pixelate", "fill"), "redact: how regions are redacted.")
+flags.DEFINE_float("target_score", None, "redact: stop when the score is at or below this; default: the "
+                   "score of a safe image under the checkpoint's target (see --target_drop).")
+flags.DEFINE_float("target_drop", None, "redact: stop when this fraction of each photo's own score is gone "
+                   "(instead of --target_score).")
+flags.DEFINE_float("max_area", 0.25, "redact: the most of a photo's area that may be redacted.")
+flags.DEFINE_bool("keep_metadata", False, "redact: keep EXIF, XMP and the ICC profile (default: every output is "
+                  "written without metadata).")
 flags.DEFINE_list("export_platforms", ["cpu", "cuda"], "export: platforms to lower for.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU or TPU runs); "
                   "the coordinator flags below are for clusters it cannot detect itself.")
@@ -73,8 +84,8 @@ def _require(*names: str) -> None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs {' and '.join(missing)}")
 
 
-def _predict(images) -> int:
-  """Returns the process exit status: 1 when any image failed (its entry says why)."""
+def _predictor():
+  """The --exported artifact or the --workdir checkpoint, as predict and redact run it."""
   # Imported here: grain worker processes re-import this module, and --exported runs need no model code.
   from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 
@@ -84,6 +95,14 @@ def _predict(images) -> int:
     predictor = predict.load_exported_predictor(FLAGS.exported, FLAGS.batch_size)
   else:
     predictor = predict.load_checkpoint_predictor(FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.batch_size)
+  return predictor
+
+
+def _predict(images) -> int:
+  """Returns the process exit status: 1 when any image failed (its entry says why)."""
+  from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+
+  predictor = _predictor()
   result = predict.predict(
       predictor, images, FLAGS.output, profile=FLAGS.profile, preferences_file=FLAGS.preferences,
       heatmap_panels=FLAGS.heatmaps, normalisation=FLAGS.heatmap_normalisation, top_attributes=FLAGS.top_attributes,
@@ -93,6 +112,27 @@ def _predict(images) -> int:
         f"{result.output_dir}", flush=True)
   if result.num_failed:
     print(f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'predictions.jsonl'})",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+def _redact(images) -> int:
+  """Returns the process exit status: 1 when any image failed (its entry says why)."""
+  from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
+
+  settings = redact.RedactSettings(method=FLAGS.method, target_score=FLAGS.target_score,
+                                   target_drop=FLAGS.target_drop, max_area=FLAGS.max_area,
+                                   keep_metadata=FLAGS.keep_metadata)
+  settings.check()  # Before the checkpoint is restored.
+  result = redact.redact_photos(
+      _predictor(), images, FLAGS.output, settings, profile=FLAGS.profile, preferences_file=FLAGS.preferences,
+      panels=FLAGS.heatmaps, max_pixels=FLAGS.max_pixels, panel_size=FLAGS.panel_size,
+      loader_processes=FLAGS.loader_processes, progress=sys.stderr.isatty())
+  print(f"{result.num_images - result.num_failed} of {result.num_images} images redacted into {result.output_dir}",
+        flush=True)
+  if result.num_failed:
+    print(f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'redaction.jsonl'})",
           file=sys.stderr)
     return 1
   return 0
@@ -201,16 +241,16 @@ def _quiet_library_info(record) -> bool:
 
 def _check_usage(extra: list[str]) -> None:
   """Raises app.UsageError when the mode lacks a flag it needs."""
-  if extra and FLAGS.mode != "predict":
+  if extra and FLAGS.mode not in ("predict", "redact"):
     raise app.UsageError(f"unexpected arguments: {extra}")
   if FLAGS.mode in ("train", "evaluate", "cache_features"):
     _require("config", "workdir")
-  elif FLAGS.mode == "predict":
+  elif FLAGS.mode in ("predict", "redact"):
     _require("output")
     if not (FLAGS.images or extra):
-      raise app.UsageError("--mode=predict needs --images")
+      raise app.UsageError(f"--mode={FLAGS.mode} needs --images")
     if bool(FLAGS.workdir) == bool(FLAGS.exported):
-      raise app.UsageError("--mode=predict needs --workdir (a checkpoint) or --exported (an artifact), not both")
+      raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir (a checkpoint) or --exported (an artifact), not both")
   elif FLAGS.mode == "export":
     _require("workdir")
   elif FLAGS.mode == "compare":
@@ -228,7 +268,7 @@ def main(argv):
   status = 0
   try:
     config = _load_config()
-    if FLAGS.mode == "predict":
+    if FLAGS.mode in ("predict", "redact"):
       from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 
       predict.check_output_dir(pathlib.Path(FLAGS.output))
@@ -238,6 +278,8 @@ def main(argv):
                  jax.local_device_count(), jax.device_count())
     if FLAGS.mode == "predict":
       status = _predict([*FLAGS.images, *extra])
+    elif FLAGS.mode == "redact":
+      status = _redact([*FLAGS.images, *extra])
     elif FLAGS.mode == "compare":
       from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
 

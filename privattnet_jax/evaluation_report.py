@@ -17,12 +17,17 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from PIL import Image
+
 from privattnet_jax import heatmaps
+from privattnet_jax import input_pipeline
 from privattnet_jax import localisation
 from privattnet_jax import predict
+from privattnet_jax import redact
 from privattnet_jax import report
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
+REDACTION_IMAGES = 48  # Risky images with boxes whose redaction is measured (a few model calls each).
 NOT_METRICS = ("step", "model", "split")  # eval_<split>.json keys that are not metrics.
 
 
@@ -31,6 +36,38 @@ def localisation_summary(extras: Mapping) -> dict | None:
   if "attention" not in extras or "num_boxes" not in extras or not np.any(extras["num_boxes"] > 0):
     return None
   return localisation.localisation_metrics(extras["attention"], extras["boxes"], extras["num_boxes"])
+
+
+def redaction_summary(extras: Mapping, source, infer, *, image_size: int, batch_size: int, model_name: str,
+                      max_images: int = REDACTION_IMAGES, examples: int = REPORT_EXAMPLES):
+  """Redaction quality (`redact.redaction_quality`) of an attention model on data with boxes.
+
+  Measured on up to `max_images` images with boxes, spread evenly over the split, read back from
+  the source as the heat-map examples are. `infer` maps (images, mask) to `score` and `attention`
+  in batches of `batch_size`. Returns (summary, before/after panels) or None without attention
+  or boxes.
+  """
+  if "attention" not in extras or "num_boxes" not in extras:
+    return None
+  rows = np.flatnonzero(np.asarray(extras["num_boxes"]) > 0)
+  if not len(rows):
+    return None
+  rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(max_images, len(rows))).round().astype(int))]
+  image_ids = [str(extras["image_id"][i]) for i in rows]
+  pixels = np.stack([redact.model_pixels(input_pipeline.eval_image(_stored_image(source, i, image_id), image_size))
+                     for i, image_id in zip(rows, image_ids)])
+  info = {"model": model_name, "image_size": image_size, "outputs": {"score": None, "attention": None}}
+  score = redact.scorer(predict.Predictor(info, batch_size, infer))
+  grid_shape = heatmaps.infer_grid_shape(np.asarray(extras["attention"]).shape[-1])
+  summary, greedy = redact.redaction_quality(score, pixels, np.asarray(extras["boxes"])[rows],
+                                             np.asarray(extras["num_boxes"])[rows], grid_shape)
+  panels = []
+  for k in np.argsort(-(greedy.before - greedy.after), kind="stable")[:examples]:  # The largest drops.
+    after = Image.fromarray(redact.redact_array(pixels[k], greedy.masks[k]))
+    panels.append(redact.before_after_panel(
+        pixels[k], after, redact.mask_regions(greedy.masks[k]), (image_size, image_size),
+        score_before=greedy.before[k], score_after=greedy.after[k], area=float(greedy.areas[k]), title=image_ids[k]))
+  return summary, panels
 
 
 def single_column(scores) -> np.ndarray:
@@ -56,10 +93,11 @@ def report_dir(workdir, split: str) -> pathlib.Path:
 
 
 def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping, extras: Mapping,
-                      predictions, targets, source, examples: int = REPORT_EXAMPLES):
+                      predictions, targets, source, examples: int = REPORT_EXAMPLES, redaction_examples=()):
   """report.md + report.html for one evaluated split (see report.write_report).
 
-  `extras` are EvalResult.extras of a single-process evaluation (they hold labels and image ids).
+  `extras` are EvalResult.extras of a single-process evaluation (they hold labels and image ids);
+  `redaction_examples` are redaction_summary's panels.
   """
   predictions, targets = single_column(predictions), single_column(targets)
   image_ids = [str(i) for i in extras["image_id"]]
@@ -80,7 +118,8 @@ def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping
   metrics = {k: v for k, v in summary.items() if k not in NOT_METRICS}
   return report.write_report(
       out_dir, method_name=method_name, metrics=metrics, predictions=predictions, targets=targets,
-      labels=extras["labels"] > 0, examples=shown, localisation=summary.get("localisation"), split=split)
+      labels=extras["labels"] > 0, examples=shown, localisation=summary.get("localisation"), split=split,
+      redaction=summary.get("redaction"), redaction_examples=redaction_examples)
 
 
 def compare_runs(workdirs: Sequence[str], output, split: str = "test") -> pathlib.Path:

@@ -264,6 +264,33 @@ LOCALISATION_HEADERS = ("step", "attention mass in boxes", "boxes' share of imag
                         "pointing chance")
 
 
+REDACTION_HEADERS = ("regions", "mean risk drop", "attention's drop / this")
+
+
+def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
+  """The report's redaction section: attention against random regions and a centred box, at equal area."""
+  drop = redaction["mean_drop"]
+  rows = []
+  for name, key in (("attention-guided", "attention"), ("random, same area", "random"),
+                    ("centred box, same area", "centred")):
+    ratio = drop["attention"] / drop[key] if drop[key] > 0 else None  # None: these regions raise the risk.
+    rows.append([name, format_value(drop[key]), format_value(ratio)])
+  if redaction.get("target_drop"):
+    target = f"until {100 * redaction['target_drop']:.0f}% of their score is gone"
+  else:
+    target = f"until their score is at most {format_value(redaction['target_score'])}"
+  text = (f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the "
+          f"attention {target} or {100 * redaction['max_area']:.0f}% of the image is redacted (reached by "
+          f"{100 * redaction['target_reached']:.0f}%; mean area {100 * redaction['mean_area']:.1f}%, mean score "
+          f"before {format_value(redaction['mean_score_before'])}). The attention's masks cover "
+          f"{100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: {100 * redaction['box_area']:.1f}% "
+          "of the images); random regions and a centred box of the same area per image for comparison.")
+  blocks = [("heading", 2, "Redaction"), _text(text), ("table", REDACTION_HEADERS, rows)]
+  for index, panel in enumerate(panels):
+    blocks.append(("image", "before and after redaction", _to_pil(panel), f"redaction_{index:03d}"))
+  return blocks
+
+
 # Report blocks: ("heading", level, text) | ("text", markdown_text, html_text) | ("table", headers, rows)
 # | ("image", alt, PIL image, file stem).
 def _to_pil(panel) -> Image.Image:
@@ -338,7 +365,8 @@ def _text(markdown_text: str, html_text: str | None = None):
 def write_report(
     out_dir, *, method_name: str, metrics: Mapping, predictions, targets, labels,
     examples: Sequence[Mapping] = (), localisation: Mapping | None = None,
-    split: str = "test", value_range: tuple[float, float] | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+    split: str = "test", value_range: tuple[float, float] | None = None, redaction: Mapping | None = None,
+    redaction_examples: Sequence = ()) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes `report.md` (+ `report_files/*.png`) and a self-contained `report.html` into out_dir.
 
   Args:
@@ -355,6 +383,8 @@ def write_report(
     localisation: `localisation.localisation_metrics` output, when the data has boxes.
     split: the evaluated split's name, for the headings.
     value_range: fixes the scatter plot's axis range (e.g. (0, 5)); the data's by default.
+    redaction: `redact.redaction_quality`'s summary, when the data has boxes.
+    redaction_examples: before/after panels (PIL images) of the redaction.
 
   Returns:
     The paths of report.md and report.html.
@@ -392,6 +422,9 @@ def write_report(
         "boxes' share of the image (the level of uniform attention); pointing game: the most attended "
         "cell's centre lies in a box, against the share of cells whose centre does (chance)."))
     blocks.append(("table", LOCALISATION_HEADERS, localisation_rows(localisation)))
+
+  if redaction is not None:
+    blocks += redaction_blocks(redaction, redaction_examples)
 
   sections = {"most": "Most risky images", "least": "Least risky images"}
   grouped: dict[str, list[Mapping]] = {}

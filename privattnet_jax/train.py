@@ -661,6 +661,19 @@ def _check_finite(unchecked: list, manager) -> None:
           f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}.")
 
 
+def _photo_inference(experiment: Experiment, state: TrainState):
+  """(images, mask) -> the eval step's `score` and `attention` for images without targets (zeros fill
+  the batch's targets), as the redaction quality re-scores redacted images."""
+  num_scores = experiment.task.preferences.shape[1]
+
+  def infer(images, mask):
+    batch = {"image": images, "mask": mask, "score": np.zeros((len(images), num_scores), np.float32),
+             "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32)}
+    outputs = _to_host(experiment.eval_fn(state, shard_batch(batch, experiment.mesh)))
+    return {"score": outputs["prediction"], "attention": outputs["attention"]}
+  return infer
+
+
 def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
                         experiment: Experiment | None = None) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
@@ -678,13 +691,20 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   localisation = evaluation_report.localisation_summary(result.extras)
   if localisation is not None:
     summary["localisation"] = localisation
+  redaction = None
+  if localisation is not None and "image_id" in result.extras:  # Boxes, attention, one process.
+    redaction = evaluation_report.redaction_summary(
+        result.extras, experiment.sources[split], _photo_inference(experiment, state), image_size=config.image_size,
+        batch_size=config.batch_size, model_name=config.model.name)
+  if redaction is not None:
+    summary["redaction"] = redaction[0]
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     if "image_id" in result.extras:
       paths = evaluation_report.write_eval_report(
           evaluation_report.report_dir(workdir, split), method_name=config.model.name, split=split,
           summary=summary, extras=result.extras, predictions=result.predictions, targets=result.targets,
-          source=experiment.sources[split])
+          source=experiment.sources[split], redaction_examples=redaction[1] if redaction else ())
       logging.info("Wrote %s and %s", *paths)
     else:  # Several processes: image ids (host strings) stay with the process that read them.
       logging.info("No report.md: a multi-process evaluation keeps the labels and image ids per process")

@@ -364,15 +364,21 @@ def test_evaluate_writes_the_report_with_localisation(runs):
   assert len(examples) == 2 * evaluation_report.REPORT_EXAMPLES
   panel = Image.open(examples[0])
   assert panel.width % (STEPS + 1) == 0  # Image + one overlay per step.
+  redaction = summary["redaction"]  # Boxes and attention: redaction quality against random regions.
+  assert 0 < redaction["num_images"] <= evaluation_report.REDACTION_IMAGES and 0 <= redaction["box_coverage"] <= 1
+  assert set(redaction["mean_drop"]) == {"attention", "random", "centred"}
+  assert "## Redaction" in text and "| random, same area |" in text
+  panels = min(evaluation_report.REPORT_EXAMPLES, redaction["num_images"])
+  assert len(list((workdir / "report_files").glob("redaction_*.png"))) == panels
   html_text = (workdir / "report.html").read_text()
-  assert html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES
+  assert html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES + panels
   assert "<td>privattnet</td>" in html_text
 
 
 def test_models_without_attention_report_without_localisation(runs):
   workdir = runs["attributes"]
   summary = json.loads((workdir / "eval_test.json").read_text())
-  assert "localisation" not in summary and "attribute_map" in summary
+  assert "localisation" not in summary and "redaction" not in summary and "attribute_map" in summary
   text = (workdir / "report.md").read_text()
   assert "| ap_pr |" in text and "Attention localisation" not in text and "attribute_map" in text
   assert len(list((workdir / "report_files").glob("example_*.png"))) == 2 * evaluation_report.REPORT_EXAMPLES
