@@ -21,6 +21,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from configs import default as default_config
+from privattnet_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "compare")
 
@@ -124,6 +127,9 @@ def main(argv):
   elif FLAGS.mode == "compare":
     _require("workdirs", "output")
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  # Before anything compiles. Modes without --config (predict, export) use the default folder.
+  config_for_cache = FLAGS.config if FLAGS.config is not None else default_config.get_config()
+  compilation_cache.enable(config_for_cache.compilation_cache_dir)
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
