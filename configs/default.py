@@ -22,7 +22,7 @@ def get_config():
   config.log_every_steps = 50
   config.eval_every_steps = -1  # -1: once per epoch.
   config.checkpoint_every_steps = -1  # -1: at every evaluation.
-  config.keep_checkpoints = 3  # The N latest; the best by validation Spearman is kept too.
+  config.keep_checkpoints = 1  # The N latest; the best by validation Spearman is kept too.
   config.eval_splits = ("test",)  # Evaluated with the best checkpoint when training ends.
   # JAX's persistent compilation cache (privattnet_jax/compilation_cache.py): a later run loads its
   # compiled steps from here instead of compiling them again. Empty: off. JAX's own environment
