@@ -27,6 +27,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from configs import default as default_config
+from privattnet_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
 
@@ -268,6 +271,8 @@ def main(argv):
   status = 0
   try:
     config = _load_config()
+    # Before anything compiles. Modes without --config (predict, export) use the default folder.
+    compilation_cache.enable((config if config is not None else default_config.get_config()).compilation_cache_dir)
     if FLAGS.mode in ("predict", "redact"):
       from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 

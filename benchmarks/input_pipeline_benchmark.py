@@ -1,8 +1,13 @@
-"""Train input-pipeline throughput: images/s at 224 px from a 256-px build, by worker count.
+"""Input-pipeline throughput: images/s at 224 px from a 256-px build, by worker or thread count.
 
   python -m benchmarks.input_pipeline_benchmark                       # 0 and 2 workers
   python -m benchmarks.input_pipeline_benchmark --workers=0,2,4 --batch_size=128
   python -m benchmarks.input_pipeline_benchmark --source=memory      # no TFDS, records in a list
+  python -m benchmarks.input_pipeline_benchmark --loader=eval --threads=1,2   # the cache build's stream
+
+`--loader=train` (default) times the train loader (decode, random resized crop, flip) by grain
+worker count; `--loader=eval` times the eval stream (decode, resize to 224) that the feature-cache
+build and the evaluation passes read, by decode-thread count (no workers).
 
 The images are photo-like JPEGs (gradients, shapes, texture, sensor noise; ~30
 KB at quality 90) with the shorter side 256 px and aspect ratios 4:3, 3:2, 1:1
@@ -36,7 +41,9 @@ from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
 
 flags.DEFINE_enum("source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list.")
-flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to measure.")
+flags.DEFINE_enum("loader", "train", ["train", "eval"], "The train loader, or the eval stream.")
+flags.DEFINE_list("workers", ["0", "2"], "train: grain worker counts to measure.")
+flags.DEFINE_list("threads", [], "eval: decode-thread counts to measure; empty: the default (one per core).")
 flags.DEFINE_integer("image_size", 224, "Train crop size.")
 flags.DEFINE_integer("build_size", 256, "Shorter side of the stored JPEGs.")
 flags.DEFINE_integer("num_images", 512, "Distinct stored images (the epoch).")
@@ -146,7 +153,7 @@ def machine_busy_seconds() -> float:
 
 
 def transform_ceiling(source, config, repeats: int = 2) -> float:
-  """Images/s of the train transform alone, in this process, on one core."""
+  """Images/s of the transform (train or eval) alone, in this process, on one core."""
   transform = input_pipeline.TrainTransform(
       image_size=config.image_size,
       resize_size=input_pipeline.resize_size(config),
@@ -155,18 +162,35 @@ def transform_ceiling(source, config, repeats: int = 2) -> float:
       preferences=input_pipeline.preferences_from_config(config),
       pooling=config.score.pooling,
   )
+  eval_transform = input_pipeline.EvalTransform(
+      image_size=config.image_size, preferences=input_pipeline.preferences_from_config(config),
+      pooling=config.score.pooling)
   records = [source[i] for i in range(len(source))]
   rng = np.random.default_rng(0)
   start = time.perf_counter()
   for _ in range(repeats):
     for record in records:
-      transform.random_map(record, rng)
+      if FLAGS.loader == "train":
+        transform.random_map(record, rng)
+      else:
+        eval_transform.map(record)
   return repeats * len(records) / (time.perf_counter() - start)
 
 
-def measure(source, config) -> tuple[float, float, float]:
+def eval_stream(source, config, threads: int | None):
+  """Eval passes over `source` one after another, as one stream of batches."""
+  while True:
+    yield from input_pipeline.create_eval_batches(source, config, process_index=0, process_count=1,
+                                                  local_device_count=1, read_threads=threads)
+
+
+def measure(source, config, threads: int | None = None) -> tuple[float, float, float]:
   """(images/s, cores busy here, cores busy elsewhere) over FLAGS.batches batches after the warm-up."""
-  loader = input_pipeline.create_train_loader(source, config, process_index=0, process_count=1, local_device_count=1)
+  if FLAGS.loader == "train":
+    loader = input_pipeline.create_train_loader(source, config, process_index=0, process_count=1,
+                                                local_device_count=1)
+  else:
+    loader = eval_stream(source, config, threads)
   iterator = iter(loader)
   for _ in range(FLAGS.warmup_batches):
     next(iterator)
@@ -198,15 +222,20 @@ def run(source, setup_seconds: float) -> None:
   config.image_size = FLAGS.image_size
   config.batch_size = FLAGS.batch_size
   print(f"cpus={os.cpu_count()} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-        f"source={FLAGS.source} images={len(source)} (shorter side {FLAGS.build_size} px, mean {mean_kb:.1f} KB, "
+        f"loader={FLAGS.loader} source={FLAGS.source} images={len(source)} (shorter side {FLAGS.build_size} px, mean {mean_kb:.1f} KB, "
         f"ready in {setup_seconds:.1f} s) crop={config.image_size} "
         f"resize={input_pipeline.resize_size(config)} batch={config.batch_size}")
   ceiling = transform_ceiling(source, config)
   print(f"transform alone (1 core, no grain): {ceiling:7.1f} img/s  ({1000 / ceiling:.2f} ms/img)")
-  for workers in (int(w) for w in FLAGS.workers):
+  if FLAGS.loader == "train":
+    settings = [(f"workers={w}", int(w), None) for w in FLAGS.workers]
+  else:
+    settings = [(f"threads={t or input_pipeline.decode_threads()}", 0, t)
+                for t in ([int(t) for t in FLAGS.threads] or [None])]
+  for name, workers, threads in settings:
     config.data.num_workers = workers
-    images_per_second, cores_busy, others = measure(source, config)
-    print(f"workers={workers}: {images_per_second:7.1f} img/s  cores busy {cores_busy:4.2f}  "
+    images_per_second, cores_busy, others = measure(source, config, threads)
+    print(f"{name}: {images_per_second:7.1f} img/s  cores busy {cores_busy:4.2f}  "
           f"per core {images_per_second / max(cores_busy, 1e-9):7.1f} img/s  "
           f"per available core {images_per_second / os.cpu_count():7.1f} img/s  "
           f"(other processes: {others:4.2f} cores)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 from collections.abc import Iterator, Sequence
 
 from absl import flags
@@ -536,6 +537,7 @@ def create_eval_batches(
     local_device_count: int | None = None,
     batch_size: int | None = None,
     transform: EvalTransform | None = None,
+    read_threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `source` in per-process batches, the last padded with `mask` 0.
 
@@ -544,7 +546,8 @@ def create_eval_batches(
   processes. Batches also carry host-side `image_id` (str), `boxes`
   (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
   `config.batch_size`; `transform` replaces the image transform (the feature cache's
-  transforms). Argument errors raise here, not at the first `next`.
+  transforms); `read_threads` the decode threads (default: `decode_threads()`;
+  with workers, two per worker). Argument errors raise here, not at the first `next`.
   """
   layout = process_layout(
       config.batch_size if batch_size is None else batch_size,
@@ -558,13 +561,13 @@ def create_eval_batches(
       preferences=preferences_from_config(config),
       pooling=config.score.pooling,
   )
-  dataset = grain.MapDataset.source(rows).map(transform).batch(layout.batch_size)
-  # Whole batches are assembled in grain's read threads (PIL decodes without the
-  # GIL), two in flight; workers, if any, take whole batches in turn, so the
-  # order and the batch shapes do not depend on the worker count.
-  stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  dataset = grain.MapDataset.source(rows).map(transform)
   copy = config.data.num_workers > 0
   if copy:
+    # Workers take whole batches in turn, so the order and the batch shapes do not
+    # depend on the worker count; each assembles its batches in two read threads.
+    stream = dataset.batch(layout.batch_size).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     _ensure_flags_parsed()
     stream = stream.mp_prefetch(
         grain.MultiprocessingOptions(
@@ -572,7 +575,19 @@ def create_eval_batches(
             per_worker_buffer_size=config.data.prefetch_buffer_size,
         )
     )
+  else:
+    # Rows are decoded and resized in one read thread per core (PIL works without
+    # the GIL) and batched in order: the feature-cache build and the evaluation
+    # passes run at the host's decode rate while the device computes.
+    threads = decode_threads() if read_threads is None else read_threads
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)).batch(layout.batch_size)
   return _iterate_and_close(stream, copy) if len(rows) else iter(())
+
+
+def decode_threads() -> int:
+  """Eval-stream read threads: one per core this process may run on."""
+  return max(len(os.sched_getaffinity(0)), 2)
 
 
 def _iterate_and_close(stream, copy: bool) -> Iterator[dict[str, np.ndarray]]:

@@ -580,6 +580,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(state.step)
     logging.info("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
+  frozen_encoder = checkpoints.save_frozen_encoder(experiment.workdir, state, config.model.encoder)
   run_step = experiment.step_function(train_iterator)
   writer = MetricWriter(experiment.workdir)
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
@@ -626,7 +627,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if checkpoint_now:
         selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
         save_start = time.time()
-        checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
+        checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection,
+                         frozen_encoder)
         seconds["checkpoint"] += time.time() - save_start
     save_start = time.time()
     manager.wait_until_finished()

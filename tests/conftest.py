@@ -1,8 +1,21 @@
-"""Shared fixtures: a tiny synthetic VISPR-format dataset built once per session, and a tiny config."""
+"""Shared fixtures: a tiny synthetic VISPR-format dataset built once per session, and a tiny config.
+
+The suite uses run.py's persistent compilation cache (configs/default.py's folder), it and every
+child process: most of the suite's time is XLA compiling the same small steps, which a cache hit
+turns into a file read, within one run (tests that rebuild a step) and across runs.
+"""
+
+import os
 
 import pytest
 
+from configs import default
 from configs import demo
+from privattnet_jax import compilation_cache
+
+COMPILATION_CACHE_DIR = default.get_config().compilation_cache_dir
+compilation_cache.enable(COMPILATION_CACHE_DIR)
+os.environ.update(compilation_cache.environment(COMPILATION_CACHE_DIR))  # For the tests' child processes.
 
 
 @pytest.fixture(scope="session")

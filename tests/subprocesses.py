@@ -22,8 +22,13 @@ jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=proce
 """
 
 
-def _env(devices: int) -> dict:
-  return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=DEVICES_FLAG.format(devices))
+def _env(devices: int, compilation_cache: bool = True) -> dict:
+  """The parent's environment (with conftest's compilation cache, unless `compilation_cache` is
+  False), the repository importable, `devices` CPU devices."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=DEVICES_FLAG.format(devices))
+  if not compilation_cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
+  return env
 
 
 def run_script(script: str, *, devices: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -38,7 +43,10 @@ def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -
   port = 20000 + os.getpid() % 20000 + run_on_two_processes.calls  # A fresh port per call in a session.
   run_on_two_processes.calls += 1
   code = _DISTRIBUTED_PROLOGUE.format(port=port) + textwrap.dedent(script)
-  processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=_env(devices), cwd=REPO,
+  # No persistent compilation cache: JAX writes it from process 0 only, so process 0 would load its
+  # steps while process 1 compiles them, and gloo gives up waiting for it after 30 s on busy cores.
+  env = _env(devices, compilation_cache=False)
+  processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [process.communicate(timeout=timeout) for process in processes]
   for process, (_, stderr) in zip(processes, outputs):

@@ -434,6 +434,16 @@ def test_eval_with_workers_matches_in_process_eval():
     _assert_batches_equal(a, b)
 
 
+def test_eval_decode_threads_keep_the_order():
+  """The cache build decodes in one thread per core: rows must still come in source order."""
+  config = _config(batch_size=4)
+  expected = _eval(_source(10), config, read_threads=1)
+  got = _eval(_source(10), config, read_threads=5)
+  assert [list(b["image_id"]) for b in got] == [list(b["image_id"]) for b in expected]
+  for a, b in zip(got, expected):
+    _assert_batches_equal(a, b)
+
+
 def test_eval_batch_size_override_and_box_limit():
   batches = _eval(_source(10), _config(batch_size=4), batch_size=8)
   assert [b["mask"].sum() for b in batches] == [8, 2]
