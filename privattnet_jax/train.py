@@ -35,7 +35,7 @@ from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
-from privattnet_jax import safe_files
+from privattnet_jax import weights
 from privattnet_jax import workdir_lock
 from privattnet_jax import data as data_lib
 
@@ -309,16 +309,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
   if config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
-  stride = models.encoder_output_stride(config.model)
+  stride = models.encoder_output_stride(
+      config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder))
   if config.image_size % stride:
     raise ValueError(f"image_size={config.image_size} must be a multiple of the encoder's output stride "
                      f"{stride} (e.g. {max(stride, config.image_size // stride * stride)})")
   pretrained = config.model.encoder.get("pretrained", "")
   if pretrained:  # A missing weight file fails here, before any dataset work.
     try:
-      safe_files.regular_file(pretrained)
-    except safe_files.UnsafeFileError as e:
-      raise FileNotFoundError(f"model.encoder.pretrained={pretrained}: {e.message}") from None
+      weights.resolve_path(pretrained)
+    except weights.WeightImportError as e:
+      raise FileNotFoundError(f"model.encoder.pretrained={pretrained}: {e}") from None
   for name in ("log_every_steps", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"{name} must be positive, got {config[name]}")

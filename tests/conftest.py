@@ -26,7 +26,7 @@ def tiny_data_dir(tmp_path_factory):
 
 def make_tiny_config(data_dir: str, model_name: str = "privattnet"):
   """A config small enough for a train step in seconds on one CPU core."""
-  config = demo.get_config(model_name)
+  config = demo.get_config(f"{model_name},tiny")
   config.image_size = 32
   config.batch_size = 8
   config.num_epochs = 1

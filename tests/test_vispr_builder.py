@@ -431,8 +431,26 @@ def test_split_list_pointing_to_nothing(synthetic_root, tmp_path):
   shutil.copytree(synthetic_root, root)
   shutil.rmtree(root / "annotations" / "val2017")  # The val annotations archive was not extracted.
   _assert_fails_at_once(root, root, tmp_path / "tfds", r"none of the 4 annotations listed in .*val2017.txt")
-  # The bundled lists name real VISPR ids, which the synthetic root does not have.
-  _assert_fails_at_once(root, "", tmp_path / "tfds", "none of the 10000 annotations listed")
+  # Without its own lists at the root, the bundled lists name real VISPR ids, which it does not have.
+  for name in vispr.SPLIT_FILES.values():
+    (root / name).unlink()
+  _assert_fails_at_once(root, "", tmp_path / "tfds", "none of the 10000 annotations listed .*; for a dataset of "
+                        "your own, put its train2017.txt, val2017.txt, test2017.txt at .* or set data.splits_dir")
+
+
+def test_split_lists_at_the_root_need_no_splits_dir(synthetic_root, tmp_path, caplog):
+  config = _config(tmp_path)
+  config.data.manual_dir = str(synthetic_root)
+  with caplog.at_level("INFO"):
+    sources = data.load_data_sources(config)
+  assert {s: len(v) for s, v in sources.items()} == {"train": 10, "validation": 4, "test": 4}
+  assert f"Split lists: {synthetic_root / 'train2017.txt'}, {synthetic_root / 'val2017.txt'}" in caplog.text
+  partial = tmp_path / "partial"
+  shutil.copytree(synthetic_root, partial)
+  (partial / "val2017.txt").unlink()
+  (partial / "test2017.txt").unlink()
+  _assert_fails_at_once(partial, "", tmp_path / "tfds_partial", "holds the split list train2017.txt but not "
+                        "val2017.txt, test2017.txt: add them, or set data.splits_dir")
 
 
 def test_missing_or_empty_split_list(synthetic_root, tmp_path):

@@ -1,6 +1,8 @@
 """Weight import: a torchvision-named ResNet-50 in plain torch.nn, imported from .pth and
 .safetensors, computes what PyTorch computes; every malformed file is refused by name."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ from safetensors import numpy as safetensors_numpy
 from torch import nn
 
 from configs import default
-from privattnet_jax import models, weights
+from privattnet_jax import models, pth, weights
+from privattnet_jax.models.efficientnet import EfficientNetLite0
 from privattnet_jax.models.resnet import ResNet
 
 # Non-square, one even side: at stride 2 an even side is where 'SAME' padding would pad (0, 1)
@@ -209,7 +212,8 @@ def test_pickles_that_are_not_plain_state_dicts_are_refused(tmp_path):
   _, shapes = encoder_shapes()
   arbitrary = tmp_path / "arbitrary.pth"
   torch.save({"conv1.weight": torch.zeros(1), "payload": NotATensor()}, arbitrary)
-  with pytest.raises(weights.WeightImportError, match="refused: not a plain state dict.*weights_only=True"):
+  with pytest.raises(weights.WeightImportError, match=r"refused: not a plain state dict of tensors \(it refers to "
+                     r"[\w.]*NotATensor\); this reader never runs code from a pickle"):
     weights.load_pretrained_encoder(arbitrary, shapes)
   checkpoint = tmp_path / "checkpoint.pth"
   torch.save({"epoch": 3, "state_dict": {"conv1.weight": torch.zeros(1)}}, checkpoint)
@@ -281,3 +285,98 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
   np.testing.assert_array_equal(loaded["batch_stats"]["encoder"]["bn1"]["mean"], donor["batch_stats"]["bn1"]["mean"])
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"], variables["params"]["head"])
   assert "layer4_0" not in loaded["params"]["encoder"]
+
+
+# ----------------------------------------------------------------------------- the torch-free reader
+
+
+def assert_same_as_torch_load(path):
+  expected = torch.load(path, map_location="cpu", weights_only=True)
+  actual = pth.load(path)
+  assert list(actual) == list(expected)
+  for key, tensor in expected.items():
+    assert actual[key].dtype == tensor.numpy().dtype, key
+    np.testing.assert_array_equal(actual[key], tensor.numpy(), err_msg=key)
+
+
+def test_reader_gives_what_torch_load_gives(reference, tmp_path):
+  assert_same_as_torch_load(reference["pth"])  # torch's zip layout (a torchvision-style ResNet-50).
+  assert_same_as_torch_load(weights.installed_weights_path("efficientnet_lite0"))  # The legacy layout.
+  # Views, strides, offsets, parameters and dtypes the state dicts above do not have.
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  odd = {"transposed": base.t(), "offset": base[1:, 2:], "strided": base[:, ::2], "empty": torch.zeros(0, 3),
+         "parameter": torch.nn.Parameter(torch.ones(3)), "bf16": torch.ones(2, dtype=torch.bfloat16) / 3,
+         "half": torch.ones(2, dtype=torch.float16), "int": torch.arange(3), "bool": torch.tensor([True, False])}
+  torch.save(odd, tmp_path / "odd.pth")
+  actual = pth.load(tmp_path / "odd.pth")
+  for key, tensor in odd.items():
+    tensor = tensor.detach()
+    expected = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    assert actual[key].shape == expected.shape, key
+    np.testing.assert_array_equal(np.asarray(actual[key], expected.dtype), expected, err_msg=key)
+
+
+class RunsCode:
+  """A pickle payload that would create a file when unpickled by an unrestricted loader."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
+
+
+def test_a_malicious_pickle_never_runs(tmp_path):
+  marker = tmp_path / "ran"
+  path = tmp_path / "evil.pth"
+  torch.save({"conv1.weight": torch.zeros(1), "payload": RunsCode(marker)}, path)
+  with pytest.raises(weights.WeightImportError, match=r"evil\.pth: refused: .*it refers to \w+\.mkdir"):
+    weights.read_state_dict(path)
+  assert not marker.exists()
+
+
+def test_broken_files_get_one_line_errors_naming_the_file(reference, tmp_path):
+  _, shapes = encoder_shapes()
+  good = reference["pth"].read_bytes()
+  cases = {
+      "random.pth": np.random.default_rng(0).bytes(4096),
+      "empty.pth": b"",
+      "truncated_zip.pth": good[: len(good) // 2],
+      "truncated_legacy.pth": weights.installed_weights_path("efficientnet_lite0").read_bytes()[:100_000],
+      "text.pth": b"<html>404 Not Found</html>\n",
+  }
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(weights.WeightImportError) as error:
+      weights.load_pretrained_encoder(tmp_path / name, shapes)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message, (name, message)
+    assert "weights_only=False" not in message and "Traceback" not in message, (name, message)
+
+
+def test_an_installed_weight_name_needs_no_path(reference, tmp_path, capsys):
+  path = weights.installed_weights_path("efficientnet_lite0")
+  assert path.name == "efficientnet-lite0-57934424.pth" and path.is_file()
+  shapes = jax.eval_shape(lambda: EfficientNetLite0(stages=3).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True))
+  loaded = weights.load_pretrained_encoder("efficientnet_lite0", shapes)
+  state_dict = pth.load(path)
+  np.testing.assert_array_equal(loaded["params"]["blocks_10"]["depthwise_conv"]["kernel"],
+                                state_dict["_blocks.10._depthwise_conv.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(loaded["batch_stats"]["bn0"]["var"], state_dict["_bn0.running_var"])
+  assert "blocks_11" not in loaded["params"] and "conv_head" not in loaded["params"]
+  # The other architecture, and a cut file for the whole trunk, are named.
+  with pytest.raises(weights.WeightImportError, match="wrong architecture: the file holds EfficientNet-Lite0 "
+                     r"\(the whole trunk\) but the encoder is ResNet-50 cut after conv4_x \(set "
+                     "model.encoder.name=efficientnet_lite0"):
+    weights.load_pretrained_encoder("efficientnet_lite0", encoder_shapes()[1])
+  with pytest.raises(weights.WeightImportError, match="wrong architecture: the file holds ResNet-50 .*"
+                     "model.encoder.name=resnet"):
+    weights.load_pretrained_encoder(reference["pth"], shapes)
+  assert weights.main(["--src", "efficientnet_lite0", "--dst", str(tmp_path / "cut")]) == 0
+  assert "EfficientNet-Lite0, the whole trunk" in capsys.readouterr().out
+  weights.save_encoder(tmp_path / "cut", loaded)
+  with pytest.raises(weights.WeightImportError, match="the file holds EfficientNet-Lite0 cut at output stride 16 "
+                     r"but the encoder is EfficientNet-Lite0 \(the whole trunk\)"):
+    weights.load_pretrained_encoder(tmp_path / "cut", jax.eval_shape(lambda: EfficientNetLite0(stages=4).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True)))

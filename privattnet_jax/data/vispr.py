@@ -137,7 +137,9 @@ automatically: its images come under CC BY-NC 4.0 and each image's own licence.
    annotations say (e.g. "images/train2017/2017_10001018.jpg").
 3. The split lists (train2017.txt, val2017.txt, test2017.txt: one annotation
    path per line, e.g. annotations/train2017/2017_10001018.json) are bundled with
-   this project in data/splits/; pass splits_dir to use other copies.
+   this project in data/splits/; a manual dir that holds its own three lists at
+   its root (your own VISPR-layout dataset) is built with those; pass splits_dir
+   to use other copies.
 4. Build: `privattnet_jax.data.vispr.prepare(manual_dir, data_dir)`, or run the
    main job with --config.data.manual_dir=<manual_dir>. A build report of skipped
    and converted images is printed and saved as {REPORT_FILENAME} next to the data.
@@ -341,15 +343,35 @@ def check_manual_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLik
       problems.append(f"split list {path} is empty")
   if problems:
     raise _fail(problems)
+  bundled = splits_dir.resolve() == attributes.SPLITS_DIR.resolve()
   for split, paths in lists.items():
     if not any(_is_contained_file(root, p) for p in paths):
       problems.append(
           f"none of the {len(paths)} annotations listed in {splits_dir / SPLIT_FILES[split]} exist "
           f"under {root} (first: {root / paths[0]})"
+          + (f"; for a dataset of your own, put its {', '.join(SPLIT_FILES.values())} at {root} "
+             "or set data.splits_dir" if bundled else "")
       )
   if problems:
     raise _fail(problems)
   return lists
+
+
+def resolve_splits_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = "") -> pathlib.Path:
+  """Where the split lists come from: `splits_dir` when given; else the manual dir's own lists
+  when all three lie at its root (a user's own VISPR-layout dataset, or the synthetic one);
+  else the VISPR lists bundled in data/splits. Some but not all at the root is an error."""
+  if splits_dir:
+    return pathlib.Path(splits_dir)
+  root = pathlib.Path(manual_dir) if manual_dir else None
+  present = [name for name in SPLIT_FILES.values() if root is not None and (root / name).is_file()]
+  if len(present) == len(SPLIT_FILES):
+    return root
+  if present:
+    absent = [name for name in SPLIT_FILES.values() if name not in present]
+    raise _fail([f"{root} holds the split list {', '.join(present)} but not {', '.join(absent)}: add "
+                 "them, or set data.splits_dir to the folder that holds all three"])
+  return attributes.SPLITS_DIR
 
 
 def split_lists_digest(splits_dir: str | os.PathLike = "") -> dict[str, str]:
@@ -806,8 +828,12 @@ def prepare(
   A reused build is checked against its report: with strict=True, a build that
   skipped anything raises StrictBuildError; changed split lists or annotations
   (their digest, `inputs_digest`) raise StaleBuildError (delete the version folder to
-  rebuild); the same content under another manual dir is logged as a warning.
+  rebuild); the same content under another manual dir is logged as a warning. Without
+  `splits_dir`, the split lists at the manual dir's root are used when it has all
+  three, else the bundled VISPR lists (`resolve_splits_dir`); the log says which.
   """
+  splits_dir = resolve_splits_dir(manual_dir, splits_dir)
+  logging.info("Split lists: %s", ", ".join(os.fspath(splits_dir / name) for name in SPLIT_FILES.values()))
   builder = Vispr(
       data_dir=os.fspath(data_dir), config=config_name, splits_dir=splits_dir, strict=strict, max_pixels=max_pixels
   )

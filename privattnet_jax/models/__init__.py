@@ -1,6 +1,6 @@
 """The model variants, assembled by name from `config.model`.
 
-Every model is a `PrivacyModel`: an `encoder` (ResNet) and a `head`, the two top-level parameter
+Every model is a `PrivacyModel`: an `encoder` and a `head`, the two top-level parameter
 names the optimiser mask uses to freeze the encoder. `model.apply(variables, images, train=...)`
 returns the output dict of docs/design.md; `method="head_from_features"` runs the head alone on
 encoder features, `method="encode"` the encoder alone.
@@ -13,9 +13,13 @@ encoder features, `method="encode"` the encoder alone.
 | ap_pr | always through conv5_x | global average pool, Dense(68) | attribute_logits (68) |
 | pr_cnn | always through conv5_x | pool, dropout 0.4, 68, 128 sigmoid, 128 sigmoid, P | score |
 
-The pooled models (privnet, ap_pr, pr_cnn) ignore `model.encoder.stages`: they are defined on
-the full trunk (AMNet's `ResNet50FT`, VISPR's classifiers). Attribute models ignore
-`num_outputs` (their width is the attribute count).
+The encoder is `model.encoder.name`: `resnet` (the paper's ResNet-50; `depth` 0 is the tiny
+test encoder) or `efficientnet_lite0` (ImageNet weights installed with the package). `stages` 3
+cuts either at output stride 16 (ResNet: after conv4_x; Lite0: after its 112-channel stage), 4
+runs the whole trunk. The pooled models (privnet, ap_pr, pr_cnn) ignore `model.encoder.stages`:
+they are defined on the full trunk (AMNet's `ResNet50FT`, VISPR's classifiers). The heads take
+whatever channel count the encoder gives. Attribute models ignore `num_outputs` (their width is
+the attribute count).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import jax.numpy as jnp
 
 from privattnet_jax import attributes
 from privattnet_jax.models import heads
+from privattnet_jax.models import efficientnet
 from privattnet_jax.models import resnet
 from privattnet_jax.models.attention import AttentionHead
-from privattnet_jax.models.resnet import ResNet
 
 MODEL_NAMES = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
+ENCODER_NAMES = ("resnet", "efficientnet_lite0")
+POOLED_MODELS = ("privnet", "ap_pr", "pr_cnn")  # Defined on the whole trunk: stages is always 4.
+
 BATCHNORM_MODES = ("update", "frozen")
 NUM_NON_SAFE_ATTRIBUTES = attributes.NUM_ATTRIBUTES - 1  # 67: every attribute but a0_safe.
 
@@ -41,7 +48,7 @@ class PrivacyModel(nn.Module):
   """Encoder + head, with the encoder's freezing and BatchNorm behaviour.
 
   Attributes:
-    encoder: the ResNet trunk.
+    encoder: the trunk (`resnet.ResNet` or `efficientnet.EfficientNetLite0`).
     head: a module mapping features (B, h, w, D) and `train` to the output dict.
     encoder_trainable: False (the paper): the encoder's output is `stop_gradient`ed, so its
       parameters get exactly zero gradient (the optimiser mask then gives them no update).
@@ -76,18 +83,49 @@ class PrivacyModel(nn.Module):
     return self.head_from_features(self.encode(images, train), train)
 
 
-def encoder_output_stride(model_config) -> int:
-  """Input pixels per encoder feature-map cell for `config.model`: 16 for a ResNet cut after
-  conv4_x (3 stages), 32 through conv5_x (4 stages; the pooled models always). image_size must
-  be a multiple of it, so that every feature cell sees a whole patch of the image."""
-  stages = model_config.encoder.stages if model_config.name in ("privattnet", "privattnet_mlc") else 4
-  return resnet.output_stride(stages)
-
-
 def _positive_int(value: Any, field: str) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{field} must be a positive integer, got {value!r}")
   return value
+
+
+def encoder_stages(model_name: str, encoder_config) -> int:
+  """The cut the model uses: `encoder.stages` for the attention models, 4 for the pooled ones."""
+  return 4 if model_name in POOLED_MODELS else encoder_config.stages
+
+
+def _encoder_name(encoder_config) -> str:
+  name = encoder_config.get("name", "resnet")
+  if name not in ENCODER_NAMES:
+    raise ValueError(f"model.encoder.name must be one of {ENCODER_NAMES}, got {name!r}")
+  return name
+
+
+def encoder_output_stride(encoder_config, stages: int) -> int:
+  """Input pixels per encoder output cell (16 at the conv4_x-like cut, 32 for the whole trunk)."""
+  if _encoder_name(encoder_config) == "efficientnet_lite0":
+    efficientnet.validate(stages)
+    return efficientnet.output_stride(stages)
+  resnet.validate(encoder_config.depth, encoder_config.width, stages)
+  return resnet.output_stride(stages)
+
+
+def encoder_output_channels(encoder_config, stages: int) -> int:
+  """Channels D of the encoder's output (ResNet-50 at conv4_x: 1024; Lite0 at stride 16: 112)."""
+  if _encoder_name(encoder_config) == "efficientnet_lite0":
+    efficientnet.validate(stages)
+    return efficientnet.output_channels(stages)
+  resnet.validate(encoder_config.depth, encoder_config.width, stages)
+  return resnet.output_channels(encoder_config.depth, encoder_config.width, stages)
+
+
+def create_encoder(encoder_config, stages: int, dtype: Any = jnp.float32,
+                   batchnorm_axis_name: str | None = None) -> nn.Module:
+  """The trunk named by `model.encoder.name`, cut after `stages` (see the module docstring)."""
+  if _encoder_name(encoder_config) == "efficientnet_lite0":
+    return efficientnet.EfficientNetLite0(stages=stages, dtype=dtype, batchnorm_axis_name=batchnorm_axis_name)
+  return resnet.ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype,
+                       batchnorm_axis_name=batchnorm_axis_name)
 
 
 def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = None) -> PrivacyModel:
@@ -109,8 +147,8 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
   if not isinstance(encoder_config.trainable, bool):
     raise ValueError(f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}")
 
+  stages = encoder_stages(name, encoder_config)
   if name in ("privattnet", "privattnet_mlc"):
-    stages = encoder_config.stages
     attention_config = model_config.attention
     mlc = name == "privattnet_mlc"
     head = AttentionHead(
@@ -124,16 +162,13 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
         output=attention_config.output,
         dtype=dtype,
         batchnorm_axis_name=axis_name)
+  elif name == "privnet":
+    head = heads.PooledLinearHead(num_outputs, "score", dtype=dtype)
+  elif name == "ap_pr":
+    head = heads.PooledLinearHead(attributes.NUM_ATTRIBUTES, "attribute_logits", dtype=dtype)
   else:
-    stages = 4
-    if name == "privnet":
-      head = heads.PooledLinearHead(num_outputs, "score", dtype=dtype)
-    elif name == "ap_pr":
-      head = heads.PooledLinearHead(attributes.NUM_ATTRIBUTES, "attribute_logits", dtype=dtype)
-    else:
-      head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
+    head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
 
-  encoder = ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype,
-                   batchnorm_axis_name=axis_name)
+  encoder = create_encoder(encoder_config, stages, dtype, axis_name)
   return PrivacyModel(encoder=encoder, head=head, encoder_trainable=encoder_config.trainable,
                       encoder_batchnorm=encoder_config.batchnorm)
