@@ -157,9 +157,9 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 def _message(error: BaseException) -> str:
   """The error's message for the user: its first line (the rest goes to the traceback file), except
   for the manual-dir instructions, which are the message."""
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    return (f"no space left on the device ({error.filename or error}); free some and rerun: the checkpoints "
-            "and data written so far are kept, and training resumes from the last checkpoint")
+  if _is_disk_full(error):
+    return (f"no space left on the device ({_first_line(error)}); free some and rerun: the checkpoints and "
+            "data written so far are kept, and training resumes from the last checkpoint")
   vispr = sys.modules.get("privattnet_jax.data.vispr")
   text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if vispr is not None and isinstance(error, vispr.ManualDirError):
@@ -168,6 +168,20 @@ def _message(error: BaseException) -> str:
   if not isinstance(error, _expected_errors()):
     text = f"internal error ({type(error).__name__}): {text}"
   return text
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  """ENOSPC anywhere in the error's chain; libraries (array_record, orbax) re-raise it as other types."""
+  while error is not None:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def _save_traceback(error: BaseException) -> str:
@@ -235,11 +249,19 @@ def _load_config():
     raise ValueError(f"--config: {_config_error_text(error.__cause__ or error)}") from error
 
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
-QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/array_record/")
 
 
 def _quiet_library_info(record) -> bool:
-  return record.levelno >= std_logging.WARNING or not any(lib in record.pathname for lib in QUIET_LIBRARIES)
+  """Drops the libraries' INFO lines, and the tracebacks of their warnings and errors (orbax logs one
+  per failed background write on a full disk): the run's own one-line error follows, with its
+  traceback in errors.log."""
+  if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
+    return True
+  if record.levelno < std_logging.WARNING:
+    return False
+  record.exc_info, record.exc_text = None, None
+  return True
 
 
 def _check_usage(extra: list[str]) -> None:
