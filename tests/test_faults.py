@@ -339,3 +339,16 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
   assert not (tmp_path / "data" / "synthetic_vispr").exists()  # Refused before any dataset work.
   assert (tmp_path / "existing.txt").read_text() == "keep"
+
+
+def test_a_full_disk_is_recognised_through_library_wrappers():
+  import run  # pylint: disable=g-import-not-at-top  # Defines run.py's flags; no other test imports it.
+
+  wrapped = RuntimeError('Failed to finalize writing of split "test": write() failed: No space left on device')
+  chained = ValueError("save failed")
+  chained.__cause__ = OSError(28, "No space left on device", "/w/checkpoints/2/state")
+  for error in (wrapped, chained, OSError(28, "No space left on device")):
+    assert run._is_disk_full(error)  # pylint: disable=protected-access
+    assert run._message(error).startswith("no space left on the device")  # pylint: disable=protected-access
+  assert not run._is_disk_full(ValueError("bad"))  # pylint: disable=protected-access
+  assert run._message(TypeError("oops\nmore")) == "internal error (TypeError): oops"  # pylint: disable=protected-access
