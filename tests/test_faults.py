@@ -71,6 +71,9 @@ def hostile(tmp_path_factory):
       "bad_loop": ("images/train2017/loop.jpg", "symlink_loop"),
       "bad_dev_zero": ("images/train2017/zero.jpg", "outside_root"),
       "bad_folder": ("images/train2017", "not_a_regular_file"),
+      "bad_nul": ("images/train2017/2017_90000000.jpg\u0000.txt", "malformed_annotation"),
+      "bad_surrogate": ("images/\udcff.jpg", "malformed_annotation"),
+      "bad_tilde": ("~/s.jpg", "missing_image"),  # Taken literally inside the root, never as $HOME.
   }
   with open(root / "train2017.txt", "a") as listing:
     for image_id, (image_path, _) in cases.items():
