@@ -1,27 +1,20 @@
 """Faults and hostile inputs (docs/faults.md): nothing outside the dataset is read, nothing hangs,
 nothing is lost or mixed up, and a broken run says so in one line with exit status 1."""
 
-import contextlib
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from PIL import Image
 import pytest
+from PIL import Image
 
-from privattnet_jax import checkpoints
-from privattnet_jax import predict
-from privattnet_jax import safe_files
-from privattnet_jax import workdir_lock
-from privattnet_jax.data import synthetic
-from privattnet_jax.data import vispr
+from privattnet_jax import checkpoints, predict, safe_files, workdir_lock
+from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -184,7 +177,7 @@ def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_pat
   for name, reason in bad.items():
     assert not records[name]["ok"] and records[name]["error"].startswith(reason), records[name]
   panels = [r["heatmap"] for r in result.records if r["ok"]]
-  assert len(set(p.lower() for p in panels)) == len(panels) == len(good)
+  assert len({p.lower() for p in panels}) == len(panels) == len(good)
   for name in good:  # Each panel is the panel of its own photo: its title is the file name.
     assert (out / records[name]["heatmap"]).is_file()
   lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -221,12 +214,7 @@ def _saved_steps(workdir: pathlib.Path, steps=(1, 2, 3)):
 
 
 def _abstract():
-  return {"w": jax_shape((64, 64)), "b": jax_shape((8,))}
-
-
-def jax_shape(shape):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.ShapeDtypeStruct(shape, np.float32)
+  return {"w": jax.ShapeDtypeStruct((64, 64), np.float32), "b": jax.ShapeDtypeStruct((8,), np.float32)}
 
 
 def _largest_file(folder: pathlib.Path) -> pathlib.Path:
