@@ -187,17 +187,20 @@ def _first_line(error: BaseException) -> str:
 def _save_traceback(error: BaseException) -> str:
   """Writes the traceback to <workdir>/errors.log (or a temporary file): where the one line points."""
   text = "".join(traceback.format_exception(error))
-  try:
-    if FLAGS.workdir and os.path.isdir(FLAGS.workdir):
-      path = os.path.join(FLAGS.workdir, "errors.log")
+  if FLAGS.workdir and os.path.isdir(FLAGS.workdir):
+    path = os.path.join(FLAGS.workdir, "errors.log")
+    try:
       with open(path, "a") as log:
         log.write(text)
-    else:
-      fd, path = tempfile.mkstemp(prefix="privattnet_jax-error-", suffix=".log")
-      with os.fdopen(fd, "w") as log:
-        log.write(text)
+      return path
+    except OSError:  # The workdir's disk is full: try the temporary folder.
+      pass
+  try:
+    fd, path = tempfile.mkstemp(prefix="privattnet_jax-error-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+      log.write(text)
     return path
-  except OSError:  # A full disk: the traceback has nowhere to go but --verbosity=1.
+  except OSError:  # Nowhere to write: --verbosity=1 prints it.
     return ""
 
 

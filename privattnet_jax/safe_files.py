@@ -29,6 +29,7 @@ REASONS: dict[str, str] = {
     "symlink_loop": "the path's symlinks form a loop",
     "missing": "no such file",
     "unreadable": "the file exists but cannot be read (permissions, I/O error)",
+    "invalid_path": "not a usable path (a NUL byte, characters the file system cannot encode)",
 }
 MAX_ANNOTATION_BYTES = 4 * 2**20  # VISPR's annotation JSONs are ~1 KB.
 MAX_LIST_BYTES = 64 * 2**20  # A split list: one short path per line.
@@ -53,11 +54,17 @@ def resolve(path: str | os.PathLike, root: str | os.PathLike | None = None) -> p
   resolved root. The file need not exist.
   """
   base = pathlib.Path(os.path.realpath(root)) if root is not None else None
-  candidate = pathlib.Path(os.path.expanduser(os.fspath(path)))
-  if base is not None:
-    candidate = base / candidate  # An absolute `path` replaces the root here; the check below catches it.
+  if base is None:
+    candidate = pathlib.Path(os.path.expanduser(os.fspath(path)))  # The user's own names only.
+  else:
+    candidate = base / os.fspath(path)  # An absolute `path` replaces the root; the check below catches it.
   try:
     resolved = candidate.resolve(strict=False)
+    os.fspath(resolved).encode(errors="strict")  # Lone surrogates from JSON cannot name a file.
+    if "\0" in os.fspath(resolved):
+      raise ValueError("embedded null byte")
+  except ValueError as e:
+    raise UnsafeFileError("invalid_path", repr(os.fspath(path)), str(e)) from None
   except RuntimeError:  # Python < 3.13: "Symlink loop from ...".
     raise UnsafeFileError("symlink_loop", path, "its symlinks form a loop") from None
   except OSError as e:
@@ -77,6 +84,8 @@ def regular_file(path: str | os.PathLike, root: str | os.PathLike | None = None)
   resolved = resolve(path, root)
   try:
     info = os.stat(resolved)
+  except ValueError as e:
+    raise UnsafeFileError("invalid_path", repr(os.fspath(path)), str(e)) from None
   except FileNotFoundError:
     raise UnsafeFileError("missing", path, "does not exist") from None
   except OSError as e:

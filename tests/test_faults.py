@@ -1,27 +1,20 @@
 """Faults and hostile inputs (docs/faults.md): nothing outside the dataset is read, nothing hangs,
 nothing is lost or mixed up, and a broken run says so in one line with exit status 1."""
 
-import contextlib
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from PIL import Image
 import pytest
+from PIL import Image
 
-from privattnet_jax import checkpoints
-from privattnet_jax import predict
-from privattnet_jax import safe_files
-from privattnet_jax import workdir_lock
-from privattnet_jax.data import synthetic
-from privattnet_jax.data import vispr
+from privattnet_jax import checkpoints, predict, safe_files, workdir_lock
+from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -71,6 +64,9 @@ def hostile(tmp_path_factory):
       "bad_loop": ("images/train2017/loop.jpg", "symlink_loop"),
       "bad_dev_zero": ("images/train2017/zero.jpg", "outside_root"),
       "bad_folder": ("images/train2017", "not_a_regular_file"),
+      "bad_nul": ("images/train2017/2017_90000000.jpg\u0000.txt", "malformed_annotation"),
+      "bad_surrogate": ("images/\udcff.jpg", "malformed_annotation"),
+      "bad_tilde": ("~/s.jpg", "missing_image"),  # Taken literally inside the root, never as $HOME.
   }
   with open(root / "train2017.txt", "a") as listing:
     for image_id, (image_path, _) in cases.items():
@@ -181,7 +177,7 @@ def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_pat
   for name, reason in bad.items():
     assert not records[name]["ok"] and records[name]["error"].startswith(reason), records[name]
   panels = [r["heatmap"] for r in result.records if r["ok"]]
-  assert len(set(p.lower() for p in panels)) == len(panels) == len(good)
+  assert len({p.lower() for p in panels}) == len(panels) == len(good)
   for name in good:  # Each panel is the panel of its own photo: its title is the file name.
     assert (out / records[name]["heatmap"]).is_file()
   lines = (out / "predictions.jsonl").read_text().splitlines()
@@ -218,12 +214,7 @@ def _saved_steps(workdir: pathlib.Path, steps=(1, 2, 3)):
 
 
 def _abstract():
-  return {"w": jax_shape((64, 64)), "b": jax_shape((8,))}
-
-
-def jax_shape(shape):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.ShapeDtypeStruct(shape, np.float32)
+  return {"w": jax.ShapeDtypeStruct((64, 64), np.float32), "b": jax.ShapeDtypeStruct((8,), np.float32)}
 
 
 def _largest_file(folder: pathlib.Path) -> pathlib.Path:
@@ -339,3 +330,16 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
   assert not (tmp_path / "data" / "synthetic_vispr").exists()  # Refused before any dataset work.
   assert (tmp_path / "existing.txt").read_text() == "keep"
+
+
+def test_a_full_disk_is_recognised_through_library_wrappers():
+  import run  # pylint: disable=g-import-not-at-top  # Defines run.py's flags; no other test imports it.
+
+  wrapped = RuntimeError('Failed to finalize writing of split "test": write() failed: No space left on device')
+  chained = ValueError("save failed")
+  chained.__cause__ = OSError(28, "No space left on device", "/w/checkpoints/2/state")
+  for error in (wrapped, chained, OSError(28, "No space left on device")):
+    assert run._is_disk_full(error)  # pylint: disable=protected-access
+    assert run._message(error).startswith("no space left on the device")  # pylint: disable=protected-access
+  assert not run._is_disk_full(ValueError("bad"))  # pylint: disable=protected-access
+  assert run._message(TypeError("oops\nmore")) == "internal error (TypeError): oops"  # pylint: disable=protected-access

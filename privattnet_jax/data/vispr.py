@@ -634,7 +634,8 @@ def _read_contained(root: pathlib.Path, relative: str, kind: str, max_bytes: int
   try:
     return safe_files.read_bytes(relative, max_bytes=max_bytes, root=root)
   except safe_files.UnsafeFileError as e:
-    reason = {"missing": f"missing_{kind}", "unreadable": f"unreadable_{kind}"}.get(e.reason, e.reason)
+    reason = {"missing": f"missing_{kind}", "unreadable": f"unreadable_{kind}",
+              "invalid_path": "malformed_annotation"}.get(e.reason, e.reason)
     raise _Skip(reason, f"{root / relative}: {e.message}", image_id) from None
 
 
