@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import skimage.data
+from absl import logging
 from PIL import Image, ImageEnhance
 
 from privattnet_jax import attributes
@@ -133,6 +134,7 @@ def main() -> None:
   parser.add_argument("--variants", default="privattnet,privnet", help="demo.py variants to train")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
   from configs import demo  # pylint: disable=g-import-not-at-top
   from privattnet_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -26,8 +26,8 @@ def _parse(arg: str) -> tuple[str, str]:
     variant, encoder = "privattnet", "tiny"
   encoder = encoder or "lite0"
   if variant not in VARIANTS or encoder not in ENCODERS:
-    raise ValueError(f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} (optionally "
-                     f"followed by ',tiny'), got {arg!r}")
+    raise ValueError(f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} "
+                     f"(optionally followed by ',tiny'), got {arg!r}")
   return variant, encoder
 
 
@@ -57,7 +57,7 @@ def get_config(arg="privattnet"):
     config.model.encoder.trainable = True  # No pretrained weights here: learn the encoder.
     return config
   config.image_size = 224  # A 14x14 attention grid.
-  config.num_epochs = 12
+  config.num_epochs = 8  # The cached features are learnt from fast (docs/benchmarks.md).
   config.model.encoder.name = "efficientnet_lite0"
   config.model.encoder.pretrained = "efficientnet_lite0"  # The file the package installs.
   config.model.encoder.trainable = False  # The paper's frozen ImageNet encoder...

@@ -57,7 +57,7 @@ class _StorageType:
 
 
 class _Storage:
-  __slots__ = ("key", "dtype", "numel")
+  __slots__ = ("dtype", "key", "numel")
 
   def __init__(self, key: str, dtype: np.dtype, numel: int):
     self.key, self.dtype, self.numel = key, dtype, numel
@@ -65,16 +65,17 @@ class _Storage:
 
 class _TensorRef:
   """A tensor before its storage bytes are read: (storage, offset, shape, strides) in elements."""
-  __slots__ = ("storage", "offset", "shape", "strides")
+  __slots__ = ("offset", "shape", "storage", "strides")
 
   def __init__(self, storage, offset, shape, strides):
     if not isinstance(storage, _Storage):
       raise pickle.UnpicklingError("a tensor whose storage is not a storage reference")
-    self.storage, self.offset, self.shape, self.strides = storage, int(offset), tuple(shape), tuple(strides)
+    self.storage, self.offset = storage, int(offset)
+    self.shape, self.strides = tuple(shape), tuple(strides)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata  # Autograd state: not part of the values.
   return _TensorRef(storage, storage_offset, size, stride)
 
@@ -116,7 +117,10 @@ def _load_object(file: BinaryIO) -> Any:
   try:
     return _RestrictedUnpickler(file).load()
   except pickle.UnpicklingError as e:
-    raise PthError(f"refused: not a plain state dict of tensors ({e}); this reader never runs code from a pickle") from None
+    raise PthError(
+        f"refused: not a plain state dict of tensors ({e}); "
+        "this reader never runs code from a pickle"
+    ) from None
   except Exception as e:  # Truncated or foreign bytes raise many types.
     raise PthError(f"corrupt pickle: {type(e).__name__}: {e}") from None
 
@@ -137,18 +141,21 @@ def _materialise(obj: Any, storages: Mapping[str, np.ndarray]) -> Any:
     flat = storages[obj.storage.key]
     if any(s < 0 for s in obj.strides) or any(d < 0 for d in obj.shape):
       raise PthError("a tensor with negative strides or shape")
-    last = obj.offset + sum((d - 1) * s for d, s in zip(obj.shape, obj.strides)) if all(obj.shape) else obj.offset - 1
-    if obj.offset < 0 or last >= flat.size:
-      raise PthError(f"a tensor of shape {obj.shape} reaches past its storage of {flat.size} elements")
+    span = sum((d - 1) * s for d, s in zip(obj.shape, obj.strides)) if all(obj.shape) else -1
+    if obj.offset < 0 or obj.offset + span >= flat.size:
+      raise PthError(f"a tensor of shape {obj.shape} reaches past its storage of {flat.size} "
+                     "elements")
     if not all(obj.shape):
       return np.zeros(obj.shape, flat.dtype)
     itemsize = flat.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(flat[obj.offset:], obj.shape, [s * itemsize for s in obj.strides],
-                                           writeable=False)
+    strides = [s * itemsize for s in obj.strides]
+    view = np.lib.stride_tricks.as_strided(flat[obj.offset:], obj.shape, strides, writeable=False)
     return np.array(view)
   if isinstance(obj, Mapping):
     materialised = {key: _materialise(value, storages) for key, value in obj.items()}
-    return collections.OrderedDict(materialised) if isinstance(obj, collections.OrderedDict) else materialised
+    if isinstance(obj, collections.OrderedDict):
+      return collections.OrderedDict(materialised)
+    return materialised
   if isinstance(obj, list):
     return [_materialise(value, storages) for value in obj]
   if isinstance(obj, tuple):

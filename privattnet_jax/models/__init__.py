@@ -31,9 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from privattnet_jax import attributes
-from privattnet_jax.models import heads
-from privattnet_jax.models import efficientnet
-from privattnet_jax.models import resnet
+from privattnet_jax.models import efficientnet, heads, resnet
 from privattnet_jax.models.attention import AttentionHead
 
 MODEL_NAMES = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")

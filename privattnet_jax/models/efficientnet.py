@@ -71,11 +71,12 @@ def output_stride(stages: int) -> int:
 
 def validate(stages: int) -> None:
   if stages not in CUT_STAGES:
-    raise ValueError(f"model.encoder.stages must be 3 (cut at output stride 16) or 4 (the whole trunk), got {stages!r}")
+    raise ValueError("model.encoder.stages must be 3 (cut at output stride 16) or 4 "
+                     f"(the whole trunk), got {stages!r}")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """TF 'SAME' padding of one side: the output has ceil(size / stride) cells, the extra at the end."""
+  """TF 'SAME' padding of one side: ceil(size / stride) output cells, any odd pixel at the end."""
   total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
   return total // 2, total - total // 2
 
@@ -104,7 +105,9 @@ class DepthwiseConv(nn.Module):
     out = None
     for i in range(k):
       for j in range(k):
-        window = padded[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride, :]
+        rows = slice(i, i + (out_h - 1) * stride + 1, stride)
+        cols = slice(j, j + (out_w - 1) * stride + 1, stride)
+        window = padded[:, rows, cols, :]
         term = (window * kernel[i, j, 0]).astype(jnp.float32)
         out = term if out is None else out + term
     return out.astype(self.dtype)
@@ -140,7 +143,8 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/16, S/16, 112) or (B, S/32, S/32, 1280).
+  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/16, S/16, 112) at the cut,
+  (B, S/32, S/32, 1280) for the whole trunk.
 
   Attributes:
     stages: 3 (cut at output stride 16) or 4 (the whole trunk, head conv included).
@@ -158,10 +162,11 @@ class EfficientNetLite0(nn.Module):
 
   @nn.compact
   def __call__(self, images, use_running_average: bool):
-    """`use_running_average`: BatchNorm normalises with (and leaves alone) its running statistics."""
+    """`use_running_average`: BatchNorm normalises with (and keeps) its running statistics."""
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", kernel_init=CONV_INIT,
                              dtype=self.dtype, param_dtype=jnp.float32)
-    depthwise = functools.partial(DepthwiseConv, kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32)
+    depthwise = functools.partial(DepthwiseConv, kernel_init=CONV_INIT, dtype=self.dtype,
+                                  param_dtype=jnp.float32)
     norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
                              momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
                              axis_name=None if use_running_average else self.batchnorm_axis_name,
