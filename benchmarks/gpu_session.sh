@@ -50,14 +50,14 @@ for name in ("flax", "optax", "orbax.checkpoint", "grain", "tensorflow_datasets"
 EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/environment.txt" 2>&1
 stamp "environment: $(head -1 "$OUT/environment.txt")"
-
-if part 1; then
-stamp "1. the paper's run: ${NUM_TRAIN}/${NUM_VAL}/${TEST_IMAGES} images, ${EPOCHS} epochs"
-rm -rf "$WORK"
 SIZE_FLAGS=()
 if [ -n "${SMALL:-}" ]; then
   SIZE_FLAGS=(--config.image_size=64 --config.batch_size=8 --config.model.encoder.depth=0)
 fi
+
+if part 1; then
+stamp "1. the paper's run: ${NUM_TRAIN}/${NUM_VAL}/${TEST_IMAGES} images, ${EPOCHS} epochs"
+rm -rf "$WORK"
 time timeout 280 python run.py --config=configs/privattnet.py --workdir="$WORK/run" \
   --config.data.data_dir="$WORK/data" --config.data.synthetic.image_size=256 \
   --config.data.synthetic.num_train="$NUM_TRAIN" --config.data.synthetic.num_val="$NUM_VAL" \
@@ -99,7 +99,7 @@ RUN4=(--config=configs/privattnet.py --config.data.data_dir="$WORK/vispr_sized/d
   --config.data.synthetic.num_val="$NUM_VAL" --config.data.synthetic.num_test="$VISPR_TEST"
   --config.num_epochs="$EPOCHS" --config.model.encoder.batchnorm=frozen --config.feature_cache.enabled=True
   --config.feature_cache.on_device=True --config.feature_cache.train_views="$VIEWS" --config.half_precision=True
-  --config.log_every_steps=390 --config.compilation_cache_dir="$WORK/vispr_sized/jax_cache")
+  --config.log_every_steps=390 --config.compilation_cache_dir="$WORK/vispr_sized/jax_cache" "${SIZE_FLAGS[@]}")
 # The dataset alone (generated and built), outside the timed runs: --mode=evaluate fails after it.
 timeout 200 python run.py --mode=evaluate --workdir="$WORK/vispr_sized/build" "${RUN4[@]}" \
   --config.feature_cache.enabled=False --config.feature_cache.on_device=False > "$OUT/vispr_sized_build.txt" 2>&1
