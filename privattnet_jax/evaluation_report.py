@@ -19,7 +19,6 @@ import numpy as np
 
 from privattnet_jax import heatmaps
 from privattnet_jax import localisation
-from privattnet_jax import predict
 from privattnet_jax import report
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
@@ -68,7 +67,7 @@ def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping
   shown = []
   for kind, indices in (("most", most), ("least", least)):
     for index in indices:
-      image = predict.display_image(_stored_image(source, index, image_ids[index]))
+      image = heatmaps.display_image(_stored_image(source, index, image_ids[index]))
       if attention is None:
         panel = image
       else:

@@ -13,6 +13,7 @@ from privattnet_jax import checkpoints
 from privattnet_jax import device_features
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from tests import subprocesses
 from tests.conftest import make_tiny_config
 
@@ -33,11 +34,11 @@ def epoch_draws(experiment, steps: int):
   """(features, labels) of the train batches of global steps 0 .. steps - 1, gathered as the train step does."""
   train_set, mesh = experiment.device_train, experiment.mesh
   gather = functools.partial(
-      device_features.gather_batch, axis=train.AXIS, steps_per_epoch=experiment.steps_per_epoch,
+      device_features.gather_batch, axis=train_steps.AXIS, steps_per_epoch=experiment.steps_per_epoch,
       local_batch=experiment.config.batch_size // mesh.devices.size, views=train_set.views,
       seed=input_pipeline.sampler_seed(experiment.config.seed))
-  gathered = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(PartitionSpec(train.AXIS), PartitionSpec()),
-                                   out_specs=PartitionSpec(train.AXIS)))
+  gathered = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(PartitionSpec(train_steps.AXIS), PartitionSpec()),
+                                   out_specs=PartitionSpec(train_steps.AXIS)))
   return [jax.device_get(gathered(train_set.arrays, step)) for step in range(steps)]
 
 

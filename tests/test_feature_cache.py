@@ -14,6 +14,7 @@ from privattnet_jax import checkpoints
 from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from privattnet_jax import weights
 from tests.conftest import make_tiny_config
 
@@ -98,8 +99,8 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
 def _step(experiment, batch):
   """One train step from the initial state, then predictions: (metrics, new head params, predictions)."""
   state = jax.tree_util.tree_map(lambda x: x.copy(), experiment.initial_state)  # The step donates its state.
-  new_state, metrics = experiment.train_fn(state, train.shard_batch(batch, experiment.mesh))
-  predictions = experiment.eval_fn(new_state, train.shard_batch(batch, experiment.mesh))["prediction"]
+  new_state, metrics = experiment.train_fn(state, train_steps.shard_batch(batch, experiment.mesh))
+  predictions = experiment.eval_fn(new_state, train_steps.shard_batch(batch, experiment.mesh))["prediction"]
   return jax.device_get((metrics, new_state.params["head"], predictions))
 
 
@@ -177,21 +178,21 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   config.checkpoint_every_steps = 2
   config.eval_every_steps = 6
   config.eval_splits = ("test",)
-  original = train.shard_batch
+  original = train_steps.shard_batch
   model_inputs = {"train": set(), "eval": set(), "encode": set()}
   train_batches = []
   crash = True
 
   def record_and_crash_at_step_five(batch, mesh):
     kind = "eval" if "image_id" in batch else ("train" if "score" in batch else "encode")
-    model_inputs[kind] |= set(train.MODEL_INPUTS) & set(batch)
+    model_inputs[kind] |= set(train_steps.MODEL_INPUTS) & set(batch)
     if kind == "train":
       train_batches.append(np.asarray(batch["features"], np.float32))
       if len(train_batches) == 5 and crash:  # Killed after the checkpoint at step 4.
         raise KeyboardInterrupt("simulated kill")
     return original(batch, mesh)
 
-  monkeypatch.setattr(train, "shard_batch", record_and_crash_at_step_five)
+  monkeypatch.setattr(train_steps, "shard_batch", record_and_crash_at_step_five)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 4
