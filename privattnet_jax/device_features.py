@@ -221,14 +221,15 @@ def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis:
       features_shape=shape, features_dtype=dtype, image_size=config.image_size,
       preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
 
-  def record(i):
-    return [i] if i < len(source) else []
-
   def make_row(records):
     return transform.map(records[0] if records else {})
 
-  rows = [record(i * global_batch + d * local_batch + o)
-          for d in _local_positions(mesh) for i in range(num_batches) for o in range(local_batch)]
+  # The grain eval stream's layout, with the devices in the place of the processes.
+  rows = []
+  for d in _local_positions(mesh):
+    layout = input_pipeline.ProcessLayout(d, devices, local_batch)
+    indices = (layout.stream_index(j) for j in range(num_batches * local_batch))
+    rows.extend([i] if i < len(source) else [] for i in indices)
   start = time.time()
   arrays = _read_rows(source, rows, make_row)
   logging.info("feature cache: %s split on the devices, %d records read in %.1f s", split, len(source),

@@ -173,25 +173,18 @@ def decode_record(data: bytes, shape, dtype) -> dict[str, Any]:
   }
 
 
-def _records_of_process(num_rows: int, rows_per_batch: int, process_count: int, process: int) -> int:
-  """How many of `num_rows` stream rows process `process` encodes (the `_EvalRows` layout)."""
-  global_batch = rows_per_batch * process_count
-  full, rest = divmod(num_rows, global_batch)
-  return full * rows_per_batch + min(rows_per_batch, max(0, rest - process * rows_per_batch))
-
-
 class CachedSplit:
   """A split's records in stream order, decoded; a random-access source for grain.
 
-  Stream row r = b * G + p * B + o (global batch b, process p, row o) is record b * B + o of
-  process p's file, as the eval stream lays rows out (`input_pipeline._EvalRows`).
+  Stream row r is record k of process p's file, (p, k) = `ProcessLayout.owner(r)`: the eval
+  stream's layout, which each process wrote its file in.
   """
 
   def __init__(self, directory: pathlib.Path, split: str, manifest: Mapping[str, Any]):
     entry, layout = manifest["splits"][split], manifest["layout"]
     self._name = f"{directory}/{split}"
     self._sources = [grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]) for name in entry["files"]]
-    self._rows_per_batch = layout["rows_per_batch"]
+    self._layout = input_pipeline.ProcessLayout(0, len(self._sources), layout["rows_per_batch"])
     self._length = entry["records"]
     self._shape = tuple(manifest["features"]["shape"])
     self._dtype = np.dtype(DTYPES[manifest["features"]["dtype"]])
@@ -202,9 +195,8 @@ class CachedSplit:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self._length:
       raise IndexError(f"record {index} of {self._length}")
-    batch, row = divmod(index, self._rows_per_batch * len(self._sources))
-    process, offset = divmod(row, self._rows_per_batch)
-    return decode_record(self._sources[process][batch * self._rows_per_batch + offset], self._shape, self._dtype)
+    process, record = self._layout.owner(index)
+    return decode_record(self._sources[process][record], self._shape, self._dtype)
 
   def __repr__(self) -> str:
     return f"CachedSplit({self._name}, {self._length} records)"
@@ -291,10 +283,10 @@ def _stale_reason(directory: pathlib.Path, key: dict) -> str | None:
   differences = _differences({field: manifest.get(field) for field in _KEY_FIELDS}, key)
   if differences:
     return "built from other inputs: " + "; ".join(differences)
-  layout = manifest["layout"]
   for split, entry in manifest["splits"].items():
+    layout = input_pipeline.ProcessLayout(0, len(entry["files"]), manifest["layout"]["rows_per_batch"])
     for process, name in enumerate(entry["files"]):
-      expected = _records_of_process(entry["records"], layout["rows_per_batch"], len(entry["files"]), process)
+      expected = layout.rows_of_process(entry["records"], process)
       try:
         found = len(grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]))
       except Exception as error:  # pylint: disable=broad-except  # A missing or damaged file, whatever riegeli says.

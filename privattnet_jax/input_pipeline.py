@@ -327,7 +327,13 @@ class EvalTransform(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class ProcessLayout:
-  """Where this process sits: its index, the process count and its share of the global batch."""
+  """Where this process sits: its index, the process count and its share of the global batch.
+
+  The one place of the padded eval stream's row layout: global batch b holds stream rows
+  [b x G, (b + 1) x G) and process p its slice [b x G + p x B, b x G + (p + 1) x B) (G global,
+  B per process). The eval loader, the feature cache's per-process files and the device-resident
+  eval split (with devices as the "processes") all lay rows out through it.
+  """
 
   process_index: int
   process_count: int
@@ -336,6 +342,22 @@ class ProcessLayout:
   @property
   def global_batch_size(self) -> int:
     return self.batch_size * self.process_count
+
+  def stream_index(self, row: int) -> int:
+    """The stream row of this process's `row`-th row."""
+    batch, offset = divmod(row, self.batch_size)
+    return batch * self.global_batch_size + self.process_index * self.batch_size + offset
+
+  def owner(self, index: int) -> tuple[int, int]:
+    """(process, that process's row) of stream row `index`: the inverse of `stream_index`."""
+    batch, rest = divmod(index, self.global_batch_size)
+    process, offset = divmod(rest, self.batch_size)
+    return process, batch * self.batch_size + offset
+
+  def rows_of_process(self, num_rows: int, process: int) -> int:
+    """How many of the first `num_rows` stream rows belong to `process`."""
+    full, rest = divmod(num_rows, self.global_batch_size)
+    return full * self.batch_size + min(self.batch_size, max(0, rest - process * self.batch_size))
 
 
 def process_layout(
@@ -377,14 +399,11 @@ def sampler_seed(seed: int) -> int:
   return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1)[0] >> 1)
 
 
-def steps_per_epoch(num_examples: int, config, *, process_count: int | None = None) -> int:
-  """Full train batches per epoch (batches run across epoch boundaries; see create_train_loader)."""
-  if process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    process_count = jax.process_count()
-  per_process = config.batch_size // process_count
-  return (num_examples // process_count) // per_process
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global train batches per epoch (batches run across epoch boundaries; see
+  create_train_loader). Each of P processes reads floor(N / P) examples in batches of G / P, which
+  makes the same count: floor(floor(N / P) / (G / P)) = floor(N / G)."""
+  return num_examples // global_batch_size
 
 
 def create_train_loader(
@@ -494,12 +513,8 @@ class ViewSampler:
 
 
 class _EvalRows:
-  """This process's rows of the padded eval stream: a record, or `{}` for a padding row.
-
-  Global batch b holds records [b * G, (b + 1) * G); process p takes the slice
-  [b * G + p * B, b * G + (p + 1) * B) of it, and indices >= N are padding
-  (not None, which grain's MapDataset treats as filtered out).
-  """
+  """This process's rows of the padded eval stream (`ProcessLayout`): a record, or `{}` for a
+  padding row (indices >= N; not None, which grain's MapDataset treats as filtered out)."""
 
   def __init__(self, source, layout: ProcessLayout, num_batches: int):
     self._source = source
@@ -510,12 +525,7 @@ class _EvalRows:
     return self._num_batches * self._layout.batch_size
 
   def __getitem__(self, row: int):
-    batch, offset = divmod(row, self._layout.batch_size)
-    index = (
-        batch * self._layout.global_batch_size
-        + self._layout.process_index * self._layout.batch_size
-        + offset
-    )
+    index = self._layout.stream_index(row)
     return self._source[index] if index < len(self._source) else {}
 
   def __repr__(self) -> str:

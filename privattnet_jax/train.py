@@ -165,7 +165,7 @@ class Experiment:
     self.manager = checkpoints.create_manager(self.workdir, config.keep_checkpoints)
     self.mesh = train_steps.create_mesh()
     num_train = len(self.sources["train"])
-    self.steps_per_epoch = num_train // config.batch_size
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
     self.total_steps = config.num_train_steps if config.num_train_steps > 0 else (

@@ -29,6 +29,7 @@ from privattnet_jax import attributes
 from privattnet_jax import checkpoints
 from privattnet_jax import input_pipeline
 from privattnet_jax import models
+from privattnet_jax import weights
 
 AXIS = "batch"
 MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.
@@ -248,13 +249,7 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
       {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32))
   variables = flax.core.unfreeze(variables)
   if config.model.encoder.pretrained:
-    from privattnet_jax import weights  # pylint: disable=g-import-not-at-top
-
-    encoder = weights.load_pretrained_encoder(
-        config.model.encoder.pretrained,
-        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]})
-    variables["params"]["encoder"] = encoder["params"]
-    variables["batch_stats"]["encoder"] = encoder["batch_stats"]
+    variables = weights.load_pretrained(config.model.encoder.pretrained, variables)
   params = variables["params"]
   return TrainState.create(
       apply_fn=model.apply, params=params, batch_stats=variables.get("batch_stats", {}),

@@ -254,7 +254,7 @@ def test_each_epoch_is_a_fresh_permutation_and_the_remainder_is_dropped():
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
   # 10 records in batches of 4: two full batches per epoch; the last one of the run is partial and dropped.
   assert len(list(_train(_source(10), _config(batch_size=4), num_epochs=1))) == 2
-  assert input_pipeline.steps_per_epoch(10, _config(batch_size=4), process_count=1) == 2
+  assert input_pipeline.steps_per_epoch(10, 4) == 2
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
@@ -280,6 +280,7 @@ def test_train_shards_are_disjoint_per_process():
     assert sorted(ids[:3]) == sorted(ids[3:])  # the same shard again in epoch two
     seen.append(set(ids))
   assert all(len(s) == 3 for s in seen) and len(set.union(*seen)) == 9
+  assert input_pipeline.steps_per_epoch(10, 6) == 1  # 3 examples per process in batches of 2.
 
 
 def test_resume_continues_at_the_exact_next_batch():
@@ -378,6 +379,26 @@ def test_per_process_batch_errors():
     _train(_source(), _config(), 2, 2)
   layout = input_pipeline.process_layout(8, process_index=1, process_count=2, local_device_count=2)
   assert (layout.batch_size, layout.global_batch_size) == (4, 8)
+
+
+@pytest.mark.parametrize("num_rows, batch_size, process_count", [(10, 2, 3), (12, 2, 3), (5, 4, 2), (0, 3, 1)])
+def test_process_layout_gives_every_stream_row_to_one_process(num_rows, batch_size, process_count):
+  """The eval stream's layout (eval loader, feature-cache files, device eval split): the processes'
+  rows partition the stream, in global batches of batch_size x process_count."""
+  layouts = [input_pipeline.ProcessLayout(p, process_count, batch_size) for p in range(process_count)]
+  owned = {}
+  for layout in layouts:
+    count = layout.rows_of_process(num_rows, layout.process_index)
+    indices = [layout.stream_index(row) for row in range(count)]
+    assert all(index < num_rows for index in indices)
+    if count < -(-num_rows // layout.global_batch_size) * batch_size:  # The next row is padding.
+      assert layout.stream_index(count) >= num_rows
+    for row, index in enumerate(indices):
+      assert index not in owned
+      owned[index] = (layout.process_index, row)
+      assert layout.owner(index) == (layout.process_index, row)
+      assert index // layout.global_batch_size == row // batch_size  # Same global batch.
+  assert sorted(owned) == list(range(num_rows))
 
 
 # --- Eval batches ------------------------------------------------------------
