@@ -146,8 +146,9 @@ def main(argv):
       elif FLAGS.mode == "evaluate":
         train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
       elif FLAGS.mode == "cache_features":
-        config.feature_cache.enabled = True
-        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feature_cache
+        if config.feature_cache.mode == "off":
+          config.feature_cache.mode = "host"
+        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
         print(f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
               flush=True)
       else:

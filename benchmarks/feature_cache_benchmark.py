@@ -10,7 +10,7 @@ then times head training both ways through the real loaders: images (grain decod
 resized crop + flip, frozen encoder forward, head forward/backward) and cached features (grain
 read of array_record records, head forward/backward). Synthetic-features mode skips the images:
 an in-memory VISPR-sized feature set is read through the same grain transform, and also held
-on the devices as `feature_cache.on_device` holds it, each batch gathered inside the train step
+on the devices as `feature_cache.mode='device'` holds it, each batch gathered inside the train step
 (no host pipeline at all); --full_run_epochs then runs that many real epochs of head training.
 
 Both modes print XLA's FLOPs per image of each train step (compiled cost analysis), the
@@ -68,7 +68,7 @@ def make_config(workdir: pathlib.Path):
   config.data.synthetic.num_train = FLAGS.num_images
   config.data.synthetic.num_val = config.data.synthetic.num_test = 8
   config.data.synthetic.image_size = FLAGS.source_size
-  config.feature_cache.enabled = True
+  config.feature_cache.mode = "host"
   config.feature_cache.dtype = FLAGS.cache_dtype
   config.feature_cache.splits = ("train",)
   config.feature_cache.dir = str(workdir / "feature_cache")
@@ -120,7 +120,7 @@ def synthetic_feature_records(num: int, shape, dtype, rng) -> list:
 
 
 def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epochs: int):
-  """Head training as `feature_cache.on_device` runs it (`device_features`: features held on the
+  """Head training as `feature_cache.mode='device'` runs it (`device_features`: features held on the
   devices, each batch gathered inside the train step): (img/s, wall s of `epochs` epochs)."""
   devices = mesh.devices.size
   num -= num % devices
@@ -151,7 +151,7 @@ def main(argv):
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
   mesh = train_steps.create_mesh()
-  task = train_steps.make_task(config, target_mean=np.zeros(1))
+  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
   model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   image_shape = (config.image_size, config.image_size, 3)
   state = jax.device_put(train_steps.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
@@ -184,11 +184,10 @@ def main(argv):
   print(f"step only (one device-resident batch): images {results['images_step_only']:.1f} img/s, "
         f"features {results['features_step_only']:.1f} img/s", flush=True)
 
-  feature_train = feature_cache.FeatureTrainTransform(
-      preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
+  feature_train = feature_cache.FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
   if FLAGS.synthetic_features:
     records = synthetic_feature_records(FLAGS.num_images, shape, cache_dtype, rng)
-    loader = iter(input_pipeline.create_train_loader(records, config, transform=feature_train))
+    loader = iter(input_pipeline.create_train_loader(records, config, task, transform=feature_train))
     results["features_loader"], _ = timed_rate(
         feature_step, copy_state(state), lambda: train_steps.shard_batch(next(loader), mesh))
     first = records[0]
@@ -209,13 +208,14 @@ def main(argv):
           f"{time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     cache = feature_cache.ensure(config, sources, state,
-                                 lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]))
+                                 lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]),
+                                 task)
     encode_rate = FLAGS.num_images / (time.perf_counter() - start)
     results["bytes_per_record"] = cache.bytes_per_record()
-    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config))
+    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config, task))
     results["images_loader"], _ = timed_rate(
         image_step, copy_state(state), lambda: train_steps.shard_batch(next(image_loader), mesh))
-    feature_loader = iter(cache.train_loader(config))
+    feature_loader = iter(cache.train_loader(config, task))
     results["features_loader"], _ = timed_rate(
         feature_step, copy_state(state), lambda: train_steps.shard_batch(next(feature_loader), mesh))
     print(f"cache build (decode + resize + encoder + write): {encode_rate:.1f} img/s", flush=True)

@@ -34,6 +34,7 @@ from PIL import ImageFilter
 from configs import default
 from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
+from privattnet_jax import train_steps
 
 flags.DEFINE_enum("source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list.")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker counts to measure.")
@@ -166,7 +167,10 @@ def transform_ceiling(source, config, repeats: int = 2) -> float:
 
 def measure(source, config) -> tuple[float, float, float]:
   """(images/s, cores busy here, cores busy elsewhere) over FLAGS.batches batches after the warm-up."""
-  loader = input_pipeline.create_train_loader(source, config, process_index=0, process_count=1, local_device_count=1)
+  preferences = input_pipeline.preferences_from_config(config)
+  task = train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  loader = input_pipeline.create_train_loader(source, config, task, process_index=0, process_count=1,
+                                              local_device_count=1)
   iterator = iter(loader)
   for _ in range(FLAGS.warmup_batches):
     next(iterator)

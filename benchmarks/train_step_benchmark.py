@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import privattnet
+from privattnet_jax import input_pipeline
 from privattnet_jax import models
 from privattnet_jax import train_steps
 
@@ -50,7 +51,7 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   config.batch_size = batch_size
   config.half_precision = FLAGS.dtype == "bfloat16"
   config.model.encoder.trainable = encoder_mode == "trainable"
-  task = train_steps.make_task(config, target_mean=np.zeros(1))
+  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
   model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   mesh = train_steps.create_mesh()
   state = train_steps.create_train_state(config, model, task, (config.image_size, config.image_size, 3), 1000,

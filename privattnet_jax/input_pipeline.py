@@ -80,13 +80,12 @@ def preferences_from_config(config) -> np.ndarray:
   )
 
 
-def split_scores(source, config) -> np.ndarray:
+def split_scores(source, preferences: np.ndarray, pooling: str) -> np.ndarray:
   """The (N, P) float32 privacy scores of every record of `source`, in source order.
 
   Reads the labels only: the records' images stay encoded, so this is cheap
   enough to run at start-up for the training mean of the target.
   """
-  preferences = preferences_from_config(config)
   scores = np.zeros((len(source), preferences.shape[1]), dtype=np.float32)
   for start in range(0, len(source), _SCORE_CHUNK):
     indices = list(range(start, min(start + _SCORE_CHUNK, len(source))))
@@ -95,7 +94,7 @@ def split_scores(source, config) -> np.ndarray:
     else:
       records = [source[i] for i in indices]
     labels = np.stack([_labels(record) for record in records])
-    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, config.score.pooling)
+    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, pooling)
   return scores
 
 
@@ -409,6 +408,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 def create_train_loader(
     source,
     config,
+    task,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -424,7 +424,8 @@ def create_train_loader(
   epoch. `num_epochs` None repeats forever. Batches run across epoch
   boundaries; with a finite `num_epochs` the final partial batch is dropped.
 
-  `transform` replaces the image transform (`train_transform(config)`), e.g. to read
+  `task` is the run's score definition (`train_steps.Task`: its `preferences` and `pooling`).
+  `transform` replaces the image transform (`train_transform(config, task)`), e.g. to read
   cached features. With `views_per_example` V > 1, `source` holds V records per
   example (record i * V + v is view v of example i) and every draw of an example
   reads one view, chosen from the seed and the stream position (see `ViewSampler`).
@@ -465,7 +466,7 @@ def create_train_loader(
   return grain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=[transform or train_transform(config), batch],
+      operations=[transform or train_transform(config, task), batch],
       worker_count=config.data.num_workers,
       worker_buffer_size=config.data.prefetch_buffer_size,
       shard_options=shard_options,
@@ -473,15 +474,16 @@ def create_train_loader(
   )
 
 
-def train_transform(config) -> TrainTransform:
-  """The image train transform (decode, random resized crop, flip, normalise) of a full config."""
+def train_transform(config, task) -> TrainTransform:
+  """The image train transform (decode, random resized crop, flip, normalise) of a full config,
+  scoring with `task`'s preference table and pooling."""
   return TrainTransform(
       image_size=config.image_size,
       resize_size=resize_size(config),
       crop_scale=config.data.crop_scale,
       crop_ratio=config.data.crop_ratio,
-      preferences=preferences_from_config(config),
-      pooling=config.score.pooling,
+      preferences=task.preferences,
+      pooling=task.pooling,
   )
 
 
@@ -540,6 +542,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 def create_eval_batches(
     source,
     config,
+    task,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -553,8 +556,9 @@ def create_eval_batches(
   and each record appears in exactly one row with mask 1 across all
   processes. Batches also carry host-side `image_id` (str), `boxes`
   (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
-  `config.batch_size`; `transform` replaces the image transform (the feature cache's
-  transforms). Argument errors raise here, not at the first `next`.
+  `config.batch_size`; `task` scores the rows (as in `create_train_loader`); `transform` replaces
+  the image transform (the feature cache's transforms). Argument errors raise here, not at the
+  first `next`.
   """
   layout = process_layout(
       config.batch_size if batch_size is None else batch_size,
@@ -565,8 +569,8 @@ def create_eval_batches(
   rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
   transform = transform or EvalTransform(
       image_size=config.image_size,
-      preferences=preferences_from_config(config),
-      pooling=config.score.pooling,
+      preferences=task.preferences,
+      pooling=task.pooling,
   )
   dataset = grain.MapDataset.source(rows).map(transform).batch(layout.batch_size)
   # Whole batches are assembled in grain's read threads (PIL decodes without the

@@ -7,7 +7,6 @@ this module drives them over the data (`Experiment`, `train_and_evaluate`, `eval
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import time
@@ -22,9 +21,9 @@ import numpy as np
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
-from privattnet_jax import device_features
 from privattnet_jax import evaluation_report
 from privattnet_jax import feature_cache
+from privattnet_jax import feeds
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import models
@@ -58,10 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every_steps", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"{name} must be positive, got {config[name]}")
-  if config.feature_cache.enabled:
-    feature_cache.validate_config(config)
-  elif config.feature_cache.get("on_device", False):
-    raise ValueError("feature_cache.on_device=True needs feature_cache.enabled=True (it holds the cache's features)")
+  feeds.validate_config(config)
 
 
 class MetricWriter:
@@ -170,7 +166,8 @@ class Experiment:
       raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
     self.total_steps = config.num_train_steps if config.num_train_steps > 0 else (
         config.num_epochs * self.steps_per_epoch)
-    self.task = train_steps.make_task(config, self._target_mean(input_pipeline.preferences_from_config(config).shape[1]))
+    preferences = input_pipeline.preferences_from_config(config)  # The run's one read of `config.score`.
+    self.task = train_steps.make_task(config, self._target_mean(preferences), preferences)
     self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS)
     image_shape = (config.image_size, config.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
@@ -179,18 +176,16 @@ class Experiment:
     # Kept apart: the train step donates (deletes) the state it is given.
     self.abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state)
-    self.train_fn = train_steps.parallel_train_step(self.mesh, self.task) if need_train else None
     self.eval_fn = train_steps.parallel_eval_step(self.mesh, self.task)
-    self.feature_cache = self.prepare_feature_cache() if config.feature_cache.enabled else None
-    self.device_train, self.device_eval = None, {}
-    if self.feature_cache is not None and config.feature_cache.get("on_device", False):
-      self._load_to_devices(need_train)
+    self.feed = feeds.select_feed(config, self.sources, self.mesh, self.task, steps_per_epoch=self.steps_per_epoch,
+                                  prepare_cache=self.prepare_feature_cache, need_train=need_train)
 
-  def _target_mean(self, num_outputs: int) -> np.ndarray:
+  def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
     """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
 
     Attribute models never use it, so their checkpoints serve any `score.per_profile`.
     """
+    num_outputs = preferences.shape[1]
     latest = self.manager.latest_step()
     if latest is not None:
       mean = np.asarray(checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32)
@@ -200,7 +195,7 @@ class Experiment:
         raise ValueError(
             f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
             f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir")
-    return input_pipeline.split_scores(self.sources["train"], self.config).mean(axis=0)
+    return input_pipeline.split_scores(self.sources["train"], preferences, self.config.score.pooling).mean(axis=0)
 
   def metadata(self) -> dict:
     # The preference table rides along: a checkpoint must not depend on a TSV file of the machine it
@@ -215,37 +210,8 @@ class Experiment:
     state = self.initial_state if latest is None else self.restore(latest)
     encode_step = train_steps.parallel_encode_step(self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype])
     return feature_cache.ensure(self.config, self.sources, state,
-                                lambda images: encode_step(state, train_steps.shard_batch({"image": images}, self.mesh)["image"]))
-
-  def _load_to_devices(self, need_train: bool) -> None:
-    """feature_cache.on_device: the cached train and validation splits go to device memory."""
-    if need_train and self.feature_cache.has_train():
-      self.device_train = device_features.load_train(self.feature_cache, self.config, self.mesh, train_steps.AXIS)
-      self.train_fn = device_features.parallel_train_step(
-          self.mesh, train_steps.AXIS, functools.partial(train_steps.train_step, task=self.task), self.device_train, self.steps_per_epoch,
-          self.config)
-    if self.feature_cache.has_eval("validation"):
-      self.device_eval["validation"] = device_features.load_eval(
-          self.feature_cache, "validation", self.config, self.mesh, train_steps.AXIS)
-
-  def step_function(self, data_iterator):
-    """The train step as a function of the state alone: on a batch from `data_iterator` (the host
-    loader), or gathered on the devices (`device_train`, where `data_iterator` is None)."""
-    if self.device_train is not None:
-      return lambda state: self.train_fn(state, self.device_train.arrays)
-    return lambda state: self.train_fn(state, train_steps.shard_batch(next(data_iterator), self.mesh))
-
-  def train_loader(self):
-    if self.feature_cache is not None and self.feature_cache.has_train():
-      return self.feature_cache.train_loader(self.config)
-    return input_pipeline.create_train_loader(self.sources["train"], self.config)
-
-  def eval_batches(self, split: str):
-    if split in self.device_eval:
-      return self.device_eval[split].batches()
-    if self.feature_cache is not None and self.feature_cache.has_eval(split):
-      return self.feature_cache.eval_batches(split, self.config)
-    return input_pipeline.create_eval_batches(self.sources[split], self.config)
+                                lambda images: encode_step(state, train_steps.shard_batch({"image": images}, self.mesh)["image"]),
+                                self.task)
 
   def restore(self, step: int, data_iterator=None) -> train_steps.TrainState:
     state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
@@ -262,17 +228,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
   checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
 
-  # Device-resident features need no host iterator: their position is the step number.
-  train_iterator = None if experiment.device_train is not None else iter(experiment.train_loader())
+  feed = experiment.feed
   state = experiment.initial_state
   start_step = 0
   latest = manager.latest_step()
   if latest is not None:
-    state = experiment.restore(latest, train_iterator)
+    state = experiment.restore(latest, feed.position)
     start_step = int(state.step)
     logging.info("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
-  run_step = experiment.step_function(train_iterator)
   writer = MetricWriter(experiment.workdir)
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
                config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
@@ -285,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     window_start, window_steps = time.time(), 0
     run_start, seconds = time.time(), {"validation": 0.0, "checkpoint": 0.0}
     for step in range(start_step + 1, experiment.total_steps + 1):
-      state, step_metrics = run_step(state)
+      state, step_metrics = feed.step(state)
       unchecked.append((step, step_metrics["loss"]))
       if len(unchecked) > MAX_STEPS_AHEAD:
         jax.block_until_ready(unchecked[-MAX_STEPS_AHEAD - 1][1])  # Waits on that step alone, copies nothing.
@@ -310,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if evaluate_now:
         eval_start = time.time()
         validation = evaluate(
-            state, experiment.eval_fn, experiment.eval_batches("validation"), mesh, experiment.task).metrics
+            state, experiment.eval_fn, experiment.feed.eval_batches("validation"), mesh, experiment.task).metrics
         logging.info("step %d validation: %s", step, _headline(validation))
         writer.write(step, {f"validation/{k}": v for k, v in scalar_metrics(validation).items()})
         window_start += time.time() - eval_start  # Training throughput excludes evaluation.
@@ -318,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if checkpoint_now:
         selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
         save_start = time.time()
-        checkpoints.save(manager, step, state, train_iterator, experiment.metadata(), selection)
+        checkpoints.save(manager, step, state, feed.position, experiment.metadata(), selection)
         seconds["checkpoint"] += time.time() - save_start
     save_start = time.time()
     manager.wait_until_finished()
@@ -361,7 +325,7 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
   state = experiment.restore(step)
-  result = evaluate(state, experiment.eval_fn, experiment.eval_batches(split), experiment.mesh, experiment.task)
+  result = evaluate(state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task)
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)

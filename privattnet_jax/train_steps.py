@@ -59,11 +59,10 @@ class Task:
     return id(self)
 
 
-def make_task(config: ml_collections.ConfigDict, target_mean, preferences=None) -> Task:
-  """The run's Task; `preferences` (68, P) from a checkpoint's metadata, else from `config.score`."""
+def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Task:
+  """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
+  loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
   kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
-  if preferences is None:
-    preferences = input_pipeline.preferences_from_config(config)
   return Task(
       kind=kind,
       target_mean=np.asarray(target_mean, np.float32).reshape(-1),
@@ -303,7 +302,10 @@ def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> 
   step = select_step(manager, workdir, step)
   metadata = checkpoints.restore_metadata(manager, step)
   config = ml_collections.ConfigDict(metadata["config"])
-  task = make_task(config, metadata["target_mean"], metadata.get("preferences"))
+  preferences = metadata.get("preferences")
+  if preferences is None:  # A checkpoint older than the stored table: its config's score definition.
+    preferences = input_pipeline.preferences_from_config(config)
+  task = make_task(config, metadata["target_mean"], preferences)
   model = models.create_model(config, num_outputs=task.preferences.shape[1], batchnorm_axis_name=AXIS)
   mesh = create_mesh()
   state, _ = checkpoints.restore(manager, step, abstract_train_state(config, model, task, mesh))

@@ -82,7 +82,8 @@ def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs,
   manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
   stored = checkpoints.restore_metadata(manager, manager.latest_step())["target_mean"]
   sources = data_lib.load_data_sources(config)
-  expected = input_pipeline.split_scores(sources["train"], config).mean(axis=0)
+  expected = input_pipeline.split_scores(
+      sources["train"], input_pipeline.preferences_from_config(config), config.score.pooling).mean(axis=0)
   assert len(stored) == NUM_PROFILES and np.ptp(expected) > 0  # The profiles' means differ.
   np.testing.assert_allclose(stored, expected, rtol=1e-6)
 
@@ -101,7 +102,7 @@ def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mea
   config, workdir, metrics = runs("pr_cnn")
   experiment = train.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
-  result = train.evaluate(state, experiment.eval_fn, experiment.eval_batches("test"), experiment.mesh)
+  result = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh)
   assert result.predictions.shape == result.targets.shape == (config.data.synthetic.num_test, NUM_PROFILES)
   assert "table" not in result.metrics  # Without the task there is no table to pool with.
   labels = result.extras["labels"] > 0

@@ -12,6 +12,7 @@ import pytest
 
 from privattnet_jax import checkpoints
 from privattnet_jax import feature_cache
+from privattnet_jax import feeds
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
 from privattnet_jax import train_steps
@@ -23,7 +24,7 @@ def _cache_config(data_dir, cache_dir, **cache_fields):
   config = make_tiny_config(data_dir)
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
-  config.feature_cache.enabled = True
+  config.feature_cache.mode = "host"
   config.feature_cache.dir = str(cache_dir)
   for name, value in cache_fields.items():
     config.feature_cache[name] = value
@@ -43,6 +44,7 @@ def _encode(experiment, state, images):
     ("feature_cache.train_views", -1, r"feature_cache.train_views must be an integer >= 0"),
     ("feature_cache.splits", ("train", "train"), r"feature_cache.splits must be distinct names"),
     ("feature_cache.splits", ("dev",), r"feature_cache.splits must be distinct names"),
+    ("feature_cache.mode", "disk", r"feature_cache.mode must be one of \('off', 'host', 'device'\), got 'disk'"),
 ])
 def test_config_errors_name_the_field_and_why(tiny_data_dir, tmp_path, field, value, message):
   config = _cache_config(tiny_data_dir, tmp_path / "cache")
@@ -53,7 +55,7 @@ def test_config_errors_name_the_field_and_why(tiny_data_dir, tmp_path, field, va
   node[name] = value
   with pytest.raises(ValueError, match=message):
     train.Experiment(config, tmp_path / "run")
-  config.feature_cache.enabled = False  # Without the cache the same fields are not its business.
+  config.feature_cache.mode = "off"  # Without the cache the same fields are not its business.
   if not field.startswith("feature_cache."):
     train.validate_config(config)
 
@@ -64,7 +66,7 @@ def validation_cache(tiny_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("validation_cache")
   config = _cache_config(tiny_data_dir, root / "cache", dtype="float32", splits=("validation",))
   experiment = train.Experiment(config, root / "run")
-  images = next(iter(input_pipeline.create_eval_batches(experiment.sources["validation"], config)))
+  images = next(iter(input_pipeline.create_eval_batches(experiment.sources["validation"], config, experiment.task)))
   return experiment, images
 
 
@@ -76,8 +78,10 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
       experiment = copy.copy(experiment)
       experiment.config = experiment.config.copy_and_resolve_references()
       experiment.config.feature_cache.dtype, experiment.config.feature_cache.dir = dtype, str(tmp_path / "bf16")
-      experiment.feature_cache = experiment.prepare_feature_cache()
-    cached_batch = next(iter(experiment.eval_batches("validation")))
+      experiment.feed = feeds.select_feed(
+          experiment.config, experiment.sources, experiment.mesh, experiment.task,
+          steps_per_epoch=experiment.steps_per_epoch, prepare_cache=experiment.prepare_feature_cache, need_train=False)
+    cached_batch = next(iter(experiment.feed.eval_batches("validation")))
     assert "image" not in cached_batch
     assert cached_batch["features"].dtype == np.dtype(feature_cache.DTYPES[dtype])
     for key in ("image_id", "score", "labels", "mask", "boxes", "num_boxes"):
@@ -99,7 +103,8 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
 def _step(experiment, batch):
   """One train step from the initial state, then predictions: (metrics, new head params, predictions)."""
   state = jax.tree_util.tree_map(lambda x: x.copy(), experiment.initial_state)  # The step donates its state.
-  new_state, metrics = experiment.train_fn(state, train_steps.shard_batch(batch, experiment.mesh))
+  train_fn = train_steps.parallel_train_step(experiment.mesh, experiment.task)
+  new_state, metrics = train_fn(state, train_steps.shard_batch(batch, experiment.mesh))
   predictions = experiment.eval_fn(new_state, train_steps.shard_batch(batch, experiment.mesh))["prediction"]
   return jax.device_get((metrics, new_state.params["head"], predictions))
 
@@ -108,7 +113,7 @@ def test_a_cache_of_other_weights_or_preprocessing_is_rebuilt_never_used(validat
   first, image_batch = validation_cache
   images = image_batch["image"]
   cache_dir = tmp_path / "cache"
-  shutil.copytree(first.feature_cache.directory, cache_dir)  # Built with the fixture's encoder weights.
+  shutil.copytree(first.feed.cache.directory, cache_dir)  # Built with the fixture's encoder weights.
 
   def cached_features():
     manifest = json.loads((cache_dir / "manifest.json").read_text())
