@@ -137,7 +137,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
   Works on (H, W * 3) rows against the per-channel constants tiled to a row:
   broadcasting a (3,) vector would make numpy's inner loop 3 elements long,
-  about 7x slower.
+  several times slower (docs/benchmarks.md).
   """
   height, width, channels = image.shape
   out = np.ascontiguousarray(image).reshape(height, width * channels).astype(np.float32)

@@ -64,7 +64,7 @@ _INITIALISATION_FIELDS = ("model.encoder.pretrained",)  # Only where training st
 DEFAULT_BATCH_SIZE = 32
 TOP_ATTRIBUTES = 5
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far
-# more images per second (~2300 paper-size on an H200) than one thread reads and draws.
+# more images per second than one thread reads and draws (docs/benchmarks.md, "On the GPU").
 _THREADS = min(32, (os.cpu_count() or 1) + 4)
 _BATCHES_IN_FLIGHT = 3
 _JAX_PLATFORMS = {"gpu": "cuda"}  # jax.default_backend() -> jax.export platform name.
