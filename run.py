@@ -99,6 +99,23 @@ def _expected_errors() -> tuple[type[Exception], ...]:
   train = sys.modules.get("privattnet_jax.train")
   return (FileNotFoundError, ValueError) + ((train.NonFiniteLossError,) if train is not None else ())
 
+# Config fields replaced by another. A config file that sets one is refused by the run's config
+# check (feeds.validate_config); a command-line override must be caught before flag parsing, which
+# would fail on the unknown field with a traceback.
+REPLACED_FIELDS = {
+    "feature_cache.enabled": "feature_cache.mode=host (or off)",
+    "feature_cache.on_device": "feature_cache.mode=device (or host)",
+}
+
+
+def _replaced_field_error(argv) -> str | None:
+  for arg in argv[1:]:
+    field = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and field in REPLACED_FIELDS:
+      return f"error: --config.{field} was replaced by --config.{REPLACED_FIELDS[field]}"
+  return None
+
+
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
 
@@ -165,4 +182,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  replaced = _replaced_field_error(sys.argv)
+  if replaced:
+    sys.exit(replaced)
   app.run(main)

@@ -3,7 +3,10 @@
 import copy
 import json
 import logging
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -212,3 +215,15 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 6
   assert results["test"]["n"] == config.data.synthetic.num_test
   assert model_inputs == {"train": {"features"}, "eval": {"features"}, "encode": {"image"}}
+
+
+@pytest.mark.parametrize("field, replacement", [("enabled", "mode=host"), ("on_device", "mode=device")])
+def test_a_command_line_with_a_replaced_boolean_gets_one_line_naming_the_new_field(field, replacement):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  command = [sys.executable, "run.py", "--config=configs/demo.py", "--workdir=unused",
+             f"--config.feature_cache.{field}=True"]
+  result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      f"error: --config.feature_cache.{field} was replaced by --config.feature_cache.{replacement}"
+      f" (or {'off' if field == 'enabled' else 'host'})")
