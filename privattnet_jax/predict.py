@@ -49,7 +49,6 @@ from PIL import Image
 from privattnet_jax import attributes
 from privattnet_jax import heatmaps
 from privattnet_jax import input_pipeline
-from privattnet_jax import train_steps
 from privattnet_jax.data import vispr
 
 EXPORT_FORMAT = "privattnet_jax.export/1"
@@ -177,6 +176,9 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
 
 def _inference_function(run) -> Callable:
   """images -> train_steps.inference_outputs, with the checkpoint's variables as constants (export)."""
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+
   variables = jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
   model, task = run.model.clone(), run.task
 
@@ -186,6 +188,9 @@ def _inference_function(run) -> Callable:
 
 
 def _restore(workdir, step, config):
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+
   run = train_steps.restore_checkpoint(workdir, step)
   if config is not None:
     check_config(config, _normalised(run.config.to_dict()))
@@ -201,6 +206,9 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
   """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
   (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
   count."""
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     raise PredictError("predict runs in a single process")
   run = _restore(workdir, step, config)
