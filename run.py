@@ -220,6 +220,10 @@ def _fail(error: BaseException) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
   config file's traceback into its message: its last line says what is wrong)."""
+  replaced = _replaced_field_error(argv)
+  if replaced:
+    print(replaced, file=sys.stderr, flush=True)
+    sys.exit(1)
   try:
     return FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except  # ml_collections raises KeyError, OSError, ...
@@ -250,6 +254,23 @@ def _load_config():
     return config
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(f"--config: {_config_error_text(error.__cause__ or error)}") from error
+
+# Config fields replaced by another. A config file that sets one is refused by the run's config
+# check (feeds.validate_config); a command-line override must be caught before flag parsing, which
+# would fail on the unknown field with a traceback.
+REPLACED_FIELDS = {
+    "feature_cache.enabled": "feature_cache.mode=host (or off)",
+    "feature_cache.on_device": "feature_cache.mode=device (or host)",
+}
+
+
+def _replaced_field_error(argv) -> str | None:
+  for arg in argv[1:]:
+    field = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and field in REPLACED_FIELDS:
+      return f"error: --config.{field} was replaced by --config.{REPLACED_FIELDS[field]}"
+  return None
+
 
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/array_record/")
@@ -323,8 +344,9 @@ def main(argv):
       elif FLAGS.mode == "evaluate":
         train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
       elif FLAGS.mode == "cache_features":
-        config.feature_cache.enabled = True
-        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feature_cache
+        if config.feature_cache.mode == "off":
+          config.feature_cache.mode = "host"
+        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
         print(f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
               flush=True)
       else:

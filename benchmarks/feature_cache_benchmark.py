@@ -10,7 +10,7 @@ then times head training both ways through the real loaders: images (grain decod
 resized crop + flip, frozen encoder forward, head forward/backward) and cached features (grain
 read of array_record records, head forward/backward). Synthetic-features mode skips the images:
 an in-memory VISPR-sized feature set is read through the same grain transform, and also held
-on the devices as `feature_cache.on_device` holds it, each batch gathered inside the train step
+on the devices as `feature_cache.mode='device'` holds it, each batch gathered inside the train step
 (no host pipeline at all); --full_run_epochs then runs that many real epochs of head training.
 
 Both modes print XLA's FLOPs per image of each train step (compiled cost analysis), the
@@ -39,7 +39,7 @@ from privattnet_jax import device_features
 from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import models
-from privattnet_jax import train
+from privattnet_jax import train_steps
 
 flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -68,7 +68,7 @@ def make_config(workdir: pathlib.Path):
   config.data.synthetic.num_train = FLAGS.num_images
   config.data.synthetic.num_val = config.data.synthetic.num_test = 8
   config.data.synthetic.image_size = FLAGS.source_size
-  config.feature_cache.enabled = True
+  config.feature_cache.mode = "host"
   config.feature_cache.dtype = FLAGS.cache_dtype
   config.feature_cache.splits = ("train",)
   config.feature_cache.dir = str(workdir / "feature_cache")
@@ -120,11 +120,11 @@ def synthetic_feature_records(num: int, shape, dtype, rng) -> list:
 
 
 def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epochs: int):
-  """Head training as `feature_cache.on_device` runs it (`device_features`: features held on the
+  """Head training as `feature_cache.mode='device'` runs it (`device_features`: features held on the
   devices, each batch gathered inside the train step): (img/s, wall s of `epochs` epochs)."""
   devices = mesh.devices.size
   num -= num % devices
-  sharding = NamedSharding(mesh, P(train.AXIS))
+  sharding = NamedSharding(mesh, P(train_steps.AXIS))
   features = jax.jit(lambda key: jax.random.normal(key, (num, 1, *shape), jnp.float32).astype(dtype),
                      out_shardings=sharding)(jax.random.PRNGKey(0))
   targets = random_targets(np.random.default_rng(1), num)
@@ -134,7 +134,7 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
   train_set = device_features.TrainSet(arrays, 1, num)
   steps_per_epoch = num // FLAGS.batch_size
   step = device_features.parallel_train_step(
-      mesh, train.AXIS, functools.partial(train.train_step, task=task), train_set, steps_per_epoch, config)
+      mesh, train_steps.AXIS, functools.partial(train_steps.train_step, task=task), train_set, steps_per_epoch, config)
   rate, state = timed_rate(step, state, lambda: arrays)
   run_seconds = None
   if epochs:
@@ -150,24 +150,24 @@ def main(argv):
   del argv
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
-  mesh = train.create_mesh()
-  task = train.make_task(config, target_mean=np.zeros(1))
-  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train.AXIS)
+  mesh = train_steps.create_mesh()
+  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
+  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   image_shape = (config.image_size, config.image_size, 3)
-  state = jax.device_put(train.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
+  state = jax.device_put(train_steps.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, P()))
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
-  encode_step = train.parallel_encode_step(mesh, cache_dtype)
+  encode_step = train_steps.parallel_encode_step(mesh, cache_dtype)
   rng = np.random.default_rng(0)
   local_batch = FLAGS.batch_size // jax.process_count()
   images = rng.standard_normal((local_batch, *image_shape), np.float32)
-  image_batch = train.shard_batch({"image": images, **random_targets(rng, local_batch)}, mesh)
+  image_batch = train_steps.shard_batch({"image": images, **random_targets(rng, local_batch)}, mesh)
   lowered = {"encoder": encode_step.lower(state, image_batch["image"])}
   encoder = lowered["encoder"].compile()
   features = np.asarray(jax.device_get(encoder(state, image_batch["image"])))
   shape = features.shape[1:]
-  feature_batch = train.shard_batch({"features": features, **random_targets(rng, local_batch)}, mesh)
-  train_fn = train.parallel_train_step(mesh, task)
+  feature_batch = train_steps.shard_batch({"features": features, **random_targets(rng, local_batch)}, mesh)
+  train_fn = train_steps.parallel_train_step(mesh, task)
   lowered.update(image_step=train_fn.lower(state, image_batch), feature_step=train_fn.lower(state, feature_batch))
   image_step, feature_step = lowered["image_step"].compile(), lowered["feature_step"].compile()
   print(f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}); "
@@ -184,13 +184,12 @@ def main(argv):
   print(f"step only (one device-resident batch): images {results['images_step_only']:.1f} img/s, "
         f"features {results['features_step_only']:.1f} img/s", flush=True)
 
-  feature_train = feature_cache.FeatureTrainTransform(
-      preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
+  feature_train = feature_cache.FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
   if FLAGS.synthetic_features:
     records = synthetic_feature_records(FLAGS.num_images, shape, cache_dtype, rng)
-    loader = iter(input_pipeline.create_train_loader(records, config, transform=feature_train))
+    loader = iter(input_pipeline.create_train_loader(records, config, task, transform=feature_train))
     results["features_loader"], _ = timed_rate(
-        feature_step, copy_state(state), lambda: train.shard_batch(next(loader), mesh))
+        feature_step, copy_state(state), lambda: train_steps.shard_batch(next(loader), mesh))
     first = records[0]
     results["bytes_per_record"] = len(
         feature_cache.encode_record(first["features"], first["labels"], first["image_id"], first["boxes"]))
@@ -209,15 +208,16 @@ def main(argv):
           f"{time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
     cache = feature_cache.ensure(config, sources, state,
-                                 lambda batch: encoder(state, train.shard_batch({"image": batch}, mesh)["image"]))
+                                 lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]),
+                                 task)
     encode_rate = FLAGS.num_images / (time.perf_counter() - start)
     results["bytes_per_record"] = cache.bytes_per_record()
-    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config))
+    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config, task))
     results["images_loader"], _ = timed_rate(
-        image_step, copy_state(state), lambda: train.shard_batch(next(image_loader), mesh))
-    feature_loader = iter(cache.train_loader(config))
+        image_step, copy_state(state), lambda: train_steps.shard_batch(next(image_loader), mesh))
+    feature_loader = iter(cache.train_loader(config, task))
     results["features_loader"], _ = timed_rate(
-        feature_step, copy_state(state), lambda: train.shard_batch(next(feature_loader), mesh))
+        feature_step, copy_state(state), lambda: train_steps.shard_batch(next(feature_loader), mesh))
     print(f"cache build (decode + resize + encoder + write): {encode_rate:.1f} img/s", flush=True)
     print(f"loader-fed: images (decode + augment + frozen encoder + head) {results['images_loader']:.1f} img/s, "
           f"cached features {results['features_loader']:.1f} img/s: "

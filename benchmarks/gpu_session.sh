@@ -62,7 +62,7 @@ time timeout 280 python run.py --config=configs/privattnet.py --workdir="$WORK/r
   --config.data.data_dir="$WORK/data" --config.data.synthetic.image_size=256 \
   --config.data.synthetic.num_train="$NUM_TRAIN" --config.data.synthetic.num_val="$NUM_VAL" \
   --config.data.synthetic.num_test="$TEST_IMAGES" --config.num_epochs="$EPOCHS" \
-  --config.model.encoder.batchnorm=frozen --config.feature_cache.enabled=True --config.feature_cache.on_device=True \
+  --config.model.encoder.batchnorm=frozen --config.feature_cache.mode=device \
   --config.half_precision=True --config.log_every_steps=390 "${SIZE_FLAGS[@]}" > "$OUT/paper_run.txt" 2>&1
 stamp "   exit $?"
 grep -E "synthetic dataset|Building the feature|rows encoded|on the devices|Training privattnet|Trained|step 3900/|test \(checkpoint" \

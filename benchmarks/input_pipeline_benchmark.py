@@ -39,6 +39,7 @@ from PIL import ImageFilter
 from configs import default
 from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
+from privattnet_jax import train_steps
 
 flags.DEFINE_enum("source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list.")
 flags.DEFINE_enum("loader", "train", ["train", "eval"], "The train loader, or the eval stream.")
@@ -177,20 +178,22 @@ def transform_ceiling(source, config, repeats: int = 2) -> float:
   return repeats * len(records) / (time.perf_counter() - start)
 
 
-def eval_stream(source, config, threads: int | None):
+def eval_stream(source, config, task, threads: int | None):
   """Eval passes over `source` one after another, as one stream of batches."""
   while True:
-    yield from input_pipeline.create_eval_batches(source, config, process_index=0, process_count=1,
+    yield from input_pipeline.create_eval_batches(source, config, task, process_index=0, process_count=1,
                                                   local_device_count=1, read_threads=threads)
 
 
 def measure(source, config, threads: int | None = None) -> tuple[float, float, float]:
   """(images/s, cores busy here, cores busy elsewhere) over FLAGS.batches batches after the warm-up."""
+  preferences = input_pipeline.preferences_from_config(config)
+  task = train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
   if FLAGS.loader == "train":
-    loader = input_pipeline.create_train_loader(source, config, process_index=0, process_count=1,
+    loader = input_pipeline.create_train_loader(source, config, task, process_index=0, process_count=1,
                                                 local_device_count=1)
   else:
-    loader = eval_stream(source, config, threads)
+    loader = eval_stream(source, config, task, threads)
   iterator = iter(loader)
   for _ in range(FLAGS.warmup_batches):
     next(iterator)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import privattnet
+from privattnet_jax import input_pipeline
 from privattnet_jax import models
-from privattnet_jax import train
+from privattnet_jax import train_steps
 
 flags.DEFINE_list("batch_sizes", ["8", "32"], "Global batch sizes.")
 flags.DEFINE_list("encoder_modes", ["frozen", "trainable"], "ResNet-50 trunk frozen (the paper) or trained.")
@@ -50,10 +51,10 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   config.batch_size = batch_size
   config.half_precision = FLAGS.dtype == "bfloat16"
   config.model.encoder.trainable = encoder_mode == "trainable"
-  task = train.make_task(config, target_mean=np.zeros(1))
-  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train.AXIS)
-  mesh = train.create_mesh()
-  state = train.create_train_state(config, model, task, (config.image_size, config.image_size, 3), 1000,
+  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
+  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
+  mesh = train_steps.create_mesh()
+  state = train_steps.create_train_state(config, model, task, (config.image_size, config.image_size, 3), 1000,
                                    jax.random.PRNGKey(0))
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   rng = np.random.default_rng(0)
@@ -63,8 +64,8 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
       "labels": (rng.uniform(size=(batch_size, 68)) < 0.1).astype(np.float32),
       "mask": np.ones(batch_size, np.float32),
   }
-  device_batch = train.shard_batch(batch, mesh)
-  step = train.parallel_train_step(mesh, task)
+  device_batch = train_steps.shard_batch(batch, mesh)
+  step = train_steps.parallel_train_step(mesh, task)
   lowered = step.lower(state, device_batch)
   compiled = lowered.compile()
   # The lowered (unoptimised) HLO's count: the compiled module's omits the FLOPs of library calls

@@ -87,16 +87,17 @@ def get_config():
   # and training reads the stored features. Needs model.encoder.trainable=False and
   # model.encoder.batchnorm="frozen"; `run.py --mode=cache_features` builds it ahead of training.
   config.feature_cache = ml_collections.ConfigDict()
-  config.feature_cache.enabled = False
+  # Where batches come from: "off" (images through the grain pipeline), "host" (the cache's features
+  # through grain) or "device" (the cached train and validation splits held in device memory, split
+  # over the devices, each batch gathered inside the train step: no host pipeline; ~402 KB per
+  # record and view at 224 px).
+  config.feature_cache.mode = "off"
   config.feature_cache.dir = ""  # Empty: feature_cache/ inside the dataset's TFDS version folder.
   config.feature_cache.dtype = "bfloat16"  # Stored features: bfloat16 (~400 KB per 224 px image) or float32.
   # 0: the train split through the eval transform (no augmentation); K >= 1: K augmented views
   # per training image (the train transform, seeded per view), one drawn per step.
   config.feature_cache.train_views = 0
   config.feature_cache.splits = ("train", "validation", "test")
-  # Hold the cached train and validation splits in device memory (split over the devices) and
-  # gather each batch inside the train step: no host pipeline. ~402 KB per record and view at 224 px.
-  config.feature_cache.on_device = False
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4

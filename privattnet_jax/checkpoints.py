@@ -88,7 +88,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
   if data_iterator is not None:
     if (pathlib.Path(manager.directory) / str(step) / "data_iterator").exists():
       items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    else:  # Saved by a run with device-resident features (feature_cache.on_device), whose position is the step.
+    else:  # Saved with feature_cache.mode='device', whose data position is the step number.
       logging.warning("checkpoint %d has no input-pipeline position (its run held the features on the devices): "
                       "the host loader starts a new shuffle from its first batch", step)
   restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))

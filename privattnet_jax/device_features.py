@@ -1,6 +1,6 @@
 """Cached features held in device memory: head training and validation with no host pipeline.
 
-With `feature_cache.on_device`, the train and validation splits of the feature cache are read
+With `feature_cache.mode='device'`, the train and validation splits of the feature cache are read
 once into arrays sharded over the mesh's batch axis (each device holds 1/N of the records), and
 every train step gathers its batch from them inside the jitted step. The host then only
 dispatches steps: at the paper's size a step reads 100 MB of features (256 x 14x14x1024 bf16),
@@ -48,8 +48,8 @@ def _local_positions(mesh) -> list[int]:
   contiguous, as `jax.make_array_from_process_local_data` lays a process's rows out."""
   positions = [k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()]
   if positions != list(range(positions[0], positions[0] + len(positions))):
-    raise ValueError(f"feature_cache.on_device needs each process's devices next to each other on the mesh; "
-                     f"process {jax.process_index()} has positions {positions}")
+    raise ValueError("feature_cache.mode='device' needs each process's devices next to each other "
+                     f"on the mesh; process {jax.process_index()} has positions {positions}")
   return positions
 
 
@@ -95,9 +95,10 @@ def _check_fits(num_bytes: int, mesh, what: str) -> None:
   limit = (device.memory_stats() or {}).get("bytes_limit")
   if limit and num_bytes > 0.75 * limit:
     raise ValueError(
-        f"feature_cache.on_device: the {what} take {num_bytes / 2**30:.1f} GiB per device, more than 3/4 of "
-        f"the {limit / 2**30:.1f} GiB of a {device.device_kind}: set feature_cache.on_device=False (the host "
-        "loader reads the same cache), or use more devices or a bfloat16 cache")
+        f"feature_cache.mode='device': the {what} take {num_bytes / 2**30:.1f} GiB per device, "
+        f"more than 3/4 of the {limit / 2**30:.1f} GiB of a {device.device_kind}: "
+        "set feature_cache.mode='host' (the host loader reads the same cache), or use more devices "
+        "or a bfloat16 cache")
 
 
 def _record_shape(cache: feature_cache.FeatureCache) -> tuple[tuple[int, ...], np.dtype]:
@@ -117,7 +118,7 @@ class TrainSet:
   num_examples: int
 
 
-def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str) -> TrainSet:
+def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str, task) -> TrainSet:
   """Reads this process's share of the cached train split into the memory of its devices."""
   entry = cache.manifest["splits"]["train"]
   views, num_examples = entry["views"], entry["examples"]
@@ -126,13 +127,13 @@ def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str) -> Tr
   shape, dtype = _record_shape(cache)
   _check_fits(rows_per_device * views * int(np.prod(shape)) * dtype.itemsize, mesh,
               f"{num_examples} x {views} cached train views")
-  preferences = input_pipeline.preferences_from_config(config)
+  preferences = task.preferences
 
   def make_row(records):
     if not records:  # Padding, never drawn (see `gather_batch`).
       return {"features": np.zeros((views, *shape), dtype), "score": np.zeros(preferences.shape[1], np.float32),
               "labels": np.zeros(len(preferences), np.float32), "valid": False}
-    targets = input_pipeline.example_targets(records[0], preferences, config.score.pooling)
+    targets = input_pipeline.example_targets(records[0], preferences, task.pooling)
     return {"features": np.stack([record["features"] for record in records]), "score": targets["score"],
             "labels": targets["labels"], "valid": True}
 
@@ -209,7 +210,7 @@ class EvalSet:
       yield {**self.slice_batch(self.arrays, i), **{key: value[rows] for key, value in self.host.items()}}
 
 
-def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis: str) -> EvalSet:
+def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis: str, task) -> EvalSet:
   """Reads this process's share of a cached eval split into the memory of its devices."""
   source = cache.source(split)
   devices, global_batch = mesh.devices.size, config.batch_size
@@ -219,16 +220,17 @@ def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis:
   _check_fits(num_batches * local_batch * int(np.prod(shape)) * dtype.itemsize, mesh, f"cached {split} split")
   transform = feature_cache.FeatureEvalTransform(
       features_shape=shape, features_dtype=dtype, image_size=config.image_size,
-      preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
-
-  def record(i):
-    return [i] if i < len(source) else []
+      preferences=task.preferences, pooling=task.pooling)
 
   def make_row(records):
     return transform.map(records[0] if records else {})
 
-  rows = [record(i * global_batch + d * local_batch + o)
-          for d in _local_positions(mesh) for i in range(num_batches) for o in range(local_batch)]
+  # The grain eval stream's layout, with the devices in the place of the processes.
+  rows = []
+  for d in _local_positions(mesh):
+    layout = input_pipeline.ProcessLayout(d, devices, local_batch)
+    indices = (layout.stream_index(j) for j in range(num_batches * local_batch))
+    rows.extend([i] if i < len(source) else [] for i in indices)
   start = time.time()
   arrays = _read_rows(source, rows, make_row)
   logging.info("feature cache: %s split on the devices, %d records read in %.1f s", split, len(source),

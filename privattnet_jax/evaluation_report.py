@@ -106,7 +106,7 @@ def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping
   shown = []
   for kind, indices in (("most", most), ("least", least)):
     for index in indices:
-      image = predict.display_image(_stored_image(source, index, image_ids[index]))
+      image = heatmaps.display_image(_stored_image(source, index, image_ids[index]))
       if attention is None:
         panel = image
       else:

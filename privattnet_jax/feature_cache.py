@@ -76,13 +76,14 @@ def validate_config(config) -> None:
   cache, encoder = config.feature_cache, config.model.encoder
   if encoder.trainable:
     raise ValueError(
-        "feature_cache.enabled needs model.encoder.trainable=False: a trained encoder's features "
-        "change at every step, so they cannot be computed once")
+        "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
+        "a trained encoder's features change at every step, so they cannot be computed once")
   if encoder.batchnorm != "frozen":
     raise ValueError(
-        f"feature_cache.enabled needs model.encoder.batchnorm='frozen', got {encoder.batchnorm!r}: with "
-        "'update' the encoder's BatchNorm normalises each training batch with that batch's own "
-        "statistics, so an image's features depend on the other images in its batch")
+        "a feature cache (feature_cache.mode host or device) needs model.encoder.batchnorm='frozen', "
+        f"got {encoder.batchnorm!r}: with 'update' the encoder's BatchNorm normalises each training "
+        "batch with that batch's own statistics, so an image's features depend on the other images "
+        "in its batch")
   if cache.dtype not in DTYPES:
     raise ValueError(f"feature_cache.dtype must be one of {tuple(DTYPES)}, got {cache.dtype!r}")
   views = cache.train_views
@@ -173,25 +174,18 @@ def decode_record(data: bytes, shape, dtype) -> dict[str, Any]:
   }
 
 
-def _records_of_process(num_rows: int, rows_per_batch: int, process_count: int, process: int) -> int:
-  """How many of `num_rows` stream rows process `process` encodes (the `_EvalRows` layout)."""
-  global_batch = rows_per_batch * process_count
-  full, rest = divmod(num_rows, global_batch)
-  return full * rows_per_batch + min(rows_per_batch, max(0, rest - process * rows_per_batch))
-
-
 class CachedSplit:
   """A split's records in stream order, decoded; a random-access source for grain.
 
-  Stream row r = b * G + p * B + o (global batch b, process p, row o) is record b * B + o of
-  process p's file, as the eval stream lays rows out (`input_pipeline._EvalRows`).
+  Stream row r is record k of process p's file, (p, k) = `ProcessLayout.owner(r)`: the eval
+  stream's layout, which each process wrote its file in.
   """
 
   def __init__(self, directory: pathlib.Path, split: str, manifest: Mapping[str, Any]):
     entry, layout = manifest["splits"][split], manifest["layout"]
     self._name = f"{directory}/{split}"
     self._sources = [grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]) for name in entry["files"]]
-    self._rows_per_batch = layout["rows_per_batch"]
+    self._layout = input_pipeline.ProcessLayout(0, len(self._sources), layout["rows_per_batch"])
     self._length = entry["records"]
     self._shape = tuple(manifest["features"]["shape"])
     self._dtype = np.dtype(DTYPES[manifest["features"]["dtype"]])
@@ -202,9 +196,8 @@ class CachedSplit:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self._length:
       raise IndexError(f"record {index} of {self._length}")
-    batch, row = divmod(index, self._rows_per_batch * len(self._sources))
-    process, offset = divmod(row, self._rows_per_batch)
-    return decode_record(self._sources[process][batch * self._rows_per_batch + offset], self._shape, self._dtype)
+    process, record = self._layout.owner(index)
+    return decode_record(self._sources[process][record], self._shape, self._dtype)
 
   def __repr__(self) -> str:
     return f"CachedSplit({self._name}, {self._length} records)"
@@ -256,18 +249,16 @@ class FeatureCache:
   def source(self, split: str) -> CachedSplit:
     return CachedSplit(self.directory, split, self.manifest)
 
-  def train_loader(self, config) -> grain.DataLoader:
-    transform = FeatureTrainTransform(
-        preferences=input_pipeline.preferences_from_config(config), pooling=config.score.pooling)
+  def train_loader(self, config, task) -> grain.DataLoader:
+    transform = FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
     return input_pipeline.create_train_loader(
-        self.source("train"), config, transform=transform, views_per_example=self.manifest["splits"]["train"]["views"])
+        self.source("train"), config, task, transform=transform, views_per_example=self.manifest["splits"]["train"]["views"])
 
-  def eval_batches(self, split: str, config):
+  def eval_batches(self, split: str, config, task):
     transform = FeatureEvalTransform(
         features_shape=self.manifest["features"]["shape"], features_dtype=DTYPES[self.manifest["features"]["dtype"]],
-        image_size=config.image_size, preferences=input_pipeline.preferences_from_config(config),
-        pooling=config.score.pooling)
-    return input_pipeline.create_eval_batches(self.source(split), config, transform=transform)
+        image_size=config.image_size, preferences=task.preferences, pooling=task.pooling)
+    return input_pipeline.create_eval_batches(self.source(split), config, task, transform=transform)
 
   def bytes_per_record(self) -> float:
     files = [self.directory / name for entry in self.manifest["splits"].values() for name in entry["files"]]
@@ -291,10 +282,10 @@ def _stale_reason(directory: pathlib.Path, key: dict) -> str | None:
   differences = _differences({field: manifest.get(field) for field in _KEY_FIELDS}, key)
   if differences:
     return "built from other inputs: " + "; ".join(differences)
-  layout = manifest["layout"]
   for split, entry in manifest["splits"].items():
+    layout = input_pipeline.ProcessLayout(0, len(entry["files"]), manifest["layout"]["rows_per_batch"])
     for process, name in enumerate(entry["files"]):
-      expected = _records_of_process(entry["records"], layout["rows_per_batch"], len(entry["files"]), process)
+      expected = layout.rows_of_process(entry["records"], process)
       try:
         found = len(grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]))
       except Exception as error:  # pylint: disable=broad-except  # A missing or damaged file, whatever riegeli says.
@@ -359,14 +350,13 @@ def _file_name(split: str, process: int, process_count: int) -> str:
 
 
 def _encode_split(directory: pathlib.Path, split: str, config, source, views: int,
-                  encode: Callable[[np.ndarray], jax.Array]) -> tuple[int, ...] | None:
+                  encode: Callable[[np.ndarray], jax.Array], task) -> tuple[int, ...] | None:
   """Encodes this process's rows of one split into its file; returns the features' shape."""
   layout = input_pipeline.process_layout(config.batch_size)
-  preferences = input_pipeline.preferences_from_config(config)
-  common = dict(image_size=config.image_size, preferences=preferences, pooling=config.score.pooling)
+  common = dict(image_size=config.image_size, preferences=task.preferences, pooling=task.pooling)
   if views:
     rows = _ViewRows(source, views)
-    transform = _ViewTransform(train_transform=input_pipeline.train_transform(config), seed=config.seed, **common)
+    transform = _ViewTransform(train_transform=input_pipeline.train_transform(config, task), seed=config.seed, **common)
   else:
     rows, transform = source, input_pipeline.EvalTransform(**common)
   path = directory / _file_name(split, layout.process_index, layout.process_count)
@@ -374,7 +364,7 @@ def _encode_split(directory: pathlib.Path, split: str, config, source, views: in
   shape, pending, start = None, None, time.time()
   try:
     # The next batch is dispatched before the previous one is fetched and written.
-    for number, batch in enumerate(input_pipeline.create_eval_batches(rows, config, transform=transform), 1):
+    for number, batch in enumerate(input_pipeline.create_eval_batches(rows, config, task, transform=transform), 1):
       features = encode(batch["image"])
       if pending is not None:
         shape = _write_rows(writer, *pending).shape[1:]
@@ -391,7 +381,7 @@ def _encode_split(directory: pathlib.Path, split: str, config, source, views: in
 
 
 def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dict,
-           encode: Callable[[np.ndarray], jax.Array]) -> dict:
+           encode: Callable[[np.ndarray], jax.Array], task) -> dict:
   directory.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (directory / MANIFEST_FILENAME).unlink(missing_ok=True)
@@ -404,7 +394,7 @@ def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dic
   splits, shape = {}, None
   for split in cache.splits:
     views = cache.train_views if split == "train" else 0
-    shape = _encode_split(directory, split, config, sources[split], views, encode) or shape
+    shape = _encode_split(directory, split, config, sources[split], views, encode, task) or shape
     splits[split] = {
         "examples": len(sources[split]),
         "views": max(views, 1),
@@ -428,7 +418,8 @@ def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dic
   return manifest
 
 
-def ensure(config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarray], jax.Array]) -> FeatureCache:
+def ensure(config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarray], jax.Array],
+           task) -> FeatureCache:
   """The run's feature cache, built (or rebuilt, saying why) unless a matching one exists.
 
   Args:
@@ -438,6 +429,8 @@ def ensure(config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarr
       is loaded, or the checkpoint a run resumes.
     encode: per-process images (B, S, S, 3) -> the global, batch-sharded features (jitted,
       data-parallel over the mesh), in the cache's dtype.
+    task: the run's score definition (`train_steps.Task`); the cache stores labels, not scores,
+      so it serves every task, but the encoding pass reads rows through the scoring transforms.
   """
   directory = cache_dir(config, sources)
   key = manifest_key(config, sources, state)
@@ -447,5 +440,5 @@ def ensure(config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarr
     logging.info("Using the feature cache in %s", directory)
   else:
     logging.warning("Building the feature cache in %s: %s", directory, reason)
-    manifest = _build(directory, config, sources, key, encode)
+    manifest = _build(directory, config, sources, key, encode, task)
   return FeatureCache(directory, manifest)

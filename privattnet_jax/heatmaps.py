@@ -1,4 +1,4 @@
-"""Attention heat maps: AMNet's overlay procedure, in numpy and Pillow only.
+"""Attention heat maps: AMNet's overlay procedure, in numpy and Pillow, and the panels they go in.
 
 For each attention step the (L,) map is reshaped to its (h, w) grid, min-max
 normalised (per map, or across the steps of one image), scaled to 0..255,
@@ -22,7 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from privattnet_jax import input_pipeline
+
 NORMALISATIONS = ("per_map", "global")
+PANEL_SIZE = 256  # Longer side of each heat-map panel tile, in pixels (smaller images keep theirs).
 CAPTION_HEIGHT = 16  # Pixels of the caption strip above the panel's images (and of the title strip).
 CAPTION_BACKGROUND = (255, 255, 255)
 CAPTION_COLOUR = (0, 0, 0)
@@ -230,3 +233,10 @@ def attention_panel(
     ImageDraw.Draw(strip).text((2, 2), caption, fill=CAPTION_COLOUR, font=font)
     panel.paste(strip, (column * width, top - CAPTION_HEIGHT))
   return panel
+
+
+def display_image(encoded: bytes, panel_size: int = PANEL_SIZE) -> np.ndarray:
+  """Encoded RGB image -> uint8 (h, w, 3) with the longer side at most `panel_size` (aspect kept)."""
+  image = input_pipeline.decode_image(encoded, panel_size)
+  image.thumbnail((panel_size, panel_size), Image.Resampling.BILINEAR)
+  return np.asarray(image)

@@ -81,13 +81,12 @@ def preferences_from_config(config) -> np.ndarray:
   )
 
 
-def split_scores(source, config) -> np.ndarray:
+def split_scores(source, preferences: np.ndarray, pooling: str) -> np.ndarray:
   """The (N, P) float32 privacy scores of every record of `source`, in source order.
 
   Reads the labels only: the records' images stay encoded, so this is cheap
   enough to run at start-up for the training mean of the target.
   """
-  preferences = preferences_from_config(config)
   scores = np.zeros((len(source), preferences.shape[1]), dtype=np.float32)
   for start in range(0, len(source), _SCORE_CHUNK):
     indices = list(range(start, min(start + _SCORE_CHUNK, len(source))))
@@ -96,7 +95,7 @@ def split_scores(source, config) -> np.ndarray:
     else:
       records = [source[i] for i in indices]
     labels = np.stack([_labels(record) for record in records])
-    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, config.score.pooling)
+    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, pooling)
   return scores
 
 
@@ -139,7 +138,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
   Works on (H, W * 3) rows against the per-channel constants tiled to a row:
   broadcasting a (3,) vector would make numpy's inner loop 3 elements long,
-  about 7x slower.
+  several times slower (docs/benchmarks.md).
   """
   height, width, channels = image.shape
   out = np.ascontiguousarray(image).reshape(height, width * channels).astype(np.float32)
@@ -328,7 +327,13 @@ class EvalTransform(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class ProcessLayout:
-  """Where this process sits: its index, the process count and its share of the global batch."""
+  """Where this process sits: its index, the process count and its share of the global batch.
+
+  The one place of the padded eval stream's row layout: global batch b holds stream rows
+  [b x G, (b + 1) x G) and process p its slice [b x G + p x B, b x G + (p + 1) x B) (G global,
+  B per process). The eval loader, the feature cache's per-process files and the device-resident
+  eval split (with devices as the "processes") all lay rows out through it.
+  """
 
   process_index: int
   process_count: int
@@ -337,6 +342,22 @@ class ProcessLayout:
   @property
   def global_batch_size(self) -> int:
     return self.batch_size * self.process_count
+
+  def stream_index(self, row: int) -> int:
+    """The stream row of this process's `row`-th row."""
+    batch, offset = divmod(row, self.batch_size)
+    return batch * self.global_batch_size + self.process_index * self.batch_size + offset
+
+  def owner(self, index: int) -> tuple[int, int]:
+    """(process, that process's row) of stream row `index`: the inverse of `stream_index`."""
+    batch, rest = divmod(index, self.global_batch_size)
+    process, offset = divmod(rest, self.batch_size)
+    return process, batch * self.batch_size + offset
+
+  def rows_of_process(self, num_rows: int, process: int) -> int:
+    """How many of the first `num_rows` stream rows belong to `process`."""
+    full, rest = divmod(num_rows, self.global_batch_size)
+    return full * self.batch_size + min(self.batch_size, max(0, rest - process * self.batch_size))
 
 
 def process_layout(
@@ -378,19 +399,17 @@ def sampler_seed(seed: int) -> int:
   return int(np.random.SeedSequence([int(seed), 0x5EED]).generate_state(1)[0] >> 1)
 
 
-def steps_per_epoch(num_examples: int, config, *, process_count: int | None = None) -> int:
-  """Full train batches per epoch (batches run across epoch boundaries; see create_train_loader)."""
-  if process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    process_count = jax.process_count()
-  per_process = config.batch_size // process_count
-  return (num_examples // process_count) // per_process
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global train batches per epoch (batches run across epoch boundaries; see
+  create_train_loader). Each of P processes reads floor(N / P) examples in batches of G / P, which
+  makes the same count: floor(floor(N / P) / (G / P)) = floor(N / G)."""
+  return num_examples // global_batch_size
 
 
 def create_train_loader(
     source,
     config,
+    task,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -406,7 +425,8 @@ def create_train_loader(
   epoch. `num_epochs` None repeats forever. Batches run across epoch
   boundaries; with a finite `num_epochs` the final partial batch is dropped.
 
-  `transform` replaces the image transform (`train_transform(config)`), e.g. to read
+  `task` is the run's score definition (`train_steps.Task`: its `preferences` and `pooling`).
+  `transform` replaces the image transform (`train_transform(config, task)`), e.g. to read
   cached features. With `views_per_example` V > 1, `source` holds V records per
   example (record i * V + v is view v of example i) and every draw of an example
   reads one view, chosen from the seed and the stream position (see `ViewSampler`).
@@ -447,7 +467,7 @@ def create_train_loader(
   return grain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=[transform or train_transform(config), batch],
+      operations=[transform or train_transform(config, task), batch],
       worker_count=config.data.num_workers,
       worker_buffer_size=config.data.prefetch_buffer_size,
       shard_options=shard_options,
@@ -455,15 +475,16 @@ def create_train_loader(
   )
 
 
-def train_transform(config) -> TrainTransform:
-  """The image train transform (decode, random resized crop, flip, normalise) of a full config."""
+def train_transform(config, task) -> TrainTransform:
+  """The image train transform (decode, random resized crop, flip, normalise) of a full config,
+  scoring with `task`'s preference table and pooling."""
   return TrainTransform(
       image_size=config.image_size,
       resize_size=resize_size(config),
       crop_scale=config.data.crop_scale,
       crop_ratio=config.data.crop_ratio,
-      preferences=preferences_from_config(config),
-      pooling=config.score.pooling,
+      preferences=task.preferences,
+      pooling=task.pooling,
   )
 
 
@@ -495,12 +516,8 @@ class ViewSampler:
 
 
 class _EvalRows:
-  """This process's rows of the padded eval stream: a record, or `{}` for a padding row.
-
-  Global batch b holds records [b * G, (b + 1) * G); process p takes the slice
-  [b * G + p * B, b * G + (p + 1) * B) of it, and indices >= N are padding
-  (not None, which grain's MapDataset treats as filtered out).
-  """
+  """This process's rows of the padded eval stream (`ProcessLayout`): a record, or `{}` for a
+  padding row (indices >= N; not None, which grain's MapDataset treats as filtered out)."""
 
   def __init__(self, source, layout: ProcessLayout, num_batches: int):
     self._source = source
@@ -511,12 +528,7 @@ class _EvalRows:
     return self._num_batches * self._layout.batch_size
 
   def __getitem__(self, row: int):
-    batch, offset = divmod(row, self._layout.batch_size)
-    index = (
-        batch * self._layout.global_batch_size
-        + self._layout.process_index * self._layout.batch_size
-        + offset
-    )
+    index = self._layout.stream_index(row)
     return self._source[index] if index < len(self._source) else {}
 
   def __repr__(self) -> str:
@@ -531,6 +543,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 def create_eval_batches(
     source,
     config,
+    task,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -545,9 +558,10 @@ def create_eval_batches(
   and each record appears in exactly one row with mask 1 across all
   processes. Batches also carry host-side `image_id` (str), `boxes`
   (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
-  `config.batch_size`; `transform` replaces the image transform (the feature cache's
-  transforms); `read_threads` the decode threads (default: `decode_threads()`;
-  with workers, two per worker). Argument errors raise here, not at the first `next`.
+  `config.batch_size`; `task` scores the rows (as in `create_train_loader`); `transform` replaces
+  the image transform (the feature cache's transforms); `read_threads` the decode threads
+  (default: `decode_threads()`; with workers, two per worker). Argument errors raise here, not at
+  the first `next`.
   """
   layout = process_layout(
       config.batch_size if batch_size is None else batch_size,
@@ -558,8 +572,8 @@ def create_eval_batches(
   rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
   transform = transform or EvalTransform(
       image_size=config.image_size,
-      preferences=preferences_from_config(config),
-      pooling=config.score.pooling,
+      preferences=task.preferences,
+      pooling=task.pooling,
   )
   dataset = grain.MapDataset.source(rows).map(transform)
   copy = config.data.num_workers > 0

@@ -62,10 +62,9 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 MODEL_FIELDS = ("image_size", "half_precision", "model", "score")
 _INITIALISATION_FIELDS = ("model.encoder.pretrained",)  # Only where training started: not compared.
 DEFAULT_BATCH_SIZE = 32
-PANEL_SIZE = 256  # Longer side of each heat-map panel tile, in pixels (smaller images keep theirs).
 TOP_ATTRIBUTES = 5
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far
-# more images per second (~2300 paper-size on an H200) than one thread reads and draws.
+# more images per second than one thread reads and draws (docs/benchmarks.md, "On the GPU").
 _THREADS = min(32, (os.cpu_count() or 1) + 4)
 _BATCHES_IN_FLIGHT = 3
 _JAX_PLATFORMS = {"gpu": "cuda"}  # jax.default_backend() -> jax.export platform name.
@@ -177,21 +176,23 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
 
 
 def _inference_function(run) -> Callable:
-  """images -> train.inference_outputs, with the checkpoint's variables as constants (export)."""
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top  # The model code.
+  """images -> train_steps.inference_outputs, with the checkpoint's variables as constants (export)."""
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
 
   variables = jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
   model, task = run.model.clone(), run.task
 
   def infer(images):
-    return train.inference_outputs(model.apply(variables, images, train=False), task)
+    return train_steps.inference_outputs(model.apply(variables, images, train=False), task)
   return infer
 
 
 def _restore(workdir, step, config):
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
 
-  run = train.restore_checkpoint(workdir, step)
+  run = train_steps.restore_checkpoint(workdir, step)
   if config is not None:
     check_config(config, _normalised(run.config.to_dict()))
   return run
@@ -203,9 +204,11 @@ def _output_shapes(infer: Callable, image_size: int) -> dict:
 
 def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
                               batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
-  """The best (or a named) checkpoint of `workdir` as a Predictor, run by train's eval step on every
-  device; `batch_size` is rounded up to a multiple of the device count."""
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
+  (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
+  count."""
+  # Not at the top: an exported artifact runs without the model code (no import cycle here).
+  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() > 1:
     raise PredictError("predict runs in a single process")
@@ -214,14 +217,14 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
                         _output_shapes(_inference_function(run), run.config.image_size))
   devices = jax.device_count()
   batch_size = -(-max(int(batch_size), 1) // devices) * devices
-  eval_fn = train.parallel_eval_step(run.mesh, run.task)
+  eval_fn = train_steps.parallel_eval_step(run.mesh, run.task)
   num_scores = info["num_scores"]
 
   def infer(images, mask):
     # Users' photos have no targets: zeros fill the eval batch's score and labels.
     batch = {"image": images, "mask": mask, "score": np.zeros((len(images), num_scores), np.float32),
              "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32)}
-    outputs = jax.device_get(eval_fn(run.state, train.shard_batch(batch, run.mesh)))
+    outputs = jax.device_get(eval_fn(run.state, train_steps.shard_batch(batch, run.mesh)))
     outputs["score"] = outputs.pop("prediction")
     for key in ("target", "labels", "mask"):  # Echoed inputs, not predictions.
       outputs.pop(key)
@@ -235,7 +238,7 @@ def export_predictor(workdir, out_dir=None, step: int | None = None, config=None
   """Writes the checkpoint's inference function as a jax.export artifact plus its JSON.
 
   Input: float32 (batch, S, S, 3), preprocessed as the JSON says, the batch dimension symbolic.
-  Outputs: train.inference_outputs (score, step_scores, attention, attribute_probabilities, each
+  Outputs: train_steps.inference_outputs (score, step_scores, attention, attribute_probabilities, each
   where the model has it). Lowered for every platform in `platforms` (CPU and CUDA by default;
   lowering needs no such device). Returns the folder (default `workdir/export`).
   """
@@ -426,15 +429,8 @@ class LoadedImage:
   conversions: list[str]
 
 
-def display_image(encoded: bytes, panel_size: int = PANEL_SIZE) -> np.ndarray:
-  """Encoded RGB image -> uint8 (h, w, 3) with the longer side at most `panel_size` (aspect kept)."""
-  image = input_pipeline.decode_image(encoded, panel_size)
-  image.thumbnail((panel_size, panel_size), Image.Resampling.BILINEAR)
-  return np.asarray(image)
-
-
 def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
-               panel_size: int = PANEL_SIZE) -> LoadedImage:
+               panel_size: int = heatmaps.PANEL_SIZE) -> LoadedImage:
   """A photo -> the model's input, via the dataset builder's normalisation and the eval transform.
 
   Raises on an unreadable, empty, non-image, corrupt or too large file (`reason: message`), and
@@ -444,7 +440,7 @@ def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
   if not data:
     raise ValueError("empty file")
   encoded, height, width, conversions = vispr.process_image(data, max_side=max_side, max_pixels=max_pixels)
-  return LoadedImage(input_pipeline.eval_image(encoded, image_size), display_image(encoded, panel_size),
+  return LoadedImage(input_pipeline.eval_image(encoded, image_size), heatmaps.display_image(encoded, panel_size),
                      int(width), int(height), list(conversions))
 
 
@@ -553,7 +549,7 @@ def _write_panel(path: pathlib.Path, image: np.ndarray, attention, grid_shape, r
 def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
             profile: int | None = None, preferences_file: str | None = None, heatmap_panels: bool = True,
             normalisation: str = "per_map", top_attributes: int = TOP_ATTRIBUTES, max_pixels: int | None = None,
-            panel_size: int = PANEL_SIZE, loader_processes: int = 0, progress: bool = True) -> PredictResult:
+            panel_size: int = heatmaps.PANEL_SIZE, loader_processes: int = 0, progress: bool = True) -> PredictResult:
   """Scores every image; writes predictions.jsonl, predictions.csv and heatmaps/<name>_att.png.
 
   Args:

@@ -19,6 +19,7 @@ from privattnet_jax import data as data_lib
 from privattnet_jax import input_pipeline
 from privattnet_jax import metrics as metrics_lib
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from tests.conftest import make_tiny_config
 
 MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
@@ -27,7 +28,7 @@ NUM_PROFILES = attributes.NUM_PROFILES
 
 def _task(kind, preferences, target_mean=None, pooling="max"):
   target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
-  return train.Task(kind=kind, target_mean=target_mean, preferences=preferences, pooling=pooling,
+  return train_steps.Task(kind=kind, target_mean=target_mean, preferences=preferences, pooling=pooling,
                     attention_gamma=0.0, attention_tau=0.0)
 
 
@@ -81,7 +82,8 @@ def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs,
   manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
   stored = checkpoints.restore_metadata(manager, manager.latest_step())["target_mean"]
   sources = data_lib.load_data_sources(config)
-  expected = input_pipeline.split_scores(sources["train"], config).mean(axis=0)
+  expected = input_pipeline.split_scores(
+      sources["train"], input_pipeline.preferences_from_config(config), config.score.pooling).mean(axis=0)
   assert len(stored) == NUM_PROFILES and np.ptp(expected) > 0  # The profiles' means differ.
   np.testing.assert_allclose(stored, expected, rtol=1e-6)
 
@@ -100,7 +102,7 @@ def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mea
   config, workdir, metrics = runs("pr_cnn")
   experiment = train.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
-  result = train.evaluate(state, experiment.eval_fn, experiment.eval_batches("test"), experiment.mesh)
+  result = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh)
   assert result.predictions.shape == result.targets.shape == (config.data.synthetic.num_test, NUM_PROFILES)
   assert "table" not in result.metrics  # Without the task there is no table to pool with.
   labels = result.extras["labels"] > 0
@@ -147,11 +149,11 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
   logits = np.log(probabilities / (1 - probabilities))
   batches = [{"image": logits[i:i + 3], "score": np.zeros((3, 1), np.float32), "labels": labels[i:i + 3],
               "mask": mask[i:i + 3]} for i in (0, 3)]
-  state = train.TrainState.create(apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
+  state = train_steps.TrainState.create(apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
                                   params={}, batch_stats={}, tx=optax.identity(), rng=jax.random.PRNGKey(0))
   task = _task("attributes", np.ones((68, 1), np.float32))
-  mesh = train.create_mesh()
-  result = train.evaluate(state, train.parallel_eval_step(mesh, task), batches, mesh, task)
+  mesh = train_steps.create_mesh()
+  result = train.evaluate(state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task)
   ap = result.metrics["attribute_ap"]
   assert tuple(ap) == ids[1:]
   assert ap["a1_age_approx"] == pytest.approx((1 + 2 / 3) / 2)
@@ -178,7 +180,7 @@ def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logit
 
   def scores(preferences):
     task = _task("attributes", preferences, pooling=pooling)
-    return np.asarray(train.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
+    return np.asarray(train_steps.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
 
   before, after = scores(low), scores(high)
   # The hard score of the same images, which the soft score approaches as the logits grow.
@@ -196,8 +198,8 @@ def test_per_profile_targets_are_normalised_per_column():
   outputs = {"score": np.array([[0.0, 0.0], [2.0, -2.0]], np.float32)}
   batch = {"score": np.array([[1.0, 3.0], [3.0, 1.0]], np.float32), "mask": np.ones(2, np.float32)}
   # Normalised targets [[0, 0], [4, -4]]: squared errors [[0, 0], [4, 4]], per-example means 0 and 4.
-  assert float(train.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
-  np.testing.assert_allclose(train.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
+  assert float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
+  np.testing.assert_allclose(train_steps.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
 
 
 def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
@@ -207,7 +209,7 @@ def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
                rng.uniform(1, 3, NUM_PROFILES).astype(np.float32))
   outputs = {"score": rng.normal(size=(5, NUM_PROFILES)).astype(np.float32)}
   batch = {"score": rng.uniform(0, 5, (5, NUM_PROFILES)).astype(np.float32), "mask": np.ones(5, np.float32)}
-  raw_predictions = np.asarray(train.predicted_scores(outputs, task))
+  raw_predictions = np.asarray(train_steps.predicted_scores(outputs, task))
   caffe = np.square(raw_predictions - batch["score"]).sum() / (2 * 5)
-  ours = float(train.compute_loss(outputs, batch, task)[1]["data_loss"])
+  ours = float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"])
   assert ours == pytest.approx(8 / NUM_PROFILES * caffe, rel=1e-5)

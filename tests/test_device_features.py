@@ -13,6 +13,7 @@ from privattnet_jax import checkpoints
 from privattnet_jax import device_features
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from tests import subprocesses
 from tests.conftest import make_tiny_config
 
@@ -21,8 +22,7 @@ def _on_device_config(data_dir, cache_dir, **cache_fields):
   config = make_tiny_config(data_dir)
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
-  config.feature_cache.enabled = True
-  config.feature_cache.on_device = True
+  config.feature_cache.mode = "device"
   config.feature_cache.dir = str(cache_dir)
   for name, value in cache_fields.items():
     config.feature_cache[name] = value
@@ -31,21 +31,21 @@ def _on_device_config(data_dir, cache_dir, **cache_fields):
 
 def epoch_draws(experiment, steps: int):
   """(features, labels) of the train batches of global steps 0 .. steps - 1, gathered as the train step does."""
-  train_set, mesh = experiment.device_train, experiment.mesh
+  train_set, mesh = experiment.feed.train_set, experiment.mesh
   gather = functools.partial(
-      device_features.gather_batch, axis=train.AXIS, steps_per_epoch=experiment.steps_per_epoch,
+      device_features.gather_batch, axis=train_steps.AXIS, steps_per_epoch=experiment.steps_per_epoch,
       local_batch=experiment.config.batch_size // mesh.devices.size, views=train_set.views,
       seed=input_pipeline.sampler_seed(experiment.config.seed))
-  gathered = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(PartitionSpec(train.AXIS), PartitionSpec()),
-                                   out_specs=PartitionSpec(train.AXIS)))
+  gathered = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(PartitionSpec(train_steps.AXIS), PartitionSpec()),
+                                   out_specs=PartitionSpec(train_steps.AXIS)))
   return [jax.device_get(gathered(train_set.arrays, step)) for step in range(steps)]
 
 
 def check_draws(experiment, epochs: int = 2):
   """Every draw is a cached record (a view of one example, with that example's targets); no example
   twice in an epoch; a new order every epoch. Returns the example indices drawn, per epoch."""
-  source = experiment.feature_cache.source("train")
-  views = experiment.device_train.views
+  source = experiment.feed.cache.source("train")
+  views = experiment.feed.train_set.views
   records = [source[i] for i in range(len(source))]
   by_features = {records[i]["features"].tobytes(): i for i in range(len(records))}
   steps = experiment.steps_per_epoch
@@ -70,9 +70,9 @@ def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp
   assert len(drawn[0]) == 48  # 6 steps of 8 over 48 examples: each example once per epoch.
   # Evaluation from the devices is the host loader's, row for row.
   state = experiment.initial_state
-  on_device = train.evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"), experiment.mesh,
+  on_device = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"), experiment.mesh,
                              experiment.task)
-  host = train.evaluate(state, experiment.eval_fn, experiment.feature_cache.eval_batches("validation", config),
+  host = train.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
                         experiment.mesh, experiment.task)
   np.testing.assert_array_equal(on_device.predictions, host.predictions)
   np.testing.assert_array_equal(on_device.targets, host.targets)
@@ -120,7 +120,7 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
 
   # The run goes on with the host loader: its checkpoints hold no grain position, so the loader
   # starts a new shuffle, and says so.
-  config.feature_cache.on_device = False
+  config.feature_cache.mode = "host"
   config.num_train_steps = 10
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
@@ -146,9 +146,9 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
         halves = np.asarray(epoch).reshape(-1, 2, 4) % 2
         assert (halves[:, 0] == 0).all() and (halves[:, 1] == 1).all(), halves
       state = experiment.initial_state
-      on_device = train.evaluate(state, experiment.eval_fn, experiment.eval_batches("validation"),
+      on_device = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"),
                                  experiment.mesh, experiment.task)
-      host = train.evaluate(state, experiment.eval_fn, experiment.feature_cache.eval_batches("validation", config),
+      host = train.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
                             experiment.mesh, experiment.task)
       np.testing.assert_allclose(on_device.predictions, host.predictions, rtol=1e-6)
       for key in ("image_id", "boxes", "labels"):
@@ -160,10 +160,11 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
   assert "OK" in result.stdout
 
 
-def test_on_device_needs_the_cache(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("field", ["enabled", "on_device"])
+def test_a_config_with_the_replaced_booleans_is_told_the_new_field(tiny_data_dir, tmp_path, field):
   config = _on_device_config(tiny_data_dir, tmp_path / "cache")
-  config.feature_cache.enabled = False
-  with pytest.raises(ValueError, match="feature_cache.on_device=True needs feature_cache.enabled=True"):
+  config.feature_cache[field] = True
+  with pytest.raises(ValueError, match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'"):
     train.validate_config(config)
 
 
@@ -173,7 +174,7 @@ def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():
   mesh = types.SimpleNamespace(devices=np.array([device]))
   device_features._check_fits(6 * 2**30, mesh, "cached train views")  # 3/4 of the memory: allowed.
   with pytest.raises(ValueError, match=r"train views take 6.1 GiB per device, more than 3/4 of the 8.0 GiB "
-                                       r"of a Small GPU: set feature_cache.on_device=False"):
+                                       r"of a Small GPU: set feature_cache.mode='host'"):
     device_features._check_fits(int(6.1 * 2**30), mesh, "cached train views")
 
 

@@ -3,7 +3,10 @@
 import copy
 import json
 import logging
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -12,8 +15,10 @@ import pytest
 
 from privattnet_jax import checkpoints
 from privattnet_jax import feature_cache
+from privattnet_jax import feeds
 from privattnet_jax import input_pipeline
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from privattnet_jax import weights
 from tests.conftest import make_tiny_config
 
@@ -22,7 +27,7 @@ def _cache_config(data_dir, cache_dir, **cache_fields):
   config = make_tiny_config(data_dir)
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
-  config.feature_cache.enabled = True
+  config.feature_cache.mode = "host"
   config.feature_cache.dir = str(cache_dir)
   for name, value in cache_fields.items():
     config.feature_cache[name] = value
@@ -42,6 +47,7 @@ def _encode(experiment, state, images):
     ("feature_cache.train_views", -1, r"feature_cache.train_views must be an integer >= 0"),
     ("feature_cache.splits", ("train", "train"), r"feature_cache.splits must be distinct names"),
     ("feature_cache.splits", ("dev",), r"feature_cache.splits must be distinct names"),
+    ("feature_cache.mode", "disk", r"feature_cache.mode must be one of \('off', 'host', 'device'\), got 'disk'"),
 ])
 def test_config_errors_name_the_field_and_why(tiny_data_dir, tmp_path, field, value, message):
   config = _cache_config(tiny_data_dir, tmp_path / "cache")
@@ -52,7 +58,7 @@ def test_config_errors_name_the_field_and_why(tiny_data_dir, tmp_path, field, va
   node[name] = value
   with pytest.raises(ValueError, match=message):
     train.Experiment(config, tmp_path / "run")
-  config.feature_cache.enabled = False  # Without the cache the same fields are not its business.
+  config.feature_cache.mode = "off"  # Without the cache the same fields are not its business.
   if not field.startswith("feature_cache."):
     train.validate_config(config)
 
@@ -63,7 +69,7 @@ def validation_cache(tiny_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("validation_cache")
   config = _cache_config(tiny_data_dir, root / "cache", dtype="float32", splits=("validation",))
   experiment = train.Experiment(config, root / "run")
-  images = next(iter(input_pipeline.create_eval_batches(experiment.sources["validation"], config)))
+  images = next(iter(input_pipeline.create_eval_batches(experiment.sources["validation"], config, experiment.task)))
   return experiment, images
 
 
@@ -75,8 +81,10 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
       experiment = copy.copy(experiment)
       experiment.config = experiment.config.copy_and_resolve_references()
       experiment.config.feature_cache.dtype, experiment.config.feature_cache.dir = dtype, str(tmp_path / "bf16")
-      experiment.feature_cache = experiment.prepare_feature_cache()
-    cached_batch = next(iter(experiment.eval_batches("validation")))
+      experiment.feed = feeds.select_feed(
+          experiment.config, experiment.sources, experiment.mesh, experiment.task,
+          steps_per_epoch=experiment.steps_per_epoch, prepare_cache=experiment.prepare_feature_cache, need_train=False)
+    cached_batch = next(iter(experiment.feed.eval_batches("validation")))
     assert "image" not in cached_batch
     assert cached_batch["features"].dtype == np.dtype(feature_cache.DTYPES[dtype])
     for key in ("image_id", "score", "labels", "mask", "boxes", "num_boxes"):
@@ -98,8 +106,9 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
 def _step(experiment, batch):
   """One train step from the initial state, then predictions: (metrics, new head params, predictions)."""
   state = jax.tree_util.tree_map(lambda x: x.copy(), experiment.initial_state)  # The step donates its state.
-  new_state, metrics = experiment.train_fn(state, train.shard_batch(batch, experiment.mesh))
-  predictions = experiment.eval_fn(new_state, train.shard_batch(batch, experiment.mesh))["prediction"]
+  train_fn = train_steps.parallel_train_step(experiment.mesh, experiment.task)
+  new_state, metrics = train_fn(state, train_steps.shard_batch(batch, experiment.mesh))
+  predictions = experiment.eval_fn(new_state, train_steps.shard_batch(batch, experiment.mesh))["prediction"]
   return jax.device_get((metrics, new_state.params["head"], predictions))
 
 
@@ -107,7 +116,7 @@ def test_a_cache_of_other_weights_or_preprocessing_is_rebuilt_never_used(validat
   first, image_batch = validation_cache
   images = image_batch["image"]
   cache_dir = tmp_path / "cache"
-  shutil.copytree(first.feature_cache.directory, cache_dir)  # Built with the fixture's encoder weights.
+  shutil.copytree(first.feed.cache.directory, cache_dir)  # Built with the fixture's encoder weights.
 
   def cached_features():
     manifest = json.loads((cache_dir / "manifest.json").read_text())
@@ -177,21 +186,21 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   config.checkpoint_every_steps = 2
   config.eval_every_steps = 6
   config.eval_splits = ("test",)
-  original = train.shard_batch
+  original = train_steps.shard_batch
   model_inputs = {"train": set(), "eval": set(), "encode": set()}
   train_batches = []
   crash = True
 
   def record_and_crash_at_step_five(batch, mesh):
     kind = "eval" if "image_id" in batch else ("train" if "score" in batch else "encode")
-    model_inputs[kind] |= set(train.MODEL_INPUTS) & set(batch)
+    model_inputs[kind] |= set(train_steps.MODEL_INPUTS) & set(batch)
     if kind == "train":
       train_batches.append(np.asarray(batch["features"], np.float32))
       if len(train_batches) == 5 and crash:  # Killed after the checkpoint at step 4.
         raise KeyboardInterrupt("simulated kill")
     return original(batch, mesh)
 
-  monkeypatch.setattr(train, "shard_batch", record_and_crash_at_step_five)
+  monkeypatch.setattr(train_steps, "shard_batch", record_and_crash_at_step_five)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 4
@@ -206,3 +215,15 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 6
   assert results["test"]["n"] == config.data.synthetic.num_test
   assert model_inputs == {"train": {"features"}, "eval": {"features"}, "encode": {"image"}}
+
+
+@pytest.mark.parametrize("field, replacement", [("enabled", "mode=host"), ("on_device", "mode=device")])
+def test_a_command_line_with_a_replaced_boolean_gets_one_line_naming_the_new_field(field, replacement):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  command = [sys.executable, "run.py", "--config=configs/demo.py", "--workdir=unused",
+             f"--config.feature_cache.{field}=True"]
+  result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      f"error: --config.feature_cache.{field} was replaced by --config.feature_cache.{replacement}"
+      f" (or {'off' if field == 'enabled' else 'host'})")

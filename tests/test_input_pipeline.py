@@ -14,6 +14,7 @@ from PIL import Image
 from configs import default
 from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
+from privattnet_jax import train_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ID_BITS = 7  # Record i's labels spell i in binary over attributes 1..7, so train batches name their records.
@@ -87,14 +88,20 @@ def _config(batch_size=4, seed=7, **data):
   return config
 
 
+def _task(config):
+  """The run's score definition, as train.Experiment builds it (the target mean is not used here)."""
+  preferences = input_pipeline.preferences_from_config(config)
+  return train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
+
+
 def _train(source, config, process_index=0, process_count=1, **kwargs):
   return input_pipeline.create_train_loader(
-      source, config, process_index=process_index, process_count=process_count, local_device_count=1, **kwargs)
+      source, config, _task(config), process_index=process_index, process_count=process_count, local_device_count=1, **kwargs)
 
 
 def _eval(source, config, process_index=0, process_count=1, **kwargs):
   return list(input_pipeline.create_eval_batches(
-      source, config, process_index=process_index, process_count=process_count, local_device_count=1, **kwargs))
+      source, config, _task(config), process_index=process_index, process_count=process_count, local_device_count=1, **kwargs))
 
 
 def _take(iterator, n):
@@ -254,7 +261,7 @@ def test_each_epoch_is_a_fresh_permutation_and_the_remainder_is_dropped():
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
   # 10 records in batches of 4: two full batches per epoch; the last one of the run is partial and dropped.
   assert len(list(_train(_source(10), _config(batch_size=4), num_epochs=1))) == 2
-  assert input_pipeline.steps_per_epoch(10, _config(batch_size=4), process_count=1) == 2
+  assert input_pipeline.steps_per_epoch(10, 4) == 2
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
@@ -280,6 +287,7 @@ def test_train_shards_are_disjoint_per_process():
     assert sorted(ids[:3]) == sorted(ids[3:])  # the same shard again in epoch two
     seen.append(set(ids))
   assert all(len(s) == 3 for s in seen) and len(set.union(*seen)) == 9
+  assert input_pipeline.steps_per_epoch(10, 6) == 1  # 3 examples per process in batches of 2.
 
 
 def test_resume_continues_at_the_exact_next_batch():
@@ -348,7 +356,7 @@ def test_workers_start_under_an_absl_app(tmp_path):
         config.image_size = _SIZE.value
         batch = next(iter(t._train(t._source(), config)))
         evals = list(input_pipeline.create_eval_batches(
-            t._source(), config, process_index=0, process_count=1, local_device_count=1))
+            t._source(), config, t._task(config), process_index=0, process_count=1, local_device_count=1))
         print("OK", batch["image"].shape, len(evals), type(evals[-1]["image"]).__name__)
 
       if __name__ == "__main__":
@@ -366,18 +374,38 @@ def test_per_process_batch_errors():
   with pytest.raises(ValueError, match="multiple of the process count 4"):
     _train(_source(), _config(batch_size=6), 0, 4)
   with pytest.raises(ValueError, match="multiple of the process count 4"):
-    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), process_index=0, process_count=4,
-                                       local_device_count=1)
+    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), _task(_config()), process_index=0,
+                                       process_count=4, local_device_count=1)
   with pytest.raises(ValueError, match="divisible by the 2 local devices"):
-    input_pipeline.create_train_loader(_source(), _config(batch_size=6), process_index=0, process_count=2,
-                                       local_device_count=2)
+    input_pipeline.create_train_loader(_source(), _config(batch_size=6), _task(_config()), process_index=0,
+                                       process_count=2, local_device_count=2)
   with pytest.raises(ValueError, match="divisible by the 4 local devices"):
-    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), process_index=0, process_count=1,
-                                       local_device_count=4)
+    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), _task(_config()), process_index=0,
+                                       process_count=1, local_device_count=4)
   with pytest.raises(ValueError, match="process_index 2 is not in 0..1"):
     _train(_source(), _config(), 2, 2)
   layout = input_pipeline.process_layout(8, process_index=1, process_count=2, local_device_count=2)
   assert (layout.batch_size, layout.global_batch_size) == (4, 8)
+
+
+@pytest.mark.parametrize("num_rows, batch_size, process_count", [(10, 2, 3), (12, 2, 3), (5, 4, 2), (0, 3, 1)])
+def test_process_layout_gives_every_stream_row_to_one_process(num_rows, batch_size, process_count):
+  """The eval stream's layout (eval loader, feature-cache files, device eval split): the processes'
+  rows partition the stream, in global batches of batch_size x process_count."""
+  layouts = [input_pipeline.ProcessLayout(p, process_count, batch_size) for p in range(process_count)]
+  owned = {}
+  for layout in layouts:
+    count = layout.rows_of_process(num_rows, layout.process_index)
+    indices = [layout.stream_index(row) for row in range(count)]
+    assert all(index < num_rows for index in indices)
+    if count < -(-num_rows // layout.global_batch_size) * batch_size:  # The next row is padding.
+      assert layout.stream_index(count) >= num_rows
+    for row, index in enumerate(indices):
+      assert index not in owned
+      owned[index] = (layout.process_index, row)
+      assert layout.owner(index) == (layout.process_index, row)
+      assert index // layout.global_batch_size == row // batch_size  # Same global batch.
+  assert sorted(owned) == list(range(num_rows))
 
 
 # --- Eval batches ------------------------------------------------------------
@@ -469,23 +497,22 @@ class _LabelsOnlySource(ListSource):
 
 def test_split_scores_reads_labels_only(monkeypatch):
   source = _LabelsOnlySource(_RECORDS[:10])
-  config = _config()
-  scores = input_pipeline.split_scores(source, config)
+  scores = input_pipeline.split_scores(source, attributes.preference_table(), "max")
   labels = np.stack([r["labels"] for r in _RECORDS[:10]])
   assert scores.shape == (10, 1) and scores.dtype == np.float32 and source.batched_reads == 1
   np.testing.assert_allclose(scores, attributes.privacy_score(labels, attributes.preference_table(), "max"))
   assert scores[0, 0] == 0  # record 0 is a0_safe
   monkeypatch.setattr(input_pipeline, "_SCORE_CHUNK", 4)  # reads of 4, 4 and 2 records
   source.batched_reads = 0
-  np.testing.assert_array_equal(input_pipeline.split_scores(source, config), scores)
+  np.testing.assert_array_equal(input_pipeline.split_scores(source, attributes.preference_table(), "max"), scores)
   assert source.batched_reads == 3
-  config.score.per_profile = True
-  config.score.pooling = "mean"
-  per_profile = input_pipeline.split_scores(ListSource(source.records), config)
+  per_profile = input_pipeline.split_scores(
+      ListSource(source.records), attributes.preference_table(per_profile=True), "mean")
   np.testing.assert_allclose(
       per_profile, attributes.privacy_score(labels, attributes.preference_table(per_profile=True), "mean"))
   with pytest.raises(ValueError, match="labels have shape"):
-    input_pipeline.split_scores(ListSource([dict(_RECORDS[1], labels=np.zeros(67, bool))]), config)
+    input_pipeline.split_scores(ListSource([dict(_RECORDS[1], labels=np.zeros(67, bool))]), attributes.preference_table(),
+                                "max")
 
 
 # --- The TFDS `vispr` source (the tiny synthetic build the training tests share) ---

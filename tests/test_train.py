@@ -9,6 +9,7 @@ import pytest
 
 from privattnet_jax import checkpoints
 from privattnet_jax import train
+from privattnet_jax import train_steps
 from tests import subprocesses
 
 
@@ -18,20 +19,20 @@ def _final_params(config, workdir):
 
 
 def test_compute_loss_by_hand():
-  task = train.Task(kind="regression", target_mean=np.array([2.0], np.float32), preferences=np.ones((68, 1)),
+  task = train_steps.Task(kind="regression", target_mean=np.array([2.0], np.float32), preferences=np.ones((68, 1)),
                     pooling="max", attention_gamma=0.5, attention_tau=0.6)
   outputs = {"score": jnp.array([[0.0], [1.0]]),
              "attention": jnp.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])}
   batch = {"score": jnp.array([[3.0], [2.0]]), "mask": jnp.array([1.0, 1.0]), "labels": jnp.zeros((2, 68))}
-  loss, aux = train.compute_loss(outputs, batch, task)
+  loss, aux = train_steps.compute_loss(outputs, batch, task)
   # Normalised targets: (3 - 2) * 2 = 2 and 0; squared errors 4 and 1.
   assert float(aux["data_loss"]) == pytest.approx(2.5)
   # Attention totals per location: [1.5, 0.5] and [0, 2]; (0.6 - x)^2 summed: 0.82 and 2.32.
   assert float(aux["attention_penalty"]) == pytest.approx(0.5 * (0.82 + 2.32) / 2)
   assert float(loss) == pytest.approx(2.5 + 0.5 * 1.57)
   masked = dict(batch, mask=jnp.array([1.0, 0.0]))
-  assert float(train.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(4.0)
-  assert np.asarray(train.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
+  assert float(train_steps.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(4.0)
+  assert np.asarray(train_steps.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
 
 
 def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
@@ -80,7 +81,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_p
   train.train_and_evaluate(config, str(tmp_path / "straight"))
   expected = _final_params(config, tmp_path / "straight")
 
-  original = train.shard_batch
+  original = train_steps.shard_batch
   calls = {"n": 0}
 
   def crash_at_step_five(batch, mesh):
@@ -90,18 +91,18 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_p
         raise KeyboardInterrupt("simulated kill")
     return original(batch, mesh)
 
-  monkeypatch.setattr(train, "shard_batch", crash_at_step_five)
+  monkeypatch.setattr(train_steps, "shard_batch", crash_at_step_five)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert checkpoints.create_manager(tmp_path / "resumed", keep=3, read_only=True).latest_step() == 4
-  monkeypatch.setattr(train, "shard_batch", original)
+  monkeypatch.setattr(train_steps, "shard_batch", original)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   resumed = _final_params(config, tmp_path / "resumed")
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, resumed)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
-  original = train.shard_batch
+  original = train_steps.shard_batch
   calls = {"n": 0}
 
   def poison_step_three(batch, mesh):
@@ -111,7 +112,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))
     return original(batch, mesh)
 
-  monkeypatch.setattr(train, "shard_batch", poison_step_three)
+  monkeypatch.setattr(train_steps, "shard_batch", poison_step_three)
   with pytest.raises(train.NonFiniteLossError, match="at step 3.*step 2"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "nan"))
   assert checkpoints.create_manager(tmp_path / "nan", keep=3, read_only=True).latest_step() == 2
@@ -142,18 +143,19 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
     experiment = train.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
-    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config))]
+    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config,
+                                                                                 experiment.task))]
     sgd = optax.sgd(0.05)
     initial = jax.device_get(experiment.initial_state)
     initial = initial.replace(tx=sgd, opt_state=sgd.init(initial.params))
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:2]):
-      mesh = jax.sharding.Mesh(np.array(devices), (train.AXIS,))
+      mesh = jax.sharding.Mesh(np.array(devices), (train_steps.AXIS,))
       state = jax.device_put(initial, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-      step = train.parallel_train_step(mesh, experiment.task)
+      step = train_steps.parallel_train_step(mesh, experiment.task)
       losses = []
       for batch in batches:
-        state, metrics = step(state, train.shard_batch(batch, mesh))
+        state, metrics = step(state, train_steps.shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
       results.append((jax.device_get((state.params, state.batch_stats)), losses))
     (one, losses_one), (two, losses_two) = results

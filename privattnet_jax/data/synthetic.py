@@ -57,7 +57,7 @@ SPLITS = (("train2017", "num_train"), ("val2017", "num_val"), ("test2017", "num_
 ID_BASE = 90_000_000  # Synthetic ids 2017_9xxxxxxx; real VISPR ids start at 2017_1.
 ID_SPLIT_STRIDE = 1_000_000
 _CHUNK = 256  # Images per pool task.
-_PARALLEL_MIN_IMAGES = 4096  # ~25 s on one core: below it, starting worker processes does not pay.
+_PARALLEL_MIN_IMAGES = 4096  # Below it, worker processes do not pay (docs/benchmarks.md).
 
 # Ten attributes spanning the preference range (profile mean in brackets):
 # hair colour 2.05, sports 2.26, landmark 2.63, vehicle 2.78, date/time 3.10, face 3.42,
