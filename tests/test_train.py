@@ -138,7 +138,7 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
   script = f"""
     import jax, numpy as np, optax
     from tests.conftest import make_tiny_config
-    from privattnet_jax import input_pipeline, train
+    from privattnet_jax import input_pipeline, train, train_steps
     config = make_tiny_config({tiny_data_dir!r})
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
