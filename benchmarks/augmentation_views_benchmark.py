@@ -47,7 +47,7 @@ def make_config(views: int | None):
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
   if views is not None:
-    config.feature_cache.enabled = True
+    config.feature_cache.mode = "host"
     config.feature_cache.train_views = views
     config.feature_cache.dir = str(root / f"feature_cache_k{views}")
   return config

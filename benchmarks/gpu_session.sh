@@ -97,12 +97,12 @@ rm -rf "$WORK/vispr_sized"
 RUN4=(--config=configs/privattnet.py --config.data.data_dir="$WORK/vispr_sized/data"
   --config.data.synthetic.image_size=256 --config.data.synthetic.num_train="$NUM_TRAIN"
   --config.data.synthetic.num_val="$NUM_VAL" --config.data.synthetic.num_test="$VISPR_TEST"
-  --config.num_epochs="$EPOCHS" --config.model.encoder.batchnorm=frozen --config.feature_cache.enabled=True
-  --config.feature_cache.on_device=True --config.feature_cache.train_views="$VIEWS" --config.half_precision=True
+  --config.num_epochs="$EPOCHS" --config.model.encoder.batchnorm=frozen --config.feature_cache.mode=device
+  --config.feature_cache.train_views="$VIEWS" --config.half_precision=True
   --config.log_every_steps=390 --config.compilation_cache_dir="$WORK/vispr_sized/jax_cache" "${SIZE_FLAGS[@]}")
 # The dataset alone (generated and built), outside the timed runs: --mode=evaluate fails after it.
 timeout 200 python run.py --mode=evaluate --workdir="$WORK/vispr_sized/build" "${RUN4[@]}" \
-  --config.feature_cache.enabled=False --config.feature_cache.on_device=False > "$OUT/vispr_sized_build.txt" 2>&1
+  --config.feature_cache.mode=off > "$OUT/vispr_sized_build.txt" 2>&1
 stamp "   dataset built (exit $?, an error is expected: no checkpoint)"
 for attempt in cold warm; do
   start=$(date +%s.%N)

@@ -62,5 +62,5 @@ def get_config(arg="privattnet"):
   config.model.encoder.pretrained = "efficientnet_lite0"  # The file the package installs.
   config.model.encoder.trainable = False  # The paper's frozen ImageNet encoder...
   config.model.encoder.batchnorm = "frozen"  # ...with fixed statistics, so its features are cached.
-  config.feature_cache.enabled = True
+  config.feature_cache.mode = "host"
   return config

@@ -65,7 +65,7 @@ DEFAULT_BATCH_SIZE = 32
 TOP_ATTRIBUTES = 5
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far
 # more images per second than one thread reads and draws (docs/benchmarks.md, "On the GPU").
-_THREADS = min(32, (os.cpu_count() or 1) + 4)
+READ_THREADS = min(32, (os.cpu_count() or 1) + 4)
 _BATCHES_IN_FLIGHT = 3
 _JAX_PLATFORMS = {"gpu": "cuda"}  # jax.default_backend() -> jax.export platform name.
 
@@ -444,7 +444,7 @@ def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
                      int(width), int(height), list(conversions))
 
 
-def _error_text(error: Exception) -> str:
+def error_text(error: Exception) -> str:
   """`reason: message` (the builder's skip reasons), without Pillow's in-memory file repr."""
   return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
 
@@ -461,7 +461,7 @@ class PredictResult:
   output_dir: pathlib.Path
 
 
-def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
+def unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
   """File stems, made unique in order (`x`, `x-2`, ...): the heat map file names.
 
   Unique over the whole run, also against stems that look generated (`x-2.jpg` and a second
@@ -565,7 +565,7 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
       reduced instead); None: Pillow's Image.MAX_IMAGE_PIXELS.
     panel_size: longer side of each panel tile.
     loader_processes: read photos in this many worker processes (0: threads of this process);
-      worth it for camera-size photos on a many-core host (see _loader_pool).
+      worth it for camera-size photos on a many-core host (see loader_pool).
     progress: show a tqdm progress bar.
 
   Returns:
@@ -591,7 +591,7 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
   elif heatmap_panels:
     logging.info("%s has no attention: no heat maps", info["model"])
   max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
-  names = _unique_names([path for path, _ in entries])
+  names = unique_names([path for path, _ in entries])
   header = _csv_header(info, user, top_attributes)
 
   load = functools.partial(load_image, image_size=info["image_size"], max_side=info["max_side"],
@@ -603,12 +603,12 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
   saves = collections.deque()  # Panels being drawn; bounded, so that a slow disk cannot pile up images.
   with (open(output_dir / "predictions.jsonl", "w") as jsonl_file,
         open(output_dir / "predictions.csv", "w", newline="") as csv_file,
-        concurrent.futures.ThreadPoolExecutor(_THREADS) as pool,
-        _loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
+        concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
+        loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
         tqdm(total=len(entries), unit="img", disable=not progress, desc="predict") as bar):
     writer = csv.writer(csv_file)
     writer.writerow(header)
-    for chunk in _loaded_chunks(entries, names, load, predictor.batch_size, loader):
+    for chunk in loaded_chunks(entries, names, load, predictor.batch_size, loader):
       good = [loaded for _, _, loaded in chunk if isinstance(loaded, LoadedImage)]
       outputs = predictor(np.stack([loaded.model_input for loaded in good])) if good else {}
       values = _image_records(info, outputs, user, top_attributes) if good else []
@@ -655,10 +655,10 @@ def _load_or_error(load: Callable, path: pathlib.Path):
   try:
     return load(path)
   except Exception as e:  # pylint: disable=broad-except
-    return _error_text(e)
+    return error_text(e)
 
 
-def _loader_pool(processes: int):
+def loader_pool(processes: int):
   """Worker processes for reading photos, or None (threads of this process).
 
   The builder's normalisation decodes under a process-wide lock (it sets Pillow's globals), so
@@ -671,7 +671,7 @@ def _loader_pool(processes: int):
   return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _loaded_chunks(entries, names, load, batch_size, executor):
+def loaded_chunks(entries, names, load, batch_size, executor):
   """Yields batches of (path, name, LoadedImage or error text), loading a few batches ahead."""
   pending = collections.deque()
   for start in range(0, len(entries), batch_size):

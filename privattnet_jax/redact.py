@@ -467,7 +467,7 @@ def load_photo(path, *, image_size: int, max_side: int, max_pixels: int | None, 
     raise ValueError(f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
                      "writes the full size")
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)  # Bounded, as predict's read.
-  with vispr._pil_checks_ours():  # pylint: disable=protected-access  # Our size check above replaces PIL's.
+  with vispr.pil_checks_ours():  # Our size check above replaces PIL's.
     image = Image.open(io.BytesIO(data))
     image.load()
   metadata = find_metadata(image)
@@ -488,7 +488,7 @@ def load_photo(path, *, image_size: int, max_side: int, max_pixels: int | None, 
   if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
     alpha = image.convert("RGBA").getchannel("A")
   grayscale = image.mode in ("L", "LA", "1")
-  pixels = vispr._to_rgb(image, [])  # pylint: disable=protected-access  # The builder's conversion.
+  pixels = vispr.to_rgb(image, [])  # The builder's conversion.
   if grayscale:
     pixels = pixels.convert("L")
   if pixels.info:  # Pillow's writers fall back on a source's info (comment, ICC profile): start clean.
@@ -664,7 +664,7 @@ class RedactResult:
 
 def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_dir, settings: RedactSettings, *,
                   profile: int | None = None, preferences_file: str | None = None, panels: bool = True,
-                  max_pixels: int | None = None, panel_size: int = predict.PANEL_SIZE, loader_processes: int = 0,
+                  max_pixels: int | None = None, panel_size: int = heatmaps.PANEL_SIZE, loader_processes: int = 0,
                   progress: bool = True) -> RedactResult:
   """Redacts every photo; writes OUT/<name>, redaction.jsonl, redaction.csv and panels/<name>_redact.png.
 
@@ -683,7 +683,7 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
   if panels:
     (output_dir / "panels").mkdir(exist_ok=True)
   max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
-  names = predict._unique_names([path for path, _ in entries])  # pylint: disable=protected-access
+  names = predict.unique_names([path for path, _ in entries])
   load = functools.partial(load_photo, image_size=info["image_size"], max_side=info["max_side"],
                            max_pixels=max_pixels, panel_size=panel_size)
   grid_shape = tuple(info["grid_shape"])
@@ -691,16 +691,16 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   # predict's reading machinery (threads or processes, batches read ahead, error text), shared.
-  # pylint: disable=protected-access
+
   records = []
   with (open(output_dir / "redaction.jsonl", "w") as jsonl_file,
         open(output_dir / "redaction.csv", "w", newline="") as csv_file,
-        concurrent.futures.ThreadPoolExecutor(predict._THREADS) as pool,
-        predict._loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
+        concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
+        predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
         tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar):
     writer = csv.writer(csv_file)
     writer.writerow(CSV_HEADER)
-    for chunk in predict._loaded_chunks(entries, names, load, predictor.batch_size, loader):
+    for chunk in predict.loaded_chunks(entries, names, load, predictor.batch_size, loader):
       good = [(path, name, photo) for path, name, photo in chunk if isinstance(photo, Photo)]
       outcome = None
       if good:
@@ -736,14 +736,13 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
             for key in list(record):
               if key not in ("path", "name"):
                 del record[key]
-            record.update(ok=False, error=predict._error_text(e))
+            record.update(ok=False, error=predict.error_text(e))
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
         writer.writerow(_csv_row(record))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()
-  # pylint: enable=protected-access
   failed = sum(not record["ok"] for record in records)
   logging.info("Redacted %d images (%d failed) into %s", len(records), failed, output_dir)
   return RedactResult(len(records), failed, records, output_dir)

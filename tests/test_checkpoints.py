@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from privattnet_jax import checkpoints
-from privattnet_jax import train
+from privattnet_jax import train_steps
 
 
 def _encoder_config(trainable=False, batchnorm="frozen"):
@@ -23,7 +23,7 @@ def _state(seed=0):
   batch_stats = {"encoder": {"mean": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
   tx = optax.multi_transform({"trained": optax.adam(1e-3), "frozen": optax.set_to_zero()},
                              {"encoder": "frozen", "head": "trained"})
-  return jax.device_put(train.TrainState.create(apply_fn=None, params=params, batch_stats=batch_stats, tx=tx,
+  return jax.device_put(train_steps.TrainState.create(apply_fn=None, params=params, batch_stats=batch_stats, tx=tx,
                                                 rng=jax.random.PRNGKey(seed)))
 
 

@@ -186,7 +186,7 @@ def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_pat
 
 def test_unique_names_never_collide_with_generated_ones():
   paths = [pathlib.Path(p) for p in ("x-2.jpg", "sub/x.jpg", "b/x.png", "X.gif", "x-3.bmp", "c/x-2.jpg")]
-  names = predict._unique_names(paths)  # pylint: disable=protected-access
+  names = predict.unique_names(paths)
   assert len({n.lower() for n in names}) == len(names)
   assert names[:2] == ["x-2", "x"]
 

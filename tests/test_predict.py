@@ -174,7 +174,7 @@ def test_collect_images_globs_folders_and_missing_names(photos):
 
 def test_unique_names_for_panels():
   paths = [pathlib.Path(p) for p in ("a/x.jpg", "b/x.png", "y.gif", "c/x.bmp")]
-  assert predict._unique_names(paths) == ["x", "x-2", "y", "x-3"]  # pylint: disable=protected-access
+  assert predict.unique_names(paths) == ["x", "x-2", "y", "x-3"]
 
 
 def test_command_line_exit_status_and_files(runs, photos, tmp_path):

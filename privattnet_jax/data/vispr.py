@@ -470,7 +470,7 @@ def parse_annotation(data: bytes, fallback_id: str) -> tuple[str, str, list[str]
 
 
 @contextlib.contextmanager
-def _pil_checks_ours():
+def pil_checks_ours():
   """Suspends PIL's decompression-bomb check (ours, on the decoded size, replaces it) and
   forbids loading truncated images, whatever another module set. Both are PIL globals, hence
   the lock; the build itself is single-threaded."""
@@ -533,7 +533,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
-def _to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
+def to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
   """Any PIL mode -> RGB, recording what was converted."""
   mode = image.mode
   if mode == "P":
@@ -573,7 +573,7 @@ def process_image(
   of the image as displayed (after EXIF orientation), before downscaling.
   """
   conversions: list[str] = []
-  with _pil_checks_ours():
+  with pil_checks_ours():
     try:
       image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
@@ -612,7 +612,7 @@ def process_image(
   if orientation in (5, 6, 7, 8):
     width, height = height, width
 
-  image = _to_rgb(image, conversions)
+  image = to_rgb(image, conversions)
   resized = False
   if max_side and min(image.size) > max_side:
     w, h = image.size
