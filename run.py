@@ -33,49 +33,116 @@ from privattnet_jax import compilation_cache
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
 
-config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py); train and evaluate need one.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "A config file (configs/*.py); train and evaluate need one.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
-flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate the best checkpoint; "
-                  "evaluate: evaluate a checkpoint on --split, with report.md/report.html; cache_features: "
-                  "build (or check) the frozen-encoder feature cache of config.feature_cache, which train "
-                  "then reads; predict: score "
-                  "--images; export: write a jax.export predictor; redact: write --images with the regions "
-                  "the attention points at redacted and without metadata; compare: tabulate --workdirs.")
-flags.DEFINE_string("split", "test", "Split for --mode=evaluate (and compare): train, validation or test.")
-flags.DEFINE_integer("step", None, "Checkpoint step for evaluate, predict, redact and export; default: the best by "
-                     "validation Spearman.")
-flags.DEFINE_multi_string("images", [], "predict, redact: image files, folders (searched recursively) or globs; "
-                          "more paths may follow as plain arguments.")
-flags.DEFINE_string("output", None, "predict, redact: the output folder; export: the artifact folder (default "
-                    "<workdir>/export); compare: the markdown file.")
-flags.DEFINE_string("exported", None, "predict, redact: run the artifact in this folder instead of a --workdir "
-                    "checkpoint.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  MODES,
+  "train: train (resuming) then evaluate the best checkpoint; "
+  "evaluate: evaluate a checkpoint on --split, with report.md/report.html; cache_features: "
+  "build (or check) the frozen-encoder feature cache of config.feature_cache, which train "
+  "then reads; predict: score "
+  "--images; export: write a jax.export predictor; redact: write --images with the regions "
+  "the attention points at redacted and without metadata; compare: tabulate --workdirs.",
+)
+flags.DEFINE_string(
+  "split", "test", "Split for --mode=evaluate (and compare): train, validation or test."
+)
+flags.DEFINE_integer(
+  "step",
+  None,
+  "Checkpoint step for evaluate, predict, redact and export; default: the best by "
+  "validation Spearman.",
+)
+flags.DEFINE_multi_string(
+  "images",
+  [],
+  "predict, redact: image files, folders (searched recursively) or globs; "
+  "more paths may follow as plain arguments.",
+)
+flags.DEFINE_string(
+  "output",
+  None,
+  "predict, redact: the output folder; export: the artifact folder (default "
+  "<workdir>/export); compare: the markdown file.",
+)
+flags.DEFINE_string(
+  "exported",
+  None,
+  "predict, redact: run the artifact in this folder instead of a --workdir checkpoint.",
+)
 flags.DEFINE_list("workdirs", [], "compare: the runs' workdirs, comma separated.")
-flags.DEFINE_integer("profile", None, "predict: also give (redact: redact for) profile K's (0..29) score.")
-flags.DEFINE_string("preferences", None, "predict: also give the score for these ratings (TSV as "
-                    "data/user_studies/user_profiles.tsv with one rating column; attribute models).")
-flags.DEFINE_integer("batch_size", 32, "predict, redact: images per batch (padded, so that it compiles once).")
-flags.DEFINE_bool("heatmaps", True, "predict: write heat map panels (attention models); redact: before/after panels.")
-flags.DEFINE_enum("heatmap_normalisation", "per_map", ("per_map", "global"),
-                  "predict: min-max scale each step's map alone, or all steps of an image together.")
-flags.DEFINE_integer("panel_size", 256, "predict, redact: longer side of each panel tile, in pixels.")
-flags.DEFINE_integer("top_attributes", 5, "predict: attribute models' most probable attributes to list.")
-flags.DEFINE_integer("max_pixels", None, "predict, redact: refuse images with more pixels (decompression bombs; "
-                     "JPEGs are decoded reduced instead); default: Pillow's limit.")
-flags.DEFINE_integer("loader_processes", 0, "predict, redact: read photos in this many worker processes (0: threads); "
-                     "faster for camera-size photos on a many-core host.")
-flags.DEFINE_enum("method", "blur", ("blur", "pixelate", "fill"), "redact: how regions are redacted.")
-flags.DEFINE_float("target_score", None, "redact: stop when the score is at or below this; default: the "
-                   "score of a safe image under the checkpoint's target (see --target_drop).")
-flags.DEFINE_float("target_drop", None, "redact: stop when this fraction of each photo's own score is gone "
-                   "(instead of --target_score).")
+flags.DEFINE_integer(
+  "profile", None, "predict: also give (redact: redact for) profile K's (0..29) score."
+)
+flags.DEFINE_string(
+  "preferences",
+  None,
+  "predict: also give the score for these ratings (TSV as "
+  "data/user_studies/user_profiles.tsv with one rating column; attribute models).",
+)
+flags.DEFINE_integer(
+  "batch_size", 32, "predict, redact: images per batch (padded, so that it compiles once)."
+)
+flags.DEFINE_bool(
+  "heatmaps",
+  True,
+  "predict: write heat map panels (attention models); redact: before/after panels.",
+)
+flags.DEFINE_enum(
+  "heatmap_normalisation",
+  "per_map",
+  ("per_map", "global"),
+  "predict: min-max scale each step's map alone, or all steps of an image together.",
+)
+flags.DEFINE_integer(
+  "panel_size", 256, "predict, redact: longer side of each panel tile, in pixels."
+)
+flags.DEFINE_integer(
+  "top_attributes", 5, "predict: attribute models' most probable attributes to list."
+)
+flags.DEFINE_integer(
+  "max_pixels",
+  None,
+  "predict, redact: refuse images with more pixels (decompression bombs; "
+  "JPEGs are decoded reduced instead); default: Pillow's limit.",
+)
+flags.DEFINE_integer(
+  "loader_processes",
+  0,
+  "predict, redact: read photos in this many worker processes (0: threads); "
+  "faster for camera-size photos on a many-core host.",
+)
+flags.DEFINE_enum(
+  "method", "blur", ("blur", "pixelate", "fill"), "redact: how regions are redacted."
+)
+flags.DEFINE_float(
+  "target_score",
+  None,
+  "redact: stop when the score is at or below this; default: the "
+  "score of a safe image under the checkpoint's target (see --target_drop).",
+)
+flags.DEFINE_float(
+  "target_drop",
+  None,
+  "redact: stop when this fraction of each photo's own score is gone (instead of --target_score).",
+)
 flags.DEFINE_float("max_area", 0.25, "redact: the most of a photo's area that may be redacted.")
-flags.DEFINE_bool("keep_metadata", False, "redact: keep EXIF, XMP and the ICC profile (default: every output is "
-                  "written without metadata).")
+flags.DEFINE_bool(
+  "keep_metadata",
+  False,
+  "redact: keep EXIF, XMP and the ICC profile (default: every output is written without metadata).",
+)
 flags.DEFINE_list("export_platforms", ["cpu", "cuda"], "export: platforms to lower for.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU or TPU runs); "
-                  "the coordinator flags below are for clusters it cannot detect itself.")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() (multi-host GPU or TPU runs); "
+  "the coordinator flags below are for clusters it cannot detect itself.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --distributed.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --distributed.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --distributed.")
@@ -94,10 +161,14 @@ def _predictor():
 
   if FLAGS.exported:
     if FLAGS.config is not None or FLAGS.step is not None:
-      raise app.UsageError("--exported runs the artifact as exported: --config and --step do not apply")
+      raise app.UsageError(
+        "--exported runs the artifact as exported: --config and --step do not apply"
+      )
     predictor = predict.load_exported_predictor(FLAGS.exported, FLAGS.batch_size)
   else:
-    predictor = predict.load_checkpoint_predictor(FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.batch_size)
+    predictor = predict.load_checkpoint_predictor(
+      FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.batch_size
+    )
   return predictor
 
 
@@ -107,15 +178,29 @@ def _predict(images) -> int:
 
   predictor = _predictor()
   result = predict.predict(
-      predictor, images, FLAGS.output, profile=FLAGS.profile, preferences_file=FLAGS.preferences,
-      heatmap_panels=FLAGS.heatmaps, normalisation=FLAGS.heatmap_normalisation, top_attributes=FLAGS.top_attributes,
-      max_pixels=FLAGS.max_pixels, panel_size=FLAGS.panel_size, loader_processes=FLAGS.loader_processes,
-      progress=sys.stderr.isatty())
-  print(f"{result.num_images - result.num_failed} of {result.num_images} images scored; predictions in "
-        f"{result.output_dir}", flush=True)
+    predictor,
+    images,
+    FLAGS.output,
+    profile=FLAGS.profile,
+    preferences_file=FLAGS.preferences,
+    heatmap_panels=FLAGS.heatmaps,
+    normalisation=FLAGS.heatmap_normalisation,
+    top_attributes=FLAGS.top_attributes,
+    max_pixels=FLAGS.max_pixels,
+    panel_size=FLAGS.panel_size,
+    loader_processes=FLAGS.loader_processes,
+    progress=sys.stderr.isatty(),
+  )
+  print(
+    f"{result.num_images - result.num_failed} of {result.num_images} images scored; predictions in "
+    f"{result.output_dir}",
+    flush=True,
+  )
   if result.num_failed:
-    print(f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'predictions.jsonl'})",
-          file=sys.stderr)
+    print(
+      f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'predictions.jsonl'})",
+      file=sys.stderr,
+    )
     return 1
   return 0
 
@@ -124,19 +209,36 @@ def _redact(images) -> int:
   """Returns the process exit status: 1 when any image failed (its entry says why)."""
   from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
 
-  settings = redact.RedactSettings(method=FLAGS.method, target_score=FLAGS.target_score,
-                                   target_drop=FLAGS.target_drop, max_area=FLAGS.max_area,
-                                   keep_metadata=FLAGS.keep_metadata)
+  settings = redact.RedactSettings(
+    method=FLAGS.method,
+    target_score=FLAGS.target_score,
+    target_drop=FLAGS.target_drop,
+    max_area=FLAGS.max_area,
+    keep_metadata=FLAGS.keep_metadata,
+  )
   settings.check()  # Before the checkpoint is restored.
   result = redact.redact_photos(
-      _predictor(), images, FLAGS.output, settings, profile=FLAGS.profile, preferences_file=FLAGS.preferences,
-      panels=FLAGS.heatmaps, max_pixels=FLAGS.max_pixels, panel_size=FLAGS.panel_size,
-      loader_processes=FLAGS.loader_processes, progress=sys.stderr.isatty())
-  print(f"{result.num_images - result.num_failed} of {result.num_images} images redacted into {result.output_dir}",
-        flush=True)
+    _predictor(),
+    images,
+    FLAGS.output,
+    settings,
+    profile=FLAGS.profile,
+    preferences_file=FLAGS.preferences,
+    panels=FLAGS.heatmaps,
+    max_pixels=FLAGS.max_pixels,
+    panel_size=FLAGS.panel_size,
+    loader_processes=FLAGS.loader_processes,
+    progress=sys.stderr.isatty(),
+  )
+  print(
+    f"{result.num_images - result.num_failed} of {result.num_images} images redacted into {result.output_dir}",
+    flush=True,
+  )
   if result.num_failed:
-    print(f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'redaction.jsonl'})",
-          file=sys.stderr)
+    print(
+      f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'redaction.jsonl'})",
+      file=sys.stderr,
+    )
     return 1
   return 0
 
@@ -146,9 +248,11 @@ def _expected_errors() -> tuple[type[Exception], ...]:
   CheckpointError are ValueErrors), missing files, a diverged loss, a strict build that would skip,
   a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
   found = []
-  for module, name in (("privattnet_jax.train", "NonFiniteLossError"),
-                       ("privattnet_jax.data.vispr", "StrictBuildError"),
-                       ("privattnet_jax.workdir_lock", "WorkdirInUseError")):
+  for module, name in (
+    ("privattnet_jax.train", "NonFiniteLossError"),
+    ("privattnet_jax.data.vispr", "StrictBuildError"),
+    ("privattnet_jax.workdir_lock", "WorkdirInUseError"),
+  ):
     if module in sys.modules:
       found.append(getattr(sys.modules[module], name))
   return (OSError, ValueError, KeyError, app.UsageError, *found)
@@ -158,8 +262,10 @@ def _message(error: BaseException) -> str:
   """The error's message for the user: its first line (the rest goes to the traceback file), except
   for the manual-dir instructions, which are the message."""
   if _is_disk_full(error):
-    return (f"no space left on the device ({_first_line(error)}); free some and rerun: the checkpoints and "
-            "data written so far are kept, and training resumes from the last checkpoint")
+    return (
+      f"no space left on the device ({_first_line(error)}); free some and rerun: the checkpoints and "
+      "data written so far are kept, and training resumes from the last checkpoint"
+    )
   vispr = sys.modules.get("privattnet_jax.data.vispr")
   text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if vispr is not None and isinstance(error, vispr.ManualDirError):
@@ -173,7 +279,9 @@ def _message(error: BaseException) -> str:
 def _is_disk_full(error: BaseException | None) -> bool:
   """ENOSPC anywhere in the error's chain; libraries (array_record, orbax) re-raise it as other types."""
   while error is not None:
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+    if (
+      isinstance(error, OSError) and error.errno == errno.ENOSPC
+    ) or "No space left on device" in str(error):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -234,7 +342,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _config_error_text(error: BaseException) -> str:
   """A flag or config-file error on one line: a config file's traceback (which ml_collections puts
   into its message) reduced to its last line, the rest joined and cut to a readable length."""
-  text = str(error.args[0]) if isinstance(error, (KeyError, AttributeError)) and error.args else str(error)
+  text = (
+    str(error.args[0])
+    if isinstance(error, (KeyError, AttributeError)) and error.args
+    else str(error)
+  )
   if isinstance(error.args[0] if error.args else None, KeyError):  # AttributeError(KeyError(...)).
     text = str(error.args[0].args[0])
   lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -255,12 +367,13 @@ def _load_config():
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(f"--config: {_config_error_text(error.__cause__ or error)}") from error
 
+
 # Config fields replaced by another. A config file that sets one is refused by the run's config
 # check (feeds.validate_config); a command-line override must be caught before flag parsing, which
 # would fail on the unknown field with a traceback.
 REPLACED_FIELDS = {
-    "feature_cache.enabled": "feature_cache.mode=host (or off)",
-    "feature_cache.on_device": "feature_cache.mode=device (or host)",
+  "feature_cache.enabled": "feature_cache.mode=host (or off)",
+  "feature_cache.on_device": "feature_cache.mode=device (or host)",
 }
 
 
@@ -299,7 +412,9 @@ def _check_usage(extra: list[str]) -> None:
     if not (FLAGS.images or extra):
       raise app.UsageError(f"--mode={FLAGS.mode} needs --images")
     if bool(FLAGS.workdir) == bool(FLAGS.exported):
-      raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir (a checkpoint) or --exported (an artifact), not both")
+      raise app.UsageError(
+        f"--mode={FLAGS.mode} needs --workdir (a checkpoint) or --exported (an artifact), not both"
+      )
   elif FLAGS.mode == "export":
     _require("workdir")
   elif FLAGS.mode == "compare":
@@ -318,15 +433,22 @@ def main(argv):
   try:
     config = _load_config()
     # Before anything compiles. Modes without --config (predict, export) use the default folder.
-    compilation_cache.enable((config if config is not None else default_config.get_config()).compilation_cache_dir)
+    compilation_cache.enable(
+      (config if config is not None else default_config.get_config()).compilation_cache_dir
+    )
     if FLAGS.mode in ("predict", "redact"):
       from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 
       predict.check_output_dir(pathlib.Path(FLAGS.output))
     if FLAGS.distributed:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    logging.info(
+      "JAX process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    )
     if FLAGS.mode == "predict":
       status = _predict([*FLAGS.images, *extra])
     elif FLAGS.mode == "redact":
@@ -347,12 +469,16 @@ def main(argv):
         if config.feature_cache.mode == "off":
           config.feature_cache.mode = "host"
         cache = train.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
-        print(f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
-              flush=True)
+        print(
+          f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
+          flush=True,
+        )
       else:
         from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 
-        print(f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}")
+        print(
+          f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}"
+        )
   except Exception as error:  # pylint: disable=broad-except
     _fail(error)
   sys.exit(status)

@@ -23,7 +23,9 @@ from configs import demo
 from privattnet_jax import train
 
 flags.DEFINE_list("views", ["0", "1", "4", "8"], "Cached views per training image to measure.")
-flags.DEFINE_bool("images", True, "Also train on the images with full augmentation (the paper's recipe).")
+flags.DEFINE_bool(
+  "images", True, "Also train on the images with full augmentation (the paper's recipe)."
+)
 flags.DEFINE_integer("epochs", 10, "Training epochs.")
 flags.DEFINE_integer("num_train", 1000, "Synthetic training images.")
 flags.DEFINE_integer("num_val", 300, "Synthetic validation images.")
@@ -62,12 +64,18 @@ def main(argv):
   for name, views in recipes:
     start = time.time()
     name_dir = "images" if views is None else f"k{views}"
-    results = train.train_and_evaluate(make_config(views), str(pathlib.Path(FLAGS.workdir) / "runs" / name_dir))
+    results = train.train_and_evaluate(
+      make_config(views), str(pathlib.Path(FLAGS.workdir) / "runs" / name_dir)
+    )
     test = results["test"]
-    rows.append(f"| {name} | {test['spearman']:.3f} | {test['pearson']:.3f} | {test['l1']:.3f} | "
-                f"{time.time() - start:.0f} |")
+    rows.append(
+      f"| {name} | {test['spearman']:.3f} | {test['pearson']:.3f} | {test['l1']:.3f} | "
+      f"{time.time() - start:.0f} |"
+    )
     print(rows[-1], flush=True)
-  print(f"\n{FLAGS.epochs} epochs, {FLAGS.num_train} / {FLAGS.num_val} / {FLAGS.num_test} images, seed {FLAGS.seed}")
+  print(
+    f"\n{FLAGS.epochs} epochs, {FLAGS.num_train} / {FLAGS.num_val} / {FLAGS.num_test} images, seed {FLAGS.seed}"
+  )
   print("| recipe | test Spearman | Pearson | L1 | wall s |\n|---|---|---|---|---|")
   print("\n".join(rows))
 

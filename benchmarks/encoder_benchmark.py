@@ -27,13 +27,16 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  images = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32))
+  images = jnp.asarray(
+    np.random.default_rng(0)
+    .standard_normal((args.batch_size, args.image_size, args.image_size, 3))
+    .astype(np.float32)
+  )
   encoders = {
-      "EfficientNet-Lite0, stride-16 cut (112 ch)": EfficientNetLite0(stages=3),
-      "EfficientNet-Lite0, whole trunk (1280 ch)": EfficientNetLite0(stages=4),
-      "ResNet-50 to conv4_x (1024 ch)": ResNet(depth=50, stages=3),
-      "ResNet-50 whole trunk (2048 ch)": ResNet(depth=50, stages=4),
+    "EfficientNet-Lite0, stride-16 cut (112 ch)": EfficientNetLite0(stages=3),
+    "EfficientNet-Lite0, whole trunk (1280 ch)": EfficientNetLite0(stages=4),
+    "ResNet-50 to conv4_x (1024 ch)": ResNet(depth=50, stages=3),
+    "ResNet-50 whole trunk (2048 ch)": ResNet(depth=50, stages=4),
   }
   for name, encoder in encoders.items():
     variables = encoder.init(jax.random.key(0), images[:1], use_running_average=True)
@@ -47,8 +50,11 @@ def main() -> None:
     for _ in range(args.repeats):
       compiled(variables, images).block_until_ready()
     rate = args.repeats * args.batch_size / (time.perf_counter() - start)
-    print(f"{name}: {cost['flops'] / args.batch_size / 1e9:.2f} GFLOP/image, {params / 1e6:.2f} M parameters, "
-          f"{rate:.1f} images/s at {args.image_size} px (load {os.getloadavg()[0]:.1f})", flush=True)
+    print(
+      f"{name}: {cost['flops'] / args.batch_size / 1e9:.2f} GFLOP/image, {params / 1e6:.2f} M parameters, "
+      f"{rate:.1f} images/s at {args.image_size} px (load {os.getloadavg()[0]:.1f})",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

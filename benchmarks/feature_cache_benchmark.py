@@ -44,15 +44,29 @@ from privattnet_jax import train_steps
 flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("steps", 6, "Steps per timed window, after two warm-up steps.")
-flags.DEFINE_integer("windows", 3, "Timed windows per measurement; the best is reported (the cores are shared).")
-flags.DEFINE_integer("num_images", 256, "Training images (image mode) or feature records (synthetic mode).")
-flags.DEFINE_integer("source_size", 256, "Side of the generated JPEGs (VISPR's max256 build: shorter side 256).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (config.half_precision).")
+flags.DEFINE_integer(
+  "windows", 3, "Timed windows per measurement; the best is reported (the cores are shared)."
+)
+flags.DEFINE_integer(
+  "num_images", 256, "Training images (image mode) or feature records (synthetic mode)."
+)
+flags.DEFINE_integer(
+  "source_size", 256, "Side of the generated JPEGs (VISPR's max256 build: shorter side 256)."
+)
+flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (config.half_precision)."
+)
 flags.DEFINE_enum("cache_dtype", "bfloat16", list(feature_cache.DTYPES), "Stored feature dtype.")
-flags.DEFINE_bool("synthetic_features", False, "Skip the images: time the cache path on a synthetic feature set.")
-flags.DEFINE_integer("full_run_epochs", 0, "Synthetic mode: run this many epochs from device-resident features.")
+flags.DEFINE_bool(
+  "synthetic_features", False, "Skip the images: time the cache path on a synthetic feature set."
+)
+flags.DEFINE_integer(
+  "full_run_epochs", 0, "Synthetic mode: run this many epochs from device-resident features."
+)
 flags.DEFINE_string("workdir", "", "Where the dataset and cache go; empty: a temporary folder.")
-flags.DEFINE_integer("project_encode", 22167, "Full-run projection: images encoded once (VISPR: all splits).")
+flags.DEFINE_integer(
+  "project_encode", 22167, "Full-run projection: images encoded once (VISPR: all splits)."
+)
 flags.DEFINE_integer("project_train", 10000, "Full-run projection: training images per epoch.")
 flags.DEFINE_integer("project_epochs", 100, "Full-run projection: epochs.")
 FLAGS = flags.FLAGS
@@ -101,9 +115,9 @@ def timed_rate(step, state, next_batch):
 
 def random_targets(rng, size: int) -> dict:
   return {
-      "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
-      "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
-      "mask": np.ones(size, np.float32),
+    "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
+    "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
+    "mask": np.ones(size, np.float32),
   }
 
 
@@ -115,8 +129,15 @@ def synthetic_feature_records(num: int, shape, dtype, rng) -> list:
   """`num` cache-like records over a pool of distinct feature maps (the loader copies them anyway)."""
   pool = [rng.standard_normal(shape, np.float32).astype(dtype) for _ in range(min(num, 256))]
   labels = rng.uniform(size=(num, 68)) < 0.1
-  return [{"features": pool[i % len(pool)], "labels": labels[i], "image_id": f"synthetic_{i}",
-           "boxes": np.zeros((0, 4), np.float32)} for i in range(num)]
+  return [
+    {
+      "features": pool[i % len(pool)],
+      "labels": labels[i],
+      "image_id": f"synthetic_{i}",
+      "boxes": np.zeros((0, 4), np.float32),
+    }
+    for i in range(num)
+  ]
 
 
 def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epochs: int):
@@ -125,16 +146,28 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
   devices = mesh.devices.size
   num -= num % devices
   sharding = NamedSharding(mesh, P(train_steps.AXIS))
-  features = jax.jit(lambda key: jax.random.normal(key, (num, 1, *shape), jnp.float32).astype(dtype),
-                     out_shardings=sharding)(jax.random.PRNGKey(0))
+  features = jax.jit(
+    lambda key: jax.random.normal(key, (num, 1, *shape), jnp.float32).astype(dtype),
+    out_shardings=sharding,
+  )(jax.random.PRNGKey(0))
   targets = random_targets(np.random.default_rng(1), num)
-  arrays = {"features": features, "score": targets["score"], "labels": targets["labels"],
-            "valid": np.ones(num, bool)}
+  arrays = {
+    "features": features,
+    "score": targets["score"],
+    "labels": targets["labels"],
+    "valid": np.ones(num, bool),
+  }
   arrays = {key: jax.device_put(value, sharding) for key, value in arrays.items()}
   train_set = device_features.TrainSet(arrays, 1, num)
   steps_per_epoch = num // FLAGS.batch_size
   step = device_features.parallel_train_step(
-      mesh, train_steps.AXIS, functools.partial(train_steps.train_step, task=task), train_set, steps_per_epoch, config)
+    mesh,
+    train_steps.AXIS,
+    functools.partial(train_steps.train_step, task=task),
+    train_set,
+    steps_per_epoch,
+    config,
+  )
   rate, state = timed_rate(step, state, lambda: arrays)
   run_seconds = None
   if epochs:
@@ -154,8 +187,10 @@ def main(argv):
   task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
   model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   image_shape = (config.image_size, config.image_size, 3)
-  state = jax.device_put(train_steps.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
-                         NamedSharding(mesh, P()))
+  state = jax.device_put(
+    train_steps.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
+    NamedSharding(mesh, P()),
+  )
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
   encode_step = train_steps.parallel_encode_step(mesh, cache_dtype)
   rng = np.random.default_rng(0)
@@ -166,75 +201,133 @@ def main(argv):
   encoder = lowered["encoder"].compile()
   features = np.asarray(jax.device_get(encoder(state, image_batch["image"])))
   shape = features.shape[1:]
-  feature_batch = train_steps.shard_batch({"features": features, **random_targets(rng, local_batch)}, mesh)
+  feature_batch = train_steps.shard_batch(
+    {"features": features, **random_targets(rng, local_batch)}, mesh
+  )
   train_fn = train_steps.parallel_train_step(mesh, task)
-  lowered.update(image_step=train_fn.lower(state, image_batch), feature_step=train_fn.lower(state, feature_batch))
+  lowered.update(
+    image_step=train_fn.lower(state, image_batch), feature_step=train_fn.lower(state, feature_batch)
+  )
   image_step, feature_step = lowered["image_step"].compile(), lowered["feature_step"].compile()
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}); "
-        f"{config.image_size} px, ResNet-50 to conv4_x (frozen, random weights), features {tuple(shape)} "
-        f"{FLAGS.cache_dtype}, batch {FLAGS.batch_size}, compute {FLAGS.dtype}", flush=True)
+  print(
+    f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}); "
+    f"{config.image_size} px, ResNet-50 to conv4_x (frozen, random weights), features {tuple(shape)} "
+    f"{FLAGS.cache_dtype}, batch {FLAGS.batch_size}, compute {FLAGS.dtype}",
+    flush=True,
+  )
   results = {f"flops_{name}": flops_per_image(value) for name, value in lowered.items()}
   flop_ratio = results["flops_image_step"] / results["flops_feature_step"]
-  print(f"GFLOP per image: image train step {results['flops_image_step'] / 1e9:.2f} "
-        f"(encoder forward {results['flops_encoder'] / 1e9:.2f}), feature train step "
-        f"{results['flops_feature_step'] / 1e9:.2f}; ratio {flop_ratio:.2f}", flush=True)
+  print(
+    f"GFLOP per image: image train step {results['flops_image_step'] / 1e9:.2f} "
+    f"(encoder forward {results['flops_encoder'] / 1e9:.2f}), feature train step "
+    f"{results['flops_feature_step'] / 1e9:.2f}; ratio {flop_ratio:.2f}",
+    flush=True,
+  )
 
   results["images_step_only"], _ = timed_rate(image_step, copy_state(state), lambda: image_batch)
-  results["features_step_only"], _ = timed_rate(feature_step, copy_state(state), lambda: feature_batch)
-  print(f"step only (one device-resident batch): images {results['images_step_only']:.1f} img/s, "
-        f"features {results['features_step_only']:.1f} img/s", flush=True)
+  results["features_step_only"], _ = timed_rate(
+    feature_step, copy_state(state), lambda: feature_batch
+  )
+  print(
+    f"step only (one device-resident batch): images {results['images_step_only']:.1f} img/s, "
+    f"features {results['features_step_only']:.1f} img/s",
+    flush=True,
+  )
 
-  feature_train = feature_cache.FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
+  feature_train = feature_cache.FeatureTrainTransform(
+    preferences=task.preferences, pooling=task.pooling
+  )
   if FLAGS.synthetic_features:
     records = synthetic_feature_records(FLAGS.num_images, shape, cache_dtype, rng)
-    loader = iter(input_pipeline.create_train_loader(records, config, task, transform=feature_train))
+    loader = iter(
+      input_pipeline.create_train_loader(records, config, task, transform=feature_train)
+    )
     results["features_loader"], _ = timed_rate(
-        feature_step, copy_state(state), lambda: train_steps.shard_batch(next(loader), mesh))
+      feature_step, copy_state(state), lambda: train_steps.shard_batch(next(loader), mesh)
+    )
     first = records[0]
     results["bytes_per_record"] = len(
-        feature_cache.encode_record(first["features"], first["labels"], first["image_id"], first["boxes"]))
+      feature_cache.encode_record(
+        first["features"], first["labels"], first["image_id"], first["boxes"]
+      )
+    )
     results["features_device"], run_seconds = device_resident_rate(
-        copy_state(state), mesh, task, config, FLAGS.num_images, shape, cache_dtype, FLAGS.full_run_epochs)
-    print(f"loader-fed: features (grain, in-memory records) {results['features_loader']:.1f} img/s; "
-          f"device-resident features, gathered per step: {results['features_device']:.1f} img/s", flush=True)
+      copy_state(state),
+      mesh,
+      task,
+      config,
+      FLAGS.num_images,
+      shape,
+      cache_dtype,
+      FLAGS.full_run_epochs,
+    )
+    print(
+      f"loader-fed: features (grain, in-memory records) {results['features_loader']:.1f} img/s; "
+      f"device-resident features, gathered per step: {results['features_device']:.1f} img/s",
+      flush=True,
+    )
     if run_seconds is not None:
-      print(f"full run: {FLAGS.full_run_epochs} epochs x {FLAGS.num_images} images from device-resident features "
-            f"in {run_seconds:.1f} s", flush=True)
+      print(
+        f"full run: {FLAGS.full_run_epochs} epochs x {FLAGS.num_images} images from device-resident features "
+        f"in {run_seconds:.1f} s",
+        flush=True,
+      )
     cache_rate, encode_rate = results["features_loader"], None
   else:
     start = time.perf_counter()
     sources = data_lib.load_data_sources(config)
-    print(f"generated and built {FLAGS.num_images} training JPEGs ({FLAGS.source_size} px) in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(
+      f"generated and built {FLAGS.num_images} training JPEGs ({FLAGS.source_size} px) in "
+      f"{time.perf_counter() - start:.1f} s",
+      flush=True,
+    )
     start = time.perf_counter()
-    cache = feature_cache.ensure(config, sources, state,
-                                 lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]),
-                                 task)
+    cache = feature_cache.ensure(
+      config,
+      sources,
+      state,
+      lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]),
+      task,
+    )
     encode_rate = FLAGS.num_images / (time.perf_counter() - start)
     results["bytes_per_record"] = cache.bytes_per_record()
     image_loader = iter(input_pipeline.create_train_loader(sources["train"], config, task))
     results["images_loader"], _ = timed_rate(
-        image_step, copy_state(state), lambda: train_steps.shard_batch(next(image_loader), mesh))
+      image_step, copy_state(state), lambda: train_steps.shard_batch(next(image_loader), mesh)
+    )
     feature_loader = iter(cache.train_loader(config, task))
     results["features_loader"], _ = timed_rate(
-        feature_step, copy_state(state), lambda: train_steps.shard_batch(next(feature_loader), mesh))
+      feature_step, copy_state(state), lambda: train_steps.shard_batch(next(feature_loader), mesh)
+    )
     print(f"cache build (decode + resize + encoder + write): {encode_rate:.1f} img/s", flush=True)
-    print(f"loader-fed: images (decode + augment + frozen encoder + head) {results['images_loader']:.1f} img/s, "
-          f"cached features {results['features_loader']:.1f} img/s: "
-          f"{results['features_loader'] / results['images_loader']:.2f}x", flush=True)
+    print(
+      f"loader-fed: images (decode + augment + frozen encoder + head) {results['images_loader']:.1f} img/s, "
+      f"cached features {results['features_loader']:.1f} img/s: "
+      f"{results['features_loader'] / results['images_loader']:.2f}x",
+      flush=True,
+    )
     cache_rate = results["features_loader"]
 
-  what = "serialised record, before array_record's framing" if FLAGS.synthetic_features else "on disk"
-  print(f"cache: {results['bytes_per_record'] / 1e3:.0f} KB per image {what} "
-        f"({np.prod(shape)} x {cache_dtype.itemsize} B of features + labels, id, boxes)", flush=True)
+  what = (
+    "serialised record, before array_record's framing" if FLAGS.synthetic_features else "on disk"
+  )
+  print(
+    f"cache: {results['bytes_per_record'] / 1e3:.0f} KB per image {what} "
+    f"({np.prod(shape)} x {cache_dtype.itemsize} B of features + labels, id, boxes)",
+    flush=True,
+  )
   train_seconds = FLAGS.project_epochs * FLAGS.project_train / cache_rate
-  line = (f"full run ({FLAGS.project_encode} images encoded once, {FLAGS.project_epochs} epochs x "
-          f"{FLAGS.project_train} from the cache): ")
+  line = (
+    f"full run ({FLAGS.project_encode} images encoded once, {FLAGS.project_epochs} epochs x "
+    f"{FLAGS.project_train} from the cache): "
+  )
   if encode_rate is not None:
     encode_seconds = FLAGS.project_encode / encode_rate
     image_seconds = FLAGS.project_epochs * FLAGS.project_train / results["images_loader"]
-    line += (f"{(encode_seconds + train_seconds) / 3600:.1f} h (encode {encode_seconds / 3600:.2f} h + train "
-             f"{train_seconds / 3600:.1f} h) against {image_seconds / 3600:.1f} h on the image path; ")
+    line += (
+      f"{(encode_seconds + train_seconds) / 3600:.1f} h (encode {encode_seconds / 3600:.2f} h + train "
+      f"{train_seconds / 3600:.1f} h) against {image_seconds / 3600:.1f} h on the image path; "
+    )
   else:
     line += f"training {train_seconds:.0f} s with the grain loader, "
     line += f"{FLAGS.project_epochs * FLAGS.project_train / results['features_device']:.0f} s device-resident; "

@@ -41,10 +41,14 @@ from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
 from privattnet_jax import train_steps
 
-flags.DEFINE_enum("source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list.")
+flags.DEFINE_enum(
+  "source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list."
+)
 flags.DEFINE_enum("loader", "train", ["train", "eval"], "The train loader, or the eval stream.")
 flags.DEFINE_list("workers", ["0", "2"], "train: grain worker counts to measure.")
-flags.DEFINE_list("threads", [], "eval: decode-thread counts to measure; empty: the default (one per core).")
+flags.DEFINE_list(
+  "threads", [], "eval: decode-thread counts to measure; empty: the default (one per core)."
+)
 flags.DEFINE_integer("image_size", 224, "Train crop size.")
 flags.DEFINE_integer("build_size", 256, "Shorter side of the stored JPEGs.")
 flags.DEFINE_integer("num_images", 512, "Distinct stored images (the epoch).")
@@ -103,14 +107,16 @@ def make_memory_source(num_images: int, shorter: int, quality: int, seed: int) -
     data = photo_like_jpeg(rng, shorter, quality)
     with Image.open(io.BytesIO(data)) as image:
       width, height = image.size
-    records.append({
+    records.append(
+      {
         "image": data,
         "image_id": f"bench_{i:05d}".encode(),
         "labels": labels,
         "height": np.int32(height),
         "width": np.int32(width),
         "boxes": np.zeros((0, 4), np.float32),
-    })
+      }
+    )
   return InMemorySource(records)
 
 
@@ -156,16 +162,18 @@ def machine_busy_seconds() -> float:
 def transform_ceiling(source, config, repeats: int = 2) -> float:
   """Images/s of the transform (train or eval) alone, in this process, on one core."""
   transform = input_pipeline.TrainTransform(
-      image_size=config.image_size,
-      resize_size=input_pipeline.resize_size(config),
-      crop_scale=config.data.crop_scale,
-      crop_ratio=config.data.crop_ratio,
-      preferences=input_pipeline.preferences_from_config(config),
-      pooling=config.score.pooling,
+    image_size=config.image_size,
+    resize_size=input_pipeline.resize_size(config),
+    crop_scale=config.data.crop_scale,
+    crop_ratio=config.data.crop_ratio,
+    preferences=input_pipeline.preferences_from_config(config),
+    pooling=config.score.pooling,
   )
   eval_transform = input_pipeline.EvalTransform(
-      image_size=config.image_size, preferences=input_pipeline.preferences_from_config(config),
-      pooling=config.score.pooling)
+    image_size=config.image_size,
+    preferences=input_pipeline.preferences_from_config(config),
+    pooling=config.score.pooling,
+  )
   records = [source[i] for i in range(len(source))]
   rng = np.random.default_rng(0)
   start = time.perf_counter()
@@ -181,8 +189,15 @@ def transform_ceiling(source, config, repeats: int = 2) -> float:
 def eval_stream(source, config, task, threads: int | None):
   """Eval passes over `source` one after another, as one stream of batches."""
   while True:
-    yield from input_pipeline.create_eval_batches(source, config, task, process_index=0, process_count=1,
-                                                  local_device_count=1, read_threads=threads)
+    yield from input_pipeline.create_eval_batches(
+      source,
+      config,
+      task,
+      process_index=0,
+      process_count=1,
+      local_device_count=1,
+      read_threads=threads,
+    )
 
 
 def measure(source, config, threads: int | None = None) -> tuple[float, float, float]:
@@ -190,8 +205,9 @@ def measure(source, config, threads: int | None = None) -> tuple[float, float, f
   preferences = input_pipeline.preferences_from_config(config)
   task = train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
   if FLAGS.loader == "train":
-    loader = input_pipeline.create_train_loader(source, config, task, process_index=0, process_count=1,
-                                                local_device_count=1)
+    loader = input_pipeline.create_train_loader(
+      source, config, task, process_index=0, process_count=1, local_device_count=1
+    )
   else:
     loader = eval_stream(source, config, task, threads)
   iterator = iter(loader)
@@ -205,7 +221,11 @@ def measure(source, config, threads: int | None = None) -> tuple[float, float, f
   cores_busy = (tree_cpu_seconds() - cpu_start) / elapsed
   machine_busy = (machine_busy_seconds() - machine_start) / elapsed
   del batch, iterator, loader
-  return FLAGS.batches * config.batch_size / elapsed, cores_busy, max(machine_busy - cores_busy, 0.0)
+  return (
+    FLAGS.batches * config.batch_size / elapsed,
+    cores_busy,
+    max(machine_busy - cores_busy, 0.0),
+  )
 
 
 def main(argv):
@@ -213,7 +233,9 @@ def main(argv):
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as root:
     if FLAGS.source == "tfds":
-      source = make_tfds_source(pathlib.Path(root), FLAGS.num_images, FLAGS.build_size, FLAGS.quality, FLAGS.seed)
+      source = make_tfds_source(
+        pathlib.Path(root), FLAGS.num_images, FLAGS.build_size, FLAGS.quality, FLAGS.seed
+      )
     else:
       source = make_memory_source(FLAGS.num_images, FLAGS.build_size, FLAGS.quality, FLAGS.seed)
     run(source, time.perf_counter() - start)
@@ -224,24 +246,30 @@ def run(source, setup_seconds: float) -> None:
   config = default.get_config()
   config.image_size = FLAGS.image_size
   config.batch_size = FLAGS.batch_size
-  print(f"cpus={os.cpu_count()} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-        f"loader={FLAGS.loader} source={FLAGS.source} images={len(source)} (shorter side {FLAGS.build_size} px, mean {mean_kb:.1f} KB, "
-        f"ready in {setup_seconds:.1f} s) crop={config.image_size} "
-        f"resize={input_pipeline.resize_size(config)} batch={config.batch_size}")
+  print(
+    f"cpus={os.cpu_count()} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+    f"loader={FLAGS.loader} source={FLAGS.source} images={len(source)} (shorter side {FLAGS.build_size} px, mean {mean_kb:.1f} KB, "
+    f"ready in {setup_seconds:.1f} s) crop={config.image_size} "
+    f"resize={input_pipeline.resize_size(config)} batch={config.batch_size}"
+  )
   ceiling = transform_ceiling(source, config)
   print(f"transform alone (1 core, no grain): {ceiling:7.1f} img/s  ({1000 / ceiling:.2f} ms/img)")
   if FLAGS.loader == "train":
     settings = [(f"workers={w}", int(w), None) for w in FLAGS.workers]
   else:
-    settings = [(f"threads={t or input_pipeline.decode_threads()}", 0, t)
-                for t in ([int(t) for t in FLAGS.threads] or [None])]
+    settings = [
+      (f"threads={t or input_pipeline.decode_threads()}", 0, t)
+      for t in ([int(t) for t in FLAGS.threads] or [None])
+    ]
   for name, workers, threads in settings:
     config.data.num_workers = workers
     images_per_second, cores_busy, others = measure(source, config, threads)
-    print(f"{name}: {images_per_second:7.1f} img/s  cores busy {cores_busy:4.2f}  "
-          f"per core {images_per_second / max(cores_busy, 1e-9):7.1f} img/s  "
-          f"per available core {images_per_second / os.cpu_count():7.1f} img/s  "
-          f"(other processes: {others:4.2f} cores)")
+    print(
+      f"{name}: {images_per_second:7.1f} img/s  cores busy {cores_busy:4.2f}  "
+      f"per core {images_per_second / max(cores_busy, 1e-9):7.1f} img/s  "
+      f"per available core {images_per_second / os.cpu_count():7.1f} img/s  "
+      f"(other processes: {others:4.2f} cores)"
+    )
   print(f"load_avg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -47,10 +47,23 @@ def _rgb(array) -> Image.Image:
 
 def _backgrounds() -> list[Image.Image]:
   motorcycle = skimage.data.stereo_motorcycle()
-  photos = [skimage.data.astronaut()[300:], skimage.data.cat(), skimage.data.coffee(), skimage.data.rocket(),
-            skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry(), skimage.data.retina(),
-            motorcycle[0], motorcycle[1], skimage.data.brick(), skimage.data.grass(), skimage.data.gravel(),
-            skimage.data.moon(), skimage.data.clock(), skimage.data.camera()[380:]]
+  photos = [
+    skimage.data.astronaut()[300:],
+    skimage.data.cat(),
+    skimage.data.coffee(),
+    skimage.data.rocket(),
+    skimage.data.hubble_deep_field(),
+    skimage.data.immunohistochemistry(),
+    skimage.data.retina(),
+    motorcycle[0],
+    motorcycle[1],
+    skimage.data.brick(),
+    skimage.data.grass(),
+    skimage.data.gravel(),
+    skimage.data.moon(),
+    skimage.data.clock(),
+    skimage.data.camera()[380:],
+  ]
   return [_rgb(photo) for photo in photos]
 
 
@@ -58,11 +71,11 @@ def _objects() -> dict[str, list[Image.Image]]:
   lfw = skimage.data.lfw_subset()  # 100 faces, then 100 non-faces.
   page, text, coins = skimage.data.page(), skimage.data.text(), skimage.data.coins()
   return {
-      "a9_face_complete": [_rgb(face) for face in lfw[:100]],
-      "a26_handwriting": [page],
-      "a103_license_plate_complete": [text],
-      "non_face": [_rgb(patch) for patch in lfw[100:]],
-      "coins": [coins],
+    "a9_face_complete": [_rgb(face) for face in lfw[:100]],
+    "a26_handwriting": [page],
+    "a103_license_plate_complete": [text],
+    "non_face": [_rgb(patch) for patch in lfw[100:]],
+    "coins": [coins],
   }
 
 
@@ -71,14 +84,16 @@ def _patch(rng: np.random.Generator, kind: str, pool: list, side: int) -> Image.
   if isinstance(source, np.ndarray):  # A large photo: a random square crop of it.
     crop = int(rng.uniform(0.25, 0.6) * min(source.shape[:2]))
     top, left = rng.integers(source.shape[0] - crop + 1), rng.integers(source.shape[1] - crop + 1)
-    source = _rgb(source[top:top + crop, left:left + crop])
+    source = _rgb(source[top : top + crop, left : left + crop])
   patch = source.resize((side, side), Image.BILINEAR)
   if rng.random() < 0.5 and kind not in ("a26_handwriting", "a103_license_plate_complete"):
     patch = patch.transpose(Image.FLIP_LEFT_RIGHT)
   return ImageEnhance.Brightness(patch).enhance(rng.uniform(0.8, 1.2))
 
 
-def _image(rng: np.random.Generator, backgrounds, objects) -> tuple[Image.Image, list[str], list[list[float]], list[str]]:
+def _image(
+  rng: np.random.Generator, backgrounds, objects
+) -> tuple[Image.Image, list[str], list[list[float]], list[str]]:
   photo = backgrounds[rng.integers(len(backgrounds))]
   crop = int(rng.uniform(0.4, 1.0) * min(photo.size))
   left, top = rng.integers(photo.size[0] - crop + 1), rng.integers(photo.size[1] - crop + 1)
@@ -88,7 +103,8 @@ def _image(rng: np.random.Generator, backgrounds, objects) -> tuple[Image.Image,
   sensitive = ["a9_face_complete", "a26_handwriting", "a103_license_plate_complete"]
   count = 0 if rng.random() < 0.25 else int(rng.integers(1, 3))
   kinds = list(rng.choice(sensitive, size=count, replace=False)) + [
-      ("non_face", "coins")[int(rng.integers(2))] for _ in range(int(rng.integers(1, 4)))]
+    ("non_face", "coins")[int(rng.integers(2))] for _ in range(int(rng.integers(1, 4)))
+  ]
   placed, labels, boxes, box_labels = [], [], [], []
   for kind in kinds:
     side = int(np.sqrt(rng.uniform(0.02, 0.06)) * SIZE)
@@ -120,8 +136,13 @@ def build(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
       image, labels, boxes, box_labels = _image(rng, backgrounds, objects)
       ident = f"2017_{ID_BASE + split_index * 1_000_000 + index}"
       image.save(out / "images" / split / f"{ident}.jpg", quality=92)
-      annotation = {"id": ident, "image_path": f"images/{split}/{ident}.jpg", "labels": labels,
-                    "boxes": [[round(v, 6) for v in box] for box in boxes], "box_labels": box_labels}
+      annotation = {
+        "id": ident,
+        "image_path": f"images/{split}/{ident}.jpg",
+        "labels": labels,
+        "boxes": [[round(v, 6) for v in box] for box in boxes],
+        "box_labels": box_labels,
+      }
       (out / "annotations" / split / f"{ident}.json").write_text(json.dumps(annotation))
       lines.append(f"annotations/{split}/{ident}.json\n")
     (out / f"{split}.txt").write_text("".join(lines))
@@ -151,8 +172,10 @@ def main() -> None:
     start = time.time()
     train.train_and_evaluate(config, str(workdir))
     metrics = json.loads((workdir / "eval_test.json").read_text())
-    line = (f"{variant}: test L1 {metrics['l1']:.3f} Pearson {metrics['pearson']:.3f} "
-            f"Spearman {metrics['spearman']:.3f} (n={metrics['n']}), {time.time() - start:.0f} s")
+    line = (
+      f"{variant}: test L1 {metrics['l1']:.3f} Pearson {metrics['pearson']:.3f} "
+      f"Spearman {metrics['spearman']:.3f} (n={metrics['n']}), {time.time() - start:.0f} s"
+    )
     if "localisation" in metrics:
       line += f"; localisation {json.dumps(metrics['localisation'])}"
     print(line, flush=True)

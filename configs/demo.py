@@ -26,8 +26,10 @@ def _parse(arg: str) -> tuple[str, str]:
     variant, encoder = "privattnet", "tiny"
   encoder = encoder or "lite0"
   if variant not in VARIANTS or encoder not in ENCODERS:
-    raise ValueError(f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} "
-                     f"(optionally followed by ',tiny'), got {arg!r}")
+    raise ValueError(
+      f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} "
+      f"(optionally followed by ',tiny'), got {arg!r}"
+    )
   return variant, encoder
 
 

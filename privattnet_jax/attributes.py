@@ -61,7 +61,9 @@ def multi_hot(labels: Sequence[str]) -> np.ndarray:
   vector = np.zeros(NUM_ATTRIBUTES, dtype=bool)
   for label in labels:
     if label not in ATTRIBUTE_INDEX:
-      raise KeyError(f"unknown attribute id {label!r} (not among the {NUM_ATTRIBUTES} in attributes.tsv)")
+      raise KeyError(
+        f"unknown attribute id {label!r} (not among the {NUM_ATTRIBUTES} in attributes.tsv)"
+      )
     vector[ATTRIBUTE_INDEX[label]] = True
   return vector
 
@@ -86,7 +88,9 @@ def read_preference_tsv(path: str | pathlib.Path) -> tuple[list[str], np.ndarray
     try:
       row = [float(v) for v in values]
     except ValueError as e:
-      raise ValueError(f"{path}:{line_number}: non-numeric preference for {fields[0]!r}: {e}") from None
+      raise ValueError(
+        f"{path}:{line_number}: non-numeric preference for {fields[0]!r}: {e}"
+      ) from None
     if min(row) < 1 or max(row) > 5:
       raise ValueError(f"{path}:{line_number}: preferences for {fields[0]!r} must lie in 1..5")
     ids.append(fields[0])
@@ -104,13 +108,13 @@ def read_preference_tsv(path: str | pathlib.Path) -> tuple[list[str], np.ndarray
 
 
 def preference_table(
-    source: str = "profiles_mean",
-    *,
-    profile_index: int = 0,
-    preferences_file: str = "",
-    per_profile: bool = False,
-    missing_value: float = 0.0,
-    user_studies_dir: str | pathlib.Path = USER_STUDIES_DIR,
+  source: str = "profiles_mean",
+  *,
+  profile_index: int = 0,
+  preferences_file: str = "",
+  per_profile: bool = False,
+  missing_value: float = 0.0,
+  user_studies_dir: str | pathlib.Path = USER_STUDIES_DIR,
 ) -> np.ndarray:
   """The (68, P) preference matrix in attribute order; row 0 (`a0_safe`) is 0.
 
@@ -131,7 +135,9 @@ def preference_table(
       pass
     elif source == "profile":
       if not 0 <= profile_index < values.shape[1]:
-        raise ValueError(f"score.profile_index must be in 0..{values.shape[1] - 1}, got {profile_index}")
+        raise ValueError(
+          f"score.profile_index must be in 0..{values.shape[1] - 1}, got {profile_index}"
+        )
       values = values[:, [profile_index]]
     else:
       values = values.mean(axis=1, keepdims=True)

@@ -34,7 +34,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 SELECTION_METRIC = "spearman"  # The authors select by Spearman; we select on validation.
-SET_ASIDE_DIR = "checkpoints_set_aside"  # <workdir>/checkpoints_set_aside/<step>-<UTC time>: broken ones.
+SET_ASIDE_DIR = (
+  "checkpoints_set_aside"  # <workdir>/checkpoints_set_aside/<step>-<UTC time>: broken ones.
+)
 
 
 class CheckpointError(ValueError):
@@ -46,27 +48,39 @@ def _selection_value(metrics: dict) -> float:
   return -math.inf if value is None or math.isnan(value) else value
 
 
-def create_manager(workdir: str | pathlib.Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str | pathlib.Path, keep: int, read_only: bool = False
+) -> ocp.CheckpointManager:
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+    [
       ocp.checkpoint_managers.LatestN(n=keep),
       ocp.checkpoint_managers.BestN(
-          get_metric_fn=_selection_value, n=1, keep_checkpoints_without_metrics=False),
-  ])
+        get_metric_fn=_selection_value, n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else policy,
-      best_fn=_selection_value,
-      best_mode="max",
-      read_only=read_only,
-      create=not read_only,
-      enable_async_checkpointing=True,
-      enable_background_delete=not read_only,
+    preservation_policy=None if read_only else policy,
+    best_fn=_selection_value,
+    best_mode="max",
+    read_only=read_only,
+    create=not read_only,
+    enable_async_checkpointing=True,
+    enable_background_delete=not read_only,
   )
   return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any, metadata: dict,
-         metrics: dict | None = None, frozen_encoder: dict | None = None) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iterator: Any,
+  metadata: dict,
+  metrics: dict | None = None,
+  frozen_encoder: dict | None = None,
+) -> None:
   """Starts writing checkpoint `step` and returns (the previous one is completed first).
 
   `frozen_encoder`: what `save_frozen_encoder` returned; the encoder parts it names are left out.
@@ -80,27 +94,38 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
   manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any = None):
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any = None
+):
   """Restores (state, metadata) and, when given one, moves `data_iterator` to the saved position."""
   reference = restore_metadata(manager, step).get("frozen_encoder")
-  abstract_rest, abstract_frozen = _split_frozen(abstract_state, reference["collections"] if reference else ())
+  abstract_rest, abstract_frozen = _split_frozen(
+    abstract_state, reference["collections"] if reference else ()
+  )
   items = {"state": ocp.args.StandardRestore(abstract_rest), "metadata": ocp.args.JsonRestore()}
   if data_iterator is not None:
     if (pathlib.Path(manager.directory) / str(step) / "data_iterator").exists():
       items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
     else:  # Saved with feature_cache.mode='device', whose data position is the step number.
-      logging.warning("checkpoint %d has no input-pipeline position (its run held the features on the devices): "
-                      "the host loader starts a new shuffle from its first batch", step)
+      logging.warning(
+        "checkpoint %d has no input-pipeline position (its run held the features on the devices): "
+        "the host loader starts a new shuffle from its first batch",
+        step,
+      )
   restored = _restore_or_explain(manager, step, ocp.args.Composite(**items))
   state = restored["state"]
   if reference:
-    state = _join_frozen(state, _restore_frozen_encoder(pathlib.Path(manager.directory).parent, reference,
-                                                        abstract_frozen))
+    state = _join_frozen(
+      state,
+      _restore_frozen_encoder(pathlib.Path(manager.directory).parent, reference, abstract_frozen),
+    )
   return state, restored["metadata"]
 
 
 def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
-  return _restore_or_explain(manager, step, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  return _restore_or_explain(manager, step, ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+    "metadata"
+  ]
 
 
 def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
@@ -113,16 +138,23 @@ def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.arg
     broken = check_step(manager, step)
     directory = pathlib.Path(manager.directory) / str(step)
     if broken is None:
-      raise CheckpointError(f"checkpoint {directory} does not fit this run's model or config: "
-                            f"{_one_line(error)}") from error
-    intact = [s for s in sorted(manager.all_steps()) if s != step and check_step(manager, s) is None]
-    raise CheckpointError(f"checkpoint step {step} ({directory}) is corrupt: {broken}; steps that restore: "
-                          f"{intact or 'none'}") from error
+      raise CheckpointError(
+        f"checkpoint {directory} does not fit this run's model or config: {_one_line(error)}"
+      ) from error
+    intact = [
+      s for s in sorted(manager.all_steps()) if s != step and check_step(manager, s) is None
+    ]
+    raise CheckpointError(
+      f"checkpoint step {step} ({directory}) is corrupt: {broken}; steps that restore: "
+      f"{intact or 'none'}"
+    ) from error
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
   """The error's text on one line, without TensorStore's spec dump, cut at `limit` characters."""
-  text = " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+  text = (
+    " ".join(str(error).split(" See full TensorStore details")[0].split()) or type(error).__name__
+  )
   return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -137,14 +169,18 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> str | None:
     if not (directory / item).is_dir():
       return f"its {item}/ folder is missing"
   try:
-    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                  metadata=ocp.args.JsonRestore()))
+    manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()),
+    )
   except Exception as error:  # pylint: disable=broad-except
     return f"{type(error).__name__}: {_one_line(error)}"
   return None
 
 
-def set_aside_unrestorable(manager: ocp.CheckpointManager, workdir: str | pathlib.Path) -> int | None:
+def set_aside_unrestorable(
+  manager: ocp.CheckpointManager, workdir: str | pathlib.Path
+) -> int | None:
   """Before a run resumes: the newest step that restores, after setting aside the newer ones that do not.
 
   Each broken step is renamed into <workdir>/checkpoints_set_aside/ (never deleted), with one
@@ -158,9 +194,15 @@ def set_aside_unrestorable(manager: ocp.CheckpointManager, workdir: str | pathli
     if reason is None:
       break
     if jax.process_count() > 1:
-      raise CheckpointError(f"checkpoint step {step} in {manager.directory} is corrupt: {reason}; move it out of "
-                            "the folder to resume from an earlier step")
-    target = pathlib.Path(workdir) / SET_ASIDE_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+      raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} is corrupt: {reason}; move it out of "
+        "the folder to resume from an earlier step"
+      )
+    target = (
+      pathlib.Path(workdir)
+      / SET_ASIDE_DIR
+      / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     os.rename(pathlib.Path(manager.directory) / str(step), target)
     set_aside.append((step, reason, target))
@@ -169,8 +211,18 @@ def set_aside_unrestorable(manager: ocp.CheckpointManager, workdir: str | pathli
   if set_aside:
     manager.reload()
   for broken, reason, target in set_aside:
-    resume = f"resuming from step {step}" if step is not None else "no earlier step restores: starting afresh"
-    logging.warning("checkpoint step %d does not restore (%s); set aside as %s, %s", broken, reason, target, resume)
+    resume = (
+      f"resuming from step {step}"
+      if step is not None
+      else "no earlier step restores: starting afresh"
+    )
+    logging.warning(
+      "checkpoint step %d does not restore (%s); set aside as %s, %s",
+      broken,
+      reason,
+      target,
+      resume,
+    )
   return step
 
 
@@ -191,19 +243,27 @@ def frozen_collections(encoder_config) -> tuple[str, ...]:
 def _split_frozen(state: Any, collections) -> tuple[Any, dict]:
   """(the state without the encoder entry of `collections`, {collection: that entry})."""
   frozen = {name: getattr(state, name)["encoder"] for name in collections}
-  rest = state.replace(**{name: {key: value for key, value in getattr(state, name).items() if key != "encoder"}
-                          for name in collections})
+  rest = state.replace(
+    **{
+      name: {key: value for key, value in getattr(state, name).items() if key != "encoder"}
+      for name in collections
+    }
+  )
   return rest, frozen
 
 
 def _join_frozen(rest: Any, frozen: dict) -> Any:
-  return rest.replace(**{name: {**getattr(rest, name), "encoder": tree} for name, tree in frozen.items()})
+  return rest.replace(
+    **{name: {**getattr(rest, name), "encoder": tree} for name, tree in frozen.items()}
+  )
 
 
 def _frozen_digest(frozen: dict) -> str:
   """sha256 over the frozen arrays' paths, dtypes, shapes and bytes: the folder's name."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(frozen)[0], key=lambda item: str(item[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_flatten_with_path(frozen)[0], key=lambda item: str(item[0])
+  ):
     array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
     digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
@@ -230,13 +290,17 @@ def save_frozen_encoder(workdir: str | pathlib.Path, state: Any, encoder_config)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(path, frozen)
       checkpointer.wait_until_finished()
-    logging.info("Wrote the frozen encoder (%s) to %s; checkpoints refer to it", "+".join(collections), path)
+    logging.info(
+      "Wrote the frozen encoder (%s) to %s; checkpoints refer to it", "+".join(collections), path
+    )
   return {"sha256": digest, "collections": list(collections)}
 
 
 def _restore_frozen_encoder(workdir: pathlib.Path, reference: dict, abstract_frozen: dict) -> dict:
   path = workdir.absolute() / FROZEN_ENCODER_DIR / reference["sha256"]
   if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: the checkpoints of {workdir} keep their frozen encoder there")
+    raise FileNotFoundError(
+      f"{path} is missing: the checkpoints of {workdir} keep their frozen encoder there"
+    )
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, abstract_frozen)

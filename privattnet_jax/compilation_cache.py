@@ -36,6 +36,6 @@ def environment(directory: str) -> dict[str, str]:
   if not directory:
     return {}
   return {
-      "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(directory).expanduser().absolute()),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(directory).expanduser().absolute()),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   }

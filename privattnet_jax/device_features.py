@@ -46,10 +46,14 @@ _READ_THREADS = 8
 def _local_positions(mesh) -> list[int]:
   """This process's device positions along the (one-axis) mesh, in mesh order; they must be
   contiguous, as `jax.make_array_from_process_local_data` lays a process's rows out."""
-  positions = [k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()]
+  positions = [
+    k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()
+  ]
   if positions != list(range(positions[0], positions[0] + len(positions))):
-    raise ValueError("feature_cache.mode='device' needs each process's devices next to each other "
-                     f"on the mesh; process {jax.process_index()} has positions {positions}")
+    raise ValueError(
+      "feature_cache.mode='device' needs each process's devices next to each other "
+      f"on the mesh; process {jax.process_index()} has positions {positions}"
+    )
   return positions
 
 
@@ -71,22 +75,31 @@ def _read_rows(source, rows: list[list[int]], make_row) -> dict[str, np.ndarray]
   """The rows, read with parallel threads, stacked into one array per key (strings, such as image
   ids, as wide as the longest: a width taken from the first row would cut longer ones)."""
   stream = grain.MapDataset.source(_Rows(source, rows, make_row)).to_iter_dataset(
-      grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=2 * _READ_THREADS))
+    grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=2 * _READ_THREADS)
+  )
   arrays: dict[str, np.ndarray] = {}
   for j, row in enumerate(stream):
     if not arrays:
-      arrays = {key: np.empty((len(rows), *np.shape(value)),
-                              object if np.asarray(value).dtype.kind in "USO" else np.asarray(value).dtype)
-                for key, value in row.items()}
+      arrays = {
+        key: np.empty(
+          (len(rows), *np.shape(value)),
+          object if np.asarray(value).dtype.kind in "USO" else np.asarray(value).dtype,
+        )
+        for key, value in row.items()
+      }
     for key, value in row.items():
       arrays[key][j] = value
-  return {key: value.astype(str) if value.dtype == object else value for key, value in arrays.items()}
+  return {
+    key: value.astype(str) if value.dtype == object else value for key, value in arrays.items()
+  }
 
 
 def _to_device(arrays: dict[str, np.ndarray], mesh, axis: str) -> dict[str, jax.Array]:
   """This process's rows (its devices' blocks, in mesh order) -> global arrays sharded over `axis`."""
   sharding = NamedSharding(mesh, P(axis))
-  return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in arrays.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, value) for key, value in arrays.items()
+  }
 
 
 def _check_fits(num_bytes: int, mesh, what: str) -> None:
@@ -95,14 +108,17 @@ def _check_fits(num_bytes: int, mesh, what: str) -> None:
   limit = (device.memory_stats() or {}).get("bytes_limit")
   if limit and num_bytes > 0.75 * limit:
     raise ValueError(
-        f"feature_cache.mode='device': the {what} take {num_bytes / 2**30:.1f} GiB per device, "
-        f"more than 3/4 of the {limit / 2**30:.1f} GiB of a {device.device_kind}: "
-        "set feature_cache.mode='host' (the host loader reads the same cache), or use more devices "
-        "or a bfloat16 cache")
+      f"feature_cache.mode='device': the {what} take {num_bytes / 2**30:.1f} GiB per device, "
+      f"more than 3/4 of the {limit / 2**30:.1f} GiB of a {device.device_kind}: "
+      "set feature_cache.mode='host' (the host loader reads the same cache), or use more devices "
+      "or a bfloat16 cache"
+    )
 
 
 def _record_shape(cache: feature_cache.FeatureCache) -> tuple[tuple[int, ...], np.dtype]:
-  return tuple(cache.manifest["features"]["shape"]), np.dtype(feature_cache.DTYPES[cache.manifest["features"]["dtype"]])
+  return tuple(cache.manifest["features"]["shape"]), np.dtype(
+    feature_cache.DTYPES[cache.manifest["features"]["dtype"]]
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -113,6 +129,7 @@ def _record_shape(cache: feature_cache.FeatureCache) -> tuple[tuple[int, ...], n
 class TrainSet:
   """The train split on the devices: `arrays` {features (R, V, h, w, D), score (R, P), labels (R, 68),
   valid (R,)}, R = ceil(num_examples / devices) x devices; row block d belongs to device d."""
+
   arrays: dict[str, jax.Array]
   views: int
   num_examples: int
@@ -125,29 +142,49 @@ def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str, task)
   devices = mesh.devices.size
   rows_per_device = -(-num_examples // devices)
   shape, dtype = _record_shape(cache)
-  _check_fits(rows_per_device * views * int(np.prod(shape)) * dtype.itemsize, mesh,
-              f"{num_examples} x {views} cached train views")
+  _check_fits(
+    rows_per_device * views * int(np.prod(shape)) * dtype.itemsize,
+    mesh,
+    f"{num_examples} x {views} cached train views",
+  )
   preferences = task.preferences
 
   def make_row(records):
     if not records:  # Padding, never drawn (see `gather_batch`).
-      return {"features": np.zeros((views, *shape), dtype), "score": np.zeros(preferences.shape[1], np.float32),
-              "labels": np.zeros(len(preferences), np.float32), "valid": False}
+      return {
+        "features": np.zeros((views, *shape), dtype),
+        "score": np.zeros(preferences.shape[1], np.float32),
+        "labels": np.zeros(len(preferences), np.float32),
+        "valid": False,
+      }
     targets = input_pipeline.example_targets(records[0], preferences, task.pooling)
-    return {"features": np.stack([record["features"] for record in records]), "score": targets["score"],
-            "labels": targets["labels"], "valid": True}
+    return {
+      "features": np.stack([record["features"] for record in records]),
+      "score": targets["score"],
+      "labels": targets["labels"],
+      "valid": True,
+    }
 
-  rows = [[example * views + v for v in range(views)] if example < num_examples else []
-          for d in _local_positions(mesh) for example in range(d, rows_per_device * devices, devices)]
+  rows = [
+    [example * views + v for v in range(views)] if example < num_examples else []
+    for d in _local_positions(mesh)
+    for example in range(d, rows_per_device * devices, devices)
+  ]
   start = time.time()
   arrays = _read_rows(cache.source("train"), rows, make_row)
-  logging.info("feature cache: train split on the devices, %d examples x %d views, %.2f GB read in %.1f s",
-               num_examples, views, arrays["features"].nbytes / 1e9, time.time() - start)
+  logging.info(
+    "feature cache: train split on the devices, %d examples x %d views, %.2f GB read in %.1f s",
+    num_examples,
+    views,
+    arrays["features"].nbytes / 1e9,
+    time.time() - start,
+  )
   return TrainSet(_to_device(arrays, mesh, axis), views, num_examples)
 
 
-def gather_batch(arrays: dict, step, *, axis: str, steps_per_epoch: int, local_batch: int, views: int,
-                 seed: int) -> dict:
+def gather_batch(
+  arrays: dict, step, *, axis: str, steps_per_epoch: int, local_batch: int, views: int, seed: int
+) -> dict:
   """This device's share of the batch of global step `step` (0-based), inside shard_map.
 
   Each epoch permutes the device's valid rows afresh (padding rows sort last) and takes the
@@ -155,36 +192,50 @@ def gather_batch(arrays: dict, step, *, axis: str, steps_per_epoch: int, local_b
   device's valid count, so padding is never drawn and no row twice in an epoch.
   """
   epoch, position = step // steps_per_epoch, step % steps_per_epoch
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), jax.lax.axis_index(axis))
+  key = jax.random.fold_in(
+    jax.random.fold_in(jax.random.key(seed), epoch), jax.lax.axis_index(axis)
+  )
   order_key, view_key = jax.random.split(key)
   valid = arrays["valid"]
   order = jnp.argsort(jnp.where(valid, jax.random.uniform(order_key, valid.shape), 2.0))
   rows = jax.lax.dynamic_slice_in_dim(order, position * local_batch, local_batch)
   view = jax.random.randint(jax.random.fold_in(view_key, position), rows.shape, 0, views)
   return {
-      "features": arrays["features"][rows, view],
-      "score": arrays["score"][rows],
-      "labels": arrays["labels"][rows],
-      "mask": jnp.ones(rows.shape, jnp.float32),
+    "features": arrays["features"][rows, view],
+    "score": arrays["score"][rows],
+    "labels": arrays["labels"][rows],
+    "mask": jnp.ones(rows.shape, jnp.float32),
   }
 
 
-def parallel_train_step(mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, config):
+def parallel_train_step(
+  mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, config
+):
   """jit(shard_map) of `step_fn(state, batch)` (the per-device train step) on a batch gathered from
   `train_set.arrays` on the devices: call it as `step(state, train_set.arrays)`."""
   devices = mesh.devices.size
   local_batch = config.batch_size // devices
   if steps_per_epoch * local_batch > train_set.num_examples // devices:
-    raise ValueError(f"{steps_per_epoch} steps of batch {config.batch_size} per epoch exceed the "
-                     f"{train_set.num_examples} cached train examples")
-  gather = functools.partial(gather_batch, axis=axis, steps_per_epoch=steps_per_epoch, local_batch=local_batch,
-                             views=train_set.views, seed=input_pipeline.sampler_seed(config.seed))
+    raise ValueError(
+      f"{steps_per_epoch} steps of batch {config.batch_size} per epoch exceed the "
+      f"{train_set.num_examples} cached train examples"
+    )
+  gather = functools.partial(
+    gather_batch,
+    axis=axis,
+    steps_per_epoch=steps_per_epoch,
+    local_batch=local_batch,
+    views=train_set.views,
+    seed=input_pipeline.sampler_seed(config.seed),
+  )
 
   def step(state, arrays):
     return step_fn(state, gather(arrays, state.step))
 
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P())),
-                 donate_argnums=(0,))
+  return jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P())),
+    donate_argnums=(0,),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -198,6 +249,7 @@ class EvalSet:
   Device d's rows are, batch after batch, its slice [d x b, (d + 1) x b) of each global batch
   (b = B / devices), so slicing rows [i x b, (i + 1) x b) on every device is global batch i.
   """
+
   arrays: dict[str, jax.Array]  # features, score, labels, mask.
   host: dict[str, np.ndarray]  # image_id, boxes, num_boxes by global row (single process only).
   num_batches: int
@@ -207,20 +259,31 @@ class EvalSet:
   def batches(self) -> Iterator[dict[str, Any]]:
     for i in range(self.num_batches):
       rows = slice(i * self.global_batch, (i + 1) * self.global_batch)
-      yield {**self.slice_batch(self.arrays, i), **{key: value[rows] for key, value in self.host.items()}}
+      yield {
+        **self.slice_batch(self.arrays, i),
+        **{key: value[rows] for key, value in self.host.items()},
+      }
 
 
-def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis: str, task) -> EvalSet:
+def load_eval(
+  cache: feature_cache.FeatureCache, split: str, config, mesh, axis: str, task
+) -> EvalSet:
   """Reads this process's share of a cached eval split into the memory of its devices."""
   source = cache.source(split)
   devices, global_batch = mesh.devices.size, config.batch_size
   local_batch = global_batch // devices
   num_batches = input_pipeline.num_eval_batches(len(source), global_batch)
   shape, dtype = _record_shape(cache)
-  _check_fits(num_batches * local_batch * int(np.prod(shape)) * dtype.itemsize, mesh, f"cached {split} split")
+  _check_fits(
+    num_batches * local_batch * int(np.prod(shape)) * dtype.itemsize, mesh, f"cached {split} split"
+  )
   transform = feature_cache.FeatureEvalTransform(
-      features_shape=shape, features_dtype=dtype, image_size=config.image_size,
-      preferences=task.preferences, pooling=task.pooling)
+    features_shape=shape,
+    features_dtype=dtype,
+    image_size=config.image_size,
+    preferences=task.preferences,
+    pooling=task.pooling,
+  )
 
   def make_row(records):
     return transform.map(records[0] if records else {})
@@ -233,17 +296,29 @@ def load_eval(cache: feature_cache.FeatureCache, split: str, config, mesh, axis:
     rows.extend([i] if i < len(source) else [] for i in indices)
   start = time.time()
   arrays = _read_rows(source, rows, make_row)
-  logging.info("feature cache: %s split on the devices, %d records read in %.1f s", split, len(source),
-               time.time() - start)
+  logging.info(
+    "feature cache: %s split on the devices, %d records read in %.1f s",
+    split,
+    len(source),
+    time.time() - start,
+  )
   host_keys = ("image_id", "boxes", "num_boxes")
   host = {}
   if jax.process_count() == 1:  # Back to global row order (device-major within each batch).
-    order = np.arange(len(rows)).reshape(devices, num_batches, local_batch).transpose(1, 0, 2).reshape(-1)
+    order = (
+      np.arange(len(rows)).reshape(devices, num_batches, local_batch).transpose(1, 0, 2).reshape(-1)
+    )
     host = {key: arrays[key][order] for key in host_keys}
-  device_arrays = _to_device({key: value for key, value in arrays.items() if key not in host_keys}, mesh, axis)
+  device_arrays = _to_device(
+    {key: value for key, value in arrays.items() if key not in host_keys}, mesh, axis
+  )
 
   def local_slice(arrays, i):
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * local_batch, local_batch), arrays)
+    return jax.tree_util.tree_map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, i * local_batch, local_batch), arrays
+    )
 
-  slice_batch = jax.jit(jax.shard_map(local_slice, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis)))
+  slice_batch = jax.jit(
+    jax.shard_map(local_slice, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis))
+  )
   return EvalSet(device_arrays, host, num_batches, global_batch, slice_batch)

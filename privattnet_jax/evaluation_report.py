@@ -27,7 +27,9 @@ from privattnet_jax import redact
 from privattnet_jax import report
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
-REDACTION_IMAGES = 48  # Risky images with boxes whose redaction is measured (a few model calls each).
+REDACTION_IMAGES = (
+  48  # Risky images with boxes whose redaction is measured (a few model calls each).
+)
 NOT_METRICS = ("step", "model", "split")  # eval_<split>.json keys that are not metrics.
 
 
@@ -35,11 +37,22 @@ def localisation_summary(extras: Mapping) -> dict | None:
   """Localisation metrics of an attention model on data with boxes; None otherwise."""
   if "attention" not in extras or "num_boxes" not in extras or not np.any(extras["num_boxes"] > 0):
     return None
-  return localisation.localisation_metrics(extras["attention"], extras["boxes"], extras["num_boxes"])
+  return localisation.localisation_metrics(
+    extras["attention"], extras["boxes"], extras["num_boxes"]
+  )
 
 
-def redaction_summary(extras: Mapping, source, infer, *, image_size: int, batch_size: int, model_name: str,
-                      max_images: int = REDACTION_IMAGES, examples: int = REPORT_EXAMPLES):
+def redaction_summary(
+  extras: Mapping,
+  source,
+  infer,
+  *,
+  image_size: int,
+  batch_size: int,
+  model_name: str,
+  max_images: int = REDACTION_IMAGES,
+  examples: int = REPORT_EXAMPLES,
+):
   """Redaction quality (`redact.redaction_quality`) of an attention model on data with boxes.
 
   Measured on up to `max_images` images with boxes, spread evenly over the split, read back from
@@ -52,21 +65,47 @@ def redaction_summary(extras: Mapping, source, infer, *, image_size: int, batch_
   rows = np.flatnonzero(np.asarray(extras["num_boxes"]) > 0)
   if not len(rows):
     return None
-  rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(max_images, len(rows))).round().astype(int))]
+  rows = rows[
+    np.unique(np.linspace(0, len(rows) - 1, min(max_images, len(rows))).round().astype(int))
+  ]
   image_ids = [str(extras["image_id"][i]) for i in rows]
-  pixels = np.stack([redact.model_pixels(input_pipeline.eval_image(_stored_image(source, i, image_id), image_size))
-                     for i, image_id in zip(rows, image_ids)])
-  info = {"model": model_name, "image_size": image_size, "outputs": {"score": None, "attention": None}}
+  pixels = np.stack(
+    [
+      redact.model_pixels(input_pipeline.eval_image(_stored_image(source, i, image_id), image_size))
+      for i, image_id in zip(rows, image_ids)
+    ]
+  )
+  info = {
+    "model": model_name,
+    "image_size": image_size,
+    "outputs": {"score": None, "attention": None},
+  }
   score = redact.scorer(predict.Predictor(info, batch_size, infer))
   grid_shape = heatmaps.infer_grid_shape(np.asarray(extras["attention"]).shape[-1])
-  summary, greedy = redact.redaction_quality(score, pixels, np.asarray(extras["boxes"])[rows],
-                                             np.asarray(extras["num_boxes"])[rows], grid_shape)
+  summary, greedy = redact.redaction_quality(
+    score,
+    pixels,
+    np.asarray(extras["boxes"])[rows],
+    np.asarray(extras["num_boxes"])[rows],
+    grid_shape,
+  )
   panels = []
-  for k in np.argsort(-(greedy.before - greedy.after), kind="stable")[:examples]:  # The largest drops.
+  for k in np.argsort(-(greedy.before - greedy.after), kind="stable")[
+    :examples
+  ]:  # The largest drops.
     after = Image.fromarray(redact.redact_array(pixels[k], greedy.masks[k]))
-    panels.append(redact.before_after_panel(
-        pixels[k], after, redact.mask_regions(greedy.masks[k]), (image_size, image_size),
-        score_before=greedy.before[k], score_after=greedy.after[k], area=float(greedy.areas[k]), title=image_ids[k]))
+    panels.append(
+      redact.before_after_panel(
+        pixels[k],
+        after,
+        redact.mask_regions(greedy.masks[k]),
+        (image_size, image_size),
+        score_before=greedy.before[k],
+        score_after=greedy.after[k],
+        area=float(greedy.areas[k]),
+        title=image_ids[k],
+      )
+    )
   return summary, panels
 
 
@@ -82,7 +121,9 @@ def _stored_image(source, index: int, image_id: str) -> bytes:
   stored_id = record["image_id"]
   stored_id = stored_id.decode("utf-8") if isinstance(stored_id, bytes) else str(stored_id)
   if stored_id != image_id:
-    raise ValueError(f"evaluation row {index} is {image_id!r} but the source holds {stored_id!r} there")
+    raise ValueError(
+      f"evaluation row {index} is {image_id!r} but the source holds {stored_id!r} there"
+    )
   return record["image"]
 
 
@@ -92,8 +133,19 @@ def report_dir(workdir, split: str) -> pathlib.Path:
   return workdir if split == "test" else workdir / f"report_{split}"
 
 
-def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping, extras: Mapping,
-                      predictions, targets, source, examples: int = REPORT_EXAMPLES, redaction_examples=()):
+def write_eval_report(
+  out_dir,
+  *,
+  method_name: str,
+  split: str,
+  summary: Mapping,
+  extras: Mapping,
+  predictions,
+  targets,
+  source,
+  examples: int = REPORT_EXAMPLES,
+  redaction_examples=(),
+):
   """report.md + report.html for one evaluated split (see report.write_report).
 
   `extras` are EvalResult.extras of a single-process evaluation (they hold labels and image ids);
@@ -111,15 +163,36 @@ def write_eval_report(out_dir, *, method_name: str, split: str, summary: Mapping
         panel = image
       else:
         steps = None if step_scores is None else single_column(step_scores[index])  # (T,)
-        panel = heatmaps.attention_panel(image, attention[index], score=predictions[index], step_scores=steps,
-                                         title=image_ids[index])
-      shown.append({"image_id": image_ids[index], "score": predictions[index], "target": targets[index],
-                    "panel": panel, "kind": kind})
+        panel = heatmaps.attention_panel(
+          image,
+          attention[index],
+          score=predictions[index],
+          step_scores=steps,
+          title=image_ids[index],
+        )
+      shown.append(
+        {
+          "image_id": image_ids[index],
+          "score": predictions[index],
+          "target": targets[index],
+          "panel": panel,
+          "kind": kind,
+        }
+      )
   metrics = {k: v for k, v in summary.items() if k not in NOT_METRICS}
   return report.write_report(
-      out_dir, method_name=method_name, metrics=metrics, predictions=predictions, targets=targets,
-      labels=extras["labels"] > 0, examples=shown, localisation=summary.get("localisation"), split=split,
-      redaction=summary.get("redaction"), redaction_examples=redaction_examples)
+    out_dir,
+    method_name=method_name,
+    metrics=metrics,
+    predictions=predictions,
+    targets=targets,
+    labels=extras["labels"] > 0,
+    examples=shown,
+    localisation=summary.get("localisation"),
+    split=split,
+    redaction=summary.get("redaction"),
+    redaction_examples=redaction_examples,
+  )
 
 
 def compare_runs(workdirs: Sequence[str], output, split: str = "test") -> pathlib.Path:
@@ -130,7 +203,9 @@ def compare_runs(workdirs: Sequence[str], output, split: str = "test") -> pathli
   for workdir in workdirs:
     path = pathlib.Path(workdir) / f"eval_{split}.json"
     if not path.is_file():
-      raise FileNotFoundError(f"{path} does not exist: run --mode=evaluate --split={split} on {workdir} first")
+      raise FileNotFoundError(
+        f"{path} does not exist: run --mode=evaluate --split={split} on {workdir} first"
+      )
     metrics = json.loads(path.read_text())
     name = pathlib.Path(workdir).absolute().name
     if metrics.get("model"):

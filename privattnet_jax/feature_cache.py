@@ -62,8 +62,15 @@ MANIFEST_FILENAME = "manifest.json"
 DEFAULT_SUBDIR = "feature_cache"
 SPLITS = ("train", "validation", "test")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-_KEY_FIELDS = ("format", "encoder", "preprocessing", "dataset")  # The manifest's fields a run must match.
-_WRITER_OPTIONS = "group_size:1,uncompressed"  # One record per chunk (random access); features do not compress.
+_KEY_FIELDS = (
+  "format",
+  "encoder",
+  "preprocessing",
+  "dataset",
+)  # The manifest's fields a run must match.
+_WRITER_OPTIONS = (
+  "group_size:1,uncompressed"  # One record per chunk (random access); features do not compress.
+)
 _LOG_EVERY_BATCHES = 20
 
 
@@ -76,14 +83,16 @@ def validate_config(config) -> None:
   cache, encoder = config.feature_cache, config.model.encoder
   if encoder.trainable:
     raise ValueError(
-        "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
-        "a trained encoder's features change at every step, so they cannot be computed once")
+      "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
+      "a trained encoder's features change at every step, so they cannot be computed once"
+    )
   if encoder.batchnorm != "frozen":
     raise ValueError(
-        "a feature cache (feature_cache.mode host or device) needs model.encoder.batchnorm='frozen', "
-        f"got {encoder.batchnorm!r}: with 'update' the encoder's BatchNorm normalises each training "
-        "batch with that batch's own statistics, so an image's features depend on the other images "
-        "in its batch")
+      "a feature cache (feature_cache.mode host or device) needs model.encoder.batchnorm='frozen', "
+      f"got {encoder.batchnorm!r}: with 'update' the encoder's BatchNorm normalises each training "
+      "batch with that batch's own statistics, so an image's features depend on the other images "
+      "in its batch"
+    )
   if cache.dtype not in DTYPES:
     raise ValueError(f"feature_cache.dtype must be one of {tuple(DTYPES)}, got {cache.dtype!r}")
   views = cache.train_views
@@ -117,36 +126,49 @@ def cache_dir(config, sources: Mapping[str, Any]) -> pathlib.Path:
     return pathlib.Path(config.feature_cache.dir).expanduser()
   dataset_dir = _dataset_dir(sources)
   if dataset_dir is None:
-    raise ValueError("the data sources name no dataset folder to put the cache beside: set feature_cache.dir")
+    raise ValueError(
+      "the data sources name no dataset folder to put the cache beside: set feature_cache.dir"
+    )
   return dataset_dir / DEFAULT_SUBDIR
 
 
 def manifest_key(config, sources: Mapping[str, Any], state) -> dict:
   """Everything the cached features depend on; a cache whose manifest differs is rebuilt."""
   cache = config.feature_cache
-  preprocessing = {"image_size": config.image_size, "dtype": cache.dtype, "train_views": cache.train_views}
+  preprocessing = {
+    "image_size": config.image_size,
+    "dtype": cache.dtype,
+    "train_views": cache.train_views,
+  }
   if cache.train_views and "train" in cache.splits:  # What the augmented views depend on.
-    preprocessing.update(resize_size=input_pipeline.resize_size(config), crop_scale=list(config.data.crop_scale),
-                         crop_ratio=list(config.data.crop_ratio), seed=config.seed)
+    preprocessing.update(
+      resize_size=input_pipeline.resize_size(config),
+      crop_scale=list(config.data.crop_scale),
+      crop_ratio=list(config.data.crop_ratio),
+      seed=config.seed,
+    )
   key = {
-      "format": {"name": FORMAT, "version": FORMAT_VERSION},
-      "encoder": {
-          "sha256": encoder_digest(state),
-          "compute_dtype": "bfloat16" if config.half_precision else "float32",
-      },
-      "preprocessing": preprocessing,
-      "dataset": {
-          "data_dir": os.fspath(_dataset_dir(sources) or ""),
-          "num_examples": {split: len(sources[split]) for split in cache.splits},
-      },
+    "format": {"name": FORMAT, "version": FORMAT_VERSION},
+    "encoder": {
+      "sha256": encoder_digest(state),
+      "compute_dtype": "bfloat16" if config.half_precision else "float32",
+    },
+    "preprocessing": preprocessing,
+    "dataset": {
+      "data_dir": os.fspath(_dataset_dir(sources) or ""),
+      "num_examples": {split: len(sources[split]) for split in cache.splits},
+    },
   }
   return json.loads(json.dumps(key))  # As it reads back from the manifest (tuples -> lists).
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
   if isinstance(old, dict) and isinstance(new, dict):
-    return [line for name in sorted(set(old) | set(new))
-            for line in _differences(old.get(name), new.get(name), f"{path}.{name}" if path else name)]
+    return [
+      line
+      for name in sorted(set(old) | set(new))
+      for line in _differences(old.get(name), new.get(name), f"{path}.{name}" if path else name)
+    ]
   return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
@@ -154,23 +176,27 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
 # Records and reading.
 
 
-def encode_record(features: np.ndarray, labels: np.ndarray, image_id: str, boxes: np.ndarray) -> bytes:
-  return msgpack.packb({
+def encode_record(
+  features: np.ndarray, labels: np.ndarray, image_id: str, boxes: np.ndarray
+) -> bytes:
+  return msgpack.packb(
+    {
       "features": np.ascontiguousarray(features).tobytes(),
       "labels": np.asarray(labels, bool).tobytes(),
       "image_id": str(image_id),
       "boxes": np.asarray(boxes, np.float32).tobytes(),
-  })
+    }
+  )
 
 
 def decode_record(data: bytes, shape, dtype) -> dict[str, Any]:
   """A record as a dataset-like dict, with `features` in place of `image` (no copy of the features)."""
   record = msgpack.unpackb(data)
   return {
-      "features": np.frombuffer(record["features"], dtype).reshape(shape),
-      "labels": np.frombuffer(record["labels"], bool),
-      "image_id": record["image_id"],
-      "boxes": np.frombuffer(record["boxes"], np.float32).reshape(-1, 4),
+    "features": np.frombuffer(record["features"], dtype).reshape(shape),
+    "labels": np.frombuffer(record["labels"], bool),
+    "image_id": record["image_id"],
+    "boxes": np.frombuffer(record["boxes"], np.float32).reshape(-1, 4),
   }
 
 
@@ -184,7 +210,9 @@ class CachedSplit:
   def __init__(self, directory: pathlib.Path, split: str, manifest: Mapping[str, Any]):
     entry, layout = manifest["splits"][split], manifest["layout"]
     self._name = f"{directory}/{split}"
-    self._sources = [grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]) for name in entry["files"]]
+    self._sources = [
+      grain.sources.ArrayRecordDataSource([os.fspath(directory / name)]) for name in entry["files"]
+    ]
     self._layout = input_pipeline.ProcessLayout(0, len(self._sources), layout["rows_per_batch"])
     self._length = entry["records"]
     self._shape = tuple(manifest["features"]["shape"])
@@ -211,7 +239,10 @@ class FeatureTrainTransform(grain.transforms.Map):
     self.pooling = str(pooling)
 
   def map(self, element) -> dict[str, np.ndarray]:
-    return {"features": element["features"], **input_pipeline.example_targets(element, self.preferences, self.pooling)}
+    return {
+      "features": element["features"],
+      **input_pipeline.example_targets(element, self.preferences, self.pooling),
+    }
 
 
 class FeatureEvalTransform(input_pipeline.EvalTransform):
@@ -252,16 +283,27 @@ class FeatureCache:
   def train_loader(self, config, task) -> grain.DataLoader:
     transform = FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
     return input_pipeline.create_train_loader(
-        self.source("train"), config, task, transform=transform, views_per_example=self.manifest["splits"]["train"]["views"])
+      self.source("train"),
+      config,
+      task,
+      transform=transform,
+      views_per_example=self.manifest["splits"]["train"]["views"],
+    )
 
   def eval_batches(self, split: str, config, task):
     transform = FeatureEvalTransform(
-        features_shape=self.manifest["features"]["shape"], features_dtype=DTYPES[self.manifest["features"]["dtype"]],
-        image_size=config.image_size, preferences=task.preferences, pooling=task.pooling)
+      features_shape=self.manifest["features"]["shape"],
+      features_dtype=DTYPES[self.manifest["features"]["dtype"]],
+      image_size=config.image_size,
+      preferences=task.preferences,
+      pooling=task.pooling,
+    )
     return input_pipeline.create_eval_batches(self.source(split), config, task, transform=transform)
 
   def bytes_per_record(self) -> float:
-    files = [self.directory / name for entry in self.manifest["splits"].values() for name in entry["files"]]
+    files = [
+      self.directory / name for entry in self.manifest["splits"].values() for name in entry["files"]
+    ]
     records = sum(entry["records"] for entry in self.manifest["splits"].values())
     return sum(path.stat().st_size for path in files) / max(records, 1)
 
@@ -283,7 +325,9 @@ def _stale_reason(directory: pathlib.Path, key: dict) -> str | None:
   if differences:
     return "built from other inputs: " + "; ".join(differences)
   for split, entry in manifest["splits"].items():
-    layout = input_pipeline.ProcessLayout(0, len(entry["files"]), manifest["layout"]["rows_per_batch"])
+    layout = input_pipeline.ProcessLayout(
+      0, len(entry["files"]), manifest["layout"]["rows_per_batch"]
+    )
     for process, name in enumerate(entry["files"]):
       expected = layout.rows_of_process(entry["records"], process)
       try:
@@ -349,14 +393,23 @@ def _file_name(split: str, process: int, process_count: int) -> str:
   return f"{split}-{process:05d}-of-{process_count:05d}.array_record"
 
 
-def _encode_split(directory: pathlib.Path, split: str, config, source, views: int,
-                  encode: Callable[[np.ndarray], jax.Array], task) -> tuple[int, ...] | None:
+def _encode_split(
+  directory: pathlib.Path,
+  split: str,
+  config,
+  source,
+  views: int,
+  encode: Callable[[np.ndarray], jax.Array],
+  task,
+) -> tuple[int, ...] | None:
   """Encodes this process's rows of one split into its file; returns the features' shape."""
   layout = input_pipeline.process_layout(config.batch_size)
   common = dict(image_size=config.image_size, preferences=task.preferences, pooling=task.pooling)
   if views:
     rows = _ViewRows(source, views)
-    transform = _ViewTransform(train_transform=input_pipeline.train_transform(config, task), seed=config.seed, **common)
+    transform = _ViewTransform(
+      train_transform=input_pipeline.train_transform(config, task), seed=config.seed, **common
+    )
   else:
     rows, transform = source, input_pipeline.EvalTransform(**common)
   path = directory / _file_name(split, layout.process_index, layout.process_count)
@@ -364,14 +417,21 @@ def _encode_split(directory: pathlib.Path, split: str, config, source, views: in
   shape, pending, start = None, None, time.time()
   try:
     # The next batch is dispatched before the previous one is fetched and written.
-    for number, batch in enumerate(input_pipeline.create_eval_batches(rows, config, task, transform=transform), 1):
+    for number, batch in enumerate(
+      input_pipeline.create_eval_batches(rows, config, task, transform=transform), 1
+    ):
       features = encode(batch["image"])
       if pending is not None:
         shape = _write_rows(writer, *pending).shape[1:]
       pending = (features, batch)
       if number % _LOG_EVERY_BATCHES == 0:
-        logging.info("feature cache %s: %d / %d rows, %.1f img/s", split, number * layout.global_batch_size,
-                     len(rows), number * layout.global_batch_size / (time.time() - start))
+        logging.info(
+          "feature cache %s: %d / %d rows, %.1f img/s",
+          split,
+          number * layout.global_batch_size,
+          len(rows),
+          number * layout.global_batch_size / (time.time() - start),
+        )
     if pending is not None:
       shape = _write_rows(writer, *pending).shape[1:]
   finally:
@@ -380,8 +440,14 @@ def _encode_split(directory: pathlib.Path, split: str, config, source, views: in
   return shape
 
 
-def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dict,
-           encode: Callable[[np.ndarray], jax.Array], task) -> dict:
+def _build(
+  directory: pathlib.Path,
+  config,
+  sources: Mapping[str, Any],
+  key: dict,
+  encode: Callable[[np.ndarray], jax.Array],
+  task,
+) -> dict:
   directory.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (directory / MANIFEST_FILENAME).unlink(missing_ok=True)
@@ -396,18 +462,18 @@ def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dic
     views = cache.train_views if split == "train" else 0
     shape = _encode_split(directory, split, config, sources[split], views, encode, task) or shape
     splits[split] = {
-        "examples": len(sources[split]),
-        "views": max(views, 1),
-        "augmented": views > 0,
-        "records": len(sources[split]) * max(views, 1),
-        "files": [_file_name(split, p, layout.process_count) for p in range(layout.process_count)],
+      "examples": len(sources[split]),
+      "views": max(views, 1),
+      "augmented": views > 0,
+      "records": len(sources[split]) * max(views, 1),
+      "files": [_file_name(split, p, layout.process_count) for p in range(layout.process_count)],
     }
   manifest = {
-      **key,
-      "features": {"shape": list(shape or ()), "dtype": cache.dtype},
-      "layout": {"process_count": layout.process_count, "rows_per_batch": layout.batch_size},
-      "splits": splits,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    **key,
+    "features": {"shape": list(shape or ()), "dtype": cache.dtype},
+    "layout": {"process_count": layout.process_count, "rows_per_batch": layout.batch_size},
+    "splits": splits,
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   _sync("written")
   if jax.process_index() == 0:
@@ -418,8 +484,9 @@ def _build(directory: pathlib.Path, config, sources: Mapping[str, Any], key: dic
   return manifest
 
 
-def ensure(config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarray], jax.Array],
-           task) -> FeatureCache:
+def ensure(
+  config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarray], jax.Array], task
+) -> FeatureCache:
   """The run's feature cache, built (or rebuilt, saying why) unless a matching one exists.
 
   Args:

@@ -33,8 +33,9 @@ def validate_config(config) -> None:
   replaced = [name for name in _REPLACED_FIELDS if name in cache]
   if replaced:
     raise ValueError(
-        f"feature_cache.{replaced[0]} was replaced by feature_cache.mode: 'off' (no cache), 'host' "
-        "(was enabled=True) or 'device' (was enabled=True with on_device=True)")
+      f"feature_cache.{replaced[0]} was replaced by feature_cache.mode: 'off' (no cache), 'host' "
+      "(was enabled=True) or 'device' (was enabled=True with on_device=True)"
+    )
   if cache.mode not in MODES:
     raise ValueError(f"feature_cache.mode must be one of {MODES}, got {cache.mode!r}")
   if cache.mode != "off":
@@ -55,9 +56,16 @@ class Feed:
   train_set: device_features.TrainSet | None = None  # 'device': the train split on the devices.
 
 
-def select_feed(config, sources: Mapping[str, Any], mesh, task: train_steps.Task, *,
-                steps_per_epoch: int, prepare_cache: Callable[[], feature_cache.FeatureCache],
-                need_train: bool = True) -> Feed:
+def select_feed(
+  config,
+  sources: Mapping[str, Any],
+  mesh,
+  task: train_steps.Task,
+  *,
+  steps_per_epoch: int,
+  prepare_cache: Callable[[], feature_cache.FeatureCache],
+  need_train: bool = True,
+) -> Feed:
   """The run's feed. `prepare_cache()` builds or checks the feature cache (called only when
   `feature_cache.mode` is not 'off'); without `need_train` no train step is made."""
   mode = config.feature_cache.mode
@@ -65,7 +73,9 @@ def select_feed(config, sources: Mapping[str, Any], mesh, task: train_steps.Task
   has_train = cache is not None and cache.has_train()
   eval_sets = {}
   if mode == "device" and cache.has_eval("validation"):
-    eval_sets["validation"] = device_features.load_eval(cache, "validation", config, mesh, train_steps.AXIS, task)
+    eval_sets["validation"] = device_features.load_eval(
+      cache, "validation", config, mesh, train_steps.AXIS, task
+    )
 
   def eval_batches(split: str) -> Iterable[dict]:
     if split in eval_sets:
@@ -79,15 +89,26 @@ def select_feed(config, sources: Mapping[str, Any], mesh, task: train_steps.Task
   if mode == "device" and has_train:
     train_set = device_features.load_train(cache, config, mesh, train_steps.AXIS, task)
     device_step = device_features.parallel_train_step(
-        mesh, train_steps.AXIS, functools.partial(train_steps.train_step, task=task), train_set, steps_per_epoch,
-        config)
-    return Feed(mode, cache, None, lambda state: device_step(state, train_set.arrays), eval_batches, train_set)
+      mesh,
+      train_steps.AXIS,
+      functools.partial(train_steps.train_step, task=task),
+      train_set,
+      steps_per_epoch,
+      config,
+    )
+    return Feed(
+      mode, cache, None, lambda state: device_step(state, train_set.arrays), eval_batches, train_set
+    )
   if has_train:
     loader = cache.train_loader(config, task)
   else:
     loader = input_pipeline.create_train_loader(sources["train"], config, task)
   iterator = iter(loader)
   host_step = train_steps.parallel_train_step(mesh, task)
-  return Feed(mode, cache, iterator,
-              lambda state: host_step(state, train_steps.shard_batch(next(iterator), mesh)), eval_batches)
-
+  return Feed(
+    mode,
+    cache,
+    iterator,
+    lambda state: host_step(state, train_steps.shard_batch(next(iterator), mesh)),
+    eval_batches,
+  )

@@ -26,15 +26,24 @@ from privattnet_jax import input_pipeline
 
 NORMALISATIONS = ("per_map", "global")
 PANEL_SIZE = 256  # Longer side of each heat-map panel tile, in pixels (smaller images keep theirs).
-CAPTION_HEIGHT = 16  # Pixels of the caption strip above the panel's images (and of the title strip).
+CAPTION_HEIGHT = (
+  16  # Pixels of the caption strip above the panel's images (and of the title strip).
+)
 CAPTION_BACKGROUND = (255, 255, 255)
 CAPTION_COLOUR = (0, 0, 0)
 
 # matplotlib's `_jet_data` (lib/matplotlib/_cm.py): per channel, (x, y_below, y_above) anchors.
 _JET_SEGMENTS = {
-    "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
-    "green": ((0.000, 0, 0), (0.125, 0, 0), (0.375, 1, 1), (0.640, 1, 1), (0.910, 0, 0), (1.000, 0, 0)),
-    "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
+  "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
+  "green": (
+    (0.000, 0, 0),
+    (0.125, 0, 0),
+    (0.375, 1, 1),
+    (0.640, 1, 1),
+    (0.910, 0, 0),
+    (1.000, 0, 0),
+  ),
+  "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
 }
 
 
@@ -54,7 +63,9 @@ def _segment_lookup_table(segments: Sequence[tuple[float, float, float]], size: 
 
 def jet_lut() -> np.ndarray:
   """matplotlib's 256-entry jet table, float64 (256, 3) RGB in [0, 1]."""
-  return np.stack([_segment_lookup_table(_JET_SEGMENTS[c], 256) for c in ("red", "green", "blue")], axis=1)
+  return np.stack(
+    [_segment_lookup_table(_JET_SEGMENTS[c], 256) for c in ("red", "green", "blue")], axis=1
+  )
 
 
 JET_LUT = jet_lut()
@@ -80,7 +91,9 @@ def colourise(intensity: np.ndarray) -> np.ndarray:
   return JET_LUT_UINT8[intensity]
 
 
-def infer_grid_shape(num_locations: int, grid_shape: Sequence[int] | None = None) -> tuple[int, int]:
+def infer_grid_shape(
+  num_locations: int, grid_shape: Sequence[int] | None = None
+) -> tuple[int, int]:
   """The attention grid (h, w) for L locations: given, or the square root of L.
 
   Raises:
@@ -90,11 +103,15 @@ def infer_grid_shape(num_locations: int, grid_shape: Sequence[int] | None = None
   if grid_shape is not None:
     height, width = (int(g) for g in grid_shape)
     if height <= 0 or width <= 0 or height * width != num_locations:
-      raise ValueError(f"grid_shape {tuple(grid_shape)} does not hold the attention's L={num_locations} locations")
+      raise ValueError(
+        f"grid_shape {tuple(grid_shape)} does not hold the attention's L={num_locations} locations"
+      )
     return height, width
   side = math.isqrt(num_locations)
   if num_locations <= 0 or side * side != num_locations:
-    raise ValueError(f"attention has L={num_locations} locations, not a square grid: pass grid_shape=(h, w)")
+    raise ValueError(
+      f"attention has L={num_locations} locations, not a square grid: pass grid_shape=(h, w)"
+    )
   return side, side
 
 
@@ -103,7 +120,9 @@ def _check_attention(attention) -> np.ndarray:
   if attention.ndim != 2:
     raise ValueError(f"attention must be (T, L), one row per step; got shape {attention.shape}")
   if attention.shape[0] == 0 or attention.shape[1] == 0:
-    raise ValueError(f"attention must have at least one step and one location; got shape {attention.shape}")
+    raise ValueError(
+      f"attention must have at least one step and one location; got shape {attention.shape}"
+    )
   if not np.all(np.isfinite(attention)):
     raise ValueError("attention holds non-finite values")
   return attention
@@ -133,12 +152,18 @@ def normalise_attention(attention, normalisation: str = "per_map") -> np.ndarray
   else:
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
   shifted = attention - low
-  return np.divide(shifted, span, out=np.zeros_like(shifted), where=np.broadcast_to(span, shifted.shape) > 0)
+  return np.divide(
+    shifted, span, out=np.zeros_like(shifted), where=np.broadcast_to(span, shifted.shape) > 0
+  )
 
 
 def attention_intensity(
-    attention, image_size: tuple[int, int], grid_shape: Sequence[int] | None = None, *,
-    normalisation: str = "per_map") -> np.ndarray:
+  attention,
+  image_size: tuple[int, int],
+  grid_shape: Sequence[int] | None = None,
+  *,
+  normalisation: str = "per_map",
+) -> np.ndarray:
   """The heat maps before colouring: (T, H, W) uint8, each grid map upsampled to image_size.
 
   Args:
@@ -166,8 +191,8 @@ def blend(image: np.ndarray, overlay: np.ndarray, weight: float = 0.5) -> np.nda
 
 
 def attention_overlays(
-    image, attention, grid_shape: Sequence[int] | None = None, *,
-    normalisation: str = "per_map") -> list[np.ndarray]:
+  image, attention, grid_shape: Sequence[int] | None = None, *, normalisation: str = "per_map"
+) -> list[np.ndarray]:
   """One (H, W, 3) uint8 overlay per step: jet heat map blended 50/50 with the image.
 
   Args:
@@ -179,7 +204,9 @@ def attention_overlays(
       min-max over all steps of the image, so steps compare in strength).
   """
   image = _check_image(image)
-  intensities = attention_intensity(attention, image.shape[:2], grid_shape, normalisation=normalisation)
+  intensities = attention_intensity(
+    attention, image.shape[:2], grid_shape, normalisation=normalisation
+  )
   return [blend(image, colourise(intensity)) for intensity in intensities]
 
 
@@ -188,9 +215,15 @@ def _format_score(score: float) -> str:
 
 
 def attention_panel(
-    image, attention, grid_shape: Sequence[int] | None = None, *,
-    score: float | None = None, step_scores: Sequence[float] | None = None,
-    normalisation: str = "per_map", title: str | None = None) -> Image.Image:
+  image,
+  attention,
+  grid_shape: Sequence[int] | None = None,
+  *,
+  score: float | None = None,
+  step_scores: Sequence[float] | None = None,
+  normalisation: str = "per_map",
+  title: str | None = None,
+) -> Image.Image:
   """The image and one overlay per step side by side, labelled, as an RGB PIL image.
 
   Layout: an optional title strip, then a caption strip, then the images, each

@@ -73,11 +73,11 @@ def preferences_from_config(config) -> np.ndarray:
   """The (68, P) preference table that `config.score` selects (P = 1, or 30 per profile)."""
   score = config.score
   return attributes.preference_table(
-      score.source,
-      profile_index=score.profile_index,
-      preferences_file=score.preferences_file,
-      per_profile=score.per_profile,
-      missing_value=score.missing_value,
+    score.source,
+    profile_index=score.profile_index,
+    preferences_file=score.preferences_file,
+    per_profile=score.per_profile,
+    missing_value=score.missing_value,
   )
 
 
@@ -103,9 +103,9 @@ def example_targets(element, preferences: np.ndarray, pooling: str) -> dict[str,
   """A real example's `score`, `labels` and `mask`: every batch's keys beside the model input."""
   labels = _labels(element)
   return {
-      "score": attributes.privacy_score(labels, preferences, pooling),
-      "labels": labels.astype(np.float32),
-      "mask": np.float32(1.0),
+    "score": attributes.privacy_score(labels, preferences, pooling),
+    "labels": labels.astype(np.float32),
+    "mask": np.float32(1.0),
   }
 
 
@@ -113,8 +113,8 @@ def _labels(record) -> np.ndarray:
   labels = np.asarray(record["labels"], dtype=bool)
   if labels.shape != (attributes.NUM_ATTRIBUTES,):
     raise ValueError(
-        f"record {record.get('image_id')!r}: labels have shape {labels.shape}, "
-        f"expected ({attributes.NUM_ATTRIBUTES},)"
+      f"record {record.get('image_id')!r}: labels have shape {labels.shape}, "
+      f"expected ({attributes.NUM_ATTRIBUTES},)"
     )
   return labels
 
@@ -176,11 +176,11 @@ def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def random_resized_crop_box(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  scale: Sequence[float] = (0.08, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
 ) -> tuple[int, int, int, int]:
   """torchvision's `RandomResizedCrop.get_params`: (top, left, height, width) of the crop.
 
@@ -212,13 +212,13 @@ def random_resized_crop_box(
 
 
 def train_image(
-    data: bytes,
-    rng: np.random.Generator,
-    *,
-    image_size: int,
-    resize_size: int,
-    crop_scale: Sequence[float] = (0.08, 1.0),
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+  data: bytes,
+  rng: np.random.Generator,
+  *,
+  image_size: int,
+  resize_size: int,
+  crop_scale: Sequence[float] = (0.08, 1.0),
+  crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
 ) -> np.ndarray:
   """Encoded image -> float32 (S, S, 3): resize to R x R, random resized crop to S, flip, normalise.
 
@@ -259,12 +259,12 @@ class TrainTransform(grain.transforms.RandomMap):
   def image(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
     """One augmented view of encoded image bytes (also the feature cache's train views)."""
     return train_image(
-        data,
-        rng,
-        image_size=self.image_size,
-        resize_size=self.resize_size,
-        crop_scale=self.crop_scale,
-        crop_ratio=self.crop_ratio,
+      data,
+      rng,
+      image_size=self.image_size,
+      resize_size=self.resize_size,
+      crop_scale=self.crop_scale,
+      crop_ratio=self.crop_ratio,
     )
 
   def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -296,28 +296,30 @@ class EvalTransform(grain.transforms.Map):
     num_outputs = self.preferences.shape[1]
     if not element:
       return {
-          self.input_key: self.padding_input(),
-          "score": np.zeros((num_outputs,), np.float32),
-          "labels": np.zeros((attributes.NUM_ATTRIBUTES,), np.float32),
-          "mask": np.float32(0.0),
-          "image_id": np.str_(""),
-          "boxes": np.zeros((MAX_BOXES, 4), np.float32),
-          "num_boxes": np.int32(0),
+        self.input_key: self.padding_input(),
+        "score": np.zeros((num_outputs,), np.float32),
+        "labels": np.zeros((attributes.NUM_ATTRIBUTES,), np.float32),
+        "mask": np.float32(0.0),
+        "image_id": np.str_(""),
+        "boxes": np.zeros((MAX_BOXES, 4), np.float32),
+        "num_boxes": np.int32(0),
       }
     image_id = element["image_id"]
     if isinstance(image_id, bytes):
       image_id = image_id.decode("utf-8")
     boxes = np.asarray(element.get("boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
     if len(boxes) > MAX_BOXES:
-      raise ValueError(f"record {image_id!r} has {len(boxes)} boxes; eval batches hold at most {MAX_BOXES}")
+      raise ValueError(
+        f"record {image_id!r} has {len(boxes)} boxes; eval batches hold at most {MAX_BOXES}"
+      )
     padded_boxes = np.zeros((MAX_BOXES, 4), np.float32)
     padded_boxes[: len(boxes)] = boxes
     return {
-        self.input_key: self.model_input(element),
-        **example_targets(element, self.preferences, self.pooling),
-        "image_id": np.str_(image_id),
-        "boxes": padded_boxes,
-        "num_boxes": np.int32(len(boxes)),
+      self.input_key: self.model_input(element),
+      **example_targets(element, self.preferences, self.pooling),
+      "image_id": np.str_(image_id),
+      "boxes": padded_boxes,
+      "num_boxes": np.int32(len(boxes)),
     }
 
 
@@ -361,11 +363,11 @@ class ProcessLayout:
 
 
 def process_layout(
-    global_batch_size: int,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
+  global_batch_size: int,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  local_device_count: int | None = None,
 ) -> ProcessLayout:
   """Splits the global batch across processes; None: ask JAX (tests pass explicit values)."""
   if process_index is None or process_count is None or local_device_count is None:
@@ -373,19 +375,21 @@ def process_layout(
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
+    local_device_count = (
+      jax.local_device_count() if local_device_count is None else local_device_count
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f"batch_size {global_batch_size} (global) must be a positive multiple of the "
-        f"process count {process_count}"
+      f"batch_size {global_batch_size} (global) must be a positive multiple of the "
+      f"process count {process_count}"
     )
   batch_size = global_batch_size // process_count
   if batch_size % local_device_count:
     raise ValueError(
-        f"the per-process batch {batch_size} (batch_size {global_batch_size} / {process_count} "
-        f"processes) must be divisible by the {local_device_count} local devices"
+      f"the per-process batch {batch_size} (batch_size {global_batch_size} / {process_count} "
+      f"processes) must be divisible by the {local_device_count} local devices"
     )
   return ProcessLayout(process_index, process_count, batch_size)
 
@@ -407,16 +411,16 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 
 def create_train_loader(
-    source,
-    config,
-    task,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
-    num_epochs: int | None = None,
-    transform: grain.transforms.Map | grain.transforms.RandomMap | None = None,
-    views_per_example: int = 1,
+  source,
+  config,
+  task,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  local_device_count: int | None = None,
+  num_epochs: int | None = None,
+  transform: grain.transforms.Map | grain.transforms.RandomMap | None = None,
+  views_per_example: int = 1,
 ) -> grain.DataLoader:
   """The train loader over `source`; iterate it for per-process batches (design.md, Batches).
 
@@ -439,10 +443,10 @@ def create_train_loader(
   stream), so keep the worker count when resuming.
   """
   layout = process_layout(
-      config.batch_size,
-      process_index=process_index,
-      process_count=process_count,
-      local_device_count=local_device_count,
+    config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    local_device_count=local_device_count,
   )
   if config.data.num_workers > 0:
     _ensure_flags_parsed()
@@ -450,28 +454,30 @@ def create_train_loader(
     raise ValueError(f"{len(source)} records are not {views_per_example} views per example")
   num_examples = len(source) // views_per_example
   if num_examples < layout.process_count:
-    raise ValueError(f"{num_examples} examples cannot be sharded across {layout.process_count} processes")
+    raise ValueError(
+      f"{num_examples} examples cannot be sharded across {layout.process_count} processes"
+    )
   shard_options = grain.sharding.ShardOptions(
-      shard_index=layout.process_index, shard_count=layout.process_count, drop_remainder=True
+    shard_index=layout.process_index, shard_count=layout.process_count, drop_remainder=True
   )
   sampler = grain.samplers.IndexSampler(
-      num_records=num_examples,
-      shard_options=shard_options,
-      shuffle=True,
-      num_epochs=num_epochs,
-      seed=sampler_seed(config.seed),
+    num_records=num_examples,
+    shard_options=shard_options,
+    shuffle=True,
+    num_epochs=num_epochs,
+    seed=sampler_seed(config.seed),
   )
   if views_per_example > 1:
     sampler = ViewSampler(sampler, views_per_example, sampler_seed(config.seed))
   batch = grain.transforms.Batch(layout.batch_size, drop_remainder=True)
   return grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=[transform or train_transform(config, task), batch],
-      worker_count=config.data.num_workers,
-      worker_buffer_size=config.data.prefetch_buffer_size,
-      shard_options=shard_options,
-      read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
+    data_source=source,
+    sampler=sampler,
+    operations=[transform or train_transform(config, task), batch],
+    worker_count=config.data.num_workers,
+    worker_buffer_size=config.data.prefetch_buffer_size,
+    shard_options=shard_options,
+    read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
   )
 
 
@@ -479,12 +485,12 @@ def train_transform(config, task) -> TrainTransform:
   """The image train transform (decode, random resized crop, flip, normalise) of a full config,
   scoring with `task`'s preference table and pooling."""
   return TrainTransform(
-      image_size=config.image_size,
-      resize_size=resize_size(config),
-      crop_scale=config.data.crop_scale,
-      crop_ratio=config.data.crop_ratio,
-      preferences=task.preferences,
-      pooling=task.pooling,
+    image_size=config.image_size,
+    resize_size=resize_size(config),
+    crop_scale=config.data.crop_scale,
+    crop_ratio=config.data.crop_ratio,
+    preferences=task.preferences,
+    pooling=task.pooling,
   )
 
 
@@ -506,9 +512,11 @@ class ViewSampler:
 
   def __getitem__(self, index: int) -> grain.RecordMetadata:
     metadata = self._sampler[index]
-    view = int(np.random.SeedSequence([self._seed, metadata.index]).generate_state(1)[0]) % self._views
+    view = (
+      int(np.random.SeedSequence([self._seed, metadata.index]).generate_state(1)[0]) % self._views
+    )
     return grain.RecordMetadata(
-        index=metadata.index, record_key=metadata.record_key * self._views + view, rng=metadata.rng
+      index=metadata.index, record_key=metadata.record_key * self._views + view, rng=metadata.rng
     )
 
   def __repr__(self) -> str:
@@ -541,16 +549,16 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 
 def create_eval_batches(
-    source,
-    config,
-    task,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
-    batch_size: int | None = None,
-    transform: EvalTransform | None = None,
-    read_threads: int | None = None,
+  source,
+  config,
+  task,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  local_device_count: int | None = None,
+  batch_size: int | None = None,
+  transform: EvalTransform | None = None,
+  read_threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `source` in per-process batches, the last padded with `mask` 0.
 
@@ -564,16 +572,16 @@ def create_eval_batches(
   the first `next`.
   """
   layout = process_layout(
-      config.batch_size if batch_size is None else batch_size,
-      process_index=process_index,
-      process_count=process_count,
-      local_device_count=local_device_count,
+    config.batch_size if batch_size is None else batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    local_device_count=local_device_count,
   )
   rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
   transform = transform or EvalTransform(
-      image_size=config.image_size,
-      preferences=task.preferences,
-      pooling=task.pooling,
+    image_size=config.image_size,
+    preferences=task.preferences,
+    pooling=task.pooling,
   )
   dataset = grain.MapDataset.source(rows).map(transform)
   copy = config.data.num_workers > 0
@@ -581,13 +589,14 @@ def create_eval_batches(
     # Workers take whole batches in turn, so the order and the batch shapes do not
     # depend on the worker count; each assembles its batches in two read threads.
     stream = dataset.batch(layout.batch_size).to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+    )
     _ensure_flags_parsed()
     stream = stream.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=config.data.num_workers,
-            per_worker_buffer_size=config.data.prefetch_buffer_size,
-        )
+      grain.MultiprocessingOptions(
+        num_workers=config.data.num_workers,
+        per_worker_buffer_size=config.data.prefetch_buffer_size,
+      )
     )
   else:
     # Rows are decoded and resized in one read thread per core (PIL works without
@@ -595,7 +604,8 @@ def create_eval_batches(
     # passes run at the host's decode rate while the device computes.
     threads = decode_threads() if read_threads is None else read_threads
     stream = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)).batch(layout.batch_size)
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    ).batch(layout.batch_size)
   return _iterate_and_close(stream, copy) if len(rows) else iter(())
 
 
@@ -619,7 +629,7 @@ def _ensure_flags_parsed() -> None:
   """grain reads an absl flag when it starts workers; unparsed flags would raise there."""
   if not flags.FLAGS.is_parsed():
     logging.warning(
-        "absl flags are not parsed; marking them parsed with their defaults so that grain "
-        "can start its workers (parse flags first, e.g. with absl.app.run)."
+      "absl flags are not parsed; marking them parsed with their defaults so that grain "
+      "can start its workers (parse flags first, e.g. with absl.app.run)."
     )
     flags.FLAGS.mark_as_parsed()

@@ -40,7 +40,9 @@ def _check_inputs(attention, boxes, num_boxes):
   if boxes.ndim != 3 or boxes.shape[0] != num_images or boxes.shape[2] != 4:
     raise ValueError(f"boxes must be (N={num_images}, MAX_BOXES, 4); got shape {boxes.shape}")
   if num_boxes.shape != (num_images,) or not np.issubdtype(num_boxes.dtype, np.integer):
-    raise ValueError(f"num_boxes must be integer (N={num_images},); got {num_boxes.dtype} {num_boxes.shape}")
+    raise ValueError(
+      f"num_boxes must be integer (N={num_images},); got {num_boxes.dtype} {num_boxes.shape}"
+    )
   if np.any(num_boxes < 0) or np.any(num_boxes > boxes.shape[1]):
     raise ValueError(f"num_boxes must lie in 0..{boxes.shape[1]} (MAX_BOXES)")
   if not np.all(np.isfinite(attention)):
@@ -55,7 +57,9 @@ def _check_inputs(attention, boxes, num_boxes):
   return attention, np.clip(boxes, 0.0, 1.0), num_boxes.astype(np.int64), valid
 
 
-def _covered_areas(boxes: np.ndarray, valid: np.ndarray, grid_size: int, low: int, high: int) -> tuple:
+def _covered_areas(
+  boxes: np.ndarray, valid: np.ndarray, grid_size: int, low: int, high: int
+) -> tuple:
   """Splits one axis into intervals that no cell edge or box edge crosses.
 
   Returns the intervals' (N, K) lengths, midpoints and (N, K, grid_size)
@@ -75,14 +79,19 @@ def _covered_areas(boxes: np.ndarray, valid: np.ndarray, grid_size: int, low: in
 
 def _inside_any(y: np.ndarray, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """(N, A, B) whether point (y[n, a], x[n, b]) lies in any valid box of image n (edges included)."""
-  in_y = (y[:, :, None] >= boxes[:, None, :, 0]) & (y[:, :, None] <= boxes[:, None, :, 2])  # (N, A, M)
-  in_x = (x[:, :, None] >= boxes[:, None, :, 1]) & (x[:, :, None] <= boxes[:, None, :, 3])  # (N, B, M)
+  in_y = (y[:, :, None] >= boxes[:, None, :, 0]) & (
+    y[:, :, None] <= boxes[:, None, :, 2]
+  )  # (N, A, M)
+  in_x = (x[:, :, None] >= boxes[:, None, :, 1]) & (
+    x[:, :, None] <= boxes[:, None, :, 3]
+  )  # (N, B, M)
   in_y &= valid[:, None, :]
   return np.einsum("nam,nbm->nab", in_y.astype(np.int32), in_x.astype(np.int32)) > 0
 
 
 def localisation_per_image(
-    attention, boxes, num_boxes, grid_shape: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  attention, boxes, num_boxes, grid_shape: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
   """Per-image localisation values; images without boxes get zeros and has_boxes False.
 
   Args:
@@ -104,31 +113,35 @@ def localisation_per_image(
   x_lengths, x_mid, x_cell = _covered_areas(boxes, valid, grid_width, 1, 3)
   inside = _inside_any(y_mid, x_mid, boxes, valid)
   inside_area = inside * y_lengths[:, :, None] * x_lengths[:, None, :]  # (N, Ky, Kx)
-  covered = np.einsum("nah,nab,nbw->nhw", y_cell, inside_area, x_cell)  # (N, h, w) area in each cell
+  covered = np.einsum(
+    "nah,nab,nbw->nhw", y_cell, inside_area, x_cell
+  )  # (N, h, w) area in each cell
   cell_area = 1.0 / (grid_height * grid_width)
   coverage = np.clip(covered / cell_area, 0.0, 1.0).reshape(num_images, num_locations)
 
   mass_inside = np.einsum("ntl,nl->nt", attention, coverage)
   box_area = covered.reshape(num_images, -1).sum(axis=1)
 
-  centre_y = np.broadcast_to((np.arange(grid_height) + 0.5) / grid_height, (num_images, grid_height))
+  centre_y = np.broadcast_to(
+    (np.arange(grid_height) + 0.5) / grid_height, (num_images, grid_height)
+  )
   centre_x = np.broadcast_to((np.arange(grid_width) + 0.5) / grid_width, (num_images, grid_width))
   centre_inside = _inside_any(centre_y, centre_x, boxes, valid).reshape(num_images, num_locations)
   peak = np.argmax(attention, axis=2)  # (N, T), first maximum on ties
   pointing_hit = np.take_along_axis(centre_inside, peak, axis=1)
 
   return {
-      "mass_inside": mass_inside,
-      "box_area": box_area,
-      "pointing_hit": pointing_hit,
-      "pointing_chance": centre_inside.mean(axis=1),
-      "has_boxes": num_boxes > 0,
+    "mass_inside": mass_inside,
+    "box_area": box_area,
+    "pointing_hit": pointing_hit,
+    "pointing_chance": centre_inside.mean(axis=1),
+    "has_boxes": num_boxes > 0,
   }
 
 
 def localisation_metrics(
-    attention, boxes, num_boxes, grid_shape: Sequence[int] | None = None, *,
-    mask=None) -> dict:
+  attention, boxes, num_boxes, grid_shape: Sequence[int] | None = None, *, mask=None
+) -> dict:
   """Split-level localisation: per-step averages over the images that have boxes.
 
   Args:
@@ -159,10 +172,10 @@ def localisation_metrics(
     return [float(v) for v in average] if values.ndim == 2 else float(average)
 
   return {
-      "mass_inside": mean(per_image["mass_inside"]),
-      "box_area": mean(per_image["box_area"]),
-      "pointing_game": mean(per_image["pointing_hit"]),
-      "pointing_chance": mean(per_image["pointing_chance"]),
-      "num_images": num_scored,
-      "num_without_boxes": int((keep & ~per_image["has_boxes"]).sum()),
+    "mass_inside": mean(per_image["mass_inside"]),
+    "box_area": mean(per_image["box_area"]),
+    "pointing_game": mean(per_image["pointing_hit"]),
+    "pointing_chance": mean(per_image["pointing_chance"]),
+    "num_images": num_scored,
+    "num_without_boxes": int((keep & ~per_image["has_boxes"]).sum()),
   }

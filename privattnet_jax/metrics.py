@@ -20,11 +20,19 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
   if predictions.shape != targets.shape:
     raise ValueError(f"predictions {predictions.shape} and targets {targets.shape} differ")
   errors = predictions - targets
-  result = {"l1": float(np.abs(errors).mean()), "mse": float(np.square(errors).mean()), "n": int(targets.size)}
+  result = {
+    "l1": float(np.abs(errors).mean()),
+    "mse": float(np.square(errors).mean()),
+    "n": int(targets.size),
+  }
   constant = np.ptp(predictions) == 0 or np.ptp(targets) == 0
   # A constant column has no correlation; report NaN rather than a scipy warning.
-  result["pearson"] = float("nan") if constant else float(scipy.stats.pearsonr(predictions, targets).statistic)
-  result["spearman"] = float("nan") if constant else float(scipy.stats.spearmanr(predictions, targets).statistic)
+  result["pearson"] = (
+    float("nan") if constant else float(scipy.stats.pearsonr(predictions, targets).statistic)
+  )
+  result["spearman"] = (
+    float("nan") if constant else float(scipy.stats.spearmanr(predictions, targets).statistic)
+  )
   return result
 
 
@@ -38,7 +46,9 @@ def score_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
   targets = np.asarray(targets).reshape(len(targets), -1)
   if predictions.shape[1] == 1:
     return regression_metrics(predictions[:, 0], targets[:, 0])
-  per_profile = [regression_metrics(predictions[:, p], targets[:, p]) for p in range(predictions.shape[1])]
+  per_profile = [
+    regression_metrics(predictions[:, p], targets[:, p]) for p in range(predictions.shape[1])
+  ]
   result = {k: float(np.mean([m[k] for m in per_profile])) for k in REGRESSION_METRICS}
   result["n"] = int(len(targets))
   result["per_profile"] = per_profile

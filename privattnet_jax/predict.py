@@ -86,6 +86,7 @@ class Predictor:
   B = `batch_size` and a (B,) mask to numpy outputs (`score`, and `step_scores`, `attention`,
   `attribute_probabilities` where the model has them).
   """
+
   info: dict
   batch_size: int
   infer: Callable[[np.ndarray, np.ndarray], dict]
@@ -125,7 +126,9 @@ def check_config(given, stored: dict) -> None:
   def compare(prefix, a, b):
     if isinstance(a, dict) and isinstance(b, dict):
       for key in sorted(set(a) | set(b)):
-        compare(f"{prefix}.{key}" if prefix else key, a.get(key, "<absent>"), b.get(key, "<absent>"))
+        compare(
+          f"{prefix}.{key}" if prefix else key, a.get(key, "<absent>"), b.get(key, "<absent>")
+        )
     elif a != b and prefix not in _INITIALISATION_FIELDS:
       differences.append(f"{prefix}: --config has {a!r}, the checkpoint {b!r}")
 
@@ -133,8 +136,11 @@ def check_config(given, stored: dict) -> None:
     compare(field, given.get(field, "<absent>"), stored.get(field, "<absent>"))
   if differences:
     raise PredictError(
-        "the given config does not describe the checkpoint's model (" + "; ".join(differences) + "). Predict "
-        "and export use the checkpoint's own config: drop --config, or give the same overrides as in training.")
+      "the given config does not describe the checkpoint's model ("
+      + "; ".join(differences)
+      + "). Predict "
+      "and export use the checkpoint's own config: drop --config, or give the same overrides as in training."
+    )
 
 
 def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
@@ -147,31 +153,34 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
     steps, num_locations = output_shapes["attention"].shape[1:]
     grid_shape = list(heatmaps.infer_grid_shape(num_locations))  # Square images give square grids.
   info = {
-      "format": EXPORT_FORMAT,
-      "model": config["model"]["name"],
-      "kind": task.kind,
-      "step": int(step),
-      "image_size": image_size,
-      "max_side": builder_max_side(config),
-      "image_mean": input_pipeline.IMAGENET_MEAN.tolist(),
-      "image_std": input_pipeline.IMAGENET_STD.tolist(),
-      "input": {"shape": ["batch", image_size, image_size, 3], "dtype": "float32",
-                "description": "RGB resized to image_size squared (bilinear), (pixel / 255 - mean) / std"},
-      "outputs": outputs,
-      "grid_shape": grid_shape,
-      "steps": steps,
-      "target_mean": np.asarray(task.target_mean, np.float64).tolist(),
-      "num_scores": int(output_shapes["score"].shape[1]),
-      "score": _normalised(config["score"]),
-      # (68, P) in attributes.tsv order: the preferences the score column(s) were defined with;
-      # attribute models pool their probabilities with it.
-      "preferences": np.asarray(task.preferences, np.float64).tolist(),
-      "attribute_ids": None,
-      "config": _normalised(config),
+    "format": EXPORT_FORMAT,
+    "model": config["model"]["name"],
+    "kind": task.kind,
+    "step": int(step),
+    "image_size": image_size,
+    "max_side": builder_max_side(config),
+    "image_mean": input_pipeline.IMAGENET_MEAN.tolist(),
+    "image_std": input_pipeline.IMAGENET_STD.tolist(),
+    "input": {
+      "shape": ["batch", image_size, image_size, 3],
+      "dtype": "float32",
+      "description": "RGB resized to image_size squared (bilinear), (pixel / 255 - mean) / std",
+    },
+    "outputs": outputs,
+    "grid_shape": grid_shape,
+    "steps": steps,
+    "target_mean": np.asarray(task.target_mean, np.float64).tolist(),
+    "num_scores": int(output_shapes["score"].shape[1]),
+    "score": _normalised(config["score"]),
+    # (68, P) in attributes.tsv order: the preferences the score column(s) were defined with;
+    # attribute models pool their probabilities with it.
+    "preferences": np.asarray(task.preferences, np.float64).tolist(),
+    "attribute_ids": None,
+    "config": _normalised(config),
   }
   if "attribute_probabilities" in output_shapes:
     width = output_shapes["attribute_probabilities"].shape[1]
-    info["attribute_ids"] = list(attributes.ATTRIBUTE_IDS[attributes.NUM_ATTRIBUTES - width:])
+    info["attribute_ids"] = list(attributes.ATTRIBUTE_IDS[attributes.NUM_ATTRIBUTES - width :])
   return info
 
 
@@ -185,6 +194,7 @@ def _inference_function(run) -> Callable:
 
   def infer(images):
     return train_steps.inference_outputs(model.apply(variables, images, train=False), task)
+
   return infer
 
 
@@ -202,8 +212,9 @@ def _output_shapes(infer: Callable, image_size: int) -> dict:
   return jax.eval_shape(infer, jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
 
 
-def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
-                              batch_size: int = DEFAULT_BATCH_SIZE) -> Predictor:
+def load_checkpoint_predictor(
+  workdir, step: int | None = None, config=None, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Predictor:
   """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
   (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
   count."""
@@ -213,8 +224,12 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
   if jax.process_count() > 1:
     raise PredictError("predict runs in a single process")
   run = _restore(workdir, step, config)
-  info = predictor_info(_normalised(run.config.to_dict()), run.task, run.step,
-                        _output_shapes(_inference_function(run), run.config.image_size))
+  info = predictor_info(
+    _normalised(run.config.to_dict()),
+    run.task,
+    run.step,
+    _output_shapes(_inference_function(run), run.config.image_size),
+  )
   devices = jax.device_count()
   batch_size = -(-max(int(batch_size), 1) // devices) * devices
   eval_fn = train_steps.parallel_eval_step(run.mesh, run.task)
@@ -222,8 +237,12 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
 
   def infer(images, mask):
     # Users' photos have no targets: zeros fill the eval batch's score and labels.
-    batch = {"image": images, "mask": mask, "score": np.zeros((len(images), num_scores), np.float32),
-             "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32)}
+    batch = {
+      "image": images,
+      "mask": mask,
+      "score": np.zeros((len(images), num_scores), np.float32),
+      "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32),
+    }
     outputs = jax.device_get(eval_fn(run.state, train_steps.shard_batch(batch, run.mesh)))
     outputs["score"] = outputs.pop("prediction")
     for key in ("target", "labels", "mask"):  # Echoed inputs, not predictions.
@@ -233,8 +252,13 @@ def load_checkpoint_predictor(workdir, step: int | None = None, config=None,
   return Predictor(info, batch_size, infer)
 
 
-def export_predictor(workdir, out_dir=None, step: int | None = None, config=None,
-                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> pathlib.Path:
+def export_predictor(
+  workdir,
+  out_dir=None,
+  step: int | None = None,
+  config=None,
+  platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> pathlib.Path:
   """Writes the checkpoint's inference function as a jax.export artifact plus its JSON.
 
   Input: float32 (batch, S, S, 3), preprocessed as the JSON says, the batch dimension symbolic.
@@ -252,13 +276,22 @@ def export_predictor(workdir, out_dir=None, step: int | None = None, config=None
   size = run.config.image_size
   (batch,) = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
-  info = predictor_info(_normalised(run.config.to_dict()), run.task, run.step, _output_shapes(infer, size))
+    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  )
+  info = predictor_info(
+    _normalised(run.config.to_dict()), run.task, run.step, _output_shapes(infer, size)
+  )
   info["platforms"] = list(exported.platforms)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / EXPORT_FUNCTION_FILE).write_bytes(exported.serialize())
   (out_dir / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
-  logging.info("Exported %s (checkpoint step %d) for %s to %s", info["model"], run.step, info["platforms"], out_dir)
+  logging.info(
+    "Exported %s (checkpoint step %d) for %s to %s",
+    info["model"],
+    run.step,
+    info["platforms"],
+    out_dir,
+  )
   return out_dir
 
 
@@ -268,19 +301,26 @@ def load_exported_predictor(directory, batch_size: int = DEFAULT_BATCH_SIZE) -> 
   function_path, info_path = directory / EXPORT_FUNCTION_FILE, directory / EXPORT_INFO_FILE
   for path in (function_path, info_path):
     if not path.is_file():
-      raise PredictError(f"{path} does not exist: --exported wants the folder that --mode=export wrote")
+      raise PredictError(
+        f"{path} does not exist: --exported wants the folder that --mode=export wrote"
+      )
   info = json.loads(info_path.read_text())
   if info.get("format") != EXPORT_FORMAT:
     raise PredictError(f"{info_path}: format {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
-  if (not np.allclose(info["image_mean"], input_pipeline.IMAGENET_MEAN)
-      or not np.allclose(info["image_std"], input_pipeline.IMAGENET_STD)):
-    raise PredictError(f"{info_path}: normalisation statistics differ from the input pipeline's ImageNet ones")
+  if not np.allclose(info["image_mean"], input_pipeline.IMAGENET_MEAN) or not np.allclose(
+    info["image_std"], input_pipeline.IMAGENET_STD
+  ):
+    raise PredictError(
+      f"{info_path}: normalisation statistics differ from the input pipeline's ImageNet ones"
+    )
   exported = jax.export.deserialize(bytearray(function_path.read_bytes()))
   platform = jax.default_backend()
   platform = _JAX_PLATFORMS.get(platform, platform)
   if platform not in exported.platforms:
-    raise PredictError(f"{function_path} was exported for {list(exported.platforms)}, not for this {platform} "
-                       "backend: export again with --export_platforms including it")
+    raise PredictError(
+      f"{function_path} was exported for {list(exported.platforms)}, not for this {platform} "
+      "backend: export again with --export_platforms including it"
+    )
   call = jax.jit(exported.call)
   batch_size = max(int(batch_size), 1)
 
@@ -298,11 +338,14 @@ def load_exported_predictor(directory, batch_size: int = DEFAULT_BATCH_SIZE) -> 
 @dataclasses.dataclass(frozen=True)
 class UserScore:
   """One user's score from a predictor's outputs: a profile column, or pooled attribute probabilities."""
+
   label: str
   column: int | None = None  # Score column (per-profile or single-profile regression models).
   preferences: np.ndarray | None = None  # (68, 1), attribute models.
   pooling: str = "max"
-  offset: int = 0  # Attribute columns the model lacks at the front (1: a0_safe, for privattnet_mlc).
+  offset: int = (
+    0  # Attribute columns the model lacks at the front (1: a0_safe, for privattnet_mlc).
+  )
 
   def __call__(self, outputs: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """(B,) scores and (B, T) per-step scores (None where the model has none for this user)."""
@@ -310,7 +353,9 @@ class UserScore:
       steps = outputs.get("step_scores")
       return outputs["score"][:, self.column], None if steps is None else steps[:, :, self.column]
     probabilities = np.asarray(outputs["attribute_probabilities"], np.float64)
-    scores = attributes.pooled_soft_score(probabilities, self.preferences[self.offset:], self.pooling)
+    scores = attributes.pooled_soft_score(
+      probabilities, self.preferences[self.offset :], self.pooling
+    )
     return scores[:, 0], None
 
 
@@ -319,22 +364,33 @@ def _user_preference_table(path, missing_value: float) -> np.ndarray:
   try:
     safe_files.regular_file(path)
     if os.path.getsize(path) > safe_files.MAX_LIST_BYTES:
-      raise safe_files.UnsafeFileError("file_too_large", path, f"over {safe_files.MAX_LIST_BYTES} bytes")
+      raise safe_files.UnsafeFileError(
+        "file_too_large", path, f"over {safe_files.MAX_LIST_BYTES} bytes"
+      )
   except safe_files.UnsafeFileError as e:
-    raise PredictError(f"--preferences={path}: {'no such file' if e.reason == 'missing' else e.message}") from None
+    raise PredictError(
+      f"--preferences={path}: {'no such file' if e.reason == 'missing' else e.message}"
+    ) from None
   try:
     _, values = attributes.read_preference_tsv(path)
   except ValueError as error:
     raise PredictError(
-        f"--preferences: {error}. Expected lines 'attribute_id<TAB>attribute_name<TAB>rating' (rating 1..5; "
-        "optional header line starting with attribute_id), as in data/user_studies/user_profiles.tsv") from None
+      f"--preferences: {error}. Expected lines 'attribute_id<TAB>attribute_name<TAB>rating' (rating 1..5; "
+      "optional header line starting with attribute_id), as in data/user_studies/user_profiles.tsv"
+    ) from None
   if values.shape[1] != 1:
-    raise PredictError(f"--preferences={path}: {values.shape[1]} rating columns; give one user's ratings "
-                       "(one column after attribute_id and attribute_name)")
-  return attributes.preference_table("file", preferences_file=str(path), missing_value=missing_value)
+    raise PredictError(
+      f"--preferences={path}: {values.shape[1]} rating columns; give one user's ratings "
+      "(one column after attribute_id and attribute_name)"
+    )
+  return attributes.preference_table(
+    "file", preferences_file=str(path), missing_value=missing_value
+  )
 
 
-def resolve_user(info: dict, profile: int | None = None, preferences_file: str | None = None) -> UserScore | None:
+def resolve_user(
+  info: dict, profile: int | None = None, preferences_file: str | None = None
+) -> UserScore | None:
   """Checks that the predictor can answer for this user, before any image is read."""
   if profile is None and not preferences_file:
     return None
@@ -345,26 +401,39 @@ def resolve_user(info: dict, profile: int | None = None, preferences_file: str |
     raise PredictError(f"--profile must lie in 0..{attributes.NUM_PROFILES - 1}, got {profile}")
   if info["kind"] == "attributes":
     if profile is not None:
-      table, label = attributes.preference_table("profile", profile_index=profile), f"profile {profile}"
+      table, label = (
+        attributes.preference_table("profile", profile_index=profile),
+        f"profile {profile}",
+      )
     else:
-      table, label = _user_preference_table(preferences_file, score["missing_value"]), f"preferences {preferences_file}"
-    return UserScore(label, preferences=table.astype(np.float64), pooling=score["pooling"],
-                     offset=attributes.NUM_ATTRIBUTES - len(info["attribute_ids"]))
-  trained_on = (f"score.source={score['source']!r}" + (f", profile_index={score['profile_index']}"
-                                                       if score["source"] == "profile" else ""))
+      table, label = (
+        _user_preference_table(preferences_file, score["missing_value"]),
+        f"preferences {preferences_file}",
+      )
+    return UserScore(
+      label,
+      preferences=table.astype(np.float64),
+      pooling=score["pooling"],
+      offset=attributes.NUM_ATTRIBUTES - len(info["attribute_ids"]),
+    )
+  trained_on = f"score.source={score['source']!r}" + (
+    f", profile_index={score['profile_index']}" if score["source"] == "profile" else ""
+  )
   if preferences_file:
     raise PredictError(
-        f"{model} regresses the score it was trained on ({trained_on}, per_profile={score['per_profile']}); it "
-        "cannot score new preferences. --preferences needs an attribute model (privattnet_mlc, ap_pr)"
-        + (", or use --profile=K with this per-profile model" if info["num_scores"] > 1 else ""))
+      f"{model} regresses the score it was trained on ({trained_on}, per_profile={score['per_profile']}); it "
+      "cannot score new preferences. --preferences needs an attribute model (privattnet_mlc, ap_pr)"
+      + (", or use --profile=K with this per-profile model" if info["num_scores"] > 1 else "")
+    )
   if info["num_scores"] > 1:
     return UserScore(f"profile {profile}", column=profile)
   if score["source"] == "profile" and score["profile_index"] == profile:
     return UserScore(f"profile {profile}", column=0)
   raise PredictError(
-      f"{model} predicts a single score ({trained_on}, per_profile=False) and has no output for profile "
-      f"{profile}. Train with --config.score.per_profile=True for all 30 profiles, or use an attribute model "
-      "(privattnet_mlc, ap_pr) for any user's preferences")
+    f"{model} predicts a single score ({trained_on}, per_profile=False) and has no output for profile "
+    f"{profile}. Train with --config.score.per_profile=True for all 30 profiles, or use an attribute model "
+    "(privattnet_mlc, ap_pr) for any user's preferences"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -407,7 +476,9 @@ def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
       add_folder(path)
-    elif path.exists() or path.is_symlink():  # A dangling or looping link: its reading error is the entry.
+    elif (
+      path.exists() or path.is_symlink()
+    ):  # A dangling or looping link: its reading error is the entry.
       add(path)
     elif glob.has_magic(spec):
       matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -429,8 +500,14 @@ class LoadedImage:
   conversions: list[str]
 
 
-def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
-               panel_size: int = heatmaps.PANEL_SIZE) -> LoadedImage:
+def load_image(
+  path,
+  *,
+  image_size: int,
+  max_side: int,
+  max_pixels: int | None,
+  panel_size: int = heatmaps.PANEL_SIZE,
+) -> LoadedImage:
   """A photo -> the model's input, via the dataset builder's normalisation and the eval transform.
 
   Raises on an unreadable, empty, non-image, corrupt or too large file (`reason: message`), and
@@ -439,14 +516,23 @@ def load_image(path, *, image_size: int, max_side: int, max_pixels: int | None,
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)
   if not data:
     raise ValueError("empty file")
-  encoded, height, width, conversions = vispr.process_image(data, max_side=max_side, max_pixels=max_pixels)
-  return LoadedImage(input_pipeline.eval_image(encoded, image_size), heatmaps.display_image(encoded, panel_size),
-                     int(width), int(height), list(conversions))
+  encoded, height, width, conversions = vispr.process_image(
+    data, max_side=max_side, max_pixels=max_pixels
+  )
+  return LoadedImage(
+    input_pipeline.eval_image(encoded, image_size),
+    heatmaps.display_image(encoded, panel_size),
+    int(width),
+    int(height),
+    list(conversions),
+  )
 
 
 def error_text(error: Exception) -> str:
   """`reason: message` (the builder's skip reasons), without Pillow's in-memory file repr."""
-  return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+  return (
+    re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -499,12 +585,16 @@ def _csv_row(record: dict, header: Sequence[str]) -> list:
   for p, value in enumerate(record.get("profile_scores") or ()):
     row[f"profile_{p}"] = value
   if "top_attributes" in record:
-    row["top_attributes"] = ";".join(f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"])
+    row["top_attributes"] = ";".join(
+      f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"]
+    )
   row["conversions"] = ";".join(record.get("conversions", ()))
   return ["" if row.get(key) is None else row[key] for key in header]
 
 
-def _image_records(info: dict, outputs: dict, user: UserScore | None, top_attributes: int) -> list[dict]:
+def _image_records(
+  info: dict, outputs: dict, user: UserScore | None, top_attributes: int
+) -> list[dict]:
   """JSON-ready values of one batch: scores, per-step and per-profile scores, top attributes."""
   scores = np.asarray(outputs["score"], np.float64)
   steps = outputs.get("step_scores")
@@ -526,8 +616,13 @@ def _image_records(info: dict, outputs: dict, user: UserScore | None, top_attrib
       probabilities = np.asarray(outputs["attribute_probabilities"][i], np.float64)
       order = np.argsort(-probabilities, kind="stable")[:top_attributes]
       record["top_attributes"] = [
-          {"id": info["attribute_ids"][k], "description": descriptions[info["attribute_ids"][k]],
-           "probability": float(probabilities[k])} for k in order]
+        {
+          "id": info["attribute_ids"][k],
+          "description": descriptions[info["attribute_ids"][k]],
+          "probability": float(probabilities[k]),
+        }
+        for k in order
+      ]
     records.append(record)
   return records
 
@@ -539,17 +634,43 @@ def _panel_scores(record: dict) -> tuple[float, list[float] | None]:
   return record["score"], record.get("step_scores")
 
 
-def _write_panel(path: pathlib.Path, image: np.ndarray, attention, grid_shape, record: dict, *,
-                 normalisation: str, title: str) -> None:
+def _write_panel(
+  path: pathlib.Path,
+  image: np.ndarray,
+  attention,
+  grid_shape,
+  record: dict,
+  *,
+  normalisation: str,
+  title: str,
+) -> None:
   score, step_scores = _panel_scores(record)
-  heatmaps.attention_panel(image, attention, grid_shape, score=score, step_scores=step_scores,
-                           normalisation=normalisation, title=title).save(path)
+  heatmaps.attention_panel(
+    image,
+    attention,
+    grid_shape,
+    score=score,
+    step_scores=step_scores,
+    normalisation=normalisation,
+    title=title,
+  ).save(path)
 
 
-def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
-            profile: int | None = None, preferences_file: str | None = None, heatmap_panels: bool = True,
-            normalisation: str = "per_map", top_attributes: int = TOP_ATTRIBUTES, max_pixels: int | None = None,
-            panel_size: int = heatmaps.PANEL_SIZE, loader_processes: int = 0, progress: bool = True) -> PredictResult:
+def predict(
+  predictor: Predictor,
+  images: Sequence[str],
+  output_dir,
+  *,
+  profile: int | None = None,
+  preferences_file: str | None = None,
+  heatmap_panels: bool = True,
+  normalisation: str = "per_map",
+  top_attributes: int = TOP_ATTRIBUTES,
+  max_pixels: int | None = None,
+  panel_size: int = heatmaps.PANEL_SIZE,
+  loader_processes: int = 0,
+  progress: bool = True,
+) -> PredictResult:
   """Scores every image; writes predictions.jsonl, predictions.csv and heatmaps/<name>_att.png.
 
   Args:
@@ -573,9 +694,13 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
     matched nothing).
   """
   if normalisation not in heatmaps.NORMALISATIONS:
-    raise PredictError(f"heat map normalisation must be one of {heatmaps.NORMALISATIONS}, got {normalisation!r}")
+    raise PredictError(
+      f"heat map normalisation must be one of {heatmaps.NORMALISATIONS}, got {normalisation!r}"
+    )
   if panel_size < 1 or top_attributes < 0 or predictor.batch_size < 1:
-    raise PredictError("panel_size and the batch size must be positive, top_attributes not negative")
+    raise PredictError(
+      "panel_size and the batch size must be positive, top_attributes not negative"
+    )
   info = predictor.info
   user = resolve_user(info, profile, preferences_file)
   entries = collect_images(images)
@@ -594,18 +719,27 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
   names = unique_names([path for path, _ in entries])
   header = _csv_header(info, user, top_attributes)
 
-  load = functools.partial(load_image, image_size=info["image_size"], max_side=info["max_side"],
-                           max_pixels=max_pixels, panel_size=panel_size)
+  load = functools.partial(
+    load_image,
+    image_size=info["image_size"],
+    max_side=info["max_side"],
+    max_pixels=max_pixels,
+    panel_size=panel_size,
+  )
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   records = []
-  saves = collections.deque()  # Panels being drawn; bounded, so that a slow disk cannot pile up images.
-  with (open(output_dir / "predictions.jsonl", "w") as jsonl_file,
-        open(output_dir / "predictions.csv", "w", newline="") as csv_file,
-        concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
-        loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
-        tqdm(total=len(entries), unit="img", disable=not progress, desc="predict") as bar):
+  saves = (
+    collections.deque()
+  )  # Panels being drawn; bounded, so that a slow disk cannot pile up images.
+  with (
+    open(output_dir / "predictions.jsonl", "w") as jsonl_file,
+    open(output_dir / "predictions.csv", "w", newline="") as csv_file,
+    concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
+    loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
+    tqdm(total=len(entries), unit="img", disable=not progress, desc="predict") as bar,
+  ):
     writer = csv.writer(csv_file)
     writer.writerow(header)
     for chunk in loaded_chunks(entries, names, load, predictor.batch_size, loader):
@@ -616,13 +750,28 @@ def predict(predictor: Predictor, images: Sequence[str], output_dir, *,
       for path, name, loaded in chunk:
         record = {"path": str(path), "name": name}
         if isinstance(loaded, LoadedImage):
-          record.update(ok=True, **values[index], width=loaded.width, height=loaded.height,
-                        conversions=loaded.conversions)
+          record.update(
+            ok=True,
+            **values[index],
+            width=loaded.width,
+            height=loaded.height,
+            conversions=loaded.conversions,
+          )
           if draw_panels:
             panel_path = panels_dir / f"{name}_att.png"
             record["heatmap"] = str(panel_path.relative_to(output_dir))
-            saves.append(pool.submit(_write_panel, panel_path, loaded.display, outputs["attention"][index],
-                                     info["grid_shape"], record, normalisation=normalisation, title=path.name))
+            saves.append(
+              pool.submit(
+                _write_panel,
+                panel_path,
+                loaded.display,
+                outputs["attention"][index],
+                info["grid_shape"],
+                record,
+                normalisation=normalisation,
+                title=path.name,
+              )
+            )
           index += 1
         else:
           record.update(ok=False, error=loaded)
@@ -668,15 +817,21 @@ def loader_pool(processes: int):
   """
   if processes <= 0:
     return None
-  return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+  return concurrent.futures.ProcessPoolExecutor(
+    processes, mp_context=multiprocessing.get_context("spawn")
+  )
 
 
 def loaded_chunks(entries, names, load, batch_size, executor):
   """Yields batches of (path, name, LoadedImage or error text), loading a few batches ahead."""
   pending = collections.deque()
   for start in range(0, len(entries), batch_size):
-    chunk = [(path, name, error if error is not None else executor.submit(_load_or_error, load, path))
-             for (path, error), name in zip(entries[start:start + batch_size], names[start:start + batch_size])]
+    chunk = [
+      (path, name, error if error is not None else executor.submit(_load_or_error, load, path))
+      for (path, error), name in zip(
+        entries[start : start + batch_size], names[start : start + batch_size]
+      )
+    ]
     pending.append(chunk)
     if len(pending) > _BATCHES_IN_FLIGHT:
       yield _resolved(pending.popleft())
@@ -685,5 +840,7 @@ def loaded_chunks(entries, names, load, batch_size, executor):
 
 
 def _resolved(chunk):
-  return [(path, name, item.result() if isinstance(item, concurrent.futures.Future) else item)
-          for path, name, item in chunk]
+  return [
+    (path, name, item.result() if isinstance(item, concurrent.futures.Future) else item)
+    for path, name, item in chunk
+  ]

@@ -31,16 +31,16 @@ import numpy as np
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 
@@ -50,6 +50,7 @@ class PthError(ValueError):
 
 class _StorageType:
   """A typed-storage global (`torch.FloatStorage`): only its element type is used."""
+
   __slots__ = ("dtype",)
 
   def __init__(self, dtype):
@@ -65,6 +66,7 @@ class _Storage:
 
 class _TensorRef:
   """A tensor before its storage bytes are read: (storage, offset, shape, strides) in elements."""
+
   __slots__ = ("offset", "shape", "storage", "strides")
 
   def __init__(self, storage, offset, shape, strides):
@@ -74,8 +76,9 @@ class _TensorRef:
     self.shape, self.strides = tuple(shape), tuple(strides)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks, metadata  # Autograd state: not part of the values.
   return _TensorRef(storage, storage_offset, size, stride)
 
@@ -86,10 +89,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
 
 
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  **{("torch", name): _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
 }
 
 
@@ -118,8 +121,7 @@ def _load_object(file: BinaryIO) -> Any:
     return _RestrictedUnpickler(file).load()
   except pickle.UnpicklingError as e:
     raise PthError(
-        f"refused: not a plain state dict of tensors ({e}); "
-        "this reader never runs code from a pickle"
+      f"refused: not a plain state dict of tensors ({e}); this reader never runs code from a pickle"
     ) from None
   except Exception as e:  # Truncated or foreign bytes raise many types.
     raise PthError(f"corrupt pickle: {type(e).__name__}: {e}") from None
@@ -143,13 +145,14 @@ def _materialise(obj: Any, storages: Mapping[str, np.ndarray]) -> Any:
       raise PthError("a tensor with negative strides or shape")
     span = sum((d - 1) * s for d, s in zip(obj.shape, obj.strides)) if all(obj.shape) else -1
     if obj.offset < 0 or obj.offset + span >= flat.size:
-      raise PthError(f"a tensor of shape {obj.shape} reaches past its storage of {flat.size} "
-                     "elements")
+      raise PthError(
+        f"a tensor of shape {obj.shape} reaches past its storage of {flat.size} elements"
+      )
     if not all(obj.shape):
       return np.zeros(obj.shape, flat.dtype)
     itemsize = flat.dtype.itemsize
     strides = [s * itemsize for s in obj.strides]
-    view = np.lib.stride_tricks.as_strided(flat[obj.offset:], obj.shape, strides, writeable=False)
+    view = np.lib.stride_tricks.as_strided(flat[obj.offset :], obj.shape, strides, writeable=False)
     return np.array(view)
   if isinstance(obj, Mapping):
     materialised = {key: _materialise(value, storages) for key, value in obj.items()}
@@ -176,7 +179,7 @@ def _read_zip(path: pathlib.Path) -> Any:
     pickles = [name for name in names if name.endswith("data.pkl") and name.count("/") == 1]
     if len(pickles) != 1:
       raise PthError("a zip archive without one <name>/data.pkl: not a torch.save file")
-    prefix = pickles[0][:-len("data.pkl")]
+    prefix = pickles[0][: -len("data.pkl")]
     if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
       raise PthError("big-endian tensors are not supported")
     with archive.open(pickles[0]) as file:

@@ -59,31 +59,90 @@ METHODS = ("blur", "pixelate", "fill")
 DEFAULT_MAX_AREA = 0.25
 AREA_STEP = 0.025  # Area a candidate adds per step, as a fraction of the image.
 CANDIDATES = 4  # Candidates per photo and round: the mask grown by 1..CANDIDATES area steps.
-MIN_DROP = 0.01  # A round must lower the score by more than this share of the score's scale, or rounds stop.
+MIN_DROP = (
+  0.01  # A round must lower the score by more than this share of the score's scale, or rounds stop.
+)
 BLUR_FRACTION = 0.04  # Gaussian sigma, as a fraction of the image's width (x) and height (y).
 BLUR_DETAIL = 4  # Pixels per sigma a wide blur is computed at (see _redacted_crop).
 PIXEL_FRACTION = 0.04  # Pixelation block size, likewise.
 FILL_COLOUR = (0, 0, 0)
 JPEG_QUALITY = 95  # Re-encoding costs some quality; 95 keeps it close to the source's.
 # Output format per source format (Pillow names); anything else is written as PNG.
-WRITE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "TIFF": "TIFF",
-                 "BMP": "BMP", "GIF": "GIF"}
+WRITE_FORMATS = {
+  "JPEG": "JPEG",
+  "MPO": "JPEG",
+  "PNG": "PNG",
+  "WEBP": "WEBP",
+  "TIFF": "TIFF",
+  "BMP": "BMP",
+  "GIF": "GIF",
+}
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")  # Formats whose transparency the output keeps.
-SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tiff", "BMP": ".bmp", "GIF": ".gif"}
+SUFFIXES = {
+  "JPEG": ".jpg",
+  "PNG": ".png",
+  "WEBP": ".webp",
+  "TIFF": ".tiff",
+  "BMP": ".bmp",
+  "GIF": ".gif",
+}
 
 # EXIF tags (Pillow's ExifTags numbers), by what they give away.
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-_DEVICE_TAGS = {0x010F: "make", 0x0110: "model", 0x0131: "software", 0xA431: "body_serial_number",
-                0xA434: "lens_model", 0xA435: "lens_serial_number"}
-_OWNER_TAGS = {0x013B: "artist", 0x8298: "copyright", 0xA430: "camera_owner_name", 0x9C9D: "xp_author"}
+_DEVICE_TAGS = {
+  0x010F: "make",
+  0x0110: "model",
+  0x0131: "software",
+  0xA431: "body_serial_number",
+  0xA434: "lens_model",
+  0xA435: "lens_serial_number",
+}
+_OWNER_TAGS = {
+  0x013B: "artist",
+  0x8298: "copyright",
+  0xA430: "camera_owner_name",
+  0x9C9D: "xp_author",
+}
 _TIME_TAGS = {0x0132: "date_time", 0x9003: "date_time_original", 0x9004: "date_time_digitized"}
 _ORIENTATION = 0x0112
 # TIFF baseline tags that describe the image data itself (size, samples, compression, strips, tiles,
 # resolution, predictor, colour map...): a TIFF always has some, and they say nothing of its owner.
-_TIFF_STRUCTURE = frozenset({0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109,
-                             0x010A, 0x0111, 0x0112, 0x0115, 0x0116, 0x0117, 0x0118, 0x0119, 0x011A, 0x011B,
-                             0x011C, 0x0128, 0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145, 0x0152, 0x0153,
-                             0x0154, 0x0155})
+_TIFF_STRUCTURE = frozenset(
+  {
+    0x00FE,
+    0x00FF,
+    0x0100,
+    0x0101,
+    0x0102,
+    0x0103,
+    0x0106,
+    0x0107,
+    0x0108,
+    0x0109,
+    0x010A,
+    0x0111,
+    0x0112,
+    0x0115,
+    0x0116,
+    0x0117,
+    0x0118,
+    0x0119,
+    0x011A,
+    0x011B,
+    0x011C,
+    0x0128,
+    0x013D,
+    0x0140,
+    0x0142,
+    0x0143,
+    0x0144,
+    0x0145,
+    0x0152,
+    0x0153,
+    0x0154,
+    0x0155,
+  }
+)
 # JPEG markers a byte-for-byte copy keeps: APP0 (JFIF) and APP14 (Adobe: the colour transform).
 _JPEG_KEPT_APP = (0xE0, 0xEE)
 
@@ -123,7 +182,7 @@ def centred_box_mask(shape: tuple[int, int], area: float) -> np.ndarray:
   h, w = min(height, int(round(side * height))), min(width, int(round(side * width)))
   mask = np.zeros(shape, bool)
   top, left = (height - h) // 2, (width - w) // 2
-  mask[top:top + h, left:left + w] = True
+  mask[top : top + h, left : left + w] = True
   return mask
 
 
@@ -133,11 +192,20 @@ def mask_regions(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
   return [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labelled)]
 
 
-def scale_boxes(boxes, from_size: tuple[int, int], to_size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def scale_boxes(
+  boxes, from_size: tuple[int, int], to_size: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
   """Boxes from one image size (width, height) to another, rounded outward."""
   sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-  return [(int(np.floor(x0 * sx)), int(np.floor(y0 * sy)), min(to_size[0], int(np.ceil(x1 * sx))),
-           min(to_size[1], int(np.ceil(y1 * sy)))) for x0, y0, x1, y1 in boxes]
+  return [
+    (
+      int(np.floor(x0 * sx)),
+      int(np.floor(y0 * sy)),
+      min(to_size[0], int(np.ceil(x1 * sx))),
+      min(to_size[1], int(np.ceil(y1 * sy))),
+    )
+    for x0, y0, x1, y1 in boxes
+  ]
 
 
 def _mask_crop(mask: Image.Image, box, size: tuple[int, int]) -> Image.Image:
@@ -148,10 +216,14 @@ def _mask_crop(mask: Image.Image, box, size: tuple[int, int]) -> Image.Image:
     return mask.crop(box)
   sx, sy = mask.size[0] / size[0], mask.size[1] / size[1]
   source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-  return mask.resize((width, height), Image.Resampling.BILINEAR, box=source).point(lambda v: 255 if v >= 128 else 0)
+  return mask.resize((width, height), Image.Resampling.BILINEAR, box=source).point(
+    lambda v: 255 if v >= 128 else 0
+  )
 
 
-def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def _redacted_crop(
+  image: Image.Image, box, method: str
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
   """The redacted pixels over `box` (x0, y0, x1, y1), from a crop with the context they need."""
   width, height = image.size
   x0, y0, x1, y1 = box
@@ -159,7 +231,10 @@ def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, t
     return Image.new(image.mode, (x1 - x0, y1 - y0), FILL_COLOUR), box
   if method == "blur":
     sigma = (BLUR_FRACTION * width, BLUR_FRACTION * height)
-    mx, my = int(np.ceil(3 * sigma[0])), int(np.ceil(3 * sigma[1]))  # Real pixels around, not edge copies.
+    mx, my = (
+      int(np.ceil(3 * sigma[0])),
+      int(np.ceil(3 * sigma[1])),
+    )  # Real pixels around, not edge copies.
     outer = (max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my))
     crop = image.crop(outer)
     # A wide blur keeps no detail finer than sigma: blur a copy reduced to ~BLUR_DETAIL px per sigma
@@ -174,16 +249,21 @@ def _redacted_crop(image: Image.Image, box, method: str) -> tuple[Image.Image, t
     bw, bh = max(1.0, PIXEL_FRACTION * width), max(1.0, PIXEL_FRACTION * height)
     gx0, gy0 = int(np.floor(x0 / bw)), int(np.floor(y0 / bh))
     gx1, gy1 = int(np.ceil(x1 / bw)), int(np.ceil(y1 / bh))
-    outer = (int(round(gx0 * bw)), int(round(gy0 * bh)), min(width, int(round(gx1 * bw))),
-             min(height, int(round(gy1 * bh))))
+    outer = (
+      int(round(gx0 * bw)),
+      int(round(gy0 * bh)),
+      min(width, int(round(gx1 * bw))),
+      min(height, int(round(gy1 * bh))),
+    )
     crop = image.crop(outer)
     blocks = crop.resize((gx1 - gx0, gy1 - gy0), Image.Resampling.BOX)
     return blocks.resize(crop.size, Image.Resampling.NEAREST), outer
   raise ValueError(f"redaction method must be one of {METHODS}, got {method!r}")
 
 
-def redact(image: Image.Image, mask: np.ndarray, method: str = "blur", *,
-           copy: bool = True) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+def redact(
+  image: Image.Image, mask: np.ndarray, method: str = "blur", *, copy: bool = True
+) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
   """`image` with the pixels under a boolean mask (any resolution: it is upsampled) redacted.
 
   Works box by box over the mask's regions: a 12 MP photo with a small region costs a small blur.
@@ -224,16 +304,21 @@ def scorer(predictor: predict.Predictor, user: predict.UserScore | None = None) 
   The score is the model's (the mean over profiles for a per-profile model), or `user`'s.
   """
   if "attention" not in predictor.info["outputs"]:
-    raise predict.PredictError(f"{predictor.info['model']} has no attention: redaction needs an attention model "
-                               "(privattnet, privattnet_mlc)")
+    raise predict.PredictError(
+      f"{predictor.info['model']} has no attention: redaction needs an attention model "
+      "(privattnet, privattnet_mlc)"
+    )
 
   def score(images):
     scores, maps = [], []
     for start in range(0, len(images), predictor.batch_size):
-      outputs = predictor(images[start:start + predictor.batch_size])
-      scores.append(user(outputs)[0] if user is not None else np.asarray(outputs["score"]).mean(axis=1))
+      outputs = predictor(images[start : start + predictor.batch_size])
+      scores.append(
+        user(outputs)[0] if user is not None else np.asarray(outputs["score"]).mean(axis=1)
+      )
       maps.append(outputs["attention"])
     return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
+
   return score
 
 
@@ -252,6 +337,7 @@ def safe_score(info: dict) -> float:
 @dataclasses.dataclass
 class Redactions:
   """The greedy rounds' outcome for N images at model resolution."""
+
   masks: np.ndarray  # bool (N, S, S)
   before: np.ndarray  # (N,) scores of the untouched images
   after: np.ndarray  # (N,) scores of the redacted images
@@ -264,9 +350,18 @@ class Redactions:
     return self.masks.reshape(len(self.masks), -1).mean(axis=1)
 
 
-def greedy_redactions(score: Scorer, images: np.ndarray, targets: Callable[[np.ndarray], np.ndarray], grid_shape,
-                      *, method: str = "blur", max_area: float = DEFAULT_MAX_AREA, area_step: float = AREA_STEP,
-                      candidates: int = CANDIDATES, min_drop: float = 0.0) -> Redactions:
+def greedy_redactions(
+  score: Scorer,
+  images: np.ndarray,
+  targets: Callable[[np.ndarray], np.ndarray],
+  grid_shape,
+  *,
+  method: str = "blur",
+  max_area: float = DEFAULT_MAX_AREA,
+  area_step: float = AREA_STEP,
+  candidates: int = CANDIDATES,
+  min_drop: float = 0.0,
+) -> Redactions:
   """Greedy attention-guided masks for uint8 model-resolution images (N, S, S, 3).
 
   Round by round, every image still above its target gets `candidates` masks grown along the
@@ -383,8 +478,16 @@ def find_metadata(image: Image.Image) -> dict:
     merged = {**ifds[_EXIF_IFD], **exif}
     if ifds[_GPS_IFD]:
       found["gps"] = _gps_position(ifds[_GPS_IFD]) or {"tags": len(ifds[_GPS_IFD])}
-    for kind, tags in (("device", _DEVICE_TAGS), ("owner", _OWNER_TAGS), ("timestamps", _TIME_TAGS)):
-      values = {name: _text(merged[tag]) for tag, name in tags.items() if tag in merged and _text(merged[tag])}
+    for kind, tags in (
+      ("device", _DEVICE_TAGS),
+      ("owner", _OWNER_TAGS),
+      ("timestamps", _TIME_TAGS),
+    ):
+      values = {
+        name: _text(merged[tag])
+        for tag, name in tags.items()
+        if tag in merged and _text(merged[tag])
+      }
       if values:
         found[kind] = values
   info = image.info
@@ -423,7 +526,7 @@ def strip_jpeg_metadata(data: bytes) -> bytes:
     if marker == 0xFF:  # Fill byte.
       position += 1
       continue
-    length = int.from_bytes(data[position + 2:position + 4], "big")
+    length = int.from_bytes(data[position + 2 : position + 4], "big")
     end = position + 2 + length
     if marker == 0xDA:  # Start of scan: the rest is image data.
       out += data[position:]
@@ -443,6 +546,7 @@ def strip_jpeg_metadata(data: bytes) -> bytes:
 @dataclasses.dataclass
 class Photo:
   """A photo as redact needs it: predict's model input and the full-size, upright pixels."""
+
   loaded: predict.LoadedImage
   data: bytes  # The file's bytes (for a byte-for-byte JPEG copy).
   pixels: Image.Image  # RGB or L, EXIF orientation applied, full resolution.
@@ -455,18 +559,25 @@ class Photo:
   icc_profile: bytes | None
 
 
-def load_photo(path, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int) -> Photo:
+def load_photo(
+  path, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int
+) -> Photo:
   """predict.load_image (same checks, errors and model input), then the full-size pixels.
 
   Raises `too_large` when the full size exceeds `max_pixels` (the output keeps the full size, so
   no reduced decode is possible here).
   """
-  loaded = predict.load_image(path, image_size=image_size, max_side=max_side, max_pixels=max_pixels,
-                              panel_size=panel_size)
+  loaded = predict.load_image(
+    path, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
+  )
   if max_pixels is not None and loaded.width * loaded.height > max_pixels:
-    raise ValueError(f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
-                     "writes the full size")
-  data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)  # Bounded, as predict's read.
+    raise ValueError(
+      f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
+      "writes the full size"
+    )
+  data = safe_files.read_bytes(
+    path, max_bytes=safe_files.MAX_IMAGE_BYTES
+  )  # Bounded, as predict's read.
   with vispr.pil_checks_ours():  # Our size check above replaces PIL's.
     image = Image.open(io.BytesIO(data))
     image.load()
@@ -491,18 +602,32 @@ def load_photo(path, *, image_size: int, max_side: int, max_pixels: int | None, 
   pixels = vispr.to_rgb(image, [])  # The builder's conversion.
   if grayscale:
     pixels = pixels.convert("L")
-  if pixels.info:  # Pillow's writers fall back on a source's info (comment, ICC profile): start clean.
+  if (
+    pixels.info
+  ):  # Pillow's writers fall back on a source's info (comment, ICC profile): start clean.
     pixels = pixels.copy()
     pixels.info = {}
-  return Photo(loaded, data, pixels, alpha, source_format, orientation, metadata, exif_bytes,
-               xmp if isinstance(xmp, (bytes, str)) else None, icc_profile)
+  return Photo(
+    loaded,
+    data,
+    pixels,
+    alpha,
+    source_format,
+    orientation,
+    metadata,
+    exif_bytes,
+    xmp if isinstance(xmp, (bytes, str)) else None,
+    icc_profile,
+  )
 
 
 def _srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
   """Pixels in the profile's colour space -> sRGB, so that dropping the profile keeps the colours."""
   try:
     source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-    return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=image.mode)
+    return ImageCms.profileToProfile(
+      image, source, ImageCms.createProfile("sRGB"), outputMode=image.mode
+    )
   except Exception:  # pylint: disable=broad-except  # An unusable profile: the pixels as they are.
     return image
 
@@ -557,11 +682,22 @@ def unchanged_copy(photo: Photo, *, keep_metadata: bool) -> bytes | None:
 # Panels and rows.
 
 
-def before_after_panel(before: np.ndarray, after: Image.Image, boxes, size: tuple[int, int], *, score_before: float,
-                       score_after: float, area: float, title: str) -> Image.Image:
+def before_after_panel(
+  before: np.ndarray,
+  after: Image.Image,
+  boxes,
+  size: tuple[int, int],
+  *,
+  score_before: float,
+  score_after: float,
+  area: float,
+  title: str,
+) -> Image.Image:
   """Before (region boxes outlined) and after, side by side, with the scores above."""
   before_tile = Image.fromarray(before).convert("RGB")
-  after_tile = after.convert("RGB").resize(before_tile.size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+  after_tile = after.convert("RGB").resize(
+    before_tile.size, Image.Resampling.BILINEAR, reducing_gap=3.0
+  )
   draw = ImageDraw.Draw(before_tile)
   for box in scale_boxes(boxes, size, before_tile.size):
     draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 0, 0))
@@ -573,13 +709,36 @@ def before_after_panel(before: np.ndarray, after: Image.Image, boxes, size: tupl
   draw = ImageDraw.Draw(panel)
   draw.text((2, 1), title, fill=heatmaps.CAPTION_COLOUR)
   draw.text((2, caption + 1), f"before {score_before:.2f}", fill=heatmaps.CAPTION_COLOUR)
-  draw.text((width + 2, caption + 1), f"after {score_after:.2f} ({100 * area:.0f}%)", fill=heatmaps.CAPTION_COLOUR)
+  draw.text(
+    (width + 2, caption + 1),
+    f"after {score_after:.2f} ({100 * area:.0f}%)",
+    fill=heatmaps.CAPTION_COLOUR,
+  )
   return panel
 
 
-CSV_HEADER = ("path", "name", "status", "error", "output", "format", "width", "height", "score_before",
-              "score_after", "target", "target_reached", "area", "rounds", "regions", "metadata_found",
-              "metadata_removed", "gps", "panel", "conversions")
+CSV_HEADER = (
+  "path",
+  "name",
+  "status",
+  "error",
+  "output",
+  "format",
+  "width",
+  "height",
+  "score_before",
+  "score_after",
+  "target",
+  "target_reached",
+  "area",
+  "rounds",
+  "regions",
+  "metadata_found",
+  "metadata_removed",
+  "gps",
+  "panel",
+  "conversions",
+)
 
 
 def _csv_row(record: dict) -> list:
@@ -623,7 +782,9 @@ class RedactSettings:
     return np.full(len(before), safe_score(info))
 
 
-def _finish(photo: Photo, mask: np.ndarray, settings: RedactSettings) -> tuple[bytes, str, list, float, Image.Image]:
+def _finish(
+  photo: Photo, mask: np.ndarray, settings: RedactSettings
+) -> tuple[bytes, str, list, float, Image.Image]:
   """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels)."""
   if not mask.any():
     pixels = photo.pixels
@@ -631,25 +792,49 @@ def _finish(photo: Photo, mask: np.ndarray, settings: RedactSettings) -> tuple[b
     if data is not None:
       return data, WRITE_FORMATS[photo.format], [], 0.0, pixels
     return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), [], 0.0, pixels)
-  pixels, boxes = redact(photo.pixels, mask, settings.method, copy=False)  # The photo is not used again.
+  pixels, boxes = redact(
+    photo.pixels, mask, settings.method, copy=False
+  )  # The photo is not used again.
   area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
   return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), boxes, area, pixels)
 
 
-def _write_outputs(photo: Photo, mask: np.ndarray, record: dict, settings: RedactSettings, output_dir: pathlib.Path,
-                   source: pathlib.Path, panel: bool) -> dict:
+def _write_outputs(
+  photo: Photo,
+  mask: np.ndarray,
+  record: dict,
+  settings: RedactSettings,
+  output_dir: pathlib.Path,
+  source: pathlib.Path,
+  panel: bool,
+) -> dict:
   """Writes the photo (and its panel); returns the record's output fields."""
   data, fmt, boxes, area, pixels = _finish(photo, mask, settings)
-  suffix = source.suffix if WRITE_FORMATS.get(photo.format) == fmt and source.suffix else SUFFIXES[fmt]
+  suffix = (
+    source.suffix if WRITE_FORMATS.get(photo.format) == fmt and source.suffix else SUFFIXES[fmt]
+  )
   out_path = output_dir / f"{record['name']}{suffix}"
   if out_path.resolve() == source.resolve():
     raise ValueError(f"refusing to overwrite the input {source}: choose another --output")
   out_path.write_bytes(data)
-  fields = {"output": out_path.name, "format": fmt, "area": area, "regions": [list(b) for b in boxes]}
+  fields = {
+    "output": out_path.name,
+    "format": fmt,
+    "area": area,
+    "regions": [list(b) for b in boxes],
+  }
   if panel:
     panel_path = output_dir / "panels" / f"{record['name']}_redact.png"
-    before_after_panel(photo.loaded.display, pixels, boxes, photo.pixels.size, score_before=record["score_before"],
-                       score_after=record["score_after"], area=area, title=source.name).save(panel_path)
+    before_after_panel(
+      photo.loaded.display,
+      pixels,
+      boxes,
+      photo.pixels.size,
+      score_before=record["score_before"],
+      score_after=record["score_after"],
+      area=area,
+      title=source.name,
+    ).save(panel_path)
     fields["panel"] = str(panel_path.relative_to(output_dir))
   return fields
 
@@ -662,10 +847,20 @@ class RedactResult:
   output_dir: pathlib.Path
 
 
-def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_dir, settings: RedactSettings, *,
-                  profile: int | None = None, preferences_file: str | None = None, panels: bool = True,
-                  max_pixels: int | None = None, panel_size: int = heatmaps.PANEL_SIZE, loader_processes: int = 0,
-                  progress: bool = True) -> RedactResult:
+def redact_photos(
+  predictor: predict.Predictor,
+  images: Sequence[str],
+  output_dir,
+  settings: RedactSettings,
+  *,
+  profile: int | None = None,
+  preferences_file: str | None = None,
+  panels: bool = True,
+  max_pixels: int | None = None,
+  panel_size: int = heatmaps.PANEL_SIZE,
+  loader_processes: int = 0,
+  progress: bool = True,
+) -> RedactResult:
   """Redacts every photo; writes OUT/<name>, redaction.jsonl, redaction.csv and panels/<name>_redact.png.
 
   Files are collected, read and reported as predict does (`predict.predict`'s arguments of the same
@@ -684,8 +879,13 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
     (output_dir / "panels").mkdir(exist_ok=True)
   max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
   names = predict.unique_names([path for path, _ in entries])
-  load = functools.partial(load_photo, image_size=info["image_size"], max_side=info["max_side"],
-                           max_pixels=max_pixels, panel_size=panel_size)
+  load = functools.partial(
+    load_photo,
+    image_size=info["image_size"],
+    max_side=info["max_side"],
+    max_pixels=max_pixels,
+    panel_size=panel_size,
+  )
   grid_shape = tuple(info["grid_shape"])
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -693,11 +893,13 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
   # predict's reading machinery (threads or processes, batches read ahead, error text), shared.
 
   records = []
-  with (open(output_dir / "redaction.jsonl", "w") as jsonl_file,
-        open(output_dir / "redaction.csv", "w", newline="") as csv_file,
-        concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
-        predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
-        tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar):
+  with (
+    open(output_dir / "redaction.jsonl", "w") as jsonl_file,
+    open(output_dir / "redaction.csv", "w", newline="") as csv_file,
+    concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
+    predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
+    tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar,
+  ):
     writer = csv.writer(csv_file)
     writer.writerow(CSV_HEADER)
     for chunk in predict.loaded_chunks(entries, names, load, predictor.batch_size, loader):
@@ -705,25 +907,52 @@ def redact_photos(predictor: predict.Predictor, images: Sequence[str], output_di
       outcome = None
       if good:
         pixels = np.stack([model_pixels(photo.loaded.model_input) for _, _, photo in good])
-        outcome = greedy_redactions(score, pixels, lambda before: settings.targets(before, info), grid_shape,
-                                    method=settings.method, max_area=settings.max_area,
-                                    min_drop=MIN_DROP * score_scale(info))
+        outcome = greedy_redactions(
+          score,
+          pixels,
+          lambda before: settings.targets(before, info),
+          grid_shape,
+          method=settings.method,
+          max_area=settings.max_area,
+          min_drop=MIN_DROP * score_scale(info),
+        )
         targets = outcome.targets
       writes = collections.deque()
       index = 0
       for path, name, photo in chunk:
         record: dict = {"path": str(path), "name": name}
         if isinstance(photo, Photo):
-          record.update(ok=True, method=settings.method, width=photo.pixels.width, height=photo.pixels.height,
-                        score_before=float(outcome.before[index]), score_after=float(outcome.after[index]),
-                        target=float(targets[index]), target_reached=bool(outcome.after[index] <= targets[index]),
-                        rounds=int(outcome.rounds[index]), metadata_found=photo.metadata,
-                        metadata_removed=[] if settings.keep_metadata else sorted(photo.metadata),
-                        conversions=photo.loaded.conversions)
+          record.update(
+            ok=True,
+            method=settings.method,
+            width=photo.pixels.width,
+            height=photo.pixels.height,
+            score_before=float(outcome.before[index]),
+            score_after=float(outcome.after[index]),
+            target=float(targets[index]),
+            target_reached=bool(outcome.after[index] <= targets[index]),
+            rounds=int(outcome.rounds[index]),
+            metadata_found=photo.metadata,
+            metadata_removed=[] if settings.keep_metadata else sorted(photo.metadata),
+            conversions=photo.loaded.conversions,
+          )
           if user is not None:
             record["user"] = user.label
-          writes.append((record, pool.submit(_write_outputs, photo, outcome.masks[index], record, settings,
-                                             output_dir, path, panels)))
+          writes.append(
+            (
+              record,
+              pool.submit(
+                _write_outputs,
+                photo,
+                outcome.masks[index],
+                record,
+                settings,
+                output_dir,
+                path,
+                panels,
+              ),
+            )
+          )
           index += 1
         else:
           record.update(ok=False, error=photo)
@@ -762,9 +991,19 @@ def _boxes_mask(boxes, count: int, shape: tuple[int, int]) -> np.ndarray:
   return mask
 
 
-def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_shape, *, target_drop: float = 0.5,
-                      target_score: float | None = None, method: str = "blur", max_area: float = DEFAULT_MAX_AREA,
-                      seed: int = 0) -> tuple[dict, Redactions]:
+def redaction_quality(
+  score: Scorer,
+  images: np.ndarray,
+  boxes,
+  num_boxes,
+  grid_shape,
+  *,
+  target_drop: float = 0.5,
+  target_score: float | None = None,
+  method: str = "blur",
+  max_area: float = DEFAULT_MAX_AREA,
+  seed: int = 0,
+) -> tuple[dict, Redactions]:
   """Risk drops of attention-guided, random and centred masks of the same area, and box coverage.
 
   images: uint8 (N, S, S, 3) model-resolution images with boxes (risky ones); each image is redacted
@@ -776,8 +1015,13 @@ def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_
   """
   images = np.asarray(images, np.uint8)
   rng = np.random.default_rng(seed)
+
   def targets(before):
-    return before * (1.0 - target_drop) if target_score is None else np.full(len(before), float(target_score))
+    return (
+      before * (1.0 - target_drop)
+      if target_score is None
+      else np.full(len(before), float(target_score))
+    )
 
   greedy = greedy_redactions(score, images, targets, grid_shape, method=method, max_area=max_area)
   before = greedy.before
@@ -786,31 +1030,44 @@ def redaction_quality(score: Scorer, images: np.ndarray, boxes, num_boxes, grid_
   for mask in greedy.masks:
     area = mask.mean()
     noise = rng.random(grid_shape).astype(np.float32)
-    saliency = np.asarray(Image.fromarray(noise, mode="F").resize(size[::-1], Image.Resampling.BILINEAR))
+    saliency = np.asarray(
+      Image.fromarray(noise, mode="F").resize(size[::-1], Image.Resampling.BILINEAR)
+    )
     random_masks.append(grow_mask(np.zeros(size, bool), saliency, area))
     centred_masks.append(centred_box_mask(size, area))
-  redacted = [redact_array(image, mask, method) for masks in (random_masks, centred_masks)
-              for image, mask in zip(images, masks)]
+  redacted = [
+    redact_array(image, mask, method)
+    for masks in (random_masks, centred_masks)
+    for image, mask in zip(images, masks)
+  ]
   scores, _ = score(normalise_images(np.stack(redacted)))
-  random_after, centred_after = scores[:len(images)], scores[len(images):]
+  random_after, centred_after = scores[: len(images)], scores[len(images) :]
   truth = np.stack([_boxes_mask(b, int(n), size) for b, n in zip(boxes, num_boxes)])
   covered = np.count_nonzero(greedy.masks & truth) / max(np.count_nonzero(truth), 1)
-  drops = {"attention": before - greedy.after, "random": before - random_after, "centred": before - centred_after}
+  drops = {
+    "attention": before - greedy.after,
+    "random": before - random_after,
+    "centred": before - centred_after,
+  }
   mean_drop = {k: float(v.mean()) for k, v in drops.items()}
   summary = {
-      "num_images": len(images),
-      "method": method,
-      "target_drop": target_drop if target_score is None else None,
-      "target_score": target_score,
-      "max_area": max_area,
-      "mean_score_before": float(before.mean()),
-      "mean_area": float(greedy.areas.mean()),
-      "mean_rounds": float(greedy.rounds.mean()),
-      "target_reached": float(np.mean(greedy.after <= greedy.targets)),
-      "mean_drop": mean_drop,
-      "drop_ratio_random": mean_drop["attention"] / mean_drop["random"] if mean_drop["random"] > 0 else None,
-      "drop_ratio_centred": mean_drop["attention"] / mean_drop["centred"] if mean_drop["centred"] > 0 else None,
-      "box_coverage": float(covered),
-      "box_area": float(truth.mean()),
+    "num_images": len(images),
+    "method": method,
+    "target_drop": target_drop if target_score is None else None,
+    "target_score": target_score,
+    "max_area": max_area,
+    "mean_score_before": float(before.mean()),
+    "mean_area": float(greedy.areas.mean()),
+    "mean_rounds": float(greedy.rounds.mean()),
+    "target_reached": float(np.mean(greedy.after <= greedy.targets)),
+    "mean_drop": mean_drop,
+    "drop_ratio_random": mean_drop["attention"] / mean_drop["random"]
+    if mean_drop["random"] > 0
+    else None,
+    "drop_ratio_centred": mean_drop["attention"] / mean_drop["centred"]
+    if mean_drop["centred"] > 0
+    else None,
+    "box_coverage": float(covered),
+    "box_area": float(truth.mean()),
   }
   return summary, greedy

@@ -33,9 +33,10 @@ TABLE_HEADERS = ("method", "L1", "Pearson", "Spearman", "MSE", "n", "source")
 PUBLISHED_SOURCE = "published, VISPR test"
 MEASURED_SOURCE = "measured here"
 PUBLISHED_NOTE = (
-    f"Rows marked *{PUBLISHED_SOURCE}* are copied from the PrivAttNet paper (ICPR 2020; AP-PR and "
-    "PR-CNN from Orekondy et al. 2017), not rerun here. The paper does not state the scale of its "
-    "L1 column, so compare it with care.")
+  f"Rows marked *{PUBLISHED_SOURCE}* are copied from the PrivAttNet paper (ICPR 2020; AP-PR and "
+  "PR-CNN from Orekondy et al. 2017), not rerun here. The paper does not state the scale of its "
+  "L1 column, so compare it with care."
+)
 ASSETS_DIR = "report_files"
 MISSING = "–"
 
@@ -43,6 +44,7 @@ MISSING = "–"
 @dataclasses.dataclass(frozen=True)
 class PublishedRow:
   """One row of the paper's table, kept as printed (strings keep the paper's precision)."""
+
   method: str
   l1: str
   pearson: str | None = None
@@ -50,11 +52,11 @@ class PublishedRow:
 
 
 PUBLISHED_RESULTS = (
-    PublishedRow("AP-PR (Orekondy 2017)", "0.656"),
-    PublishedRow("PR-CNN (Orekondy 2017)", "0.637"),
-    PublishedRow("PrivAttNet", "0.40", "0.87", "0.84"),
-    PublishedRow("PrivAttNet_MLC", "0.44", "0.83", "0.76"),
-    PublishedRow("PrivNet", "0.43", "0.83", "0.78"),
+  PublishedRow("AP-PR (Orekondy 2017)", "0.656"),
+  PublishedRow("PR-CNN (Orekondy 2017)", "0.637"),
+  PublishedRow("PrivAttNet", "0.40", "0.87", "0.84"),
+  PublishedRow("PrivAttNet_MLC", "0.44", "0.83", "0.76"),
+  PublishedRow("PrivNet", "0.43", "0.83", "0.78"),
 )
 
 # Scatter plot geometry: image size and the margins around the plotting area, in pixels.
@@ -79,23 +81,42 @@ def format_value(value, digits: int = 3) -> str:
 
 def _measured_row(name: str, metrics: Mapping, source: str) -> list[str]:
   n = metrics.get("n")
-  return [name, *(format_value(metrics.get(k)) for k in METRIC_KEYS), MISSING if n is None else str(int(n)), source]
+  return [
+    name,
+    *(format_value(metrics.get(k)) for k in METRIC_KEYS),
+    MISSING if n is None else str(int(n)),
+    source,
+  ]
 
 
 def _published_rows() -> list[list[str]]:
-  return [[r.method, r.l1, r.pearson or MISSING, r.spearman or MISSING, MISSING, MISSING, PUBLISHED_SOURCE]
-          for r in PUBLISHED_RESULTS]
+  return [
+    [
+      r.method,
+      r.l1,
+      r.pearson or MISSING,
+      r.spearman or MISSING,
+      MISSING,
+      MISSING,
+      PUBLISHED_SOURCE,
+    ]
+    for r in PUBLISHED_RESULTS
+  ]
 
 
-def results_rows(runs: Sequence[tuple[str, Mapping]], source: str = MEASURED_SOURCE) -> list[list[str]]:
+def results_rows(
+  runs: Sequence[tuple[str, Mapping]], source: str = MEASURED_SOURCE
+) -> list[list[str]]:
   """Rows of the paper-style table: each run (in the given order), then the published rows."""
   return [_measured_row(name, metrics, source) for name, metrics in runs] + _published_rows()
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   """A GitHub-flavoured markdown table; `|` inside cells is escaped."""
+
   def line(cells):
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
   return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)])
 
 
@@ -108,7 +129,9 @@ def write_comparison(out_path, runs: Sequence[tuple[str, Mapping]]) -> pathlib.P
   """Writes the comparison of several runs beside the published numbers as markdown."""
   out_path = pathlib.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  text = "\n\n".join(["# Comparison of runs", compare_table(runs), PUBLISHED_NOTE, _other_metrics_text(runs)])
+  text = "\n\n".join(
+    ["# Comparison of runs", compare_table(runs), PUBLISHED_NOTE, _other_metrics_text(runs)]
+  )
   out_path.write_text(text.rstrip() + "\n")
   return out_path
 
@@ -116,10 +139,15 @@ def write_comparison(out_path, runs: Sequence[tuple[str, Mapping]]) -> pathlib.P
 def _other_metrics_text(runs: Sequence[tuple[str, Mapping]]) -> str:
   lines = []
   for name, metrics in runs:
-    extra = {k: v for k, v in metrics.items()
-             if k not in (*METRIC_KEYS, "n") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    extra = {
+      k: v
+      for k, v in metrics.items()
+      if k not in (*METRIC_KEYS, "n") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     if extra:
-      lines.append(f"- {name}: " + ", ".join(f"{k} {format_value(v)}" for k, v in sorted(extra.items())))
+      lines.append(
+        f"- {name}: " + ", ".join(f"{k} {format_value(v)}" for k, v in sorted(extra.items()))
+      )
   return ("Other metrics:\n\n" + "\n".join(lines)) if lines else ""
 
 
@@ -143,7 +171,9 @@ def errors_by_group(predictions, targets, labels) -> list[dict]:
   if predictions.shape != targets.shape:
     raise ValueError(f"predictions {predictions.shape} and targets {targets.shape} differ")
   if labels.shape != (len(targets), attributes.NUM_ATTRIBUTES):
-    raise ValueError(f"labels must be (N={len(targets)}, {attributes.NUM_ATTRIBUTES}); got {labels.shape}")
+    raise ValueError(
+      f"labels must be (N={len(targets)}, {attributes.NUM_ATTRIBUTES}); got {labels.shape}"
+    )
   groups: dict[str, list[int]] = {}
   for attribute in attributes.load_attributes():
     groups.setdefault(attribute.group, []).append(attribute.index)
@@ -152,13 +182,15 @@ def errors_by_group(predictions, targets, labels) -> list[dict]:
   for group, indices in groups.items():
     carries = labels[:, indices].any(axis=1)
     n = int(carries.sum())
-    result.append({
+    result.append(
+      {
         "group": group,
         "n": n,
         "mae": float(errors[carries].mean()) if n else None,
         "mean_target": float(targets[carries].mean()) if n else None,
         "mean_prediction": float(predictions[carries].mean()) if n else None,
-    })
+      }
+    )
   return result
 
 
@@ -194,8 +226,13 @@ def _value_range(predictions: np.ndarray, targets: np.ndarray) -> tuple[float, f
 
 
 def scatter_plot(
-    predictions, targets, *, title: str = "", value_range: tuple[float, float] | None = None,
-    size: tuple[int, int] = SCATTER_SIZE) -> Image.Image:
+  predictions,
+  targets,
+  *,
+  title: str = "",
+  value_range: tuple[float, float] | None = None,
+  size: tuple[int, int] = SCATTER_SIZE,
+) -> Image.Image:
   """Predicted (y) against true (x) scores, with the y = x diagonal, axes, ticks and labels.
 
   Both axes share one range (the data's, padded by 5%, unless value_range is
@@ -241,12 +278,18 @@ def scatter_plot(
 
   draw = ImageDraw.Draw(image)
   draw.rectangle([left, top, right, bottom], outline=AXIS_COLOUR)
-  draw.text(((left + right) / 2, height - 4), "true score", fill=AXIS_COLOUR, font=font, anchor="md")
+  draw.text(
+    ((left + right) / 2, height - 4), "true score", fill=AXIS_COLOUR, font=font, anchor="md"
+  )
   label = Image.new("RGB", (bottom - top, 14), (255, 255, 255))
-  ImageDraw.Draw(label).text(((bottom - top) / 2, 7), "predicted score", fill=AXIS_COLOUR, font=font, anchor="mm")
+  ImageDraw.Draw(label).text(
+    ((bottom - top) / 2, 7), "predicted score", fill=AXIS_COLOUR, font=font, anchor="mm"
+  )
   image.paste(label.rotate(90, expand=True), (2, top))
   heading = title or "predicted vs true score"
-  heading += f" (n={len(targets)}" + (f", {int((~finite).sum())} non-finite not drawn)" if (~finite).any() else ")")
+  heading += f" (n={len(targets)}" + (
+    f", {int((~finite).sum())} non-finite not drawn)" if (~finite).any() else ")"
+  )
   draw.text((width / 2, 6), heading, fill=AXIS_COLOUR, font=font, anchor="mt")
   return image
 
@@ -254,14 +297,28 @@ def scatter_plot(
 def localisation_rows(localisation: Mapping) -> list[list[str]]:
   """Rows of the localisation table: one per attention step."""
   rows = []
-  for step, (mass, hit) in enumerate(zip(localisation["mass_inside"], localisation["pointing_game"])):
-    rows.append([str(step + 1), format_value(mass), format_value(localisation["box_area"]),
-                 format_value(hit), format_value(localisation["pointing_chance"])])
+  for step, (mass, hit) in enumerate(
+    zip(localisation["mass_inside"], localisation["pointing_game"])
+  ):
+    rows.append(
+      [
+        str(step + 1),
+        format_value(mass),
+        format_value(localisation["box_area"]),
+        format_value(hit),
+        format_value(localisation["pointing_chance"]),
+      ]
+    )
   return rows
 
 
-LOCALISATION_HEADERS = ("step", "attention mass in boxes", "boxes' share of image", "pointing game",
-                        "pointing chance")
+LOCALISATION_HEADERS = (
+  "step",
+  "attention mass in boxes",
+  "boxes' share of image",
+  "pointing game",
+  "pointing chance",
+)
 
 
 REDACTION_HEADERS = ("regions", "mean risk drop", "attention's drop / this")
@@ -271,20 +328,27 @@ def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
   """The report's redaction section: attention against random regions and a centred box, at equal area."""
   drop = redaction["mean_drop"]
   rows = []
-  for name, key in (("attention-guided", "attention"), ("random, same area", "random"),
-                    ("centred box, same area", "centred")):
-    ratio = drop["attention"] / drop[key] if drop[key] > 0 else None  # None: these regions raise the risk.
+  for name, key in (
+    ("attention-guided", "attention"),
+    ("random, same area", "random"),
+    ("centred box, same area", "centred"),
+  ):
+    ratio = (
+      drop["attention"] / drop[key] if drop[key] > 0 else None
+    )  # None: these regions raise the risk.
     rows.append([name, format_value(drop[key]), format_value(ratio)])
   if redaction.get("target_drop"):
     target = f"until {100 * redaction['target_drop']:.0f}% of their score is gone"
   else:
     target = f"until their score is at most {format_value(redaction['target_score'])}"
-  text = (f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the "
-          f"attention {target} or {100 * redaction['max_area']:.0f}% of the image is redacted (reached by "
-          f"{100 * redaction['target_reached']:.0f}%; mean area {100 * redaction['mean_area']:.1f}%, mean score "
-          f"before {format_value(redaction['mean_score_before'])}). The attention's masks cover "
-          f"{100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: {100 * redaction['box_area']:.1f}% "
-          "of the images); random regions and a centred box of the same area per image for comparison.")
+  text = (
+    f"{redaction['num_images']} images with boxes, redacted ({redaction['method']}) greedily along the "
+    f"attention {target} or {100 * redaction['max_area']:.0f}% of the image is redacted (reached by "
+    f"{100 * redaction['target_reached']:.0f}%; mean area {100 * redaction['mean_area']:.1f}%, mean score "
+    f"before {format_value(redaction['mean_score_before'])}). The attention's masks cover "
+    f"{100 * redaction['box_coverage']:.0f}% of the boxes' area (boxes: {100 * redaction['box_area']:.1f}% "
+    "of the images); random regions and a centred box of the same area per image for comparison."
+  )
   blocks = [("heading", 2, "Redaction"), _text(text), ("table", REDACTION_HEADERS, rows)]
   for index, panel in enumerate(panels):
     blocks.append(("image", "before and after redaction", _to_pil(panel), f"redaction_{index:03d}"))
@@ -298,7 +362,9 @@ def _to_pil(panel) -> Image.Image:
     return panel.convert("RGB")
   array = np.asarray(panel)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-    raise ValueError(f"an example panel must be a PIL image or uint8 (H, W, 3); got {array.dtype} {array.shape}")
+    raise ValueError(
+      f"an example panel must be a PIL image or uint8 (H, W, 3); got {array.dtype} {array.shape}"
+    )
   return Image.fromarray(array, mode="RGB")
 
 
@@ -344,18 +410,25 @@ def _render_html(blocks, title: str) -> str:
       body.append(f"<p>{block[2]}</p>")
     elif kind == "table":
       head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-      rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+      rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2]
+      )
       body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     elif kind == "image":
       _, alt, image, _ = block
       data = base64.b64encode(_png_bytes(image)).decode("ascii")
       body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
-  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-           "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:3px 8px;"
-           "text-align:right}th:first-child,td:first-child{text-align:left}img{max-width:100%}")
-  return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-          f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
-          + "\n".join(body) + "\n</body>\n</html>\n")
+  style = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:3px 8px;"
+    "text-align:right}th:first-child,td:first-child{text-align:left}img{max-width:100%}"
+  )
+  return (
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
+    + "\n".join(body)
+    + "\n</body>\n</html>\n"
+  )
 
 
 def _text(markdown_text: str, html_text: str | None = None):
@@ -363,10 +436,20 @@ def _text(markdown_text: str, html_text: str | None = None):
 
 
 def write_report(
-    out_dir, *, method_name: str, metrics: Mapping, predictions, targets, labels,
-    examples: Sequence[Mapping] = (), localisation: Mapping | None = None,
-    split: str = "test", value_range: tuple[float, float] | None = None, redaction: Mapping | None = None,
-    redaction_examples: Sequence = ()) -> tuple[pathlib.Path, pathlib.Path]:
+  out_dir,
+  *,
+  method_name: str,
+  metrics: Mapping,
+  predictions,
+  targets,
+  labels,
+  examples: Sequence[Mapping] = (),
+  localisation: Mapping | None = None,
+  split: str = "test",
+  value_range: tuple[float, float] | None = None,
+  redaction: Mapping | None = None,
+  redaction_examples: Sequence = (),
+) -> tuple[pathlib.Path, pathlib.Path]:
   """Writes `report.md` (+ `report_files/*.png`) and a self-contained `report.html` into out_dir.
 
   Args:
@@ -395,32 +478,65 @@ def write_report(
   group_errors = errors_by_group(predictions, targets, labels)
   title = f"{method_name}: evaluation on {split}"
   blocks: list = [("heading", 1, title), ("heading", 2, "Results")]
-  blocks.append(("table", TABLE_HEADERS, results_rows([(method_name, metrics)], f"{MEASURED_SOURCE}, {split}")))
-  blocks.append(_text(PUBLISHED_NOTE, html.escape(PUBLISHED_NOTE).replace(
-      f"*{PUBLISHED_SOURCE}*", f"<em>{PUBLISHED_SOURCE}</em>")))
+  blocks.append(
+    ("table", TABLE_HEADERS, results_rows([(method_name, metrics)], f"{MEASURED_SOURCE}, {split}"))
+  )
+  blocks.append(
+    _text(
+      PUBLISHED_NOTE,
+      html.escape(PUBLISHED_NOTE).replace(f"*{PUBLISHED_SOURCE}*", f"<em>{PUBLISHED_SOURCE}</em>"),
+    )
+  )
   other = _other_metrics_text([(method_name, metrics)])
   if other:
-    blocks.append(_text(other, "<br>".join(html.escape(line) for line in other.splitlines() if line)))
+    blocks.append(
+      _text(other, "<br>".join(html.escape(line) for line in other.splitlines() if line))
+    )
 
-  blocks += [("heading", 2, "Predicted against true scores"),
-             ("image", "scatter plot of predicted against true scores",
-              scatter_plot(predictions, targets, title=f"{method_name}, {split}", value_range=value_range),
-              "scatter")]
+  blocks += [
+    ("heading", 2, "Predicted against true scores"),
+    (
+      "image",
+      "scatter plot of predicted against true scores",
+      scatter_plot(predictions, targets, title=f"{method_name}, {split}", value_range=value_range),
+      "scatter",
+    ),
+  ]
 
   blocks.append(("heading", 2, "Errors by attribute group"))
-  blocks.append(_text("Mean absolute error of the images that carry at least one attribute of the group "
-                      "(an image counts in each of its groups; Safe: images labelled a0_safe)."))
-  blocks.append(("table", ("group", "images", "MAE", "mean true", "mean predicted"),
-                 [[g["group"], str(g["n"]), format_value(g["mae"]), format_value(g["mean_target"]),
-                   format_value(g["mean_prediction"])] for g in group_errors]))
+  blocks.append(
+    _text(
+      "Mean absolute error of the images that carry at least one attribute of the group "
+      "(an image counts in each of its groups; Safe: images labelled a0_safe)."
+    )
+  )
+  blocks.append(
+    (
+      "table",
+      ("group", "images", "MAE", "mean true", "mean predicted"),
+      [
+        [
+          g["group"],
+          str(g["n"]),
+          format_value(g["mae"]),
+          format_value(g["mean_target"]),
+          format_value(g["mean_prediction"]),
+        ]
+        for g in group_errors
+      ],
+    )
+  )
 
   if localisation is not None:
     blocks.append(("heading", 2, "Attention localisation"))
-    blocks.append(_text(
+    blocks.append(
+      _text(
         f"Over the {localisation['num_images']} images with ground-truth boxes "
         f"({localisation['num_without_boxes']} images without boxes excluded). Mass in boxes against the "
         "boxes' share of the image (the level of uniform attention); pointing game: the most attended "
-        "cell's centre lies in a box, against the share of cells whose centre does (chance)."))
+        "cell's centre lies in a box, against the share of cells whose centre does (chance)."
+      )
+    )
     blocks.append(("table", LOCALISATION_HEADERS, localisation_rows(localisation)))
 
   if redaction is not None:
@@ -429,7 +545,9 @@ def write_report(
   sections = {"most": "Most risky images", "least": "Least risky images"}
   grouped: dict[str, list[Mapping]] = {}
   for example in examples:
-    grouped.setdefault(example.get("kind") if example.get("kind") in sections else "other", []).append(example)
+    grouped.setdefault(
+      example.get("kind") if example.get("kind") in sections else "other", []
+    ).append(example)
   if examples:
     blocks.append(("heading", 2, f"Most and least risky {split} images (by predicted score)"))
   counter = 0
@@ -440,11 +558,19 @@ def write_report(
     for rank, example in enumerate(grouped[kind], start=1):
       image_id = _image_id(example["image_id"])
       target = example.get("target")
-      caption = (f"{rank}. {image_id}: predicted {format_value(example['score'], 2)}, "
-                 f"true {format_value(target, 2)}")
+      caption = (
+        f"{rank}. {image_id}: predicted {format_value(example['score'], 2)}, "
+        f"true {format_value(target, 2)}"
+      )
       blocks.append(("heading", 4, caption))
-      blocks.append(("image", f"attention panel of {image_id}", _to_pil(example["panel"]),
-                     f"example_{counter:03d}_{_safe_stem(image_id)}"))
+      blocks.append(
+        (
+          "image",
+          f"attention panel of {image_id}",
+          _to_pil(example["panel"]),
+          f"example_{counter:03d}_{_safe_stem(image_id)}",
+        )
+      )
       counter += 1
 
   md_path, html_path = out_dir / "report.md", out_dir / "report.html"

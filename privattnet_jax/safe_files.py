@@ -23,17 +23,19 @@ import pathlib
 import stat
 
 REASONS: dict[str, str] = {
-    "outside_root": "the path resolves (after following symlinks) outside the folder it must stay in",
-    "not_a_regular_file": "a FIFO, device, socket or folder: never opened for reading",
-    "file_too_large": "larger than the read limit",
-    "symlink_loop": "the path's symlinks form a loop",
-    "missing": "no such file",
-    "unreadable": "the file exists but cannot be read (permissions, I/O error)",
-    "invalid_path": "not a usable path (a NUL byte, characters the file system cannot encode)",
+  "outside_root": "the path resolves (after following symlinks) outside the folder it must stay in",
+  "not_a_regular_file": "a FIFO, device, socket or folder: never opened for reading",
+  "file_too_large": "larger than the read limit",
+  "symlink_loop": "the path's symlinks form a loop",
+  "missing": "no such file",
+  "unreadable": "the file exists but cannot be read (permissions, I/O error)",
+  "invalid_path": "not a usable path (a NUL byte, characters the file system cannot encode)",
 }
 MAX_ANNOTATION_BYTES = 4 * 2**20  # VISPR's annotation JSONs are ~1 KB.
 MAX_LIST_BYTES = 64 * 2**20  # A split list: one short path per line.
-MAX_IMAGE_BYTES = 512 * 2**20  # Above any camera JPEG/PNG; a bound for hostile files, not for photos.
+MAX_IMAGE_BYTES = (
+  512 * 2**20
+)  # Above any camera JPEG/PNG; a bound for hostile files, not for photos.
 
 
 class UnsafeFileError(OSError):
@@ -57,7 +59,9 @@ def resolve(path: str | os.PathLike, root: str | os.PathLike | None = None) -> p
   if base is None:
     candidate = pathlib.Path(os.path.expanduser(os.fspath(path)))  # The user's own names only.
   else:
-    candidate = base / os.fspath(path)  # An absolute `path` replaces the root; the check below catches it.
+    candidate = base / os.fspath(
+      path
+    )  # An absolute `path` replaces the root; the check below catches it.
   try:
     resolved = candidate.resolve(strict=False)
     os.fspath(resolved).encode(errors="strict")  # Lone surrogates from JSON cannot name a file.
@@ -93,17 +97,26 @@ def regular_file(path: str | os.PathLike, root: str | os.PathLike | None = None)
       raise UnsafeFileError("symlink_loop", path, "its symlinks form a loop") from None
     raise UnsafeFileError("unreadable", path, e.strerror or str(e)) from None
   if not stat.S_ISREG(info.st_mode):
-    raise UnsafeFileError("not_a_regular_file", path, f"is a {_kind(info.st_mode)}, not a regular file")
+    raise UnsafeFileError(
+      "not_a_regular_file", path, f"is a {_kind(info.st_mode)}, not a regular file"
+    )
   return resolved
 
 
-def read_bytes(path: str | os.PathLike, *, max_bytes: int, root: str | os.PathLike | None = None) -> bytes:
+def read_bytes(
+  path: str | os.PathLike, *, max_bytes: int, root: str | os.PathLike | None = None
+) -> bytes:
   """The contents of a regular file inside `root` (when given), at most `max_bytes` long.
 
   Raises UnsafeFileError for anything else (see REASONS); never blocks on a FIFO or device.
   """
   resolved = regular_file(path, root)
-  flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+  flags = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+  )
   try:
     fd = os.open(resolved, flags)
   except FileNotFoundError:
@@ -113,9 +126,13 @@ def read_bytes(path: str | os.PathLike, *, max_bytes: int, root: str | os.PathLi
   with os.fdopen(fd, "rb") as file:
     info = os.fstat(file.fileno())
     if not stat.S_ISREG(info.st_mode):  # Swapped between the stat and the open.
-      raise UnsafeFileError("not_a_regular_file", path, f"is a {_kind(info.st_mode)}, not a regular file")
+      raise UnsafeFileError(
+        "not_a_regular_file", path, f"is a {_kind(info.st_mode)}, not a regular file"
+      )
     if info.st_size > max_bytes:
-      raise UnsafeFileError("file_too_large", path, f"{info.st_size} bytes > the limit of {max_bytes}")
+      raise UnsafeFileError(
+        "file_too_large", path, f"{info.st_size} bytes > the limit of {max_bytes}"
+      )
     try:
       data = file.read(max_bytes + 1)
     except OSError as e:
@@ -126,8 +143,13 @@ def read_bytes(path: str | os.PathLike, *, max_bytes: int, root: str | os.PathLi
 
 
 def _kind(mode: int) -> str:
-  for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                     (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+  for test, name in (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+  ):
     if test(mode):
       return name
   return "special file"

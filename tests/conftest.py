@@ -15,7 +15,9 @@ from privattnet_jax import compilation_cache
 
 COMPILATION_CACHE_DIR = default.get_config().compilation_cache_dir
 compilation_cache.enable(COMPILATION_CACHE_DIR)
-os.environ.update(compilation_cache.environment(COMPILATION_CACHE_DIR))  # For the tests' child processes.
+os.environ.update(
+  compilation_cache.environment(COMPILATION_CACHE_DIR)
+)  # For the tests' child processes.
 
 
 @pytest.fixture(scope="session")

@@ -33,21 +33,38 @@ def _env(devices: int, compilation_cache: bool = True) -> dict:
 
 def run_script(script: str, *, devices: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
   """`script` (indented as in the test) in one process with `devices` CPU devices."""
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=_env(devices), cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(script)],
+    env=_env(devices),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -> list[str]:
   """`script` in two processes of `devices` CPU devices each, joined by jax.distributed on loopback
   with gloo collectives (`process_id` is defined); asserts both exit 0 and returns their stdouts."""
-  port = 20000 + os.getpid() % 20000 + run_on_two_processes.calls  # A fresh port per call in a session.
+  port = (
+    20000 + os.getpid() % 20000 + run_on_two_processes.calls
+  )  # A fresh port per call in a session.
   run_on_two_processes.calls += 1
   code = _DISTRIBUTED_PROLOGUE.format(port=port) + textwrap.dedent(script)
   # No persistent compilation cache: JAX writes it from process 0 only, so process 0 would load its
   # steps while process 1 compiles them, and gloo gives up waiting for it after 30 s on busy cores.
   env = _env(devices, compilation_cache=False)
-  processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(i)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [process.communicate(timeout=timeout) for process in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-4000:]

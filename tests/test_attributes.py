@@ -19,8 +19,15 @@ def _labels(*ids):
 
 
 def _write(path, rows, header=True):
-  lines = ["attribute_id\tattribute_name\t" + "\t".join(f"u{i}" for i in range(len(rows[0][2])))] if header else []
-  lines += ["\t".join([attribute_id, name] + [str(v) for v in values]) for attribute_id, name, values in rows]
+  lines = (
+    ["attribute_id\tattribute_name\t" + "\t".join(f"u{i}" for i in range(len(rows[0][2])))]
+    if header
+    else []
+  )
+  lines += [
+    "\t".join([attribute_id, name] + [str(v) for v in values])
+    for attribute_id, name, values in rows
+  ]
   path.write_text("\n".join(lines) + "\n")
   return path
 
@@ -28,16 +35,23 @@ def _write(path, rows, header=True):
 @pytest.fixture
 def studies_dir(tmp_path):
   """user_profiles.tsv with 3 profiles for three attributes; user_study_1.tsv with 4 users and a control row."""
-  _write(tmp_path / "user_profiles.tsv", [
+  _write(
+    tmp_path / "user_profiles.tsv",
+    [
       ("a1_age_approx", "Age Group", [1, 2, 3]),
       ("a9_face_complete", "Face (Complete)", [5, 4, 3]),
       ("a30_credit_card", "Credit Card", [4, 5, 5]),
-  ], header=False)
-  _write(tmp_path / "user_study_1.tsv", [
+    ],
+    header=False,
+  )
+  _write(
+    tmp_path / "user_study_1.tsv",
+    [
       ("a1_age_approx", "Age Group", [1, 1, 2, 4]),
       ("a9_face_complete", "Face (Complete)", [5, 5, 4, 2]),
       ("a105_control_snack", "Favourite Snack", [5, 5, 5, 5]),
-  ])
+    ],
+  )
   return tmp_path
 
 
@@ -68,17 +82,27 @@ def test_safe_image_and_image_without_labels_score_zero(pooling):
   prefs = np.full((attributes.NUM_ATTRIBUTES, 2), 3.0, np.float32)
   prefs[0] = 0.0  # as preference_table builds it
   assert np.all(attributes.privacy_score(_labels("a0_safe"), prefs, pooling) == 0)
-  assert np.all(attributes.privacy_score(np.zeros(attributes.NUM_ATTRIBUTES, bool), prefs, pooling) == 0)
+  assert np.all(
+    attributes.privacy_score(np.zeros(attributes.NUM_ATTRIBUTES, bool), prefs, pooling) == 0
+  )
 
 
 def test_score_keeps_leading_dimensions_and_profiles():
   prefs = np.zeros((attributes.NUM_ATTRIBUTES, 2), np.float32)
   prefs[IDX["a1_age_approx"]] = [1, 5]
   prefs[IDX["a9_face_complete"]] = [3, 2]
-  labels = np.stack([
-      np.stack([_labels("a1_age_approx"), _labels("a9_face_complete"), _labels("a1_age_approx", "a9_face_complete")]),
+  labels = np.stack(
+    [
+      np.stack(
+        [
+          _labels("a1_age_approx"),
+          _labels("a9_face_complete"),
+          _labels("a1_age_approx", "a9_face_complete"),
+        ]
+      ),
       np.stack([_labels("a0_safe"), _labels(), _labels("a9_face_complete")]),
-  ])  # (2, 3, 68)
+    ]
+  )  # (2, 3, 68)
   score = attributes.privacy_score(labels, prefs, "max")
   np.testing.assert_array_equal(score, [[[1, 5], [3, 2], [3, 5]], [[0, 0], [0, 0], [3, 2]]])
 
@@ -113,7 +137,9 @@ def test_profiles_mean_profile_and_per_profile(studies_dir):
   assert profile[IDX["a1_age_approx"], 0] == 3 and profile[IDX["a9_face_complete"], 0] == 3
   assert profile[IDX["a30_credit_card"], 0] == 5
 
-  per_profile = attributes.preference_table("profile", per_profile=True, user_studies_dir=studies_dir)
+  per_profile = attributes.preference_table(
+    "profile", per_profile=True, user_studies_dir=studies_dir
+  )
   assert per_profile.shape == (68, 3)
   np.testing.assert_array_equal(per_profile[IDX["a9_face_complete"]], [5, 4, 3])
   np.testing.assert_array_equal(per_profile[0], [0, 0, 0])
@@ -123,7 +149,9 @@ def test_profiles_mean_profile_and_per_profile(studies_dir):
 
 
 def test_missing_attribute_takes_missing_value(studies_dir):
-  table = attributes.preference_table("profiles_mean", missing_value=2.5, user_studies_dir=studies_dir)
+  table = attributes.preference_table(
+    "profiles_mean", missing_value=2.5, user_studies_dir=studies_dir
+  )
   assert table[IDX["a2_weight_approx"], 0] == 2.5  # not in the table
   assert table[0, 0] == 0  # a0_safe stays 0
   assert table[IDX["a1_age_approx"], 0] == pytest.approx(2.0)
@@ -143,7 +171,9 @@ def test_user_study_1_drops_control_rows(studies_dir):
 
 
 def test_user_file_is_averaged_over_its_columns(tmp_path):
-  path = _write(tmp_path / "mine.tsv", [("a49_phone", "Phone", [2, 3]), ("a31_passport", "Passport", [5, 4])])
+  path = _write(
+    tmp_path / "mine.tsv", [("a49_phone", "Phone", [2, 3]), ("a31_passport", "Passport", [5, 4])]
+  )
   table = attributes.preference_table("file", preferences_file=str(path))
   assert table[IDX["a49_phone"], 0] == pytest.approx(2.5)
   assert table[IDX["a31_passport"], 0] == pytest.approx(4.5)
@@ -166,10 +196,38 @@ def test_source_argument_errors(studies_dir):
 
 # --- The bundled tables (expectations computed with awk from the TSVs) -------
 
-_A9_PROFILES = [4.0, 4.72727272727, 1.22222222222, 2.75, 2.80952380952, 1.66666666667, 5.0, 4.90909090909,
-                2.83333333333, 5.0, 4.69565217391, 2.0, 3.14285714286, 3.28571428571, 2.66666666667,
-                1.88888888889, 2.28571428571, 4.90909090909, 4.77272727273, 1.0, 5.0, 3.65, 2.58333333333,
-                4.85714285714, 4.5, 3.0, 3.33333333333, 3.2, 5.0, 2.0]
+_A9_PROFILES = [
+  4.0,
+  4.72727272727,
+  1.22222222222,
+  2.75,
+  2.80952380952,
+  1.66666666667,
+  5.0,
+  4.90909090909,
+  2.83333333333,
+  5.0,
+  4.69565217391,
+  2.0,
+  3.14285714286,
+  3.28571428571,
+  2.66666666667,
+  1.88888888889,
+  2.28571428571,
+  4.90909090909,
+  4.77272727273,
+  1.0,
+  5.0,
+  3.65,
+  2.58333333333,
+  4.85714285714,
+  4.5,
+  3.0,
+  3.33333333333,
+  3.2,
+  5.0,
+  2.0,
+]
 
 
 def test_bundled_profile_table():
@@ -199,7 +257,9 @@ def test_bundled_user_study_1():
 # --- Malformed TSVs --------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, message", [
+@pytest.mark.parametrize(
+  "body, message",
+  [
     ("a1_age_approx\tAge\t1\tx\n", "non-numeric"),
     ("a1_age_approx\tAge\t1\t6\n", "1..5"),
     ("a1_age_approx\tAge\t0\t2\n", "1..5"),
@@ -209,7 +269,8 @@ def test_bundled_user_study_1():
     ("a0_safe\tSafe\t1\t2\n", "a0_safe"),
     ("attribute_id\tattribute_name\tu0\n", "no preference rows"),
     ("", "no preference rows"),
-])
+  ],
+)
 def test_malformed_tsv_errors(tmp_path, body, message):
   path = tmp_path / "bad.tsv"
   path.write_text(body)
@@ -224,13 +285,18 @@ def test_malformed_tsv_errors(tmp_path, body, message):
 
 def test_preferences_from_config_follows_config_score(tmp_path):
   config = default.get_config()
-  np.testing.assert_array_equal(input_pipeline.preferences_from_config(config),
-                                attributes.preference_table("profiles_mean"))
+  np.testing.assert_array_equal(
+    input_pipeline.preferences_from_config(config), attributes.preference_table("profiles_mean")
+  )
   config.score.source, config.score.profile_index = "profile", 6
   assert input_pipeline.preferences_from_config(config)[IDX["a9_face_complete"], 0] == 5.0
   config.score.per_profile = True
   assert input_pipeline.preferences_from_config(config).shape == (68, 30)
   path = _write(tmp_path / "mine.tsv", [("a49_phone", "Phone", [2, 3])])
-  config.score.update(source="file", preferences_file=str(path), per_profile=False, missing_value=1.5)
+  config.score.update(
+    source="file", preferences_file=str(path), per_profile=False, missing_value=1.5
+  )
   table = input_pipeline.preferences_from_config(config)
-  assert table[IDX["a49_phone"], 0] == 2.5 and table[IDX["a31_passport"], 0] == 1.5 and table[0, 0] == 0
+  assert (
+    table[IDX["a49_phone"], 0] == 2.5 and table[IDX["a31_passport"], 0] == 1.5 and table[0, 0] == 0
+  )

@@ -28,8 +28,14 @@ NUM_PROFILES = attributes.NUM_PROFILES
 
 def _task(kind, preferences, target_mean=None, pooling="max"):
   target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
-  return train_steps.Task(kind=kind, target_mean=target_mean, preferences=preferences, pooling=pooling,
-                    attention_gamma=0.0, attention_tau=0.0)
+  return train_steps.Task(
+    kind=kind,
+    target_mean=target_mean,
+    preferences=preferences,
+    pooling=pooling,
+    attention_gamma=0.0,
+    attention_tau=0.0,
+  )
 
 
 def _config(data_dir, name, per_profile=True):
@@ -72,7 +78,9 @@ def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs,
   assert len(metrics["per_profile"]) == NUM_PROFILES
   assert all(profile["n"] == num_test for profile in metrics["per_profile"])
   for key in ("l1", "mse"):
-    assert metrics[key] == pytest.approx(np.mean([profile[key] for profile in metrics["per_profile"]]))
+    assert metrics[key] == pytest.approx(
+      np.mean([profile[key] for profile in metrics["per_profile"]])
+    )
   assert metrics["table"]["n"] == num_test and np.isfinite(metrics["table"]["l1"])
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   validation = [line for line in logged if "validation/l1" in line]
@@ -83,13 +91,16 @@ def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs,
   stored = checkpoints.restore_metadata(manager, manager.latest_step())["target_mean"]
   sources = data_lib.load_data_sources(config)
   expected = input_pipeline.split_scores(
-      sources["train"], input_pipeline.preferences_from_config(config), config.score.pooling).mean(axis=0)
+    sources["train"], input_pipeline.preferences_from_config(config), config.score.pooling
+  ).mean(axis=0)
   assert len(stored) == NUM_PROFILES and np.ptp(expected) > 0  # The profiles' means differ.
   np.testing.assert_allclose(stored, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name, ids", [("ap_pr", attributes.ATTRIBUTE_IDS),
-                                       ("privattnet_mlc", attributes.ATTRIBUTE_IDS[1:])])
+@pytest.mark.parametrize(
+  "name, ids",
+  [("ap_pr", attributes.ATTRIBUTE_IDS), ("privattnet_mlc", attributes.ATTRIBUTE_IDS[1:])],
+)
 def test_attribute_models_report_ap_per_attribute_id(runs, name, ids):
   _, _, metrics = runs(name)
   assert tuple(metrics["attribute_ap"]) == ids
@@ -102,11 +113,19 @@ def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mea
   config, workdir, metrics = runs("pr_cnn")
   experiment = train.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
-  result = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh)
-  assert result.predictions.shape == result.targets.shape == (config.data.synthetic.num_test, NUM_PROFILES)
+  result = train.evaluate(
+    state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh
+  )
+  assert (
+    result.predictions.shape
+    == result.targets.shape
+    == (config.data.synthetic.num_test, NUM_PROFILES)
+  )
   assert "table" not in result.metrics  # Without the task there is no table to pool with.
   labels = result.extras["labels"] > 0
-  target = attributes.privacy_score(labels, attributes.preference_table("profiles_mean"), "max")[:, 0]
+  target = attributes.privacy_score(labels, attributes.preference_table("profiles_mean"), "max")[
+    :, 0
+  ]
   # Max pooling: the score of the averaged preferences is at most the average of the profile scores.
   assert np.all(target <= result.targets.mean(axis=1) + 1e-5)
   expected = metrics_lib.regression_metrics(result.predictions.mean(axis=1), target)
@@ -130,7 +149,9 @@ def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(r
 def test_regression_checkpoint_refuses_another_number_of_score_columns(runs):
   config, workdir, _ = runs("pr_cnn")
   with pytest.raises(ValueError, match="predict 30 score column.*this config 1"):
-    train.Experiment(_config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False)
+    train.Experiment(
+      _config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False
+    )
 
 
 def test_eval_reports_attribute_ap_by_id_without_padding_rows():
@@ -145,12 +166,26 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
   # a2 ranked neg, pos, pos, neg, neg: AP (1/2 + 2/3) / 2.
   probabilities[:, 1] = [0.2, 0.9, 0.4, 0.3, 0.8, 0.99]
   labels[:, 2] = [0, 0, 1, 0, 1, 1]
-  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # Row 5 is padding: counted, it would change both APs.
+  mask = np.array(
+    [1, 1, 1, 1, 1, 0], np.float32
+  )  # Row 5 is padding: counted, it would change both APs.
   logits = np.log(probabilities / (1 - probabilities))
-  batches = [{"image": logits[i:i + 3], "score": np.zeros((3, 1), np.float32), "labels": labels[i:i + 3],
-              "mask": mask[i:i + 3]} for i in (0, 3)]
-  state = train_steps.TrainState.create(apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
-                                  params={}, batch_stats={}, tx=optax.identity(), rng=jax.random.PRNGKey(0))
+  batches = [
+    {
+      "image": logits[i : i + 3],
+      "score": np.zeros((3, 1), np.float32),
+      "labels": labels[i : i + 3],
+      "mask": mask[i : i + 3],
+    }
+    for i in (0, 3)
+  ]
+  state = train_steps.TrainState.create(
+    apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
+    params={},
+    batch_stats={},
+    tx=optax.identity(),
+    rng=jax.random.PRNGKey(0),
+  )
   task = _task("attributes", np.ones((68, 1), np.float32))
   mesh = train_steps.create_mesh()
   result = train.evaluate(state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task)
@@ -159,7 +194,9 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
   assert ap["a1_age_approx"] == pytest.approx((1 + 2 / 3) / 2)
   assert ap["a2_weight_approx"] == pytest.approx((1 / 2 + 2 / 3) / 2)
   assert all(ap[attribute_id] is None for attribute_id in ids[3:])  # No positive example.
-  assert result.metrics["attribute_map"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+  assert result.metrics["attribute_map"] == pytest.approx(
+    ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2
+  )
   assert result.metrics["n"] == 5
 
 
@@ -168,7 +205,10 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
 def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logits):
   """Raising one profile's preference for faces raises that profile's score of the image with a
   face, and leaves the image without one and the other profile alone."""
-  face, age = attributes.ATTRIBUTE_INDEX["a9_face_complete"], attributes.ATTRIBUTE_INDEX["a1_age_approx"]
+  face, age = (
+    attributes.ATTRIBUTE_INDEX["a9_face_complete"],
+    attributes.ATTRIBUTE_INDEX["a1_age_approx"],
+  )
   logits = np.full((2, attributes.NUM_ATTRIBUTES), -12.0, np.float32)
   logits[:, age] = 12.0  # Both images show an age cue; only image 0 a face.
   logits[0, face] = 12.0
@@ -180,7 +220,9 @@ def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logit
 
   def scores(preferences):
     task = _task("attributes", preferences, pooling=pooling)
-    return np.asarray(train_steps.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
+    return np.asarray(
+      train_steps.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task)
+    )
 
   before, after = scores(low), scores(high)
   # The hard score of the same images, which the soft score approaches as the logits grow.
@@ -205,10 +247,16 @@ def test_per_profile_targets_are_normalised_per_column():
 def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
   """configs/pr_cnn.py: our MSE on (y - mean) * 2 = 8 / P * sum_n ||yhat_n - y_n||^2 / (2N)."""
   rng = np.random.default_rng(0)
-  task = _task("regression", np.ones((68, NUM_PROFILES), np.float32),
-               rng.uniform(1, 3, NUM_PROFILES).astype(np.float32))
+  task = _task(
+    "regression",
+    np.ones((68, NUM_PROFILES), np.float32),
+    rng.uniform(1, 3, NUM_PROFILES).astype(np.float32),
+  )
   outputs = {"score": rng.normal(size=(5, NUM_PROFILES)).astype(np.float32)}
-  batch = {"score": rng.uniform(0, 5, (5, NUM_PROFILES)).astype(np.float32), "mask": np.ones(5, np.float32)}
+  batch = {
+    "score": rng.uniform(0, 5, (5, NUM_PROFILES)).astype(np.float32),
+    "mask": np.ones(5, np.float32),
+  }
   raw_predictions = np.asarray(train_steps.predicted_scores(outputs, task))
   caffe = np.square(raw_predictions - batch["score"]).sum() / (2 * 5)
   ours = float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"])

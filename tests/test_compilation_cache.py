@@ -26,8 +26,15 @@ _SCRIPT = textwrap.dedent("""
 
 def _run(directory: str) -> int:
   env = dict(subprocesses._env(1), JAX_COMPILATION_CACHE_DIR="")  # pylint: disable=protected-access
-  result = subprocess.run([sys.executable, "-c", _SCRIPT, directory], env=env, cwd=subprocesses.REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", _SCRIPT, directory],
+    env=env,
+    cwd=subprocesses.REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return int(result.stdout.split()[-1])
 
@@ -43,4 +50,6 @@ def test_an_empty_directory_turns_the_cache_off():
   assert compilation_cache.enable("") is None and compilation_cache.environment("") == {}
   assert _run("") == 0
   env = compilation_cache.environment("~/x")
-  assert env["JAX_COMPILATION_CACHE_DIR"].endswith("/x") and not env["JAX_COMPILATION_CACHE_DIR"].startswith("~")
+  assert env["JAX_COMPILATION_CACHE_DIR"].endswith("/x") and not env[
+    "JAX_COMPILATION_CACHE_DIR"
+  ].startswith("~")

@@ -33,11 +33,21 @@ def epoch_draws(experiment, steps: int):
   """(features, labels) of the train batches of global steps 0 .. steps - 1, gathered as the train step does."""
   train_set, mesh = experiment.feed.train_set, experiment.mesh
   gather = functools.partial(
-      device_features.gather_batch, axis=train_steps.AXIS, steps_per_epoch=experiment.steps_per_epoch,
-      local_batch=experiment.config.batch_size // mesh.devices.size, views=train_set.views,
-      seed=input_pipeline.sampler_seed(experiment.config.seed))
-  gathered = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=(PartitionSpec(train_steps.AXIS), PartitionSpec()),
-                                   out_specs=PartitionSpec(train_steps.AXIS)))
+    device_features.gather_batch,
+    axis=train_steps.AXIS,
+    steps_per_epoch=experiment.steps_per_epoch,
+    local_batch=experiment.config.batch_size // mesh.devices.size,
+    views=train_set.views,
+    seed=input_pipeline.sampler_seed(experiment.config.seed),
+  )
+  gathered = jax.jit(
+    jax.shard_map(
+      gather,
+      mesh=mesh,
+      in_specs=(PartitionSpec(train_steps.AXIS), PartitionSpec()),
+      out_specs=PartitionSpec(train_steps.AXIS),
+    )
+  )
   return [jax.device_get(gathered(train_set.arrays, step)) for step in range(steps)]
 
 
@@ -52,10 +62,12 @@ def check_draws(experiment, epochs: int = 2):
   drawn = []
   for epoch in range(epochs):
     examples = []
-    for batch in epoch_draws(experiment, (epoch + 1) * steps)[epoch * steps:]:
+    for batch in epoch_draws(experiment, (epoch + 1) * steps)[epoch * steps :]:
       for row in range(len(batch["mask"])):
         record = by_features[np.asarray(batch["features"][row]).tobytes()]
-        np.testing.assert_array_equal(batch["labels"][row], records[record]["labels"].astype(np.float32))
+        np.testing.assert_array_equal(
+          batch["labels"][row], records[record]["labels"].astype(np.float32)
+        )
         examples.append(record // views)
     assert len(set(examples)) == len(examples) == steps * experiment.config.batch_size
     drawn.append(examples)
@@ -70,10 +82,20 @@ def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp
   assert len(drawn[0]) == 48  # 6 steps of 8 over 48 examples: each example once per epoch.
   # Evaluation from the devices is the host loader's, row for row.
   state = experiment.initial_state
-  on_device = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"), experiment.mesh,
-                             experiment.task)
-  host = train.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
-                        experiment.mesh, experiment.task)
+  on_device = train.evaluate(
+    state,
+    experiment.eval_fn,
+    experiment.feed.eval_batches("validation"),
+    experiment.mesh,
+    experiment.task,
+  )
+  host = train.evaluate(
+    state,
+    experiment.eval_fn,
+    experiment.feed.cache.eval_batches("validation", config, experiment.task),
+    experiment.mesh,
+    experiment.task,
+  )
   np.testing.assert_array_equal(on_device.predictions, host.predictions)
   np.testing.assert_array_equal(on_device.targets, host.targets)
   for key in ("image_id", "boxes", "num_boxes", "labels"):
@@ -101,6 +123,7 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
       if calls == 6:  # Killed after the checkpoint at step 4, mid-interval.
         raise KeyboardInterrupt("simulated kill")
       return step(state, arrays)
+
     return counted
 
   monkeypatch.setattr(device_features, "parallel_train_step", killed_at_step_six)
@@ -114,8 +137,11 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
     experiment = train.Experiment(config, workdir, need_train=False)
     return jax.device_get(experiment.restore(8).params)
 
-  jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(tmp_path / "run"),
-                         final_params(tmp_path / "uninterrupted"))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal,
+    final_params(tmp_path / "run"),
+    final_params(tmp_path / "uninterrupted"),
+  )
   assert resumed["validation"] == reference["validation"]
 
   # The run goes on with the host loader: its checkpoints hold no grain position, so the loader
@@ -125,7 +151,10 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
   assert "checkpoint 8 has no input-pipeline position" in caplog.text
-  assert checkpoints.create_manager(tmp_path / "uninterrupted", keep=3, read_only=True).latest_step() == 10
+  assert (
+    checkpoints.create_manager(tmp_path / "uninterrupted", keep=3, read_only=True).latest_step()
+    == 10
+  )
 
 
 def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data_dir, tmp_path):
@@ -164,17 +193,26 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
 def test_a_config_with_the_replaced_booleans_is_told_the_new_field(tiny_data_dir, tmp_path, field):
   config = _on_device_config(tiny_data_dir, tmp_path / "cache")
   config.feature_cache[field] = True
-  with pytest.raises(ValueError, match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'"):
+  with pytest.raises(
+    ValueError,
+    match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'",
+  ):
     train.validate_config(config)
 
 
 def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():
-  device = types.SimpleNamespace(process_index=jax.process_index(), device_kind="Small GPU",
-                                 memory_stats=lambda: {"bytes_limit": 8 * 2**30})
+  device = types.SimpleNamespace(
+    process_index=jax.process_index(),
+    device_kind="Small GPU",
+    memory_stats=lambda: {"bytes_limit": 8 * 2**30},
+  )
   mesh = types.SimpleNamespace(devices=np.array([device]))
   device_features._check_fits(6 * 2**30, mesh, "cached train views")  # 3/4 of the memory: allowed.
-  with pytest.raises(ValueError, match=r"train views take 6.1 GiB per device, more than 3/4 of the 8.0 GiB "
-                                       r"of a Small GPU: set feature_cache.mode='host'"):
+  with pytest.raises(
+    ValueError,
+    match=r"train views take 6.1 GiB per device, more than 3/4 of the 8.0 GiB "
+    r"of a Small GPU: set feature_cache.mode='host'",
+  ):
     device_features._check_fits(int(6.1 * 2**30), mesh, "cached train views")
 
 
@@ -208,7 +246,9 @@ def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, 
 def test_rows_keep_strings_longer_than_the_first():
   records = ["a", "2017_90000001_long_id"]
   arrays = device_features._read_rows(
-      records, [[0], [1], []], lambda rows: {"image_id": np.str_(rows[0] if rows else ""),
-                                             "valid": bool(rows)})
+    records,
+    [[0], [1], []],
+    lambda rows: {"image_id": np.str_(rows[0] if rows else ""), "valid": bool(rows)},
+  )
   np.testing.assert_array_equal(arrays["image_id"], ["a", "2017_90000001_long_id", ""])
   np.testing.assert_array_equal(arrays["valid"], [True, True, False])

@@ -52,9 +52,15 @@ def flax_outputs(images_nhwc, state_dict):
   outputs = []
   for stages in (3, 4):
     encoder = EfficientNetLite0(stages=stages)
-    shapes = jax.eval_shape(lambda e=encoder: e.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True))
+    shapes = jax.eval_shape(
+      lambda e=encoder: e.init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True
+      )
+    )
     variables = weights.load_pretrained_encoder("efficientnet_lite0", shapes)
-    outputs.append(np.asarray(encoder.apply(variables, jnp.asarray(images_nhwc), use_running_average=True)))
+    outputs.append(
+      np.asarray(encoder.apply(variables, jnp.asarray(images_nhwc), use_running_average=True))
+    )
   cut, trunk = outputs
   logits = trunk.mean(axis=(1, 2)) @ state_dict["_fc.weight"].T + state_dict["_fc.bias"]
   return cut, logits
@@ -63,7 +69,9 @@ def flax_outputs(images_nhwc, state_dict):
 @pytest.mark.parametrize("image_size", [(224, 224), (97, 130)])
 def test_port_computes_what_the_pytorch_reference_computes(state_dict, image_size):
   images = np.random.default_rng(0).standard_normal((2, *image_size, 3)).astype(np.float32)
-  expected_cut, expected_logits = torch_outputs(torch_reference(list(image_size), state_dict), images)
+  expected_cut, expected_logits = torch_outputs(
+    torch_reference(list(image_size), state_dict), images
+  )
   cut, logits = flax_outputs(images, state_dict)
   height, width = image_size
   assert cut.shape == (2, -(-height // 16), -(-width // 16), 112) == expected_cut.shape
@@ -74,7 +82,9 @@ def test_port_computes_what_the_pytorch_reference_computes(state_dict, image_siz
 def test_real_photos_get_their_imagenet_classes(state_dict):
   """The weights, their layout and the project's preprocessing (resize, ImageNet mean/std)."""
   photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
-  images = np.stack([input_pipeline.preprocess_image(Image.fromarray(photo), 224) for photo in photos.values()])
+  images = np.stack(
+    [input_pipeline.preprocess_image(Image.fromarray(photo), 224) for photo in photos.values()]
+  )
   _, logits = flax_outputs(images, state_dict)
   top5 = dict(zip(photos, np.argsort(-logits, axis=-1)[:, :5].tolist()))
   cats = {281, 282, 285}  # tabby, tiger cat, Egyptian cat.
@@ -91,12 +101,17 @@ def test_model_with_lite0_takes_its_channels_and_grid():
     config.model.name = name
     model = models.create_model(config, num_outputs=1)
     variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), images, train=False))
-    features = jax.eval_shape(lambda v, m=model: m.apply(v, images, train=False, method="encode"), variables)
+    features = jax.eval_shape(
+      lambda v, m=model: m.apply(v, images, train=False, method="encode"), variables
+    )
     assert features.shape == (1, grid, grid, channels)
     assert models.encoder_output_stride(config.model.encoder, stages) == 64 // grid
     assert models.encoder_output_channels(config.model.encoder, stages) == channels
   config.model.encoder.name = "mobilenet"
-  with pytest.raises(ValueError, match=r"model.encoder.name must be one of \('resnet', 'efficientnet_lite0'\), got 'mobilenet'"):
+  with pytest.raises(
+    ValueError,
+    match=r"model.encoder.name must be one of \('resnet', 'efficientnet_lite0'\), got 'mobilenet'",
+  ):
     models.create_model(config, num_outputs=1)
 
 
@@ -104,9 +119,18 @@ def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
   """The demo's recipe end to end at a very small size: the installed Lite0 weights, frozen,
   encoded once into the feature cache, the attention head trained and evaluated from it."""
   config = demo.get_config()
-  assert (config.model.encoder.name, config.model.encoder.pretrained) == ("efficientnet_lite0", "efficientnet_lite0")
+  assert (config.model.encoder.name, config.model.encoder.pretrained) == (
+    "efficientnet_lite0",
+    "efficientnet_lite0",
+  )
   small = make_tiny_config(tiny_data_dir)  # The shared tiny dataset and run length.
-  for field in ("batch_size", "num_epochs", "num_train_steps", "log_every_steps", "eval_every_steps"):
+  for field in (
+    "batch_size",
+    "num_epochs",
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_steps",
+  ):
     config[field] = small[field]
   config.data = small.data
   config.image_size = 64  # A 4 x 4 grid of 112-channel Lite0 features.
@@ -117,5 +141,7 @@ def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
   manifest = json.loads((tmp_path / "cache" / feature_cache.MANIFEST_FILENAME).read_text())
   assert manifest["features"]["shape"] == [4, 4, 112]
   test_metrics = json.loads((workdir / "eval_test.json").read_text())
-  assert test_metrics["n"] == small.data.synthetic.num_test and np.isfinite(test_metrics["spearman"])
+  assert test_metrics["n"] == small.data.synthetic.num_test and np.isfinite(
+    test_metrics["spearman"]
+  )
   assert "localisation" in test_metrics

@@ -24,7 +24,9 @@ PHOTOS = ("photo.jpg", "rgba.png", "gray.png", "rotated.jpg", "photo.webp")
 @pytest.fixture(scope="module")
 def run(tiny_data_dir, tmp_path_factory):
   """A PrivAttNet_MLC (attention maps and 67 attribute probabilities), trained two steps."""
-  return tiny_runs.train_tiny_run(tiny_data_dir, tmp_path_factory.mktemp("export_run") / "mlc", "privattnet_mlc")
+  return tiny_runs.train_tiny_run(
+    tiny_data_dir, tmp_path_factory.mktemp("export_run") / "mlc", "privattnet_mlc"
+  )
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +46,46 @@ def photos(tmp_path_factory):
 
 def test_json_holds_the_preprocessing_and_outputs(exported_dir):
   info = json.loads((exported_dir / predict.EXPORT_INFO_FILE).read_text())
-  assert info["format"] == predict.EXPORT_FORMAT and info["model"] == "privattnet_mlc" and info["kind"] == "attributes"
+  assert (
+    info["format"] == predict.EXPORT_FORMAT
+    and info["model"] == "privattnet_mlc"
+    and info["kind"] == "attributes"
+  )
   assert info["image_size"] == 32 and info["max_side"] == 256
   np.testing.assert_allclose(info["image_mean"], input_pipeline.IMAGENET_MEAN)
   np.testing.assert_allclose(info["image_std"], input_pipeline.IMAGENET_STD)
   assert info["input"]["shape"] == ["batch", 32, 32, 3] and info["input"]["dtype"] == "float32"
-  assert info["outputs"] == {"score": ["batch", 1], "attention": ["batch", 3, 4],
-                             "attribute_probabilities": ["batch", 67]}
+  assert info["outputs"] == {
+    "score": ["batch", 1],
+    "attention": ["batch", 3, 4],
+    "attribute_probabilities": ["batch", 67],
+  }
   assert info["grid_shape"] == [2, 2] and info["steps"] == 3
   assert info["attribute_ids"] == list(attributes.ATTRIBUTE_IDS[1:])
   assert np.asarray(info["preferences"]).shape == (attributes.NUM_ATTRIBUTES, 1)
   assert info["score"]["pooling"] == "max" and len(info["target_mean"]) == 1
   assert info["platforms"] == ["cpu", "cuda"]
-  exported = jax.export.deserialize(bytearray((exported_dir / predict.EXPORT_FUNCTION_FILE).read_bytes()))
+  exported = jax.export.deserialize(
+    bytearray((exported_dir / predict.EXPORT_FUNCTION_FILE).read_bytes())
+  )
   batch = exported.in_avals[0].shape[0]
   assert not isinstance(batch, int) and str(batch) == "batch"  # Symbolic: any batch size.
   assert exported.in_avals[0].shape[1:] == (32, 32, 3)
 
 
 def test_exported_and_in_process_predictions_agree(run, exported_dir, photos):
-  images = np.stack([predict.load_image(photos / n, image_size=32, max_side=256, max_pixels=None).model_input
-                     for n in PHOTOS])
+  images = np.stack(
+    [
+      predict.load_image(photos / n, image_size=32, max_side=256, max_pixels=None).model_input
+      for n in PHOTOS
+    ]
+  )
   in_process = predict.load_checkpoint_predictor(run, batch_size=8)(images)
   from_artifact = predict.load_exported_predictor(exported_dir, batch_size=3)
-  exported = {k: np.concatenate([from_artifact(images[:3])[k], from_artifact(images[3:])[k]]) for k in in_process}
+  exported = {
+    k: np.concatenate([from_artifact(images[:3])[k], from_artifact(images[3:])[k]])
+    for k in in_process
+  }
   assert set(exported) == {"score", "attention", "attribute_probabilities"}
   for key in in_process:
     np.testing.assert_allclose(exported[key], in_process[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -90,12 +108,26 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
     runpy.run_path("run.py", run_name="__main__")
   """
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(script)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  from_artifact = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-  expected = predict.predict(predict.load_checkpoint_predictor(run, batch_size=4), [str(photos)], tmp_path / "ckpt",
-                             preferences_file=str(ratings), top_attributes=67, progress=False).records
+  from_artifact = [
+    json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
+  ]
+  expected = predict.predict(
+    predict.load_checkpoint_predictor(run, batch_size=4),
+    [str(photos)],
+    tmp_path / "ckpt",
+    preferences_file=str(ratings),
+    top_attributes=67,
+    progress=False,
+  ).records
   assert len(from_artifact) == len(PHOTOS) and all(r["ok"] for r in from_artifact)
   for a, b in zip(from_artifact, expected):
     assert (a["path"], a["width"], a["height"]) == (b["path"], b["width"], b["height"])
@@ -103,8 +135,9 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
     assert a["user_score"] == pytest.approx(b["user_score"], rel=1e-5)
     probability = {x["id"]: x["probability"] for x in a["top_attributes"]}
     assert len(probability) == 67  # PrivAttNet_MLC: every attribute but a0_safe.
-    assert a["user_score"] == pytest.approx(max(5 * probability["a31_passport"], 3 * probability["a9_face_complete"]),
-                                            rel=1e-5)  # Max pooling of the two rated attributes, the rest 0.
+    assert a["user_score"] == pytest.approx(
+      max(5 * probability["a31_passport"], 3 * probability["a9_face_complete"]), rel=1e-5
+    )  # Max pooling of the two rated attributes, the rest 0.
     assert [x["id"] for x in a["top_attributes"]] == [x["id"] for x in b["top_attributes"]]
     assert (out / a["heatmap"]).is_file()
 
@@ -116,7 +149,9 @@ def test_artifact_errors(run, exported_dir, tmp_path):
     predict.export_predictor(run, tmp_path / "bad", platforms=("gpu",))
   cuda_only = predict.export_predictor(run, tmp_path / "cuda_only", platforms=("cuda",))
   if jax.default_backend() == "cpu":
-    with pytest.raises(predict.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"):
+    with pytest.raises(
+      predict.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"
+    ):
       predict.load_exported_predictor(cuda_only)
   broken = tmp_path / "broken"
   shutil.copytree(exported_dir, broken)

@@ -18,14 +18,18 @@ from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
-HANG_LIMIT_S = 20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
+HANG_LIMIT_S = (
+  20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
+)
 
 
 @pytest.fixture
 def no_hang():
   """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
+
   def _raise(signum, frame):
     raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
+
   previous = signal.signal(signal.SIGALRM, _raise)
   signal.alarm(HANG_LIMIT_S)
   yield
@@ -49,37 +53,50 @@ def hostile(tmp_path_factory):
   base = tmp_path_factory.mktemp("hostile")
   root = synthetic.generate(base / "vispr", 4, 2, 2, seed=0, image_size=SIZE)
   secret = _jpeg(base / "secret" / "s.jpg", (1, 2, 3))
-  (base / "secret" / "x.json").write_text(json.dumps(
-      {"id": "bad_listed_outside", "image_path": "images/train2017/2017_90000000.jpg", "labels": ["a0_safe"]}))
+  (base / "secret" / "x.json").write_text(
+    json.dumps(
+      {
+        "id": "bad_listed_outside",
+        "image_path": "images/train2017/2017_90000000.jpg",
+        "labels": ["a0_safe"],
+      }
+    )
+  )
   os.mkfifo(root / "images" / "train2017" / "fifo.jpg")
   os.symlink(secret, root / "images" / "train2017" / "link_out.jpg")
   os.symlink("loop.jpg", root / "images" / "train2017" / "loop.jpg")
   os.symlink("/dev/zero", root / "images" / "train2017" / "zero.jpg")
   cases = {  # id -> (image_path, expected skip reason)
-      "bad_dotdot": ("../secret/s.jpg", "outside_root"),
-      "bad_absolute": (str(secret), "outside_root"),
-      "bad_etc": ("../../../../../../../../etc/hostname", "outside_root"),
-      "bad_symlink_out": ("images/train2017/link_out.jpg", "outside_root"),
-      "bad_fifo": ("images/train2017/fifo.jpg", "not_a_regular_file"),
-      "bad_loop": ("images/train2017/loop.jpg", "symlink_loop"),
-      "bad_dev_zero": ("images/train2017/zero.jpg", "outside_root"),
-      "bad_folder": ("images/train2017", "not_a_regular_file"),
-      "bad_nul": ("images/train2017/2017_90000000.jpg\u0000.txt", "malformed_annotation"),
-      "bad_surrogate": ("images/\udcff.jpg", "malformed_annotation"),
-      "bad_tilde": ("~/s.jpg", "missing_image"),  # Taken literally inside the root, never as $HOME.
+    "bad_dotdot": ("../secret/s.jpg", "outside_root"),
+    "bad_absolute": (str(secret), "outside_root"),
+    "bad_etc": ("../../../../../../../../etc/hostname", "outside_root"),
+    "bad_symlink_out": ("images/train2017/link_out.jpg", "outside_root"),
+    "bad_fifo": ("images/train2017/fifo.jpg", "not_a_regular_file"),
+    "bad_loop": ("images/train2017/loop.jpg", "symlink_loop"),
+    "bad_dev_zero": ("images/train2017/zero.jpg", "outside_root"),
+    "bad_folder": ("images/train2017", "not_a_regular_file"),
+    "bad_nul": ("images/train2017/2017_90000000.jpg\u0000.txt", "malformed_annotation"),
+    "bad_surrogate": ("images/\udcff.jpg", "malformed_annotation"),
+    "bad_tilde": ("~/s.jpg", "missing_image"),  # Taken literally inside the root, never as $HOME.
   }
   with open(root / "train2017.txt", "a") as listing:
     for image_id, (image_path, _) in cases.items():
       relative = f"annotations/train2017/{image_id}.json"
-      (root / relative).write_text(json.dumps({"id": image_id, "image_path": image_path, "labels": ["a0_safe"]}))
+      (root / relative).write_text(
+        json.dumps({"id": image_id, "image_path": image_path, "labels": ["a0_safe"]})
+      )
       listing.write(relative + "\n")
     listing.write("../secret/x.json\n/etc/hostname\n")
   expected = {image_id: reason for image_id, (_, reason) in cases.items()}
-  expected.update({"x": "outside_root", "hostname": "outside_root"})  # Split-list entries: their stems.
+  expected.update(
+    {"x": "outside_root", "hostname": "outside_root"}
+  )  # Split-list entries: their stems.
   return root, expected, secret
 
 
-def test_builder_skips_every_path_outside_the_root_and_every_special_file(no_hang, hostile, tmp_path):
+def test_builder_skips_every_path_outside_the_root_and_every_special_file(
+  no_hang, hostile, tmp_path
+):
   root, expected, _ = hostile
   builder = vispr.prepare(root, tmp_path, "max256", splits_dir=root)
   report = vispr.load_build_report(builder)
@@ -95,14 +112,21 @@ def test_strict_build_counts_outside_paths_as_failures(no_hang, hostile, tmp_pat
   root, _, _ = hostile
   with pytest.raises(vispr.StrictBuildError, match="outside_root") as error:
     vispr.prepare(root, tmp_path, "max256", splits_dir=root, strict=True)
-  assert str(error.value).splitlines()[0] == f"strict build: {len(hostile[1])} annotations would be skipped"
+  assert (
+    str(error.value).splitlines()[0]
+    == f"strict build: {len(hostile[1])} annotations would be skipped"
+  )
 
 
 def test_safe_reads_refuse_without_opening(no_hang, tmp_path):
   fifo = tmp_path / "fifo"
   os.mkfifo(fifo)
-  for path, reason in ((fifo, "not_a_regular_file"), ("/dev/zero", "not_a_regular_file"),
-                       (tmp_path, "not_a_regular_file"), (tmp_path / "none", "missing")):
+  for path, reason in (
+    (fifo, "not_a_regular_file"),
+    ("/dev/zero", "not_a_regular_file"),
+    (tmp_path, "not_a_regular_file"),
+    (tmp_path / "none", "missing"),
+  ):
     with pytest.raises(safe_files.UnsafeFileError) as error:
       safe_files.read_bytes(path, max_bytes=10)
     assert error.value.reason == reason
@@ -144,14 +168,28 @@ def test_annotation_or_split_list_edited_after_the_build_is_never_reused(tmp_pat
 def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predict.Predictor:
   """A Predictor with the attention model's outputs and a trivial function (no JAX, no checkpoint)."""
   cells = grid[0] * grid[1]
-  info = {"model": "fake", "image_size": image_size, "max_side": 256, "steps": steps, "grid_shape": list(grid),
-          "num_scores": 1, "attribute_ids": None,
-          "outputs": {"score": ["batch", 1], "step_scores": ["batch", steps, 1], "attention": ["batch", steps, cells]}}
+  info = {
+    "model": "fake",
+    "image_size": image_size,
+    "max_side": 256,
+    "steps": steps,
+    "grid_shape": list(grid),
+    "num_scores": 1,
+    "attribute_ids": None,
+    "outputs": {
+      "score": ["batch", 1],
+      "step_scores": ["batch", steps, 1],
+      "attention": ["batch", steps, cells],
+    },
+  }
 
   def infer(images, mask):
     brightness = images.mean(axis=(1, 2, 3))
-    return {"score": brightness[:, None], "step_scores": np.repeat(brightness[:, None, None], steps, 1),
-            "attention": np.full((len(images), steps, cells), 1.0 / cells, np.float32)}
+    return {
+      "score": brightness[:, None],
+      "step_scores": np.repeat(brightness[:, None, None], steps, 1),
+      "attention": np.full((len(images), steps, cells), 1.0 / cells, np.float32),
+    }
 
   return predict.Predictor(info, 4, infer)
 
@@ -166,11 +204,17 @@ def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_pat
   os.symlink(".", photos / "sub" / "again")  # A folder loop: not followed.
   os.symlink(photos / "nothing.jpg", photos / "dangling.jpg")
   out = tmp_path / "out"
-  result = predict.predict(_fake_predictor(), [str(photos), str(photos / "**" / "*.jpg")], out, progress=False)
+  result = predict.predict(
+    _fake_predictor(), [str(photos), str(photos / "**" / "*.jpg")], out, progress=False
+  )
   records = {pathlib.Path(r["path"]).relative_to(photos).as_posix(): r for r in result.records}
   good = {"x.jpg", "x-2.jpg", "sub/x.jpg", "X.jpg", "sub/deeper/x-2.jpg", "y.png"}
-  bad = {"fifo.jpg": "not_a_regular_file", "zero.jpg": "not_a_regular_file", "loop.jpg": "symlink_loop",
-         "dangling.jpg": "missing"}
+  bad = {
+    "fifo.jpg": "not_a_regular_file",
+    "zero.jpg": "not_a_regular_file",
+    "loop.jpg": "symlink_loop",
+    "dangling.jpg": "missing",
+  }
   assert set(records) == good | set(bad) and len(result.records) == len(records)
   for name in good:
     assert records[name]["ok"], records[name]
@@ -185,7 +229,9 @@ def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_pat
 
 
 def test_unique_names_never_collide_with_generated_ones():
-  paths = [pathlib.Path(p) for p in ("x-2.jpg", "sub/x.jpg", "b/x.png", "X.gif", "x-3.bmp", "c/x-2.jpg")]
+  paths = [
+    pathlib.Path(p) for p in ("x-2.jpg", "sub/x.jpg", "b/x.png", "X.gif", "x-3.bmp", "c/x-2.jpg")
+  ]
   names = predict.unique_names(paths)
   assert len({n.lower() for n in names}) == len(names)
   assert names[:2] == ["x-2", "x"]
@@ -207,14 +253,20 @@ def _saved_steps(workdir: pathlib.Path, steps=(1, 2, 3)):
   manager = checkpoints.create_manager(workdir, keep=5)
   for step in steps:
     rng = np.random.default_rng(step)  # Random: the arrays' files do not compress to nothing.
-    state = {"w": rng.normal(size=(64, 64)).astype(np.float32) + step, "b": np.arange(8, dtype=np.float32) * step}
+    state = {
+      "w": rng.normal(size=(64, 64)).astype(np.float32) + step,
+      "b": np.arange(8, dtype=np.float32) * step,
+    }
     checkpoints.save(manager, step, state, None, {"config": {}, "target_mean": [0.5], "step": step})
   manager.wait_until_finished()
   return manager
 
 
 def _abstract():
-  return {"w": jax.ShapeDtypeStruct((64, 64), np.float32), "b": jax.ShapeDtypeStruct((8,), np.float32)}
+  return {
+    "w": jax.ShapeDtypeStruct((64, 64), np.float32),
+    "b": jax.ShapeDtypeStruct((8,), np.float32),
+  }
 
 
 def _largest_file(folder: pathlib.Path) -> pathlib.Path:
@@ -254,7 +306,11 @@ def test_restoring_a_corrupt_step_names_it_and_the_intact_steps(tmp_path, damage
   with pytest.raises(checkpoints.CheckpointError) as error:
     checkpoints.restore(manager, 2, _abstract())
   message = str(error.value)
-  assert "\n" not in message and "checkpoint step 2" in message and "steps that restore: [1, 3]" in message
+  assert (
+    "\n" not in message
+    and "checkpoint step 2" in message
+    and "steps that restore: [1, 3]" in message
+  )
   assert step_dir.is_dir()  # evaluate/predict/export never move a checkpoint.
 
 
@@ -263,10 +319,17 @@ def test_restoring_a_corrupt_step_names_it_and_the_intact_steps(tmp_path, damage
 
 
 def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
-  code = ("import sys, time; from privattnet_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
-          "print('held', flush=True); time.sleep(120)")
-  child = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+  code = (
+    "import sys, time; from privattnet_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
+    "print('held', flush=True); time.sleep(120)"
+  )
+  child = subprocess.Popen(
+    [sys.executable, "-c", code, str(workdir)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+  )
   assert child.stdout.readline().strip() == "held"
   return child
 
@@ -274,7 +337,9 @@ def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
 def test_workdir_lock_stops_a_second_run_and_is_taken_over_after_a_kill(tmp_path):
   child = _hold_lock_in_child(tmp_path)
   try:
-    with pytest.raises(workdir_lock.WorkdirInUseError, match=f"in use by another run \\(pid {child.pid} on host"):
+    with pytest.raises(
+      workdir_lock.WorkdirInUseError, match=f"in use by another run \\(pid {child.pid} on host"
+    ):
       workdir_lock.acquire(tmp_path)
   finally:
     child.kill()
@@ -293,22 +358,45 @@ def test_workdir_lock_stops_a_second_run_and_is_taken_over_after_a_kill(tmp_path
 
 def _run_py_cases(tmp_path: pathlib.Path) -> dict:
   data_dir = tmp_path / "data"
-  common = ["--config=configs/demo.py", f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}"]
+  common = [
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.data_dir={data_dir}",
+  ]
   existing = tmp_path / "existing.txt"
   existing.write_text("keep")
   return {
-      "typo_field": (common + ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
-      "bad_variant": (["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'run'}"], "got 'bogus'"),
-      "missing_config": (["--config=configs/nothere.py", f"--workdir={tmp_path / 'run'}"],
-                         "No such file or directory: 'configs/nothere.py'"),
-      "image_size_stride": (common + ["--config.image_size=100"], "multiple of the encoder's output stride 16"),
-      "model_name": (common + ["--config.model.name=nope"], "model.name must be one of"),
-      "missing_weights": (common + [f"--config.model.encoder.pretrained={tmp_path / 'w.pth'}"],
-                          f"model.encoder.pretrained={tmp_path / 'w.pth'}: does not exist"),
-      "output_is_a_file": (["--mode=predict", f"--workdir={tmp_path / 'run'}", f"--output={existing}",
-                            f"--images={existing}"], "exists and is not a folder"),
-      "workdir_in_use": (common[:1] + [f"--workdir={tmp_path / 'locked'}"] + common[2:],
-                         "is in use by another run (pid"),
+    "typo_field": (common + ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+    "bad_variant": (
+      ["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'run'}"],
+      "got 'bogus'",
+    ),
+    "missing_config": (
+      ["--config=configs/nothere.py", f"--workdir={tmp_path / 'run'}"],
+      "No such file or directory: 'configs/nothere.py'",
+    ),
+    "image_size_stride": (
+      common + ["--config.image_size=100"],
+      "multiple of the encoder's output stride 16",
+    ),
+    "model_name": (common + ["--config.model.name=nope"], "model.name must be one of"),
+    "missing_weights": (
+      common + [f"--config.model.encoder.pretrained={tmp_path / 'w.pth'}"],
+      f"model.encoder.pretrained={tmp_path / 'w.pth'}: does not exist",
+    ),
+    "output_is_a_file": (
+      [
+        "--mode=predict",
+        f"--workdir={tmp_path / 'run'}",
+        f"--output={existing}",
+        f"--images={existing}",
+      ],
+      "exists and is not a folder",
+    ),
+    "workdir_in_use": (
+      common[:1] + [f"--workdir={tmp_path / 'locked'}"] + common[2:],
+      "is in use by another run (pid",
+    ),
   }
 
 
@@ -317,9 +405,20 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   holder = _hold_lock_in_child(tmp_path / "locked")
   try:
-    running = {name: subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for name, (args, _) in cases.items()}
-    results = {name: (process.wait(timeout=300), *process.communicate()) for name, process in running.items()}
+    running = {
+      name: subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for name, (args, _) in cases.items()
+    }
+    results = {
+      name: (process.wait(timeout=300), *process.communicate()) for name, process in running.items()
+    }
   finally:
     holder.kill()
     holder.wait()
@@ -335,7 +434,9 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
 def test_a_full_disk_is_recognised_through_library_wrappers():
   import run  # pylint: disable=g-import-not-at-top  # Defines run.py's flags; no other test imports it.
 
-  wrapped = RuntimeError('Failed to finalize writing of split "test": write() failed: No space left on device')
+  wrapped = RuntimeError(
+    'Failed to finalize writing of split "test": write() failed: No space left on device'
+  )
   chained = ValueError("save failed")
   chained.__cause__ = OSError(28, "No space left on device", "/w/checkpoints/2/state")
   for error in (wrapped, chained, OSError(28, "No space left on device")):

@@ -14,7 +14,6 @@ def peaked(num_locations, peak, steps=1):
 
 
 class TestJet:
-
   def test_end_points(self):
     np.testing.assert_allclose(heatmaps.JET_LUT[0], [0.0, 0.0, 0.5])
     np.testing.assert_allclose(heatmaps.JET_LUT[255], [0.5, 0.0, 0.0])
@@ -24,8 +23,12 @@ class TestJet:
     # Entry i samples x = i / 255 and interpolates matplotlib's _jet_data anchors.
     x = 64 / 255  # green rises over 0.125..0.375; red 0; blue flat 1 over 0.11..0.34.
     np.testing.assert_allclose(heatmaps.JET_LUT[64], [0.0, (x - 0.125) / 0.25, 1.0])
-    x = 128 / 255  # red rises over 0.35..0.66; green 1 over 0.375..0.64; blue falls over 0.34..0.65.
-    np.testing.assert_allclose(heatmaps.JET_LUT[128], [(x - 0.35) / 0.31, 1.0, 1.0 - (x - 0.34) / 0.31])
+    x = (
+      128 / 255
+    )  # red rises over 0.35..0.66; green 1 over 0.375..0.64; blue falls over 0.34..0.65.
+    np.testing.assert_allclose(
+      heatmaps.JET_LUT[128], [(x - 0.35) / 0.31, 1.0, 1.0 - (x - 0.34) / 0.31]
+    )
     np.testing.assert_allclose(heatmaps.JET_LUT[128], [0.4902, 1.0, 0.4775], atol=1e-4)
     x = 28 / 255  # blue rises from 0.5 at 0 to 1 at 0.11.
     np.testing.assert_allclose(heatmaps.JET_LUT[28], [0.0, 0.0, 0.5 + 0.5 * x / 0.11])
@@ -44,19 +47,20 @@ class TestJet:
 
   def test_float_lookup_picks_floor_times_256(self):
     np.testing.assert_array_equal(heatmaps.jet(0.5), heatmaps.JET_LUT[128])
-    np.testing.assert_array_equal(heatmaps.jet([0.0, 1.0, 0.999, -1.0, 2.0]),
-                                  heatmaps.JET_LUT[[0, 255, 255, 0, 255]])
+    np.testing.assert_array_equal(
+      heatmaps.jet([0.0, 1.0, 0.999, -1.0, 2.0]), heatmaps.JET_LUT[[0, 255, 255, 0, 255]]
+    )
     np.testing.assert_array_equal(heatmaps.jet(0.25), heatmaps.JET_LUT[64])
 
   def test_colourise_wants_uint8(self):
-    np.testing.assert_array_equal(heatmaps.colourise(np.array([[0, 255]], np.uint8)),
-                                  [[[0, 0, 127], [127, 0, 0]]])
+    np.testing.assert_array_equal(
+      heatmaps.colourise(np.array([[0, 255]], np.uint8)), [[[0, 0, 127], [127, 0, 0]]]
+    )
     with pytest.raises(ValueError, match="uint8"):
       heatmaps.colourise(np.array([0.5]))
 
 
 class TestGrid:
-
   def test_square_inferred(self):
     assert heatmaps.infer_grid_shape(196) == (14, 14)
     assert heatmaps.infer_grid_shape(12, (3, 4)) == (3, 4)
@@ -82,17 +86,22 @@ class TestGrid:
 
 
 class TestNormalisation:
-
   def test_per_map_and_global_by_hand(self):
     attention = np.array([[0.1, 0.3, 0.5], [0.2, 0.2, 0.3]])
-    np.testing.assert_allclose(heatmaps.normalise_attention(attention, "per_map"),
-                               [[0.0, 0.5, 1.0], [0.0, 0.0, 1.0]])
-    np.testing.assert_allclose(heatmaps.normalise_attention(attention, "global"),
-                               [[0.0, 0.5, 1.0], [0.25, 0.25, 0.5]])
+    np.testing.assert_allclose(
+      heatmaps.normalise_attention(attention, "per_map"), [[0.0, 0.5, 1.0], [0.0, 0.0, 1.0]]
+    )
+    np.testing.assert_allclose(
+      heatmaps.normalise_attention(attention, "global"), [[0.0, 0.5, 1.0], [0.25, 0.25, 0.5]]
+    )
 
   def test_constant_map_is_zero(self):
-    np.testing.assert_array_equal(heatmaps.normalise_attention(np.full((2, 4), 0.25)), np.zeros((2, 4)))
-    np.testing.assert_array_equal(heatmaps.normalise_attention(np.full((2, 4), 0.25), "global"), np.zeros((2, 4)))
+    np.testing.assert_array_equal(
+      heatmaps.normalise_attention(np.full((2, 4), 0.25)), np.zeros((2, 4))
+    )
+    np.testing.assert_array_equal(
+      heatmaps.normalise_attention(np.full((2, 4), 0.25), "global"), np.zeros((2, 4))
+    )
 
   def test_unknown_option(self):
     with pytest.raises(ValueError, match="per_map"):
@@ -105,7 +114,9 @@ class TestNormalisation:
     global_ = heatmaps.attention_intensity(attention, (8, 8), normalisation="global")
     np.testing.assert_array_equal(per_map[0], per_map[1])
     np.testing.assert_array_equal(global_[0], per_map[0])
-    assert global_[1].max() <= 26 < global_[0].max()  # 0.1 * 255 truncates to 25; bicubic may add one.
+    assert (
+      global_[1].max() <= 26 < global_[0].max()
+    )  # 0.1 * 255 truncates to 25; bicubic may add one.
     image = np.full((8, 8, 3), 128, np.uint8)
     per_map_overlays = heatmaps.attention_overlays(image, attention, normalisation="per_map")
     global_overlays = heatmaps.attention_overlays(image, attention, normalisation="global")
@@ -117,11 +128,13 @@ class TestNormalisation:
 
 
 class TestPeak:
-
-  @pytest.mark.parametrize("grid_shape,image_size,peak_cell", [
+  @pytest.mark.parametrize(
+    "grid_shape,image_size,peak_cell",
+    [
       ((4, 4), (32, 32), (1, 2)),
       ((2, 4), (20, 40), (1, 3)),
-  ])
+    ],
+  )
   def test_hottest_pixel_in_peak_cell(self, grid_shape, image_size, peak_cell):
     grid_height, grid_width = grid_shape
     height, width = image_size
@@ -137,7 +150,9 @@ class TestPeak:
 
     image = np.full((height, width, 3), 128, np.uint8)
     overlay = heatmaps.attention_overlays(image, attention, grid_shape)[0]
-    expected = np.rint(0.5 * 128 + 0.5 * heatmaps.JET_LUT_UINT8[intensity[row, column]].astype(float))
+    expected = np.rint(
+      0.5 * 128 + 0.5 * heatmaps.JET_LUT_UINT8[intensity[row, column]].astype(float)
+    )
     np.testing.assert_array_equal(overlay[row, column], expected)
     assert overlay[row, column, 0] > overlay[row, column, 2]  # Red end of jet at the peak.
     far = (0 if row >= height // 2 else height - 1, 0 if column >= width // 2 else width - 1)
@@ -145,7 +160,6 @@ class TestPeak:
 
 
 class TestPanel:
-
   def test_layout(self):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
@@ -157,7 +171,7 @@ class TestPanel:
     top = heatmaps.CAPTION_HEIGHT
     np.testing.assert_array_equal(pixels[top:, :20], image)
     for step, overlay in enumerate(heatmaps.attention_overlays(image, attention)):
-      np.testing.assert_array_equal(pixels[top:, 20 * (step + 1):20 * (step + 2)], overlay)
+      np.testing.assert_array_equal(pixels[top:, 20 * (step + 1) : 20 * (step + 2)], overlay)
     # Captions are drawn: the strip is not plain background.
     assert (pixels[:top] != heatmaps.CAPTION_BACKGROUND).any()
 
@@ -166,15 +180,19 @@ class TestPanel:
     attention = peaked(16, 5, steps=2)
     with_title = heatmaps.attention_panel(image, attention, score=1.0, title="photo.jpg")
     assert with_title.size == (64 * 3, 40 + 2 * heatmaps.CAPTION_HEIGHT)
-    strips = np.asarray(with_title)[:2 * heatmaps.CAPTION_HEIGHT].reshape(2, heatmaps.CAPTION_HEIGHT, -1, 3)
+    strips = np.asarray(with_title)[: 2 * heatmaps.CAPTION_HEIGHT].reshape(
+      2, heatmaps.CAPTION_HEIGHT, -1, 3
+    )
     without_title = np.asarray(heatmaps.attention_panel(image, attention, score=1.0))
     assert (strips[0] != heatmaps.CAPTION_BACKGROUND).any()  # The title ...
-    np.testing.assert_array_equal(strips[1], without_title[:heatmaps.CAPTION_HEIGHT])  # ... above the captions.
+    np.testing.assert_array_equal(
+      strips[1], without_title[: heatmaps.CAPTION_HEIGHT]
+    )  # ... above the captions.
     a = np.asarray(heatmaps.attention_panel(image, attention, score=1.0))
     b = np.asarray(heatmaps.attention_panel(image, attention, score=4.0))
     strip = slice(0, heatmaps.CAPTION_HEIGHT)
     assert not np.array_equal(a[strip, :64], b[strip, :64])
-    np.testing.assert_array_equal(a[heatmaps.CAPTION_HEIGHT:], b[heatmaps.CAPTION_HEIGHT:])
+    np.testing.assert_array_equal(a[heatmaps.CAPTION_HEIGHT :], b[heatmaps.CAPTION_HEIGHT :])
 
   def test_step_scores_must_match_steps(self):
     image = np.zeros((16, 16, 3), np.uint8)

@@ -41,14 +41,16 @@ def _record(i, height=48, width=64):
     labels[1 + bit] = (i >> bit) & 1
   if i == 0:
     labels[0] = True  # a0_safe: scores 0.
-  boxes = np.array([[0.1 * k, 0.2, 0.5 + 0.1 * k, 0.9] for k in range(i % 3)], np.float32).reshape(-1, 4)
+  boxes = np.array([[0.1 * k, 0.2, 0.5 + 0.1 * k, 0.9] for k in range(i % 3)], np.float32).reshape(
+    -1, 4
+  )
   return {
-      "image": _jpeg(_gradient(height, width, i)),
-      "image_id": f"2017_{i:05d}".encode(),
-      "labels": labels,
-      "height": np.int32(height),
-      "width": np.int32(width),
-      "boxes": boxes,
+    "image": _jpeg(_gradient(height, width, i)),
+    "image_id": f"2017_{i:05d}".encode(),
+    "labels": labels,
+    "height": np.int32(height),
+    "width": np.int32(width),
+    "boxes": boxes,
   }
 
 
@@ -96,12 +98,28 @@ def _task(config):
 
 def _train(source, config, process_index=0, process_count=1, **kwargs):
   return input_pipeline.create_train_loader(
-      source, config, _task(config), process_index=process_index, process_count=process_count, local_device_count=1, **kwargs)
+    source,
+    config,
+    _task(config),
+    process_index=process_index,
+    process_count=process_count,
+    local_device_count=1,
+    **kwargs,
+  )
 
 
 def _eval(source, config, process_index=0, process_count=1, **kwargs):
-  return list(input_pipeline.create_eval_batches(
-      source, config, _task(config), process_index=process_index, process_count=process_count, local_device_count=1, **kwargs))
+  return list(
+    input_pipeline.create_eval_batches(
+      source,
+      config,
+      _task(config),
+      process_index=process_index,
+      process_count=process_count,
+      local_device_count=1,
+      **kwargs,
+    )
+  )
 
 
 def _take(iterator, n):
@@ -146,9 +164,24 @@ def test_resize_size_default_scales_264_over_224():
 def test_crop_box_fallback_is_the_central_crop_clamped_to_ratio():
   rng = np.random.default_rng(0)
   # Full-area crops of a 3:1 frame never fit an aspect ratio <= 4/3: all ten attempts fail.
-  assert input_pipeline.random_resized_crop_box(rng, 100, 300, (1.0, 1.0), (3 / 4, 4 / 3)) == (0, 83, 100, 133)
-  assert input_pipeline.random_resized_crop_box(rng, 300, 100, (1.0, 1.0), (3 / 4, 4 / 3)) == (83, 0, 133, 100)
-  assert input_pipeline.random_resized_crop_box(rng, 50, 50, (1.0, 1.0), (1.0, 1.0)) == (0, 0, 50, 50)
+  assert input_pipeline.random_resized_crop_box(rng, 100, 300, (1.0, 1.0), (3 / 4, 4 / 3)) == (
+    0,
+    83,
+    100,
+    133,
+  )
+  assert input_pipeline.random_resized_crop_box(rng, 300, 100, (1.0, 1.0), (3 / 4, 4 / 3)) == (
+    83,
+    0,
+    133,
+    100,
+  )
+  assert input_pipeline.random_resized_crop_box(rng, 50, 50, (1.0, 1.0), (1.0, 1.0)) == (
+    0,
+    0,
+    50,
+    50,
+  )
 
 
 def test_crop_boxes_lie_in_the_frame_with_requested_area_and_ratio():
@@ -160,8 +193,15 @@ def test_crop_boxes_lie_in_the_frame_with_requested_area_and_ratio():
   assert area.min() >= 0.07 and area.max() <= 1.0 and ratio.min() > 0.7 and ratio.max() < 1.43
   assert area.min() < 0.12 and area.max() > 0.9  # the whole 0.08..1 range is used
   assert len(set(map(tuple, boxes))) > 1900
-  assert np.all(np.array([input_pipeline.random_resized_crop_box(rng, 264, 264, (0.5, 0.5), (1, 1))[2]
-                          for _ in range(50)]) == round(264 * 0.5**0.5))
+  assert np.all(
+    np.array(
+      [
+        input_pipeline.random_resized_crop_box(rng, 264, 264, (0.5, 0.5), (1, 1))[2]
+        for _ in range(50)
+      ]
+    )
+    == round(264 * 0.5**0.5)
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -187,21 +227,28 @@ def test_train_image_is_resize_then_crop_then_flip(seed):
 
 def test_train_flips_half_the_time_and_varies_crops():
   data = _jpeg(_gradient(48, 64))
-  images = [input_pipeline.train_image(data, np.random.default_rng(s), image_size=16, resize_size=20)
-            for s in range(200)]
+  images = [
+    input_pipeline.train_image(data, np.random.default_rng(s), image_size=16, resize_size=20)
+    for s in range(200)
+  ]
   flips = sum(np.mean(image[:, -1, 0] - image[:, 0, 0]) < 0 for image in images)
   assert 70 < flips < 130
-  assert len({image.tobytes() for image in images}) > 150  # integer boxes in a 20 x 20 frame repeat a little
+  assert (
+    len({image.tobytes() for image in images}) > 150
+  )  # integer boxes in a 20 x 20 frame repeat a little
 
 
 def test_eval_transform_is_a_plain_resize():
   pixels = _gradient(48, 64)
   data = _jpeg(pixels)
-  expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR))
+  expected = np.asarray(
+    Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR)
+  )
   expected = (expected / 255.0 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
   np.testing.assert_allclose(input_pipeline.eval_image(data, 32), expected, atol=1e-5)
   np.testing.assert_allclose(
-      input_pipeline.preprocess_image(Image.open(io.BytesIO(data)), 32), expected, atol=1e-5)
+    input_pipeline.preprocess_image(Image.open(io.BytesIO(data)), 32), expected, atol=1e-5
+  )
 
 
 def test_preprocess_image_accepts_any_mode_and_large_jpegs():
@@ -214,8 +261,9 @@ def test_preprocess_image_accepts_any_mode_and_large_jpegs():
   assert input_pipeline.decode_image(data, 32).size == (80, 64)
   assert input_pipeline.decode_image(data, 100).size == (160, 128)  # 1/4: both sides stay >= 100
   full = Image.open(io.BytesIO(data))
-  np.testing.assert_allclose(input_pipeline.eval_image(data, 32), input_pipeline.preprocess_image(full, 32),
-                             atol=0.1)
+  np.testing.assert_allclose(
+    input_pipeline.eval_image(data, 32), input_pipeline.preprocess_image(full, 32), atol=0.1
+  )
   assert full.size == (640, 512)  # the caller's image is left as it was
 
 
@@ -232,7 +280,11 @@ def test_train_batches_shapes_dtypes_ranges_and_scores():
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["score"].shape == (4, 1) and batch["score"].dtype == np.float32
     assert batch["labels"].shape == (4, 68) and batch["labels"].dtype == np.float32
-    assert batch["mask"].shape == (4,) and batch["mask"].dtype == np.float32 and np.all(batch["mask"] == 1)
+    assert (
+      batch["mask"].shape == (4,)
+      and batch["mask"].dtype == np.float32
+      and np.all(batch["mask"] == 1)
+    )
     assert np.all(np.isfinite(batch["image"]))
     assert _LOW - 1e-5 <= batch["image"].min() and batch["image"].max() <= _HIGH + 1e-5
     for row, record_index in enumerate(_ids(batch)):
@@ -248,14 +300,18 @@ def test_per_profile_target_has_30_scores():
   batch = next(iter(_train(_source(), config)))
   assert batch["score"].shape == (4, 30)
   record_index = _ids(batch)[0]
-  np.testing.assert_allclose(batch["score"][0], attributes.privacy_score(
-      _RECORDS[record_index]["labels"], attributes.preference_table(per_profile=True), "max"))
+  np.testing.assert_allclose(
+    batch["score"][0],
+    attributes.privacy_score(
+      _RECORDS[record_index]["labels"], attributes.preference_table(per_profile=True), "max"
+    ),
+  )
 
 
 def test_each_epoch_is_a_fresh_permutation_and_the_remainder_is_dropped():
   batches = list(_train(_source(10), _config(batch_size=5), num_epochs=3))
   assert len(batches) == 6
-  epochs = [sum((_ids(b) for b in batches[2 * e: 2 * e + 2]), []) for e in range(3)]
+  epochs = [sum((_ids(b) for b in batches[2 * e : 2 * e + 2]), []) for e in range(3)]
   for epoch in epochs:
     assert sorted(epoch) == list(range(10))
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
@@ -307,6 +363,7 @@ def test_resume_continues_at_the_exact_next_batch():
 
 def test_resume_through_an_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as orbax  # pylint: disable=g-import-not-at-top  (a hard dependency: never skipped)
+
   config = _config()
   uninterrupted = _take(iter(_train(_source(), config)), 4)
   iterator = iter(_train(_source(), config))
@@ -341,7 +398,8 @@ def test_workers_are_deterministic_and_resume_exactly():
 def test_workers_start_under_an_absl_app(tmp_path):
   """The production path: flags defined in __main__ (re-imported by the spawn workers) and parsed by app.run."""
   script = tmp_path / "main.py"
-  script.write_text(textwrap.dedent(f"""
+  script.write_text(
+    textwrap.dedent(f"""
       import sys
       sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
       from absl import app, flags
@@ -361,8 +419,11 @@ def test_workers_start_under_an_absl_app(tmp_path):
 
       if __name__ == "__main__":
         app.run(main)
-  """))
-  result = subprocess.run([sys.executable, str(script), "--size=24"], capture_output=True, text=True, timeout=300)
+  """)
+  )
+  result = subprocess.run(
+    [sys.executable, str(script), "--size=24"], capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK (4, 24, 24, 3) 3 ndarray" in result.stdout
 
@@ -374,25 +435,47 @@ def test_per_process_batch_errors():
   with pytest.raises(ValueError, match="multiple of the process count 4"):
     _train(_source(), _config(batch_size=6), 0, 4)
   with pytest.raises(ValueError, match="multiple of the process count 4"):
-    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), _task(_config()), process_index=0,
-                                       process_count=4, local_device_count=1)
+    input_pipeline.create_eval_batches(
+      _source(),
+      _config(batch_size=6),
+      _task(_config()),
+      process_index=0,
+      process_count=4,
+      local_device_count=1,
+    )
   with pytest.raises(ValueError, match="divisible by the 2 local devices"):
-    input_pipeline.create_train_loader(_source(), _config(batch_size=6), _task(_config()), process_index=0,
-                                       process_count=2, local_device_count=2)
+    input_pipeline.create_train_loader(
+      _source(),
+      _config(batch_size=6),
+      _task(_config()),
+      process_index=0,
+      process_count=2,
+      local_device_count=2,
+    )
   with pytest.raises(ValueError, match="divisible by the 4 local devices"):
-    input_pipeline.create_eval_batches(_source(), _config(batch_size=6), _task(_config()), process_index=0,
-                                       process_count=1, local_device_count=4)
+    input_pipeline.create_eval_batches(
+      _source(),
+      _config(batch_size=6),
+      _task(_config()),
+      process_index=0,
+      process_count=1,
+      local_device_count=4,
+    )
   with pytest.raises(ValueError, match="process_index 2 is not in 0..1"):
     _train(_source(), _config(), 2, 2)
   layout = input_pipeline.process_layout(8, process_index=1, process_count=2, local_device_count=2)
   assert (layout.batch_size, layout.global_batch_size) == (4, 8)
 
 
-@pytest.mark.parametrize("num_rows, batch_size, process_count", [(10, 2, 3), (12, 2, 3), (5, 4, 2), (0, 3, 1)])
+@pytest.mark.parametrize(
+  "num_rows, batch_size, process_count", [(10, 2, 3), (12, 2, 3), (5, 4, 2), (0, 3, 1)]
+)
 def test_process_layout_gives_every_stream_row_to_one_process(num_rows, batch_size, process_count):
   """The eval stream's layout (eval loader, feature-cache files, device eval split): the processes'
   rows partition the stream, in global batches of batch_size x process_count."""
-  layouts = [input_pipeline.ProcessLayout(p, process_count, batch_size) for p in range(process_count)]
+  layouts = [
+    input_pipeline.ProcessLayout(p, process_count, batch_size) for p in range(process_count)
+  ]
   owned = {}
   for layout in layouts:
     count = layout.rows_of_process(num_rows, layout.process_index)
@@ -411,9 +494,18 @@ def test_process_layout_gives_every_stream_row_to_one_process(num_rows, batch_si
 # --- Eval batches ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_records, batch_size, process_count", [
-    (10, 4, 1), (10, 6, 3), (12, 6, 3), (7, 6, 3), (1, 6, 3), (12, 4, 1), (0, 4, 2),
-])
+@pytest.mark.parametrize(
+  "num_records, batch_size, process_count",
+  [
+    (10, 4, 1),
+    (10, 6, 3),
+    (12, 6, 3),
+    (7, 6, 3),
+    (1, 6, 3),
+    (12, 4, 1),
+    (0, 4, 2),
+  ],
+)
 def test_eval_counts_every_example_exactly_once(num_records, batch_size, process_count):
   source = ListSource([_record(i) for i in range(num_records)])
   config = _config(batch_size=batch_size)
@@ -429,7 +521,10 @@ def test_eval_counts_every_example_exactly_once(num_records, batch_size, process
       assert batch["image"].shape == (local, 32, 32, 3) and batch["image"].dtype == np.float32
       assert batch["score"].shape == (local, 1) and batch["labels"].shape == (local, 68)
       assert batch["mask"].dtype == np.float32 and batch["image_id"].dtype.kind == "U"
-      assert batch["boxes"].shape == (local, input_pipeline.MAX_BOXES, 4) and batch["num_boxes"].dtype == np.int32
+      assert (
+        batch["boxes"].shape == (local, input_pipeline.MAX_BOXES, 4)
+        and batch["num_boxes"].dtype == np.int32
+      )
       for row in range(local):
         image_id = str(batch["image_id"][row])
         if batch["mask"][row] == 0:
@@ -441,13 +536,16 @@ def test_eval_counts_every_example_exactly_once(num_records, batch_size, process
         ids.append(image_id)
         record = source[int(image_id[5:])]
         np.testing.assert_array_equal(batch["labels"][row], record["labels"])
-        np.testing.assert_allclose(batch["score"][row],
-                                   attributes.privacy_score(record["labels"], preferences, "max"))
+        np.testing.assert_allclose(
+          batch["score"][row], attributes.privacy_score(record["labels"], preferences, "max")
+        )
         n = len(record["boxes"])
         assert batch["num_boxes"][row] == n
         np.testing.assert_array_equal(batch["boxes"][row, :n], record["boxes"])
         assert not np.any(batch["boxes"][row, n:])
-        np.testing.assert_allclose(batch["image"][row], input_pipeline.eval_image(record["image"], 32))
+        np.testing.assert_allclose(
+          batch["image"][row], input_pipeline.eval_image(record["image"], 32)
+        )
   assert sorted(ids) == [f"2017_{i:05d}" for i in range(num_records)]  # each once, across processes
 
 
@@ -500,19 +598,29 @@ def test_split_scores_reads_labels_only(monkeypatch):
   scores = input_pipeline.split_scores(source, attributes.preference_table(), "max")
   labels = np.stack([r["labels"] for r in _RECORDS[:10]])
   assert scores.shape == (10, 1) and scores.dtype == np.float32 and source.batched_reads == 1
-  np.testing.assert_allclose(scores, attributes.privacy_score(labels, attributes.preference_table(), "max"))
+  np.testing.assert_allclose(
+    scores, attributes.privacy_score(labels, attributes.preference_table(), "max")
+  )
   assert scores[0, 0] == 0  # record 0 is a0_safe
   monkeypatch.setattr(input_pipeline, "_SCORE_CHUNK", 4)  # reads of 4, 4 and 2 records
   source.batched_reads = 0
-  np.testing.assert_array_equal(input_pipeline.split_scores(source, attributes.preference_table(), "max"), scores)
+  np.testing.assert_array_equal(
+    input_pipeline.split_scores(source, attributes.preference_table(), "max"), scores
+  )
   assert source.batched_reads == 3
   per_profile = input_pipeline.split_scores(
-      ListSource(source.records), attributes.preference_table(per_profile=True), "mean")
+    ListSource(source.records), attributes.preference_table(per_profile=True), "mean"
+  )
   np.testing.assert_allclose(
-      per_profile, attributes.privacy_score(labels, attributes.preference_table(per_profile=True), "mean"))
+    per_profile,
+    attributes.privacy_score(labels, attributes.preference_table(per_profile=True), "mean"),
+  )
   with pytest.raises(ValueError, match="labels have shape"):
-    input_pipeline.split_scores(ListSource([dict(_RECORDS[1], labels=np.zeros(67, bool))]), attributes.preference_table(),
-                                "max")
+    input_pipeline.split_scores(
+      ListSource([dict(_RECORDS[1], labels=np.zeros(67, bool))]),
+      attributes.preference_table(),
+      "max",
+    )
 
 
 # --- The TFDS `vispr` source (the tiny synthetic build the training tests share) ---
@@ -526,9 +634,14 @@ def test_tfds_vispr_records_flow_through(tiny_data_dir):
   sources = data.load_data_sources(config)
   iterator = iter(_train(sources["train"], config))
   batch = _take(iterator, 2)[0]
-  assert batch["image"].shape == (config.batch_size, 32, 32, 3) and batch["score"].shape == (config.batch_size, 1)
+  assert batch["image"].shape == (config.batch_size, 32, 32, 3) and batch["score"].shape == (
+    config.batch_size,
+    1,
+  )
   state = iterator.get_state()
-  resumed = iter(_train(data.load_data_sources(config)["train"], config))  # a new source object, same repr
+  resumed = iter(
+    _train(data.load_data_sources(config)["train"], config)
+  )  # a new source object, same repr
   resumed.set_state(state)
   _assert_batches_equal(next(resumed), next(iterator))
 

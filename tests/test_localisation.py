@@ -13,7 +13,7 @@ def pad_boxes(per_image, max_boxes=3):
   boxes = np.zeros((len(per_image), max_boxes, 4))
   for i, image_boxes in enumerate(per_image):
     if image_boxes:
-      boxes[i, :len(image_boxes)] = image_boxes
+      boxes[i, : len(image_boxes)] = image_boxes
   return boxes, np.array([len(b) for b in per_image])
 
 
@@ -52,7 +52,9 @@ def test_union_of_overlapping_boxes_counted_once():
   # Cell coverage: cell 0 full (0.25), cells 1 and 2 a 0.25 x 0.25 corner each (0.0625 / 0.25),
   # cell 3 a 0.25 x 0.25 corner: mass on cell 1 alone is a quarter of it.
   one_hot = np.array([[[0.0, 1.0, 0.0, 0.0]]])
-  assert localisation.localisation_per_image(one_hot, boxes, num_boxes)["mass_inside"][0, 0] == pytest.approx(0.25)
+  assert localisation.localisation_per_image(one_hot, boxes, num_boxes)["mass_inside"][
+    0, 0
+  ] == pytest.approx(0.25)
 
 
 def test_cell_aligned_box_on_the_paper_grid():
@@ -84,11 +86,13 @@ def test_non_square_grid_needs_its_shape():
 
 
 def test_safe_images_excluded_and_counted():
-  attention = np.array([
-      [[0.1, 0.1, 0.1, 0.7]],   # Hit, mass 0.7.
+  attention = np.array(
+    [
+      [[0.1, 0.1, 0.1, 0.7]],  # Hit, mass 0.7.
       [[0.9, 0.05, 0.03, 0.02]],  # Safe: no boxes, whatever its attention.
-      [[0.4, 0.3, 0.2, 0.1]],   # Miss, mass 0.1.
-  ])
+      [[0.4, 0.3, 0.2, 0.1]],  # Miss, mass 0.1.
+    ]
+  )
   boxes, num_boxes = pad_boxes([[(0.5, 0.5, 1.0, 1.0)], [], [(0.5, 0.5, 1.0, 1.0)]])
   result = localisation.localisation_metrics(attention, boxes, num_boxes)
   assert result["mass_inside"] == [pytest.approx(0.4)]
@@ -102,7 +106,9 @@ def test_safe_images_excluded_and_counted():
 def test_mask_drops_padding_examples():
   attention = np.array([[[0.1, 0.1, 0.1, 0.7]], [[0.7, 0.1, 0.1, 0.1]], [[0.25] * 4]])
   boxes, num_boxes = pad_boxes([[(0.5, 0.5, 1.0, 1.0)], [(0.5, 0.5, 1.0, 1.0)], []])
-  result = localisation.localisation_metrics(attention, boxes, num_boxes, mask=np.array([1.0, 0.0, 0.0]))
+  result = localisation.localisation_metrics(
+    attention, boxes, num_boxes, mask=np.array([1.0, 0.0, 0.0])
+  )
   assert result["pointing_game"] == [1.0]
   assert (result["num_images"], result["num_without_boxes"]) == (1, 0)
 
@@ -118,7 +124,9 @@ def test_no_image_with_boxes_gives_none():
 
 def test_padding_rows_beyond_num_boxes_are_ignored():
   boxes, _ = pad_boxes([[(0.5, 0.5, 1.0, 1.0), (0.0, 0.0, 0.5, 0.5)]])
-  result = localisation.localisation_metrics(np.array([[[0.7, 0.1, 0.1, 0.1]]]), boxes, np.array([1]))
+  result = localisation.localisation_metrics(
+    np.array([[[0.7, 0.1, 0.1, 0.1]]]), boxes, np.array([1])
+  )
   assert result["mass_inside"] == [pytest.approx(0.1)]
   assert result["box_area"] == pytest.approx(0.25)
 
@@ -127,7 +135,9 @@ def test_matches_a_brute_force_count_on_random_boxes():
   rng = np.random.default_rng(0)
   num_images, grid = 4, 7
   corners = np.sort(rng.random((num_images, 3, 2, 2)), axis=2)  # (N, M, [min, max], [y, x])
-  boxes = np.stack([corners[:, :, 0, 0], corners[:, :, 0, 1], corners[:, :, 1, 0], corners[:, :, 1, 1]], -1)
+  boxes = np.stack(
+    [corners[:, :, 0, 0], corners[:, :, 0, 1], corners[:, :, 1, 0], corners[:, :, 1, 1]], -1
+  )
   num_boxes = np.array([1, 2, 3, 3])
   attention = rng.random((num_images, 2, grid * grid))
   attention /= attention.sum(axis=2, keepdims=True)
@@ -136,9 +146,13 @@ def test_matches_a_brute_force_count_on_random_boxes():
   samples = (np.arange(700) + 0.5) / 700
   for n in range(num_images):
     inside = np.zeros((700, 700), bool)
-    for ymin, xmin, ymax, xmax in boxes[n, :num_boxes[n]]:
-      inside |= ((samples[:, None] >= ymin) & (samples[:, None] <= ymax)
-                 & (samples[None, :] >= xmin) & (samples[None, :] <= xmax))
+    for ymin, xmin, ymax, xmax in boxes[n, : num_boxes[n]]:
+      inside |= (
+        (samples[:, None] >= ymin)
+        & (samples[:, None] <= ymax)
+        & (samples[None, :] >= xmin)
+        & (samples[None, :] <= xmax)
+      )
     coverage = inside.reshape(grid, 100, grid, 100).mean(axis=(1, 3)).reshape(-1)
     assert per_image["box_area"][n] == pytest.approx(inside.mean(), abs=5e-3)
     np.testing.assert_allclose(per_image["mass_inside"][n], attention[n] @ coverage, atol=5e-3)

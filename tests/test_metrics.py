@@ -34,7 +34,8 @@ def test_per_profile_metrics_average_the_profiles():
   for key in ("l1", "mse", "pearson", "spearman"):
     assert m[key] == pytest.approx(np.mean([p[key] for p in m["per_profile"]]))
   assert m["per_profile"][0]["spearman"] == pytest.approx(
-      scipy.stats.spearmanr(predictions[:, 0], targets[:, 0]).statistic)
+    scipy.stats.spearmanr(predictions[:, 0], targets[:, 0]).statistic
+  )
   assert m["per_profile"][0]["l1"] < m["per_profile"][2]["l1"]
 
 

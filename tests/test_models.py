@@ -49,11 +49,11 @@ def randomise_batch_stats(variables, seed=3):
 
 
 EXPECTED_KEYS = {
-    "privattnet": {"score": 3, "step_scores": (3, 3), "attention": (3, 16)},
-    "privattnet_mlc": {"attribute_logits": 67, "attention": (3, 16)},
-    "privnet": {"score": 3},
-    "ap_pr": {"attribute_logits": 68},
-    "pr_cnn": {"score": 3},
+  "privattnet": {"score": 3, "step_scores": (3, 3), "attention": (3, 16)},
+  "privattnet_mlc": {"attribute_logits": 67, "attention": (3, 16)},
+  "privnet": {"score": 3},
+  "ap_pr": {"attribute_logits": 68},
+  "pr_cnn": {"score": 3},
 }
 
 
@@ -63,7 +63,9 @@ def test_output_shapes_and_parameter_groups(name):
   x = images()
   variables = init(model, x)
   assert set(variables["params"]) == {"encoder", "head"}
-  outputs, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+  outputs, _ = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
+  )
   expected = {key: (2, *np.atleast_1d(shape)) for key, shape in EXPECTED_KEYS[name].items()}
   assert {key: value.shape for key, value in outputs.items()} == expected
   for value in outputs.values():
@@ -98,19 +100,25 @@ def resnet_variables(depth, stages, size=224):
 
 # torchvision's totals (25,557,032 for resnet50, 11,689,512 for resnet18, 21,797,672 for resnet34)
 # minus the 1000-way fc; the conv4_x cut also drops layer4 (14,964,736 parameters).
-@pytest.mark.parametrize("depth, stages, expected_params, expected_shape", [
+@pytest.mark.parametrize(
+  "depth, stages, expected_params, expected_shape",
+  [
     (50, 3, 25_557_032 - 2_049_000 - 14_964_736, (1, 14, 14, 1024)),
     (50, 4, 25_557_032 - 2_049_000, (1, 7, 7, 2048)),
     (18, 4, 11_689_512 - 513_000, (1, 7, 7, 512)),
     (34, 4, 21_797_672 - 513_000, (1, 7, 7, 512)),
-])
+  ],
+)
 def test_resnet_parameter_counts_match_torchvision(depth, stages, expected_params, expected_shape):
   variables, shape = resnet_variables(depth, stages)
   assert count(variables["params"]) == expected_params
   assert shape == expected_shape
   # Every BatchNorm has a running mean and variance per channel, as many as its scale and bias.
-  bn_params = [v for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])
-               if jax.tree_util.keystr(path).split("'")[-2] in ("scale", "bias")]
+  bn_params = [
+    v
+    for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+    if jax.tree_util.keystr(path).split("'")[-2] in ("scale", "bias")
+  ]
   assert count(variables["batch_stats"]) == count(bn_params)
 
 
@@ -118,18 +126,23 @@ def test_resnet50_names_and_shapes_follow_torchvision():
   variables, _ = resnet_variables(50, 4)
   params = variables["params"]
   assert sorted(k for k in params if k.startswith("layer")) == sorted(
-      f"layer{s + 1}_{b}" for s, n in enumerate((3, 4, 6, 3)) for b in range(n))
+    f"layer{s + 1}_{b}" for s, n in enumerate((3, 4, 6, 3)) for b in range(n)
+  )
   assert params["conv1"]["kernel"].shape == (7, 7, 3, 64)
   assert params["layer1_0"]["downsample_conv"]["kernel"].shape == (1, 1, 64, 256)
   assert params["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
   assert params["layer3_5"]["conv3"]["kernel"].shape == (1, 1, 256, 1024)
   assert "downsample_conv" not in params["layer2_1"]
-  assert all("bias" not in module for name, module in params["layer4_2"].items() if name.startswith("conv"))
+  assert all(
+    "bias" not in module for name, module in params["layer4_2"].items() if name.startswith("conv")
+  )
 
 
 def test_attention_head_parameter_count_at_paper_size():
   head = AttentionHead(num_outputs=1)
-  variables = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((1, 14, 14, 1024)), train=False))
+  variables = jax.eval_shape(
+    lambda: head.init(jax.random.key(0), jnp.zeros((1, 14, 14, 1024)), train=False)
+  )
   d, h, l = 1024, 1024, 196
   expected = (d * d + d) + 2 * d + 2 * (d * h + h) + d * d + (h * l + l) + d
   expected += d * 4 * h + h * 4 * h + 4 * h  # flax's LSTM: one bias per gate (torch has two).
@@ -142,7 +155,9 @@ def test_attention_rows_are_distributions():
   x = images(batch=3)
   variables = init(model, x)
   for train in (False, True):
-    outputs, _ = model.apply(variables, x, train=train, rngs={"dropout": jax.random.key(5)}, mutable=["batch_stats"])
+    outputs, _ = model.apply(
+      variables, x, train=train, rngs={"dropout": jax.random.key(5)}, mutable=["batch_stats"]
+    )
     attention = np.asarray(outputs["attention"])
     assert np.all(attention >= 0)
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
@@ -188,7 +203,9 @@ def numpy_head(params, stats, features, output, hidden_dropout=1.0):
   alphas, ys = [], []
   query = h
   for _ in range(3):
-    logits = dense(relu(e + dense(query, step["query"])[:, :, None]), step["attention_logit"])[..., 0]
+    logits = dense(relu(e + dense(query, step["query"])[:, :, None]), step["attention_logit"])[
+      ..., 0
+    ]
     alpha = np.exp(logits - logits.max(-1, keepdims=True))
     alpha /= alpha.sum(-1, keepdims=True)
     z = np.einsum("bl,bld->bd", alpha, a)
@@ -208,7 +225,9 @@ def test_head_matches_numpy_transcription_of_the_spec(output):
   features = jax.random.normal(jax.random.key(0), (2, 3, 4, 12))  # A non-square grid.
   variables = randomise_batch_stats(head.init(jax.random.key(1), features, train=False))
   outputs = head.apply(variables, features, train=False)
-  score, step_scores, attention = numpy_head(variables["params"], variables["batch_stats"], features, output)
+  score, step_scores, attention = numpy_head(
+    variables["params"], variables["batch_stats"], features, output
+  )
   np.testing.assert_allclose(outputs["score"], score, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(outputs["step_scores"], step_scores, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(outputs["attention"], attention, rtol=1e-4, atol=1e-7)
@@ -227,8 +246,9 @@ def test_only_the_query_and_regressor_read_the_dropped_out_hidden_state():
 
   with nn.intercept_methods(double_hidden_dropout):
     outputs = head.apply(variables, features, train=False)
-  score, step_scores, attention = numpy_head(variables["params"], variables["batch_stats"], features, "mean",
-                                             hidden_dropout=2.0)
+  score, step_scores, attention = numpy_head(
+    variables["params"], variables["batch_stats"], features, "mean", hidden_dropout=2.0
+  )
   np.testing.assert_allclose(outputs["step_scores"], step_scores, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(outputs["attention"], attention, rtol=1e-4, atol=1e-7)
 
@@ -237,8 +257,9 @@ def test_dropout_is_active_in_training_and_follows_the_rng():
   model = models.create_model(tiny_config(), num_outputs=1)
   x = images()
   variables = init(model, x)
-  run = lambda seed: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)},
-                                 mutable=["batch_stats"])[0]["step_scores"]
+  run = lambda seed: model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=["batch_stats"]
+  )[0]["step_scores"]
   np.testing.assert_array_equal(run(7), run(7))
   assert not np.allclose(run(7), run(8))
 
@@ -251,8 +272,13 @@ def encoder_and_head_gradients(trainable):
   variables = init(model, x)
 
   def loss(params):
-    outputs, _ = model.apply({**variables, "params": params}, x, train=True,
-                             rngs={"dropout": jax.random.key(4)}, mutable=["batch_stats"])
+    outputs, _ = model.apply(
+      {**variables, "params": params},
+      x,
+      train=True,
+      rngs={"dropout": jax.random.key(4)},
+      mutable=["batch_stats"],
+    )
     return jnp.sum(outputs["score"] ** 2) + jnp.sum(outputs["attention"] ** 2)
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -276,12 +302,20 @@ def test_encoder_batchnorm_modes(mode):
   model = models.create_model(config, num_outputs=1)
   x = images(batch=4)
   variables = randomise_batch_stats(init(model, x))
-  _, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
-  changed = lambda part: any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(variables["batch_stats"][part]), jax.tree.leaves(updates["batch_stats"][part])))
+  _, updates = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+  )
+  changed = lambda part: any(
+    not np.array_equal(a, b)
+    for a, b in zip(
+      jax.tree.leaves(variables["batch_stats"][part]), jax.tree.leaves(updates["batch_stats"][part])
+    )
+  )
   assert changed("encoder") == (mode == "update")
   assert changed("head")  # The head's BatchNorm trains in both modes.
-  train_features = model.apply(variables, x, train=True, method="encode", mutable=["batch_stats"])[0]
+  train_features = model.apply(variables, x, train=True, method="encode", mutable=["batch_stats"])[
+    0
+  ]
   eval_features = model.apply(variables, x, train=False, method="encode")
   # 'frozen' normalises with running averages in training too; 'update' with batch statistics.
   assert np.allclose(train_features, eval_features) == (mode == "frozen")
@@ -316,18 +350,27 @@ def test_half_precision_runs_with_float32_parameters_and_outputs():
   x = images()
   variables = init(model, x)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  outputs, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+  outputs, _ = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+  )
   assert {key: value.dtype for key, value in outputs.items()} == {
-      "score": jnp.float32, "step_scores": jnp.float32, "attention": jnp.float32}
+    "score": jnp.float32,
+    "step_scores": jnp.float32,
+    "attention": jnp.float32,
+  }
   np.testing.assert_allclose(outputs["attention"].sum(-1), 1.0, rtol=1e-5)
   # Same parameters in fp32: bf16 rounding moves the result only slightly.
   config.half_precision = False
   full = models.create_model(config, num_outputs=1).apply(variables, x, train=False)
   half = model.apply(variables, x, train=False)
-  np.testing.assert_allclose(half["score"], full["score"], atol=0.05 * float(jnp.abs(full["score"]).max()) + 0.02)
+  np.testing.assert_allclose(
+    half["score"], full["score"], atol=0.05 * float(jnp.abs(full["score"]).max()) + 0.02
+  )
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("name", "resnet", "model.name must be one of"),
     ("encoder.depth", 101, "model.encoder.depth must be one of"),
     ("encoder.stages", 5, "model.encoder.stages must be 3"),
@@ -335,7 +378,8 @@ def test_half_precision_runs_with_float32_parameters_and_outputs():
     ("attention.output", "max", "model.attention.output must be one of"),
     ("attention.steps", 0, "model.attention.steps must be a positive integer"),
     ("attention.feature_dropout", 1.0, r"model.attention.feature_dropout must lie in \[0, 1\)"),
-])
+  ],
+)
 def test_invalid_config_values_are_named(field, value, message):
   config = tiny_config()
   section = config.model

@@ -30,9 +30,12 @@ def runs(tiny_data_dir, tmp_path_factory):
   each trained two steps and evaluated on the test split (report.md)."""
   root = tmp_path_factory.mktemp("predict_runs")
   return {
-      "profiles": tiny_runs.train_tiny_run(tiny_data_dir, root / "privattnet", "privattnet", per_profile=True,
-                                           eval_splits=("test",)),
-      "attributes": tiny_runs.train_tiny_run(tiny_data_dir, root / "ap_pr", "ap_pr", eval_splits=("test",)),
+    "profiles": tiny_runs.train_tiny_run(
+      tiny_data_dir, root / "privattnet", "privattnet", per_profile=True, eval_splits=("test",)
+    ),
+    "attributes": tiny_runs.train_tiny_run(
+      tiny_data_dir, root / "ap_pr", "ap_pr", eval_splits=("test",)
+    ),
   }
 
 
@@ -67,8 +70,12 @@ def _by_name(result):
 
 def test_every_good_format_is_scored_and_every_broken_file_gets_an_error(mixed_result, photos):
   records = _by_name(mixed_result)
-  assert set(records) == {pathlib.Path(n).name for n in (*tiny_runs.GOOD, *tiny_runs.BROKEN)}  # notes.txt passed over
-  assert mixed_result.num_images == len(records) and mixed_result.num_failed == len(tiny_runs.BROKEN)
+  assert set(records) == {
+    pathlib.Path(n).name for n in (*tiny_runs.GOOD, *tiny_runs.BROKEN)
+  }  # notes.txt passed over
+  assert mixed_result.num_images == len(records) and mixed_result.num_failed == len(
+    tiny_runs.BROKEN
+  )
   for name, (_, word) in tiny_runs.BROKEN.items():
     assert records[name]["ok"] is False and word in records[name]["error"], records[name]
     assert "score" not in records[name]
@@ -78,7 +85,10 @@ def test_every_good_format_is_scored_and_every_broken_file_gets_an_error(mixed_r
     assert (record["width"], record["height"]) == (width, height), name
     assert record["conversions"] == conversions, name
     assert math.isfinite(record["score"])
-    assert len(record["step_scores"]) == STEPS and len(record["profile_scores"]) == attributes.NUM_PROFILES
+    assert (
+      len(record["step_scores"]) == STEPS
+      and len(record["profile_scores"]) == attributes.NUM_PROFILES
+    )
     assert record["score"] == pytest.approx(np.mean(record["profile_scores"]), rel=1e-6)
   # Paths and names are unique, in folder order, with the nested folder read too.
   assert records["inner.jpg"]["path"] == str(photos / "nested" / "deeper" / "inner.jpg")
@@ -113,20 +123,29 @@ def test_heat_map_panels_have_one_tile_per_step_at_the_photo_size(mixed_result):
   # The transparent half of rgba.png is composited on white, as the dataset builder does.
   rgba = _by_name(mixed_result)["rgba.png"]
   tile = np.asarray(Image.open(mixed_result.output_dir / rgba["heatmap"]).convert("RGB"))
-  image = tile[2 * heatmaps.CAPTION_HEIGHT:, :rgba["width"]]
+  image = tile[2 * heatmaps.CAPTION_HEIGHT :, : rgba["width"]]
   assert image[:, -8:].min() > 240 and image[:, :8].min() < 200
 
 
 def test_heat_map_normalisation_option_changes_the_overlays(profile_predictor, photos, tmp_path):
-  per_map = predict.predict(profile_predictor, [str(photos / "photo.jpg")], tmp_path / "per_map", progress=False)
-  overall = predict.predict(profile_predictor, [str(photos / "photo.jpg")], tmp_path / "global",
-                            normalisation="global", progress=False)
+  per_map = predict.predict(
+    profile_predictor, [str(photos / "photo.jpg")], tmp_path / "per_map", progress=False
+  )
+  overall = predict.predict(
+    profile_predictor,
+    [str(photos / "photo.jpg")],
+    tmp_path / "global",
+    normalisation="global",
+    progress=False,
+  )
   assert per_map.records[0]["score"] == overall.records[0]["score"]
   a = np.asarray(Image.open(tmp_path / "per_map" / "heatmaps" / "photo_att.png"))
   b = np.asarray(Image.open(tmp_path / "global" / "heatmaps" / "photo_att.png"))
   assert a.shape == b.shape and not np.array_equal(a, b)
   with pytest.raises(predict.PredictError, match="normalisation"):
-    predict.predict(profile_predictor, [str(photos / "photo.jpg")], tmp_path / "bad", normalisation="local")
+    predict.predict(
+      profile_predictor, [str(photos / "photo.jpg")], tmp_path / "bad", normalisation="local"
+    )
 
 
 def test_exif_orientation_is_applied_before_the_model_sees_the_photo(tmp_path):
@@ -135,7 +154,9 @@ def test_exif_orientation_is_applied_before_the_model_sees_the_photo(tmp_path):
   upright = ImageOps.exif_transpose(Image.open(tmp_path / "rotated.jpg"))
   upright.save(tmp_path / "upright.png")
   Image.open(tmp_path / "rotated.jpg").save(tmp_path / "stripped.png")  # Pixels as stored, no EXIF.
-  load = lambda name: predict.load_image(tmp_path / name, image_size=32, max_side=256, max_pixels=None)
+  load = lambda name: predict.load_image(
+    tmp_path / name, image_size=32, max_side=256, max_pixels=None
+  )
   rotated, reference, stripped = load("rotated.jpg"), load("upright.png"), load("stripped.png")
   np.testing.assert_array_equal(rotated.model_input, reference.model_input)
   np.testing.assert_array_equal(rotated.display, reference.display)
@@ -145,31 +166,60 @@ def test_exif_orientation_is_applied_before_the_model_sees_the_photo(tmp_path):
 
 def test_pixel_limit_option_refuses_large_images(profile_predictor, photos, tmp_path):
   width, height = tiny_runs.IMAGE_SIZE
-  result = predict.predict(profile_predictor, [str(photos / "photo.png"), str(photos / "photo.bmp"),
-                                               str(photos / "*.jpg")], tmp_path,
-                           max_pixels=width * height - 1, heatmap_panels=False, progress=False)
+  result = predict.predict(
+    profile_predictor,
+    [str(photos / "photo.png"), str(photos / "photo.bmp"), str(photos / "*.jpg")],
+    tmp_path,
+    max_pixels=width * height - 1,
+    heatmap_panels=False,
+    progress=False,
+  )
   records = _by_name(result)
   assert "no such file" in records["photo.png"]["error"]
   assert "too_large" in records["photo.bmp"]["error"]
   # JPEGs over the limit are decoded at a reduced scale (as the dataset builder does), not refused.
-  assert records["photo.jpg"]["ok"] and records["photo.jpg"]["conversions"] == ["downscaled_too_large"]
+  assert records["photo.jpg"]["ok"] and records["photo.jpg"]["conversions"] == [
+    "downscaled_too_large"
+  ]
   assert not (tmp_path / "heatmaps").exists()
 
 
 def test_worker_processes_read_photos_as_threads_do(profile_predictor, photos, tmp_path):
-  files = [str(photos / n) for n in ("photo.jpg", "text.jpg", "rotated.jpg", "bomb.png", "deep.png")]
-  threads = predict.predict(profile_predictor, files, tmp_path / "threads", heatmap_panels=False, progress=False)
-  processes = predict.predict(profile_predictor, files, tmp_path / "processes", heatmap_panels=False,
-                              loader_processes=1, progress=False)
+  files = [
+    str(photos / n) for n in ("photo.jpg", "text.jpg", "rotated.jpg", "bomb.png", "deep.png")
+  ]
+  threads = predict.predict(
+    profile_predictor, files, tmp_path / "threads", heatmap_panels=False, progress=False
+  )
+  processes = predict.predict(
+    profile_predictor,
+    files,
+    tmp_path / "processes",
+    heatmap_panels=False,
+    loader_processes=1,
+    progress=False,
+  )
   assert processes.records == threads.records and processes.num_failed == 2
 
 
 def test_collect_images_globs_folders_and_missing_names(photos):
-  entries = predict.collect_images([str(photos / "photo.*"), str(photos / "nested"), str(photos / "nothing*.png"),
-                                    str(photos / "photo.jpg")])
+  entries = predict.collect_images(
+    [
+      str(photos / "photo.*"),
+      str(photos / "nested"),
+      str(photos / "nothing*.png"),
+      str(photos / "photo.jpg"),
+    ]
+  )
   names = [(path.name, error) for path, error in entries]
-  assert names == [("photo.bmp", None), ("photo.jpg", None), ("photo.tiff", None), ("photo.webp", None),
-                   ("inner.jpg", None), ("nothing*.png", "no file matches this pattern")]
+  assert names == [
+    ("photo.bmp", None),
+    ("photo.jpg", None),
+    ("photo.tiff", None),
+    ("photo.webp", None),
+    ("inner.jpg", None),
+    ("nothing*.png", "no file matches this pattern"),
+  ]
 
 
 def test_unique_names_for_panels():
@@ -179,8 +229,17 @@ def test_unique_names_for_panels():
 
 def test_command_line_exit_status_and_files(runs, photos, tmp_path):
   out = tmp_path / "cli"
-  command = [sys.executable, "run.py", "--mode=predict", f"--workdir={runs['profiles']}", f"--output={out}",
-             "--images", str(photos / "photo.jpg"), str(photos / "empty.jpg"), "--profile=3"]
+  command = [
+    sys.executable,
+    "run.py",
+    "--mode=predict",
+    f"--workdir={runs['profiles']}",
+    f"--output={out}",
+    "--images",
+    str(photos / "photo.jpg"),
+    str(photos / "empty.jpg"),
+    "--profile=3",
+  ]
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
@@ -188,7 +247,9 @@ def test_command_line_exit_status_and_files(runs, photos, tmp_path):
   records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
   assert [r["ok"] for r in records] == [True, False]
   assert records[0]["user_score"] == pytest.approx(records[0]["profile_scores"][3])
-  assert (out / "heatmaps" / "photo_att.png").is_file()  # (Exit status 0: test_export's artifact run.)
+  assert (
+    out / "heatmaps" / "photo_att.png"
+  ).is_file()  # (Exit status 0: test_export's artifact run.)
 
 
 # ----------------------------------------------------------------------------
@@ -196,16 +257,27 @@ def test_command_line_exit_status_and_files(runs, photos, tmp_path):
 
 
 def test_profile_of_a_per_profile_model_is_its_column(profile_predictor, photos, tmp_path):
-  result = predict.predict(profile_predictor, [str(photos / "photo.jpg"), str(photos / "gray.png")], tmp_path,
-                           profile=11, progress=False)
-  images = np.stack([predict.load_image(photos / n, image_size=32, max_side=256, max_pixels=None).model_input
-                     for n in ("photo.jpg", "gray.png")])
+  result = predict.predict(
+    profile_predictor,
+    [str(photos / "photo.jpg"), str(photos / "gray.png")],
+    tmp_path,
+    profile=11,
+    progress=False,
+  )
+  images = np.stack(
+    [
+      predict.load_image(photos / n, image_size=32, max_side=256, max_pixels=None).model_input
+      for n in ("photo.jpg", "gray.png")
+    ]
+  )
   outputs = profile_predictor(images)
   for i, record in enumerate(result.records):
     assert record["user"] == "profile 11"
     assert record["user_score"] == pytest.approx(float(outputs["score"][i, 11]), rel=1e-6)
     assert record["user_score"] == pytest.approx(record["profile_scores"][11])
-    np.testing.assert_allclose(record["user_step_scores"], outputs["step_scores"][i, :, 11], rtol=1e-6)
+    np.testing.assert_allclose(
+      record["user_step_scores"], outputs["step_scores"][i, :, 11], rtol=1e-6
+    )
   with pytest.raises(predict.PredictError, match="attribute model"):
     predict.resolve_user(profile_predictor.info, preferences_file=str(tmp_path / "ratings.tsv"))
   with pytest.raises(predict.PredictError, match=r"0\.\.29"):
@@ -213,12 +285,17 @@ def test_profile_of_a_per_profile_model_is_its_column(profile_predictor, photos,
 
 
 def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_predictor):
-  single = dict(profile_predictor.info, num_scores=1,
-                score=dict(profile_predictor.info["score"], per_profile=False, source="profiles_mean"))
+  single = dict(
+    profile_predictor.info,
+    num_scores=1,
+    score=dict(profile_predictor.info["score"], per_profile=False, source="profiles_mean"),
+  )
   with pytest.raises(predict.PredictError, match="single score.*per_profile=True"):
     predict.resolve_user(single, profile=2)
   one_profile = dict(single, score=dict(single["score"], source="profile", profile_index=2))
-  assert predict.resolve_user(one_profile, profile=2).column == 0  # Trained on exactly that profile.
+  assert (
+    predict.resolve_user(one_profile, profile=2).column == 0
+  )  # Trained on exactly that profile.
   with pytest.raises(predict.PredictError, match="single score"):
     predict.resolve_user(one_profile, profile=3)
   with pytest.raises(predict.PredictError, match="not both"):
@@ -237,40 +314,63 @@ def _all_probabilities(record):
   return {a["id"]: a["probability"] for a in record["top_attributes"]}
 
 
-def test_attribute_model_scores_a_profile_through_its_attributes(attribute_predictor, photos, tmp_path):
-  result = predict.predict(attribute_predictor, [str(photos / "photo.jpg"), str(photos / "deep.png")], tmp_path,
-                           profile=5, top_attributes=attributes.NUM_ATTRIBUTES, progress=False)
+def test_attribute_model_scores_a_profile_through_its_attributes(
+  attribute_predictor, photos, tmp_path
+):
+  result = predict.predict(
+    attribute_predictor,
+    [str(photos / "photo.jpg"), str(photos / "deep.png")],
+    tmp_path,
+    profile=5,
+    top_attributes=attributes.NUM_ATTRIBUTES,
+    progress=False,
+  )
   table = attributes.preference_table("profile", profile_index=5)[:, 0]
   for record in result.records:
     probabilities = _all_probabilities(record)
     assert len(probabilities) == attributes.NUM_ATTRIBUTES  # AP-PR scores a0_safe too.
-    expected = max(probabilities[a] * table[attributes.ATTRIBUTE_INDEX[a]] for a in probabilities)  # max pooling
+    expected = max(
+      probabilities[a] * table[attributes.ATTRIBUTE_INDEX[a]] for a in probabilities
+    )  # max pooling
     assert record["user_score"] == pytest.approx(expected, rel=1e-5)
     assert "heatmap" not in record  # AP-PR has no attention.
   assert not (tmp_path / "heatmaps").exists()
 
 
-def test_raising_a_preference_raises_the_score_of_images_carrying_the_attribute(attribute_predictor, photos,
-                                                                                 tmp_path):
-  files = [str(photos / n) for n in ("photo.jpg", "gray.png", "deep.png", "photo.webp", "rotated.jpg")]
+def test_raising_a_preference_raises_the_score_of_images_carrying_the_attribute(
+  attribute_predictor, photos, tmp_path
+):
+  files = [
+    str(photos / n) for n in ("photo.jpg", "gray.png", "deep.png", "photo.webp", "rotated.jpg")
+  ]
   passport, face = "a31_passport", "a9_face_complete"
 
   def user_scores(ratings, name, header=False):
     path = _write_ratings(tmp_path / f"{name}.tsv", ratings, header=header)
-    result = predict.predict(attribute_predictor, files, tmp_path / name, preferences_file=path,
-                             top_attributes=attributes.NUM_ATTRIBUTES, progress=False)
+    result = predict.predict(
+      attribute_predictor,
+      files,
+      tmp_path / name,
+      preferences_file=path,
+      top_attributes=attributes.NUM_ATTRIBUTES,
+      progress=False,
+    )
     return result.records
 
   low = user_scores({passport: 2}, "low")
   high = user_scores({passport: 5}, "high", header=True)
-  carrying = np.array([_all_probabilities(r)[passport] for r in low])  # How much each image carries it.
+  carrying = np.array(
+    [_all_probabilities(r)[passport] for r in low]
+  )  # How much each image carries it.
   low_scores, high_scores = (np.array([r["user_score"] for r in rs]) for rs in (low, high))
   # Only the passport is rated (the rest get score.missing_value, 0): the score is 2 or 5 times its probability.
   np.testing.assert_allclose(low_scores, 2 * carrying, rtol=1e-5)
   np.testing.assert_allclose(high_scores, 5 * carrying, rtol=1e-5)
   gain = high_scores - low_scores
   assert np.all(gain > 0)
-  assert np.array_equal(np.argsort(gain), np.argsort(carrying))  # The more an image carries it, the more it gains.
+  assert np.array_equal(
+    np.argsort(gain), np.argsort(carrying)
+  )  # The more an image carries it, the more it gains.
   # Two rated attributes pool by max, as the checkpoint's score.pooling says.
   both = user_scores({passport: 5, face: 3}, "both")
   for record in both:
@@ -279,15 +379,20 @@ def test_raising_a_preference_raises_the_score_of_images_carrying_the_attribute(
   assert all(r["user"].startswith("preferences ") for r in both)
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(
+  "content, message",
+  [
     ("a31_passport\tpassport\t4\na999_nope\tnope\t3\n", "unknown attribute ids"),
     ("a31_passport\tpassport\t7\n", r"1\.\.5"),
     ("a31_passport\tpassport\tsix\n", "non-numeric"),
     ("a31_passport\tpassport\t4\t5\n", "2 rating columns"),
     ("a31_passport\t4\n", "no preference values"),
     ("", "no preference rows"),
-])
-def test_malformed_preference_files_are_clear_errors(attribute_predictor, tmp_path, content, message):
+  ],
+)
+def test_malformed_preference_files_are_clear_errors(
+  attribute_predictor, tmp_path, content, message
+):
   path = tmp_path / "ratings.tsv"
   path.write_text(content)
   with pytest.raises(predict.PredictError, match=message):
@@ -304,14 +409,20 @@ def test_missing_preference_file(attribute_predictor, tmp_path):
 
 
 def test_a_config_that_describes_another_model_is_refused(runs, tiny_data_dir):
-  config = make_tiny_config(tiny_data_dir, "privattnet")  # Without per_profile and the wider regressor.
-  with pytest.raises(predict.PredictError, match="score.per_profile.*regressor_hidden|regressor_hidden.*per_profile"):
+  config = make_tiny_config(
+    tiny_data_dir, "privattnet"
+  )  # Without per_profile and the wider regressor.
+  with pytest.raises(
+    predict.PredictError, match="score.per_profile.*regressor_hidden|regressor_hidden.*per_profile"
+  ):
     predict.load_checkpoint_predictor(runs["profiles"], config=config)
   config.score.per_profile = True
   config.model.attention.regressor_hidden = 32
   config.batch_size = 4  # Not a model field: ignored.
   config.data.data_dir = "/nonexistent"
-  config.model.encoder.pretrained = "/elsewhere/resnet50.pth"  # Where training started: not compared.
+  config.model.encoder.pretrained = (
+    "/elsewhere/resnet50.pth"  # Where training started: not compared.
+  )
   predict.check_config(config, predict._normalised(_checkpoint_config(runs["profiles"])))  # pylint: disable=protected-access
 
 
@@ -331,7 +442,9 @@ def test_predict_does_not_touch_the_dataset(runs, tmp_path, photos, monkeypatch)
   monkeypatch.setattr(data, "load_data_sources", refuse)
   monkeypatch.setattr(data, "prepare_builder", refuse)
   predictor = predict.load_checkpoint_predictor(runs["attributes"], batch_size=2)
-  assert predictor.info["model"] == "ap_pr" and predictor.info["attribute_ids"] == list(attributes.ATTRIBUTE_IDS)
+  assert predictor.info["model"] == "ap_pr" and predictor.info["attribute_ids"] == list(
+    attributes.ATTRIBUTE_IDS
+  )
   result = predict.predict(predictor, [str(photos / "photo.jpg")], tmp_path, progress=False)
   assert result.num_failed == 0
 
@@ -365,13 +478,18 @@ def test_evaluate_writes_the_report_with_localisation(runs):
   panel = Image.open(examples[0])
   assert panel.width % (STEPS + 1) == 0  # Image + one overlay per step.
   redaction = summary["redaction"]  # Boxes and attention: redaction quality against random regions.
-  assert 0 < redaction["num_images"] <= evaluation_report.REDACTION_IMAGES and 0 <= redaction["box_coverage"] <= 1
+  assert (
+    0 < redaction["num_images"] <= evaluation_report.REDACTION_IMAGES
+    and 0 <= redaction["box_coverage"] <= 1
+  )
   assert set(redaction["mean_drop"]) == {"attention", "random", "centred"}
   assert "## Redaction" in text and "| random, same area |" in text
   panels = min(evaluation_report.REPORT_EXAMPLES, redaction["num_images"])
   assert len(list((workdir / "report_files").glob("redaction_*.png"))) == panels
   html_text = (workdir / "report.html").read_text()
-  assert html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES + panels
+  assert (
+    html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES + panels
+  )
   assert "<td>privattnet</td>" in html_text
 
 
@@ -381,16 +499,24 @@ def test_models_without_attention_report_without_localisation(runs):
   assert "localisation" not in summary and "redaction" not in summary and "attribute_map" in summary
   text = (workdir / "report.md").read_text()
   assert "| ap_pr |" in text and "Attention localisation" not in text and "attribute_map" in text
-  assert len(list((workdir / "report_files").glob("example_*.png"))) == 2 * evaluation_report.REPORT_EXAMPLES
+  assert (
+    len(list((workdir / "report_files").glob("example_*.png")))
+    == 2 * evaluation_report.REPORT_EXAMPLES
+  )
 
 
 def test_compare_puts_the_runs_beside_the_published_numbers(runs, tmp_path):
-  out = evaluation_report.compare_runs([str(runs["profiles"]), str(runs["attributes"])], tmp_path / "compare.md")
+  out = evaluation_report.compare_runs(
+    [str(runs["profiles"]), str(runs["attributes"])], tmp_path / "compare.md"
+  )
   lines = out.read_text().splitlines()
   first = json.loads((runs["profiles"] / "eval_test.json").read_text())
   assert f"| privattnet (privattnet) | {first['l1']:.3f} |" in "\n".join(lines)
   rows = [line for line in lines if line.startswith("| ")]
-  assert [row.split(" | ")[0] for row in rows[1:3]] == ["| privattnet (privattnet)", "| ap_pr (ap_pr)"]
+  assert [row.split(" | ")[0] for row in rows[1:3]] == [
+    "| privattnet (privattnet)",
+    "| ap_pr (ap_pr)",
+  ]
   assert sum("published, VISPR test" in row for row in rows) == 5
   assert "- ap_pr (ap_pr): attribute_map" in out.read_text()
   with pytest.raises(FileNotFoundError, match="eval_test.json does not exist"):
@@ -407,4 +533,3 @@ def test_stored_image_checks_the_id():
   assert evaluation_report._stored_image(source, 0, "2017_1") == b"x"  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="holds '2017_1'"):
     evaluation_report._stored_image(source, 0, "2017_2")  # pylint: disable=protected-access
-

@@ -12,11 +12,11 @@ from privattnet_jax import attributes, report
 
 METRICS = {"l1": 0.5123, "mse": 0.4, "pearson": 0.81, "spearman": 0.79, "n": 4}
 PUBLISHED_LINES = [
-    "| AP-PR (Orekondy 2017) | 0.656 | – | – | – | – | published, VISPR test |",
-    "| PR-CNN (Orekondy 2017) | 0.637 | – | – | – | – | published, VISPR test |",
-    "| PrivAttNet | 0.40 | 0.87 | 0.84 | – | – | published, VISPR test |",
-    "| PrivAttNet_MLC | 0.44 | 0.83 | 0.76 | – | – | published, VISPR test |",
-    "| PrivNet | 0.43 | 0.83 | 0.78 | – | – | published, VISPR test |",
+  "| AP-PR (Orekondy 2017) | 0.656 | – | – | – | – | published, VISPR test |",
+  "| PR-CNN (Orekondy 2017) | 0.637 | – | – | – | – | published, VISPR test |",
+  "| PrivAttNet | 0.40 | 0.87 | 0.84 | – | – | published, VISPR test |",
+  "| PrivAttNet_MLC | 0.44 | 0.83 | 0.76 | – | – | published, VISPR test |",
+  "| PrivNet | 0.43 | 0.83 | 0.78 | – | – | published, VISPR test |",
 ]
 
 
@@ -29,17 +29,20 @@ def group_attribute(group):
 
 
 def embedded_pngs(html_text):
-  return [Image.open(io.BytesIO(base64.b64decode(data)))
-          for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)]
+  return [
+    Image.open(io.BytesIO(base64.b64decode(data)))
+    for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
+  ]
 
 
 class TestCompare:
-
   def test_runs_in_order_then_published_rows(self):
-    table = report.compare_table([
+    table = report.compare_table(
+      [
         ("privattnet", METRICS),
         ("privnet", {"l1": 0.7, "mse": 0.9, "pearson": float("nan"), "spearman": 0.5, "n": 10}),
-    ])
+      ]
+    )
     lines = table.splitlines()
     assert lines[0] == "| method | L1 | Pearson | Spearman | MSE | n | source |"
     assert lines[2] == "| privattnet | 0.512 | 0.810 | 0.790 | 0.400 | 4 | measured here |"
@@ -48,11 +51,13 @@ class TestCompare:
 
   def test_missing_metrics_show_a_dash(self):
     assert report.compare_table([("partial", {"l1": 1.0})]).splitlines()[2] == (
-        "| partial | 1.000 | – | – | – | – | measured here |")
+      "| partial | 1.000 | – | – | – | – | measured here |"
+    )
 
   def test_write_comparison(self, tmp_path):
-    path = report.write_comparison(tmp_path / "sub" / "compare.md",
-                                   [("a", METRICS), ("b", {**METRICS, "l1": 0.3, "map": 0.42})])
+    path = report.write_comparison(
+      tmp_path / "sub" / "compare.md", [("a", METRICS), ("b", {**METRICS, "l1": 0.3, "map": 0.42})]
+    )
     text = path.read_text()
     assert "| a | 0.512 |" in text and "| b | 0.300 |" in text
     assert all(line in text for line in PUBLISHED_LINES)
@@ -61,7 +66,6 @@ class TestCompare:
 
 
 class TestErrorsByGroup:
-
   def test_by_hand(self):
     documents, health = group_attribute("Documents"), group_attribute("Health")
     labels = labels_with([documents], [documents, health], ["a0_safe"], [health])
@@ -74,8 +78,13 @@ class TestErrorsByGroup:
     assert rows["Documents"]["mean_prediction"] == pytest.approx(2.5)
     assert rows["Health"]["n"] == 2 and rows["Health"]["mae"] == pytest.approx((2.0 + 0.5) / 2)
     assert rows["Safe"]["n"] == 1 and rows["Safe"]["mae"] == pytest.approx(0.5)
-    assert rows["Automobile"] == {"group": "Automobile", "n": 0, "mae": None, "mean_target": None,
-                                  "mean_prediction": None}
+    assert rows["Automobile"] == {
+      "group": "Automobile",
+      "n": 0,
+      "mae": None,
+      "mean_target": None,
+      "mean_prediction": None,
+    }
 
   def test_shape_errors(self):
     with pytest.raises(ValueError, match="labels"):
@@ -85,7 +94,6 @@ class TestErrorsByGroup:
 
 
 class TestSelectExamples:
-
   def test_most_and_least(self):
     most, least = report.select_examples([0.5, 3.0, 1.0, 4.0, 2.0], 2)
     assert most.tolist() == [3, 1] and least.tolist() == [0, 2]
@@ -96,7 +104,6 @@ class TestSelectExamples:
 
 
 class TestScatter:
-
   def test_point_and_diagonal_where_expected(self):
     image = report.scatter_plot([4.0], [1.0], value_range=(0.0, 5.0), title="t")
     assert image.size == report.SCATTER_SIZE
@@ -108,7 +115,10 @@ class TestScatter:
     y = round(bottom - 4 / 5 * (bottom - top))
     point = pixels[y, x]
     assert point[2] > point[0] + 40  # Translucent blue over white.
-    centre = pixels[(top + bottom) // 2 - 2:(top + bottom) // 2 + 3, (left + right) // 2 - 2:(left + right) // 2 + 3]
+    centre = pixels[
+      (top + bottom) // 2 - 2 : (top + bottom) // 2 + 3,
+      (left + right) // 2 - 2 : (left + right) // 2 + 3,
+    ]
     assert (np.abs(centre - report.DIAGONAL_COLOUR).sum(axis=-1) < 60).any()  # The y = x line.
     # Mirror position (true 4, predicted 1) stays blank.
     mirror = pixels[round(bottom - 1 / 5 * (bottom - top)), round(left + 4 / 5 * (right - left))]
@@ -122,22 +132,40 @@ class TestScatter:
 
 
 class TestWriteReport:
-
   def make(self, tmp_path, localisation=None, examples=None):
     predictions = np.array([3.0, 2.0, 0.5, 4.0])
     targets = np.array([4.0, 4.0, 0.0, 3.5])
-    labels = labels_with([group_attribute("Documents")], ["a0_safe"], ["a0_safe"], [group_attribute("Health")])
+    labels = labels_with(
+      [group_attribute("Documents")], ["a0_safe"], ["a0_safe"], [group_attribute("Health")]
+    )
     if examples is None:
       most, least = report.select_examples(predictions, 1)
       examples = [
-          {"image_id": b"img<3>", "score": predictions[most[0]], "target": targets[most[0]], "kind": "most",
-           "panel": Image.new("RGB", (30, 12), (255, 0, 0))},
-          {"image_id": "img_low", "score": predictions[least[0]], "target": None, "kind": "least",
-           "panel": np.zeros((10, 20, 3), np.uint8)},
+        {
+          "image_id": b"img<3>",
+          "score": predictions[most[0]],
+          "target": targets[most[0]],
+          "kind": "most",
+          "panel": Image.new("RGB", (30, 12), (255, 0, 0)),
+        },
+        {
+          "image_id": "img_low",
+          "score": predictions[least[0]],
+          "target": None,
+          "kind": "least",
+          "panel": np.zeros((10, 20, 3), np.uint8),
+        },
       ]
-    return report.write_report(tmp_path, method_name="PrivAttNet (ours)", metrics=METRICS,
-                               predictions=predictions, targets=targets, labels=labels,
-                               examples=examples, localisation=localisation)
+    return report.write_report(
+      tmp_path,
+      method_name="PrivAttNet (ours)",
+      metrics=METRICS,
+      predictions=predictions,
+      targets=targets,
+      labels=labels,
+      examples=examples,
+      localisation=localisation,
+    )
 
   def test_files_table_and_embedded_images(self, tmp_path):
     md_path, html_path = self.make(tmp_path)
@@ -146,7 +174,10 @@ class TestWriteReport:
     row = "| PrivAttNet (ours) | 0.512 | 0.810 | 0.790 | 0.400 | 4 | measured here, test |"
     assert row in markdown
     assert all(line in markdown for line in PUBLISHED_LINES)
-    assert "<td>PrivAttNet (ours)</td><td>0.512</td><td>0.810</td><td>0.790</td><td>0.400</td><td>4</td>" in page
+    assert (
+      "<td>PrivAttNet (ours)</td><td>0.512</td><td>0.810</td><td>0.790</td><td>0.400</td><td>4</td>"
+      in page
+    )
     assert page.count("published, VISPR test") >= 5
     # Errors by group: Safe carries images 2 and 3 (|2 - 4| and |0.5 - 0|).
     assert "| Safe | 2 | 1.250 |" in markdown
@@ -164,8 +195,14 @@ class TestWriteReport:
     assert "Attention localisation" not in markdown
 
   def test_localisation_table_when_present(self, tmp_path):
-    localisation = {"mass_inside": [0.5, 0.625], "box_area": 0.25, "pointing_game": [0.75, 1.0],
-                    "pointing_chance": 0.2, "num_images": 4, "num_without_boxes": 3}
+    localisation = {
+      "mass_inside": [0.5, 0.625],
+      "box_area": 0.25,
+      "pointing_game": [0.75, 1.0],
+      "pointing_chance": 0.2,
+      "num_images": 4,
+      "num_without_boxes": 3,
+    }
     md_path, html_path = self.make(tmp_path, localisation=localisation, examples=[])
     markdown = md_path.read_text()
     assert "| 1 | 0.500 | 0.250 | 0.750 | 0.200 |" in markdown
@@ -176,5 +213,15 @@ class TestWriteReport:
 
   def test_bad_panel_rejected(self, tmp_path):
     with pytest.raises(ValueError, match="panel"):
-      self.make(tmp_path, examples=[{"image_id": "x", "score": 1.0, "target": 1.0, "kind": "most",
-                                     "panel": np.zeros((4, 4), np.float32)}])
+      self.make(
+        tmp_path,
+        examples=[
+          {
+            "image_id": "x",
+            "score": 1.0,
+            "target": 1.0,
+            "kind": "most",
+            "panel": np.zeros((4, 4), np.float32),
+          }
+        ],
+      )

@@ -16,7 +16,9 @@ COUNTS = {"train2017": 24, "val2017": 6, "test2017": 6}
 
 
 def _generate(out, seed=0, **kwargs):
-  return synthetic.generate(out, COUNTS["train2017"], COUNTS["val2017"], COUNTS["test2017"], seed, SIZE, **kwargs)
+  return synthetic.generate(
+    out, COUNTS["train2017"], COUNTS["val2017"], COUNTS["test2017"], seed, SIZE, **kwargs
+  )
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,9 @@ def test_real_layout(root):
   bundled = sorted(p.name for p in attributes.USER_STUDIES_DIR.glob("*.tsv"))
   assert sorted(p.name for p in (root / "user_studies").glob("*.tsv")) == bundled
   for name in bundled:
-    assert (root / "user_studies" / name).read_bytes() == (attributes.USER_STUDIES_DIR / name).read_bytes()
+    assert (root / "user_studies" / name).read_bytes() == (
+      attributes.USER_STUDIES_DIR / name
+    ).read_bytes()
   # Ids never collide with real VISPR ids nor across splits.
   ids = [a["id"] for split in COUNTS for a in _annotations(root, split)]
   assert len(ids) == len(set(ids)) and all(i.startswith("2017_9") for i in ids)
@@ -55,7 +59,11 @@ def test_real_layout(root):
 def test_labels_match_boxes(root):
   for split in COUNTS:
     for annotation in _annotations(root, split):
-      boxes, box_labels, labels = annotation["boxes"], annotation["box_labels"], annotation["labels"]
+      boxes, box_labels, labels = (
+        annotation["boxes"],
+        annotation["box_labels"],
+        annotation["labels"],
+      )
       assert len(boxes) == len(box_labels) <= 3
       assert len(set(box_labels)) == len(box_labels)  # Different attributes per image.
       if box_labels:
@@ -110,7 +118,9 @@ def test_deterministic_by_seed(tmp_path, root):
 
 def test_worker_processes_write_the_same_files(tmp_path, root, monkeypatch):
   monkeypatch.setattr(synthetic, "_PARALLEL_MIN_IMAGES", 0)  # Use the pool for this small set.
-  monkeypatch.setattr(synthetic, "_CHUNK", 5)  # Several chunks per split, one split ending mid-chunk.
+  monkeypatch.setattr(
+    synthetic, "_CHUNK", 5
+  )  # Several chunks per split, one split ending mid-chunk.
   pooled = _generate(tmp_path / "pooled", workers=2)
   files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
   assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
@@ -124,8 +134,12 @@ def _crop_features(root, split):
     with Image.open(root / annotation["image_path"]) as image:
       size = image.size[0]
       for (ymin, xmin, ymax, xmax), label in zip(annotation["boxes"], annotation["box_labels"]):
-        crop = image.crop((round(xmin * size), round(ymin * size), round(xmax * size), round(ymax * size)))
-        features.append(np.asarray(crop.resize((12, 12), Image.Resampling.BILINEAR), np.float32).ravel() / 255)
+        crop = image.crop(
+          (round(xmin * size), round(ymin * size), round(xmax * size), round(ymax * size))
+        )
+        features.append(
+          np.asarray(crop.resize((12, 12), Image.Resampling.BILINEAR), np.float32).ravel() / 255
+        )
         targets.append(label)
   return np.asarray(features), np.asarray(targets)
 
@@ -139,7 +153,9 @@ def test_looks_are_distinct_and_localised(tmp_path):
   classes = sorted(set(train_y))
   assert classes == sorted(synthetic.DEFAULT_ATTRIBUTES)
   centroids = np.stack([train_x[train_y == c].mean(0) for c in classes])
-  predicted = np.asarray(classes)[np.argmin(((test_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)]
+  predicted = np.asarray(classes)[
+    np.argmin(((test_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+  ]
   assert np.mean(predicted == test_y) >= 0.9
   # Outside the boxes, a safe image's pixels look like no attribute: random crops of safe
   # images sit farther from every centroid than true objects do from their own.
@@ -151,7 +167,9 @@ def test_looks_are_distinct_and_localised(tmp_path):
         for _ in range(4):
           s = int(rng.integers(14, 30))
           x, y = rng.integers(0, 64 - s, 2)
-          crop = image.crop((int(x), int(y), int(x) + s, int(y) + s)).resize((12, 12), Image.Resampling.BILINEAR)
+          crop = image.crop((int(x), int(y), int(x) + s, int(y) + s)).resize(
+            (12, 12), Image.Resampling.BILINEAR
+          )
           safe_crops.append(np.asarray(crop, np.float32).ravel() / 255)
   own = np.median(((test_x - centroids[[classes.index(y) for y in test_y]]) ** 2).sum(-1))
   safe = np.median(((np.asarray(safe_crops)[:, None] - centroids[None]) ** 2).sum(-1).min(1))
@@ -191,14 +209,37 @@ def test_invalid_parameters(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-  synthetic.main(["--out", str(tmp_path / "cli"), "--num_train", "2", "--num_val", "1", "--num_test", "1",
-                  "--seed", "5", "--image_size", "32", "--attributes", "a9_face_complete,a30_credit_card"])
+  synthetic.main(
+    [
+      "--out",
+      str(tmp_path / "cli"),
+      "--num_train",
+      "2",
+      "--num_val",
+      "1",
+      "--num_test",
+      "1",
+      "--seed",
+      "5",
+      "--image_size",
+      "32",
+      "--attributes",
+      "a9_face_complete,a30_credit_card",
+    ]
+  )
   assert "Wrote 2 / 1 / 1" in capsys.readouterr().out
   params = synthetic.read_params(tmp_path / "cli")
   assert params["attributes"] == ["a9_face_complete", "a30_credit_card"] and params["seed"] == 5
   assert len((tmp_path / "cli" / "val2017.txt").read_text().splitlines()) == 1
   # A generation made on the command line is reused by ensure_synthetic with the same parameters.
   (tmp_path / "cli" / "sentinel").write_text("")
-  synthetic.ensure_synthetic(tmp_path / "cli", num_train=2, num_val=1, num_test=1, seed=5, image_size=32,
-                             attributes=["a9_face_complete", "a30_credit_card"])
+  synthetic.ensure_synthetic(
+    tmp_path / "cli",
+    num_train=2,
+    num_val=1,
+    num_test=1,
+    seed=5,
+    image_size=32,
+    attributes=["a9_face_complete", "a30_credit_card"],
+  )
   assert (tmp_path / "cli" / "sentinel").exists()

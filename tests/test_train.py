@@ -19,11 +19,23 @@ def _final_params(config, workdir):
 
 
 def test_compute_loss_by_hand():
-  task = train_steps.Task(kind="regression", target_mean=np.array([2.0], np.float32), preferences=np.ones((68, 1)),
-                    pooling="max", attention_gamma=0.5, attention_tau=0.6)
-  outputs = {"score": jnp.array([[0.0], [1.0]]),
-             "attention": jnp.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])}
-  batch = {"score": jnp.array([[3.0], [2.0]]), "mask": jnp.array([1.0, 1.0]), "labels": jnp.zeros((2, 68))}
+  task = train_steps.Task(
+    kind="regression",
+    target_mean=np.array([2.0], np.float32),
+    preferences=np.ones((68, 1)),
+    pooling="max",
+    attention_gamma=0.5,
+    attention_tau=0.6,
+  )
+  outputs = {
+    "score": jnp.array([[0.0], [1.0]]),
+    "attention": jnp.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]),
+  }
+  batch = {
+    "score": jnp.array([[3.0], [2.0]]),
+    "mask": jnp.array([1.0, 1.0]),
+    "labels": jnp.zeros((2, 68)),
+  }
   loss, aux = train_steps.compute_loss(outputs, batch, task)
   # Normalised targets: (3 - 2) * 2 = 2 and 0; squared errors 4 and 1.
   assert float(aux["data_loss"]) == pytest.approx(2.5)
@@ -31,8 +43,12 @@ def test_compute_loss_by_hand():
   assert float(aux["attention_penalty"]) == pytest.approx(0.5 * (0.82 + 2.32) / 2)
   assert float(loss) == pytest.approx(2.5 + 0.5 * 1.57)
   masked = dict(batch, mask=jnp.array([1.0, 0.0]))
-  assert float(train_steps.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(4.0)
-  assert np.asarray(train_steps.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
+  assert float(train_steps.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(
+    4.0
+  )
+  assert np.asarray(train_steps.predicted_scores(outputs, task)).ravel() == pytest.approx(
+    [2.0, 2.5]
+  )
 
 
 def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
@@ -40,7 +56,9 @@ def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
   results = train.train_and_evaluate(tiny_config, str(workdir))
   test_metrics = json.loads((workdir / "eval_test.json").read_text())
   assert set(("l1", "mse", "pearson", "spearman", "n")) <= set(test_metrics)
-  assert test_metrics["n"] == tiny_config.data.synthetic.num_test  # Every test example exactly once.
+  assert (
+    test_metrics["n"] == tiny_config.data.synthetic.num_test
+  )  # Every test example exactly once.
   assert results["test"]["l1"] == pytest.approx(test_metrics["l1"])
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_lines = [line for line in logged if "loss" in line]
@@ -63,12 +81,16 @@ def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, t
   train.train_and_evaluate(config, str(tmp_path / "frozen"))
   after = _final_params(config, tmp_path / "frozen")
   jax.tree_util.tree_map(np.testing.assert_array_equal, before["encoder"], after["encoder"])
-  changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before["head"], after["head"])
+  changed = jax.tree_util.tree_map(
+    lambda a, b: not np.array_equal(a, b), before["head"], after["head"]
+  )
   assert any(jax.tree_util.tree_leaves(changed))
   state = experiment.initial_state
   encoder_state_leaves = [
-      leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
-      if "encoder" in jax.tree_util.keystr(path)]
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+    if "encoder" in jax.tree_util.keystr(path)
+  ]
   assert encoder_state_leaves == []
 
 
@@ -98,10 +120,14 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_p
   monkeypatch.setattr(train_steps, "shard_batch", original)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   resumed = _final_params(config, tmp_path / "resumed")
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, resumed)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, resumed
+  )
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+  tiny_config, tmp_path, monkeypatch
+):
   original = train_steps.shard_batch
   calls = {"n": 0}
 

@@ -12,8 +12,14 @@ from tests.conftest import make_tiny_config
 IMAGE_SIZE = (48, 40)  # (width, height) of the good test photos.
 
 
-def train_tiny_run(data_dir: str, workdir: pathlib.Path, model_name: str, *, per_profile: bool = False,
-                   eval_splits=()) -> pathlib.Path:
+def train_tiny_run(
+  data_dir: str,
+  workdir: pathlib.Path,
+  model_name: str,
+  *,
+  per_profile: bool = False,
+  eval_splits=(),
+) -> pathlib.Path:
   """Two steps of a tiny model (one validation pass selects the checkpoint), then `eval_splits`.
 
   The regressor is wider than the shared tiny config's so that two steps leave it responsive to
@@ -35,7 +41,7 @@ def photo(size=IMAGE_SIZE, seed: int = 0) -> Image.Image:
   y, x = np.mgrid[0:height, 0:width]
   rng = np.random.default_rng(seed)
   channels = [np.sin(x / (5 + 3 * c) + c) * np.cos(y / (7 - c)) for c in range(3)]
-  pixels = (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 8, (height, width, 3)))
+  pixels = np.stack(channels, -1) * 100 + 128 + rng.normal(0, 8, (height, width, 3))
   return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -56,27 +62,40 @@ def png_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
   """A small PNG whose header claims width x height pixels (1.6 G by default): a decompression bomb."""
   png = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
   ihdr = png.index(b"IHDR") + 4
-  png[ihdr:ihdr + 8] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+  png[ihdr : ihdr + 8] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
   import zlib  # pylint: disable=g-import-not-at-top
-  crc = zlib.crc32(bytes(png[ihdr - 4:ihdr + 13]))
-  png[ihdr + 13:ihdr + 17] = crc.to_bytes(4, "big")
+
+  crc = zlib.crc32(bytes(png[ihdr - 4 : ihdr + 13]))
+  png[ihdr + 13 : ihdr + 17] = crc.to_bytes(4, "big")
   return bytes(png)
 
 
 GOOD = {  # name -> (bytes maker, expected displayed (width, height), expected conversions)
-    "photo.jpg": (lambda: encoded(photo(), "JPEG", quality=95), IMAGE_SIZE, []),
-    "rgba.png": (lambda: encoded(_half_transparent(photo(seed=1)), "PNG"), IMAGE_SIZE, ["alpha"]),
-    "palette.gif": (lambda: encoded(photo(seed=2).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "GIF",
-                                    transparency=0), IMAGE_SIZE, ["palette", "alpha"]),
-    "gray.png": (lambda: encoded(photo(seed=3).convert("L"), "PNG"), IMAGE_SIZE, ["grayscale"]),
-    "deep.png": (lambda: encoded(Image.fromarray(
-        np.tile(np.linspace(0, 65535, IMAGE_SIZE[0]).round().astype(np.uint16), (IMAGE_SIZE[1], 1))), "PNG"),
-                 IMAGE_SIZE, ["16bit"]),
-    "rotated.jpg": (lambda: exif_rotated_jpeg(photo(seed=4)), IMAGE_SIZE[::-1], ["exif_rotated"]),
-    "photo.webp": (lambda: encoded(photo(seed=5), "WEBP", quality=90), IMAGE_SIZE, []),
-    "photo.bmp": (lambda: encoded(photo(seed=6), "BMP"), IMAGE_SIZE, []),
-    "photo.tiff": (lambda: encoded(photo(seed=7), "TIFF"), IMAGE_SIZE, []),
-    "nested/deeper/inner.jpg": (lambda: encoded(photo(seed=8), "JPEG"), IMAGE_SIZE, []),
+  "photo.jpg": (lambda: encoded(photo(), "JPEG", quality=95), IMAGE_SIZE, []),
+  "rgba.png": (lambda: encoded(_half_transparent(photo(seed=1)), "PNG"), IMAGE_SIZE, ["alpha"]),
+  "palette.gif": (
+    lambda: encoded(
+      photo(seed=2).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "GIF", transparency=0
+    ),
+    IMAGE_SIZE,
+    ["palette", "alpha"],
+  ),
+  "gray.png": (lambda: encoded(photo(seed=3).convert("L"), "PNG"), IMAGE_SIZE, ["grayscale"]),
+  "deep.png": (
+    lambda: encoded(
+      Image.fromarray(
+        np.tile(np.linspace(0, 65535, IMAGE_SIZE[0]).round().astype(np.uint16), (IMAGE_SIZE[1], 1))
+      ),
+      "PNG",
+    ),
+    IMAGE_SIZE,
+    ["16bit"],
+  ),
+  "rotated.jpg": (lambda: exif_rotated_jpeg(photo(seed=4)), IMAGE_SIZE[::-1], ["exif_rotated"]),
+  "photo.webp": (lambda: encoded(photo(seed=5), "WEBP", quality=90), IMAGE_SIZE, []),
+  "photo.bmp": (lambda: encoded(photo(seed=6), "BMP"), IMAGE_SIZE, []),
+  "photo.tiff": (lambda: encoded(photo(seed=7), "TIFF"), IMAGE_SIZE, []),
+  "nested/deeper/inner.jpg": (lambda: encoded(photo(seed=8), "JPEG"), IMAGE_SIZE, []),
 }
 
 
@@ -87,10 +106,10 @@ def _truncated_jpeg() -> bytes:
 
 
 BROKEN = {  # name -> (bytes maker, a word the error entry must hold)
-    "empty.jpg": (lambda: b"", "empty file"),
-    "text.jpg": (lambda: b"<html>404 Not Found</html>\n", "not_an_image"),
-    "truncated.jpg": (_truncated_jpeg, "corrupt_image"),
-    "bomb.png": (png_bomb, "too_large"),
+  "empty.jpg": (lambda: b"", "empty file"),
+  "text.jpg": (lambda: b"<html>404 Not Found</html>\n", "not_an_image"),
+  "truncated.jpg": (_truncated_jpeg, "corrupt_image"),
+  "bomb.png": (png_bomb, "too_large"),
 }
 
 
@@ -98,7 +117,7 @@ def _half_transparent(image: Image.Image) -> Image.Image:
   """The right half fully transparent."""
   rgba = image.convert("RGBA")
   alpha = np.full(rgba.size[::-1], 255, np.uint8)
-  alpha[:, rgba.size[0] // 2:] = 0
+  alpha[:, rgba.size[0] // 2 :] = 0
   rgba.putalpha(Image.fromarray(alpha))
   return rgba
 

@@ -11,7 +11,9 @@ from absl import logging
 
 DEFAULT_DATA_DIR = "~/.cache/privattnet_jax"
 SYNTHETIC_SUBDIR = "synthetic_vispr"  # <data_dir>/synthetic_vispr: the generated VISPR-layout root.
-SYNTHETIC_TFDS_SUBDIR = "tfds_synthetic"  # <data_dir>/tfds_synthetic/<params hash>: its TFDS builds.
+SYNTHETIC_TFDS_SUBDIR = (
+  "tfds_synthetic"  # <data_dir>/tfds_synthetic/<params hash>: its TFDS builds.
+)
 LOCK_FILENAME = ".prepare.lock"
 
 
@@ -58,24 +60,41 @@ def _prepare_builder(config, data_dir: pathlib.Path):
   data = config.data
   if data.manual_dir:
     return vispr.prepare(
-        pathlib.Path(data.manual_dir).expanduser(), data_dir, data.builder_config, data.splits_dir, data.strict
+      pathlib.Path(data.manual_dir).expanduser(),
+      data_dir,
+      data.builder_config,
+      data.splits_dir,
+      data.strict,
     )
   syn = data.synthetic
   syn_dir = pathlib.Path(syn.dir).expanduser() if syn.dir else data_dir / SYNTHETIC_SUBDIR
   if data.splits_dir:
-    logging.warning("config.data.splits_dir=%s is ignored: the synthetic dataset has its own split lists.",
-                    data.splits_dir)
+    logging.warning(
+      "config.data.splits_dir=%s is ignored: the synthetic dataset has its own split lists.",
+      data.splits_dir,
+    )
   start = time.time()
   root = synthetic.ensure_synthetic(
-      syn_dir, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, seed=syn.seed,
-      image_size=syn.image_size,
+    syn_dir,
+    num_train=syn.num_train,
+    num_val=syn.num_val,
+    num_test=syn.num_test,
+    seed=syn.seed,
+    image_size=syn.image_size,
   )
   params = synthetic.read_params(root)
   tfds_dir = data_dir / SYNTHETIC_TFDS_SUBDIR / synthetic.params_digest(params)
   generated = time.time()
   builder = vispr.prepare(root, tfds_dir, data.builder_config, splits_dir=root, strict=data.strict)
-  logging.info("synthetic dataset (%d/%d/%d images of %d px) ready in %.1f s, its TFDS build in %.1f s",
-               syn.num_train, syn.num_val, syn.num_test, syn.image_size, generated - start, time.time() - generated)
+  logging.info(
+    "synthetic dataset (%d/%d/%d images of %d px) ready in %.1f s, its TFDS build in %.1f s",
+    syn.num_train,
+    syn.num_val,
+    syn.num_test,
+    syn.image_size,
+    generated - start,
+    time.time() - generated,
+  )
   return builder
 
 

@@ -63,16 +63,16 @@ _PARALLEL_MIN_IMAGES = 4096  # Below it, worker processes do not pay (docs/bench
 # hair colour 2.05, sports 2.26, landmark 2.63, vehicle 2.78, date/time 3.10, face 3.42,
 # licence plate 3.76, phone 3.79, passport 3.97, credit card 4.06.
 DEFAULT_ATTRIBUTES = (
-    "a6_hair_color",
-    "a59_sports",
-    "a73_landmark",
-    "a102_vehicle_ownership",
-    "a82_date_time",
-    "a9_face_complete",
-    "a103_license_plate_complete",
-    "a49_phone",
-    "a31_passport",
-    "a30_credit_card",
+  "a6_hair_color",
+  "a59_sports",
+  "a73_landmark",
+  "a102_vehicle_ownership",
+  "a82_date_time",
+  "a9_face_complete",
+  "a103_license_plate_complete",
+  "a49_phone",
+  "a31_passport",
+  "a30_credit_card",
 )
 
 Rgb = tuple[int, int, int]
@@ -113,8 +113,12 @@ def _two_tone(mask_a: np.ndarray, a: Sequence[int], b: Sequence[int]) -> np.ndar
 
 def _face(w, h, rng):
   patch, d = _canvas(w, h)
-  d.ellipse((0, 0, w - 1, h - 1), fill=_jitter(rng, (245, 200, 40)), outline=(70, 35, 0, 255),
-            width=max(1, w // 14))
+  d.ellipse(
+    (0, 0, w - 1, h - 1),
+    fill=_jitter(rng, (245, 200, 40)),
+    outline=(70, 35, 0, 255),
+    width=max(1, w // 14),
+  )
   for cx in (0.32, 0.68):
     d.ellipse((w * (cx - 0.1), h * 0.28, w * (cx + 0.1), h * 0.5), fill=(0, 0, 0, 255))
   d.chord((w * 0.24, h * 0.45, w * 0.76, h * 0.82), 0, 180, fill=_jitter(rng, (200, 20, 30)))
@@ -136,7 +140,9 @@ def _passport(w, h, rng):
   gold = _jitter(rng, (235, 190, 50))
   d.rectangle((0, 0, w - 1, h - 1), fill=_jitter(rng, (125, 15, 45)))
   r = w * 0.27
-  d.ellipse((w * 0.5 - r, h * 0.45 - r, w * 0.5 + r, h * 0.45 + r), outline=gold, width=max(1, w // 9))
+  d.ellipse(
+    (w * 0.5 - r, h * 0.45 - r, w * 0.5 + r, h * 0.45 + r), outline=gold, width=max(1, w // 9)
+  )
   d.rectangle((w * 0.2, h * 0.1, w * 0.8, h * 0.16), fill=gold)
   d.rectangle((w * 0.2, h * 0.8, w * 0.8, h * 0.86), fill=gold)
   return patch
@@ -144,7 +150,9 @@ def _passport(w, h, rng):
 
 def _license_plate(w, h, rng):
   patch, d = _canvas(w, h)
-  d.rectangle((0, 0, w - 1, h - 1), fill=(240, 240, 232, 255), outline=(0, 0, 0, 255), width=max(1, h // 8))
+  d.rectangle(
+    (0, 0, w - 1, h - 1), fill=(240, 240, 232, 255), outline=(0, 0, 0, 255), width=max(1, h // 8)
+  )
   d.rectangle((0, 0, w * 0.12, h - 1), fill=_jitter(rng, (20, 50, 175)))
   for k in range(6):
     x0 = w * (0.19 + 0.125 * k)
@@ -158,8 +166,15 @@ def _landmark(w, h, rng):
   dark = _jitter(rng, (85, 45, 10))
   for t in (0.35, 0.6, 0.85):
     t1 = t + 0.07
-    d.polygon([(w * (0.5 - 0.35 * t), h * t), (w * (0.5 + 0.35 * t), h * t),
-               (w * (0.5 + 0.35 * t1), h * t1), (w * (0.5 - 0.35 * t1), h * t1)], fill=dark)
+    d.polygon(
+      [
+        (w * (0.5 - 0.35 * t), h * t),
+        (w * (0.5 + 0.35 * t), h * t),
+        (w * (0.5 + 0.35 * t1), h * t1),
+        (w * (0.5 - 0.35 * t1), h * t1),
+      ],
+      fill=dark,
+    )
   return patch
 
 
@@ -191,7 +206,9 @@ def _sports(w, h, rng):
 def _vehicle(w, h, rng):
   patch, d = _canvas(w, h)
   red = _jitter(rng, (220, 25, 25))
-  d.polygon([(w * 0.22, h * 0.4), (w * 0.33, h * 0.05), (w * 0.67, h * 0.05), (w * 0.8, h * 0.4)], fill=red)
+  d.polygon(
+    [(w * 0.22, h * 0.4), (w * 0.33, h * 0.05), (w * 0.67, h * 0.05), (w * 0.8, h * 0.4)], fill=red
+  )
   d.rounded_rectangle((0, h * 0.36, w - 1, h * 0.8), radius=max(1, h // 10), fill=red)
   d.rectangle((w * 0.37, h * 0.12, w * 0.63, h * 0.36), fill=(170, 220, 250, 255))
   for cx in (0.25, 0.75):
@@ -205,10 +222,15 @@ def _date_time(w, h, rng):
   d.ellipse((0, 0, w - 1, h - 1), fill=_jitter(rng, (25, 160, 65)))
   d.ellipse((w * 0.16, h * 0.16, w * 0.84, h * 0.84), fill=(250, 250, 250, 255))
   cx, cy = w / 2, h / 2
-  for angle, length, width in ((rng.uniform(0, 2 * np.pi), 0.3, max(1, w // 10)),
-                               (rng.uniform(0, 2 * np.pi), 0.2, max(1, w // 8))):
-    d.line((cx, cy, cx + length * w * math.cos(angle), cy + length * h * math.sin(angle)),
-           fill=(0, 0, 0, 255), width=width)
+  for angle, length, width in (
+    (rng.uniform(0, 2 * np.pi), 0.3, max(1, w // 10)),
+    (rng.uniform(0, 2 * np.pi), 0.2, max(1, w // 8)),
+  ):
+    d.line(
+      (cx, cy, cx + length * w * math.cos(angle), cy + length * h * math.sin(angle)),
+      fill=(0, 0, 0, 255),
+      width=width,
+    )
   return patch
 
 
@@ -222,7 +244,9 @@ def _fingerprint(w, h, rng):
 
 def _ausweis(w, h, rng):
   patch, d = _canvas(w, h)
-  d.rounded_rectangle((0, 0, w - 1, h - 1), radius=max(1, h // 8), fill=_jitter(rng, (130, 210, 150)))
+  d.rounded_rectangle(
+    (0, 0, w - 1, h - 1), radius=max(1, h // 8), fill=_jitter(rng, (130, 210, 150))
+  )
   d.rectangle((0, 0, w - 1, h * 0.14), fill=_jitter(rng, (200, 40, 40)))
   d.rectangle((w * 0.07, h * 0.24, w * 0.35, h * 0.88), fill=_jitter(rng, (120, 90, 70)))
   for t in (0.3, 0.5, 0.7):
@@ -239,18 +263,18 @@ class Look:
 
 
 LOOKS: dict[str, Look] = {
-    "a9_face_complete": Look(_face, 0.85),
-    "a30_credit_card": Look(_credit_card, 1.58),
-    "a31_passport": Look(_passport, 0.7),
-    "a103_license_plate_complete": Look(_license_plate, 3.0),
-    "a73_landmark": Look(_landmark, 0.75),
-    "a49_phone": Look(_phone, 0.5),
-    "a6_hair_color": Look(_hair, 1.3),
-    "a59_sports": Look(_sports, 1.0),
-    "a102_vehicle_ownership": Look(_vehicle, 1.8),
-    "a82_date_time": Look(_date_time, 1.0),
-    "a7_fingerprint": Look(_fingerprint, 0.8),
-    "a29_ausweis": Look(_ausweis, 1.58),
+  "a9_face_complete": Look(_face, 0.85),
+  "a30_credit_card": Look(_credit_card, 1.58),
+  "a31_passport": Look(_passport, 0.7),
+  "a103_license_plate_complete": Look(_license_plate, 3.0),
+  "a73_landmark": Look(_landmark, 0.75),
+  "a49_phone": Look(_phone, 0.5),
+  "a6_hair_color": Look(_hair, 1.3),
+  "a59_sports": Look(_sports, 1.0),
+  "a102_vehicle_ownership": Look(_vehicle, 1.8),
+  "a82_date_time": Look(_date_time, 1.0),
+  "a7_fingerprint": Look(_fingerprint, 0.8),
+  "a29_ausweis": Look(_ausweis, 1.58),
 }
 
 
@@ -259,7 +283,9 @@ LOOKS: dict[str, Look] = {
 
 
 def _muted(rng: np.random.Generator, max_saturation: float = 0.45) -> Rgb:
-  r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.05, max_saturation), rng.uniform(0.3, 0.92))
+  r, g, b = colorsys.hsv_to_rgb(
+    rng.uniform(), rng.uniform(0.05, max_saturation), rng.uniform(0.3, 0.92)
+  )
   return (int(r * 255), int(g * 255), int(b * 255))
 
 
@@ -275,7 +301,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     image = Image.fromarray(array.astype(np.uint8))
   elif kind == 1:  # Smooth colour noise: a coarse random grid, upsampled.
     cells = int(rng.integers(3, 9))
-    coarse = np.stack([[_muted(rng, 0.35) for _ in range(cells)] for _ in range(cells)]).astype(np.uint8)
+    coarse = np.stack([[_muted(rng, 0.35) for _ in range(cells)] for _ in range(cells)]).astype(
+      np.uint8
+    )
     image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
   else:
     image = Image.new("RGB", (size, size), _muted(rng))
@@ -297,7 +325,9 @@ def _draw_distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: 
     n = int(rng.integers(4, 8))
     angles = np.sort(rng.uniform(0, 2 * np.pi, n))
     radii = rng.uniform(0.3, 0.6, n) * side
-    draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii)], fill=colour)
+    draw.polygon(
+      [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii)], fill=colour
+    )
   elif kind == 1:  # Five-pointed star.
     points = []
     for k in range(10):
@@ -315,7 +345,11 @@ def _draw_distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: 
     draw.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=colour, width=max(2, int(side * 0.12)))
   else:  # Rectangle outline.
     w, h = side * rng.uniform(0.6, 1.4), side * rng.uniform(0.6, 1.4)
-    draw.rectangle((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), outline=colour, width=max(1, int(side * 0.08)))
+    draw.rectangle(
+      (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
+      outline=colour,
+      width=max(1, int(side * 0.08)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,16 +358,19 @@ def _draw_distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: 
 
 def _overlaps(box: Sequence[int], others: Sequence[Sequence[int]], margin: int) -> bool:
   x0, y0, x1, y1 = box
-  return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in others)
+  return any(
+    x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin
+    for b in others
+  )
 
 
 def render_image(
-    rng: np.random.Generator,
-    image_size: int,
-    attribute_ids: Sequence[str],
-    safe_fraction: float = 0.25,
-    min_area: float = 0.04,
-    max_area: float = 0.16,
+  rng: np.random.Generator,
+  image_size: int,
+  attribute_ids: Sequence[str],
+  safe_fraction: float = 0.25,
+  min_area: float = 0.04,
+  max_area: float = 0.16,
 ) -> tuple[Image.Image, list[str], list[list[float]], list[str]]:
   """One synthetic image: (RGB image, labels, boxes [ymin, xmin, ymax, xmax] in [0, 1], box labels).
 
@@ -382,18 +419,20 @@ def render_image(
 # The dataset.
 
 
-def _params(num_train, num_val, num_test, seed, image_size, attributes_, safe_fraction, min_area, max_area):
+def _params(
+  num_train, num_val, num_test, seed, image_size, attributes_, safe_fraction, min_area, max_area
+):
   return {
-      "generator_version": GENERATOR_VERSION,
-      "num_train": int(num_train),
-      "num_val": int(num_val),
-      "num_test": int(num_test),
-      "seed": int(seed),
-      "image_size": int(image_size),
-      "attributes": list(attributes_),
-      "safe_fraction": float(safe_fraction),
-      "min_area": float(min_area),
-      "max_area": float(max_area),
+    "generator_version": GENERATOR_VERSION,
+    "num_train": int(num_train),
+    "num_val": int(num_val),
+    "num_test": int(num_test),
+    "seed": int(seed),
+    "image_size": int(image_size),
+    "attributes": list(attributes_),
+    "safe_fraction": float(safe_fraction),
+    "min_area": float(min_area),
+    "max_area": float(max_area),
   }
 
 
@@ -416,7 +455,9 @@ def _validate(params: Mapping[str, Any]) -> None:
   if not 0 <= params["safe_fraction"] <= 1:
     raise ValueError(f"safe_fraction must be in [0, 1], got {params['safe_fraction']}")
   if not 0 < params["min_area"] <= params["max_area"] < 0.8:
-    raise ValueError(f"need 0 < min_area <= max_area < 0.8, got {params['min_area']}, {params['max_area']}")
+    raise ValueError(
+      f"need 0 < min_area <= max_area < 0.8, got {params['min_area']}, {params['max_area']}"
+    )
 
 
 def image_id(split_index: int, index: int) -> str:
@@ -425,18 +466,18 @@ def image_id(split_index: int, index: int) -> str:
 
 
 def generate(
-    out_dir: str | os.PathLike,
-    num_train: int,
-    num_val: int,
-    num_test: int,
-    seed: int,
-    image_size: int = 160,
-    *,
-    attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-    safe_fraction: float = 0.25,
-    min_area: float = 0.04,
-    max_area: float = 0.16,
-    workers: int = 0,
+  out_dir: str | os.PathLike,
+  num_train: int,
+  num_val: int,
+  num_test: int,
+  seed: int,
+  image_size: int = 160,
+  *,
+  attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
+  safe_fraction: float = 0.25,
+  min_area: float = 0.04,
+  max_area: float = 0.16,
+  workers: int = 0,
 ) -> pathlib.Path:
   """Writes the synthetic dataset into out_dir (created if needed) and returns its path.
 
@@ -447,21 +488,31 @@ def generate(
   Files of an earlier, larger generation in out_dir are not removed; use
   ensure_synthetic for a clean, cached generation.
   """
-  params = _params(num_train, num_val, num_test, seed, image_size, attributes, safe_fraction, min_area, max_area)
+  params = _params(
+    num_train, num_val, num_test, seed, image_size, attributes, safe_fraction, min_area, max_area
+  )
   _validate(params)
   out = pathlib.Path(out_dir)
-  counts = {"train2017": params["num_train"], "val2017": params["num_val"], "test2017": params["num_test"]}
+  counts = {
+    "train2017": params["num_train"],
+    "val2017": params["num_val"],
+    "test2017": params["num_test"],
+  }
   jobs = []  # (split_index, split, start, stop): chunks of images, rendered serially or in a pool.
   for split_index, (split, _) in enumerate(SPLITS):
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations" / split).mkdir(parents=True, exist_ok=True)
-    jobs += [(split_index, split, start, min(start + _CHUNK, counts[split]))
-             for start in range(0, counts[split], _CHUNK)]
+    jobs += [
+      (split_index, split, start, min(start + _CHUNK, counts[split]))
+      for start in range(0, counts[split], _CHUNK)
+    ]
   workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
   render = functools.partial(_write_images, out, params)
   if workers > 1 and sum(counts.values()) >= _PARALLEL_MIN_IMAGES:
     # spawn, not fork: the caller may be a process with JAX's threads running.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
       chunks = list(pool.map(render, jobs))
   else:
     chunks = [render(job) for job in jobs]
@@ -475,7 +526,9 @@ def generate(
   return out
 
 
-def _write_images(out: pathlib.Path, params: Mapping[str, Any], job: tuple[int, str, int, int]) -> list[str]:
+def _write_images(
+  out: pathlib.Path, params: Mapping[str, Any], job: tuple[int, str, int, int]
+) -> list[str]:
   """Renders and writes images start .. stop - 1 of a split; returns their annotation paths.
 
   Image i of split s depends on (seed, s, i) alone, so the files do not depend on the chunking
@@ -486,19 +539,23 @@ def _write_images(out: pathlib.Path, params: Mapping[str, Any], job: tuple[int, 
   for i in range(start, stop):
     rng = np.random.default_rng([params["seed"], split_index, i])
     image, labels, boxes, box_labels = render_image(
-        rng, params["image_size"], params["attributes"], params["safe_fraction"], params["min_area"],
-        params["max_area"],
+      rng,
+      params["image_size"],
+      params["attributes"],
+      params["safe_fraction"],
+      params["min_area"],
+      params["max_area"],
     )
     ident = image_id(split_index, i)
     image_path = f"images/{split}/{ident}.jpg"
     image.save(out / image_path, format="JPEG", quality=92)
     annotation = {
-        "id": ident,
-        "image_path": image_path,
-        "labels": labels,
-        "boxes": [[round(v, 6) for v in box] for box in boxes],
-        "box_labels": box_labels,
-        "source": "privattnet_jax synthetic",
+      "id": ident,
+      "image_path": image_path,
+      "labels": labels,
+      "boxes": [[round(v, 6) for v in box] for box in boxes],
+      "box_labels": box_labels,
+      "source": "privattnet_jax synthetic",
     }
     relative = f"annotations/{split}/{ident}.json"
     (out / relative).write_text(json.dumps(annotation))
@@ -515,17 +572,17 @@ def read_params(out_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def ensure_synthetic(
-    out_dir: str | os.PathLike,
-    *,
-    num_train: int,
-    num_val: int,
-    num_test: int,
-    seed: int,
-    image_size: int = 160,
-    attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-    safe_fraction: float = 0.25,
-    min_area: float = 0.04,
-    max_area: float = 0.16,
+  out_dir: str | os.PathLike,
+  *,
+  num_train: int,
+  num_val: int,
+  num_test: int,
+  seed: int,
+  image_size: int = 160,
+  attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
+  safe_fraction: float = 0.25,
+  min_area: float = 0.04,
+  max_area: float = 0.16,
 ) -> pathlib.Path:
   """out_dir holding a generation with these parameters: reused if its marker matches, else made.
 
@@ -534,21 +591,35 @@ def ensure_synthetic(
   generation is written beside out_dir and renamed into place, so an interrupted
   run leaves no half-written dataset behind a valid marker.
   """
-  params = _params(num_train, num_val, num_test, seed, image_size, attributes, safe_fraction, min_area, max_area)
+  params = _params(
+    num_train, num_val, num_test, seed, image_size, attributes, safe_fraction, min_area, max_area
+  )
   _validate(params)
   out = pathlib.Path(out_dir).expanduser()
   if read_params(out) == params:
     return out
   if out.exists() and any(out.iterdir()) and read_params(out) is None:
-    raise ValueError(f"{out} is not empty and holds no {MARKER_FILENAME}: not a synthetic dataset, left untouched")
+    raise ValueError(
+      f"{out} is not empty and holds no {MARKER_FILENAME}: not a synthetic dataset, left untouched"
+    )
   out.parent.mkdir(parents=True, exist_ok=True)
   _remove_dead_tmp_dirs(out)
   tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
   if tmp.exists():
     shutil.rmtree(tmp)
   try:
-    generate(tmp, num_train, num_val, num_test, seed, image_size, attributes=attributes,
-             safe_fraction=safe_fraction, min_area=min_area, max_area=max_area)
+    generate(
+      tmp,
+      num_train,
+      num_val,
+      num_test,
+      seed,
+      image_size,
+      attributes=attributes,
+      safe_fraction=safe_fraction,
+      min_area=min_area,
+      max_area=max_area,
+    )
   except BaseException:  # A full disk or an interrupt: no half-written folder stays behind.
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -593,20 +664,37 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_val", type=int, default=400)
   parser.add_argument("--num_test", type=int, default=400)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--image_size", type=int, default=160, help="Side of the square images, in pixels.")
-  parser.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES),
-                      help=f"Comma-separated attribute ids with a look; available: {','.join(sorted(LOOKS))}.")
+  parser.add_argument(
+    "--image_size", type=int, default=160, help="Side of the square images, in pixels."
+  )
+  parser.add_argument(
+    "--attributes",
+    default=",".join(DEFAULT_ATTRIBUTES),
+    help=f"Comma-separated attribute ids with a look; available: {','.join(sorted(LOOKS))}.",
+  )
   parser.add_argument("--safe_fraction", type=float, default=0.25)
-  parser.add_argument("--min_area", type=float, default=0.04, help="Smallest object box, as a fraction of the image.")
+  parser.add_argument(
+    "--min_area", type=float, default=0.04, help="Smallest object box, as a fraction of the image."
+  )
   parser.add_argument("--max_area", type=float, default=0.16)
   parser.add_argument("--workers", type=int, default=0, help="Rendering processes; 0: one per CPU.")
   args = parser.parse_args(argv)
   out = generate(
-      args.out, args.num_train, args.num_val, args.num_test, args.seed, args.image_size,
-      attributes=[a for a in args.attributes.split(",") if a], safe_fraction=args.safe_fraction,
-      min_area=args.min_area, max_area=args.max_area, workers=args.workers,
+    args.out,
+    args.num_train,
+    args.num_val,
+    args.num_test,
+    args.seed,
+    args.image_size,
+    attributes=[a for a in args.attributes.split(",") if a],
+    safe_fraction=args.safe_fraction,
+    min_area=args.min_area,
+    max_area=args.max_area,
+    workers=args.workers,
   )
-  print(f"Wrote {args.num_train} / {args.num_val} / {args.num_test} synthetic VISPR images to {out}")
+  print(
+    f"Wrote {args.num_train} / {args.num_val} / {args.num_test} synthetic VISPR images to {out}"
+  )
 
 
 if __name__ == "__main__":

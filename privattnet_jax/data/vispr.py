@@ -68,45 +68,45 @@ from privattnet_jax import safe_files
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
 SPLIT_FILES: dict[str, str] = {
-    "train": "train2017.txt",
-    "validation": "val2017.txt",
-    "test": "test2017.txt",
+  "train": "train2017.txt",
+  "validation": "val2017.txt",
+  "test": "test2017.txt",
 }
 REPORT_FILENAME = "build_report.json"
 ANNOTATIONS_DIR = "annotations"
 
 # Why an annotation was skipped; the keys are the report's reason names.
 SKIP_REASONS: dict[str, str] = {
-    "missing_annotation": "the annotation file named in the split list does not exist",
-    "unreadable_annotation": "the annotation file exists but cannot be read",
-    "malformed_json": "the annotation is not valid JSON, or not a JSON object",
-    "malformed_annotation": "valid JSON with a missing or ill-typed `id`/`image_path`/`labels`/`boxes`",
-    "empty_labels": "the label list is empty (a safe image carries ['a0_safe'])",
-    "unknown_label": "a label outside the 68 attributes of attributes.tsv (the example is skipped, not the label)",
-    "duplicate_id": "an image id already written earlier in the same split",
-    "missing_image": "the file at `image_path` does not exist",
-    "unreadable_image": "the file at `image_path` exists but cannot be read (e.g. no permission)",
-    "outside_root": "the annotation (split list entry) or its `image_path` resolves, after following symlinks, "
-                    "outside the manual dir: never read",
-    "not_a_regular_file": "the annotation or image is a folder, FIFO, device or socket: never opened for reading",
-    "file_too_large": "the annotation or image file is larger than its read limit (safe_files.MAX_*_BYTES)",
-    "symlink_loop": "the annotation's or image's path runs into a symlink loop",
-    "not_an_image": "the file is not an image format PIL can identify",
-    "corrupt_image": "an image header was found but decoding failed (truncated or corrupt data)",
-    "too_large": "more pixels than max_pixels, and not a JPEG that DCT scaling can bring under it",
+  "missing_annotation": "the annotation file named in the split list does not exist",
+  "unreadable_annotation": "the annotation file exists but cannot be read",
+  "malformed_json": "the annotation is not valid JSON, or not a JSON object",
+  "malformed_annotation": "valid JSON with a missing or ill-typed `id`/`image_path`/`labels`/`boxes`",
+  "empty_labels": "the label list is empty (a safe image carries ['a0_safe'])",
+  "unknown_label": "a label outside the 68 attributes of attributes.tsv (the example is skipped, not the label)",
+  "duplicate_id": "an image id already written earlier in the same split",
+  "missing_image": "the file at `image_path` does not exist",
+  "unreadable_image": "the file at `image_path` exists but cannot be read (e.g. no permission)",
+  "outside_root": "the annotation (split list entry) or its `image_path` resolves, after following symlinks, "
+  "outside the manual dir: never read",
+  "not_a_regular_file": "the annotation or image is a folder, FIFO, device or socket: never opened for reading",
+  "file_too_large": "the annotation or image file is larger than its read limit (safe_files.MAX_*_BYTES)",
+  "symlink_loop": "the annotation's or image's path runs into a symlink loop",
+  "not_an_image": "the file is not an image format PIL can identify",
+  "corrupt_image": "an image header was found but decoding failed (truncated or corrupt data)",
+  "too_large": "more pixels than max_pixels, and not a JPEG that DCT scaling can bring under it",
 }
 
 # What was converted on the way in (these examples are written); the report's conversion names.
 CONVERSIONS: dict[str, str] = {
-    "grayscale": "mode L or 1, expanded to RGB",
-    "cmyk": "CMYK converted to RGB",
-    "palette": "palette (P) image converted to RGB",
-    "alpha": "transparency (RGBA, LA, PA, P with a transparent colour) composited on white",
-    "16bit": "16/32-bit integer or float image scaled to 8 bits (I;16: /257; I, F: see _to_8bit)",
-    "other_mode": "another mode (YCbCr, LAB, HSV, RGBX, ...) converted to RGB",
-    "exif_rotated": "EXIF orientation 2..8 applied (PIL.ImageOps.exif_transpose)",
-    "exif_ignored": "EXIF data unreadable; the pixels are used as stored",
-    "downscaled_too_large": "over max_pixels: decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling)",
+  "grayscale": "mode L or 1, expanded to RGB",
+  "cmyk": "CMYK converted to RGB",
+  "palette": "palette (P) image converted to RGB",
+  "alpha": "transparency (RGBA, LA, PA, P with a transparent colour) composited on white",
+  "16bit": "16/32-bit integer or float image scaled to 8 bits (I;16: /257; I, F: see _to_8bit)",
+  "other_mode": "another mode (YCbCr, LAB, HSV, RGBX, ...) converted to RGB",
+  "exif_rotated": "EXIF orientation 2..8 applied (PIL.ImageOps.exif_transpose)",
+  "exif_ignored": "EXIF data unreadable; the pixels are used as stored",
+  "downscaled_too_large": "over max_pixels: decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling)",
 }
 
 UNKNOWN_LABEL_POLICY = "skip_example"
@@ -148,8 +148,16 @@ automatically: its images come under CC BY-NC 4.0 and each image's own licence.
 # Leading bytes of formats PIL reads: a file that starts like an image but does not open is
 # reported as corrupt rather than as "not an image".
 _IMAGE_MAGIC = (
-    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
-    b"RIFF", b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51",
+  b"\xff\xd8\xff",
+  b"\x89PNG\r\n\x1a\n",
+  b"GIF87a",
+  b"GIF89a",
+  b"BM",
+  b"II*\x00",
+  b"MM\x00*",
+  b"RIFF",
+  b"\x00\x00\x00\x0cjP",
+  b"\xff\x4f\xff\x51",
 )
 _JPEG_SCALES = (2, 4, 8)  # libjpeg's DCT scaling factors that PIL's draft() can use.
 _PIL_GLOBALS_LOCK = threading.Lock()
@@ -215,16 +223,21 @@ class _SplitReport:
 
   def to_json(self) -> dict[str, Any]:
     return {
-        "listed": self.listed,
-        "written": self.written,
-        "skipped": self.skipped,
-        "skip_reasons": {
-            reason: {"count": len(items), "ids": [i for i, _ in items], "messages": [m for _, m in items]}
-            for reason, items in sorted(self.skips.items())
-        },
-        "conversions": {
-            kind: {"count": len(ids), "ids": list(ids)} for kind, ids in sorted(self.conversions.items())
-        },
+      "listed": self.listed,
+      "written": self.written,
+      "skipped": self.skipped,
+      "skip_reasons": {
+        reason: {
+          "count": len(items),
+          "ids": [i for i, _ in items],
+          "messages": [m for _, m in items],
+        }
+        for reason, items in sorted(self.skips.items())
+      },
+      "conversions": {
+        kind: {"count": len(ids), "ids": list(ids)}
+        for kind, ids in sorted(self.conversions.items())
+      },
     }
 
 
@@ -242,25 +255,25 @@ def _report_json(meta: Mapping[str, Any], splits: Mapping[str, _SplitReport]) ->
     for image_id in s.written_ids:
       written_ids.setdefault(image_id, []).append(name)
   return {
-      **meta,
-      "splits": per_split,
-      "total": {
-          "listed": sum(s["listed"] for s in per_split.values()),
-          "written": sum(s["written"] for s in per_split.values()),
-          "skipped": sum(s["skipped"] for s in per_split.values()),
-          "skip_reasons": dict(sorted(total_reasons.items())),
-          "conversions": dict(sorted(total_conversions.items())),
-      },
-      # The same image written to two splits would leak between train and evaluation.
-      "ids_in_several_splits": {i: v for i, v in sorted(written_ids.items()) if len(v) > 1},
+    **meta,
+    "splits": per_split,
+    "total": {
+      "listed": sum(s["listed"] for s in per_split.values()),
+      "written": sum(s["written"] for s in per_split.values()),
+      "skipped": sum(s["skipped"] for s in per_split.values()),
+      "skip_reasons": dict(sorted(total_reasons.items())),
+      "conversions": dict(sorted(total_conversions.items())),
+    },
+    # The same image written to two splits would leak between train and evaluation.
+    "ids_in_several_splits": {i: v for i, v in sorted(written_ids.items()) if len(v) > 1},
   }
 
 
 def format_report(report: Mapping[str, Any], max_ids: int = 10) -> str:
   """A human-readable summary of a build report (the JSON holds every id)."""
   lines = [
-      f"VISPR build report: {report.get('builder', 'vispr')}/{report.get('config', '?')} "
-      f"{report.get('version', '')} from {report.get('manual_dir', '?')}",
+    f"VISPR build report: {report.get('builder', 'vispr')}/{report.get('config', '?')} "
+    f"{report.get('version', '')} from {report.get('manual_dir', '?')}",
   ]
   for name, s in report["splits"].items():
     lines.append(f"  {name}: listed {s['listed']}, written {s['written']}, skipped {s['skipped']}")
@@ -274,13 +287,19 @@ def format_report(report: Mapping[str, Any], max_ids: int = 10) -> str:
       lines.append(f"    converted {kind}: {entry['count']}: {', '.join(ids)}{more}")
   several = report.get("ids_in_several_splits") or {}
   if several:
-    lines.append(f"  WARNING: {len(several)} ids written to several splits: {list(several)[:max_ids]}")
+    lines.append(
+      f"  WARNING: {len(several)} ids written to several splits: {list(several)[:max_ids]}"
+    )
   total = report["total"]
-  lines.append(f"  total: listed {total['listed']}, written {total['written']}, skipped {total['skipped']}")
+  lines.append(
+    f"  total: listed {total['listed']}, written {total['written']}, skipped {total['skipped']}"
+  )
   return "\n".join(lines)
 
 
-def load_build_report(builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLike) -> dict[str, Any]:
+def load_build_report(
+  builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLike,
+) -> dict[str, Any]:
   """Reads `build_report.json` of a built dataset (a builder, or its version folder)."""
   if isinstance(builder_or_dir, tfds.core.DatasetBuilder):
     folder = pathlib.Path(os.fspath(builder_or_dir.data_path))
@@ -295,7 +314,9 @@ def load_build_report(builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLi
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
   """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped."""
-  text = safe_files.read_bytes(path, max_bytes=safe_files.MAX_LIST_BYTES).decode("utf-8", errors="replace")
+  text = safe_files.read_bytes(path, max_bytes=safe_files.MAX_LIST_BYTES).decode(
+    "utf-8", errors="replace"
+  )
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -309,10 +330,14 @@ def _is_contained_file(root: pathlib.Path, relative: str) -> bool:
 
 def _fail(problems: Sequence[str]) -> ManualDirError:
   listing = "\n".join(f"  - {p}" for p in problems)
-  return ManualDirError(f"The VISPR manual dir is missing or incomplete:\n{listing}\n\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  return ManualDirError(
+    f"The VISPR manual dir is missing or incomplete:\n{listing}\n\n{MANUAL_DOWNLOAD_INSTRUCTIONS}"
+  )
 
 
-def check_manual_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = "") -> dict[str, list[str]]:
+def check_manual_dir(
+  manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = ""
+) -> dict[str, list[str]]:
   """Fails at once, with the download instructions, unless the manual dir can be built from.
 
   Required: the manual dir with an `annotations/` folder, the three split lists,
@@ -337,7 +362,9 @@ def check_manual_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLik
     try:
       lists[split] = read_split_list(path)
     except safe_files.UnsafeFileError as e:
-      problems.append(f"split list {path} does not exist" if e.reason == "missing" else f"split list {e}")
+      problems.append(
+        f"split list {path} does not exist" if e.reason == "missing" else f"split list {e}"
+      )
       continue
     if not lists[split]:
       problems.append(f"split list {path} is empty")
@@ -347,17 +374,23 @@ def check_manual_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLik
   for split, paths in lists.items():
     if not any(_is_contained_file(root, p) for p in paths):
       problems.append(
-          f"none of the {len(paths)} annotations listed in {splits_dir / SPLIT_FILES[split]} exist "
-          f"under {root} (first: {root / paths[0]})"
-          + (f"; for a dataset of your own, put its {', '.join(SPLIT_FILES.values())} at {root} "
-             "or set data.splits_dir" if bundled else "")
+        f"none of the {len(paths)} annotations listed in {splits_dir / SPLIT_FILES[split]} exist "
+        f"under {root} (first: {root / paths[0]})"
+        + (
+          f"; for a dataset of your own, put its {', '.join(SPLIT_FILES.values())} at {root} "
+          "or set data.splits_dir"
+          if bundled
+          else ""
+        )
       )
   if problems:
     raise _fail(problems)
   return lists
 
 
-def resolve_splits_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = "") -> pathlib.Path:
+def resolve_splits_dir(
+  manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = ""
+) -> pathlib.Path:
   """Where the split lists come from: `splits_dir` when given; else the manual dir's own lists
   when all three lie at its root (a user's own VISPR-layout dataset, or the synthetic one);
   else the VISPR lists bundled in data/splits. Some but not all at the root is an error."""
@@ -369,8 +402,12 @@ def resolve_splits_dir(manual_dir: str | os.PathLike, splits_dir: str | os.PathL
     return root
   if present:
     absent = [name for name in SPLIT_FILES.values() if name not in present]
-    raise _fail([f"{root} holds the split list {', '.join(present)} but not {', '.join(absent)}: add "
-                 "them, or set data.splits_dir to the folder that holds all three"])
+    raise _fail(
+      [
+        f"{root} holds the split list {', '.join(present)} but not {', '.join(absent)}: add "
+        "them, or set data.splits_dir to the folder that holds all three"
+      ]
+    )
   return attributes.SPLITS_DIR
 
 
@@ -406,7 +443,8 @@ def inputs_digest(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike =
     for relative in paths:
       try:
         content = hashlib.sha256(
-            safe_files.read_bytes(relative, max_bytes=safe_files.MAX_ANNOTATION_BYTES, root=root)).hexdigest()
+          safe_files.read_bytes(relative, max_bytes=safe_files.MAX_ANNOTATION_BYTES, root=root)
+        ).hexdigest()
       except safe_files.UnsafeFileError as e:
         content = f"<{e.reason}>"
       digest.update(f"{relative}\0{content}\0".encode())
@@ -428,21 +466,35 @@ def parse_annotation(data: bytes, fallback_id: str) -> tuple[str, str, list[str]
   except (ValueError, UnicodeDecodeError) as e:
     raise _Skip("malformed_json", f"{type(e).__name__}: {e}", fallback_id) from None
   if not isinstance(annotation, dict):
-    raise _Skip("malformed_json", f"top level is a {type(annotation).__name__}, not an object", fallback_id)
+    raise _Skip(
+      "malformed_json", f"top level is a {type(annotation).__name__}, not an object", fallback_id
+    )
   image_id = annotation.get("id", fallback_id)
   if not isinstance(image_id, str) or not image_id:
-    raise _Skip("malformed_annotation", f"`id` must be a non-empty string, got {image_id!r}", fallback_id)
+    raise _Skip(
+      "malformed_annotation", f"`id` must be a non-empty string, got {image_id!r}", fallback_id
+    )
   image_path = annotation.get("image_path")
   if not isinstance(image_path, str) or not image_path:
-    raise _Skip("malformed_annotation", f"`image_path` must be a non-empty string, got {image_path!r}", image_id)
+    raise _Skip(
+      "malformed_annotation",
+      f"`image_path` must be a non-empty string, got {image_path!r}",
+      image_id,
+    )
   labels = annotation.get("labels")
   if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-    raise _Skip("malformed_annotation", f"`labels` must be a list of strings, got {labels!r}", image_id)
+    raise _Skip(
+      "malformed_annotation", f"`labels` must be a list of strings, got {labels!r}", image_id
+    )
   if not labels:
     raise _Skip("empty_labels", "`labels` is empty", image_id)
   unknown = sorted({x for x in labels if x not in attributes.ATTRIBUTE_INDEX})
   if unknown:
-    raise _Skip("unknown_label", f"labels outside the {attributes.NUM_ATTRIBUTES} attributes: {unknown}", image_id)
+    raise _Skip(
+      "unknown_label",
+      f"labels outside the {attributes.NUM_ATTRIBUTES} attributes: {unknown}",
+      image_id,
+    )
   raw_boxes = annotation.get("boxes", [])
   try:
     if not isinstance(raw_boxes, list):
@@ -453,15 +505,21 @@ def parse_annotation(data: bytes, fallback_id: str) -> tuple[str, str, list[str]
     elif boxes.ndim != 2 or boxes.shape[1] != 4:
       raise ValueError(f"shape {boxes.shape}")
   except (ValueError, TypeError) as e:
-    raise _Skip("malformed_annotation", f"`boxes` must be a list of [ymin, xmin, ymax, xmax]: {e}", image_id) from None
+    raise _Skip(
+      "malformed_annotation", f"`boxes` must be a list of [ymin, xmin, ymax, xmax]: {e}", image_id
+    ) from None
   if boxes.size and (
-      not np.all(np.isfinite(boxes))
-      or boxes.min() < 0
-      or boxes.max() > 1
-      or np.any(boxes[:, 2] < boxes[:, 0])
-      or np.any(boxes[:, 3] < boxes[:, 1])
+    not np.all(np.isfinite(boxes))
+    or boxes.min() < 0
+    or boxes.max() > 1
+    or np.any(boxes[:, 2] < boxes[:, 0])
+    or np.any(boxes[:, 3] < boxes[:, 1])
   ):
-    raise _Skip("malformed_annotation", "`boxes` must be normalised [ymin, xmin, ymax, xmax] in [0, 1]", image_id)
+    raise _Skip(
+      "malformed_annotation",
+      "`boxes` must be normalised [ymin, xmin, ymax, xmax] in [0, 1]",
+      image_id,
+    )
   return image_id, image_path, labels, boxes
 
 
@@ -487,7 +545,9 @@ def _decoded_pixels(width: int, height: int, factor: int) -> int:
   return math.ceil(width / factor) * math.ceil(height / factor)
 
 
-def _reduction_factor(width: int, height: int, can_draft: bool, max_side: int, max_pixels: int | None):
+def _reduction_factor(
+  width: int, height: int, can_draft: bool, max_side: int, max_pixels: int | None
+):
   """The JPEG DCT scale to decode at: the largest that keeps the shorter side >= max_side,
   or a larger one if needed to stay within max_pixels. Returns (factor, forced by the limit)."""
   factor = 1
@@ -503,9 +563,9 @@ def _reduction_factor(width: int, height: int, can_draft: bool, max_side: int, m
       if f > factor and _decoded_pixels(width, height, f) <= max_pixels:
         return f, True
   raise _Skip(
-      "too_large",
-      f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
-      + (" even at 1/8 JPEG scale" if can_draft else " (only JPEGs can be decoded reduced)"),
+    "too_large",
+    f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+    + (" even at 1/8 JPEG scale" if can_draft else " (only JPEGs can be decoded reduced)"),
   )
 
 
@@ -538,7 +598,9 @@ def to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
   mode = image.mode
   if mode == "P":
     conversions.append("palette")
-  if mode in ("P", "RGB", "L") and "transparency" in image.info:  # A transparent colour (PNG tRNS, GIF).
+  if (
+    mode in ("P", "RGB", "L") and "transparency" in image.info
+  ):  # A transparent colour (PNG tRNS, GIF).
     image, mode = image.convert("RGBA"), "RGBA"
   elif mode == "RGB":
     return image
@@ -563,7 +625,7 @@ def to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
 
 
 def process_image(
-    data: bytes, *, max_side: int = 256, jpeg_quality: int = 90, max_pixels: int | None = None
+  data: bytes, *, max_side: int = 256, jpeg_quality: int = 90, max_pixels: int | None = None
 ) -> tuple[bytes, int, int, list[str]]:
   """Encoded image of any PIL format -> (RGB JPEG bytes, original height, width, conversions).
 
@@ -578,7 +640,9 @@ def process_image(
       image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
       if data.startswith(_IMAGE_MAGIC):
-        raise _Skip("corrupt_image", f"starts like an image but cannot be identified: {e}") from None
+        raise _Skip(
+          "corrupt_image", f"starts like an image but cannot be identified: {e}"
+        ) from None
       raise _Skip("not_an_image", str(e)) from None
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad headers.
       raise _Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
@@ -591,7 +655,10 @@ def process_image(
       if forced:
         conversions.append("downscaled_too_large")
     if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
-      raise _Skip("too_large", f"{width}x{height}: {image.size[0] * image.size[1]} pixels > max_pixels {max_pixels}")
+      raise _Skip(
+        "too_large",
+        f"{width}x{height}: {image.size[0] * image.size[1]} pixels > max_pixels {max_pixels}",
+      )
     try:
       image.load()
     except Exception as e:  # pylint: disable=broad-except
@@ -629,13 +696,18 @@ def process_image(
   return buffer.getvalue(), height, width, conversions
 
 
-def _read_contained(root: pathlib.Path, relative: str, kind: str, max_bytes: int, image_id: str) -> bytes:
+def _read_contained(
+  root: pathlib.Path, relative: str, kind: str, max_bytes: int, image_id: str
+) -> bytes:
   """An annotation's or image's bytes, read only if it is a regular file inside the manual dir."""
   try:
     return safe_files.read_bytes(relative, max_bytes=max_bytes, root=root)
   except safe_files.UnsafeFileError as e:
-    reason = {"missing": f"missing_{kind}", "unreadable": f"unreadable_{kind}",
-              "invalid_path": "malformed_annotation"}.get(e.reason, e.reason)
+    reason = {
+      "missing": f"missing_{kind}",
+      "unreadable": f"unreadable_{kind}",
+      "invalid_path": "malformed_annotation",
+    }.get(e.reason, e.reason)
     raise _Skip(reason, f"{root / relative}: {e.message}", image_id) from None
 
 
@@ -650,8 +722,10 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release: RGB JPEG, labels, original size, boxes, build report."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
-      VisprConfig(name="max256", max_side=256, description="Shorter side <= 256 px (the pipeline's input)."),
-      VisprConfig(name="original", max_side=0, description="Original size, normalised to RGB JPEG."),
+    VisprConfig(
+      name="max256", max_side=256, description="Shorter side <= 256 px (the pipeline's input)."
+    ),
+    VisprConfig(name="original", max_side=0, description="Original size, normalised to RGB JPEG."),
   ]
   DEFAULT_CONFIG_NAME = "max256"
 
@@ -664,13 +738,13 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
     return epath.Path(inspect.getfile(cls))
 
   def __init__(
-      self,
-      *,
-      splits_dir: str | os.PathLike = "",
-      strict: bool = False,
-      max_pixels: int | None | str = "pil",
-      file_format: str | None = None,
-      **kwargs,
+    self,
+    *,
+    splits_dir: str | os.PathLike = "",
+    strict: bool = False,
+    max_pixels: int | None | str = "pil",
+    file_format: str | None = None,
+    **kwargs,
   ):
     """Builder options beyond tfds' own (data_dir, config, version).
 
@@ -694,27 +768,31 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format=file_format or "array_record", **kwargs)
     # Keep the options when tfds pickles the builder (it re-runs __init__ from this state).
     self._original_state.update(
-        splits_dir=os.fspath(self._splits_dir), strict=self._strict, max_pixels=self._max_pixels,
-        file_format=file_format,
+      splits_dir=os.fspath(self._splits_dir),
+      strict=self._strict,
+      max_pixels=self._max_pixels,
+      file_format=file_format,
     )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "VISPR (Orekondy et al., ICCV 2017): 22,167 images annotated with 68 privacy attributes. "
-            "Images are stored as RGB JPEG; skipped and converted images are listed in build_report.json."
-        ),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "image_id": tfds.features.Text(),
-            "labels": tfds.features.Tensor(shape=(attributes.NUM_ATTRIBUTES,), dtype=np.bool_),
-            "height": np.int32,
-            "width": np.int32,
-            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-        }),
-        homepage=HOMEPAGE,
-        citation=CITATION,
+      builder=self,
+      description=(
+        "VISPR (Orekondy et al., ICCV 2017): 22,167 images annotated with 68 privacy attributes. "
+        "Images are stored as RGB JPEG; skipped and converted images are listed in build_report.json."
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "image_id": tfds.features.Text(),
+          "labels": tfds.features.Tensor(shape=(attributes.NUM_ATTRIBUTES,), dtype=np.bool_),
+          "height": np.int32,
+          "width": np.int32,
+          "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+        }
+      ),
+      homepage=HOMEPAGE,
+      citation=CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -724,7 +802,9 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
     self._split_reports = {split: _SplitReport() for split in SPLIT_FILES}
     return {split: self._generate_examples(split, paths) for split, paths in lists.items()}
 
-  def _generate_examples(self, split: str, annotation_paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _generate_examples(
+    self, split: str, annotation_paths: Sequence[str]
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
     report = self._split_reports[split]
     written: set[str] = set()
     config: VisprConfig = self.builder_config
@@ -747,46 +827,56 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       yield image_id, example
 
   def _example(self, relative: str, fallback_id: str, written: set[str], config: VisprConfig):
-    data = _read_contained(self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES,
-                           fallback_id)
+    data = _read_contained(
+      self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES, fallback_id
+    )
     image_id, image_path, labels, boxes = parse_annotation(data, fallback_id)
     if image_id in written:
-      raise _Skip("duplicate_id", f"{image_id} already written to this split ({relative})", image_id)
+      raise _Skip(
+        "duplicate_id", f"{image_id} already written to this split ({relative})", image_id
+      )
     image_file = self._manual_root / image_path
-    image_data = _read_contained(self._manual_root, image_path, "image", safe_files.MAX_IMAGE_BYTES, image_id)
+    image_data = _read_contained(
+      self._manual_root, image_path, "image", safe_files.MAX_IMAGE_BYTES, image_id
+    )
     try:
       encoded, height, width, conversions = process_image(
-          image_data, max_side=config.max_side, jpeg_quality=config.jpeg_quality, max_pixels=self._max_pixels
+        image_data,
+        max_side=config.max_side,
+        jpeg_quality=config.jpeg_quality,
+        max_pixels=self._max_pixels,
       )
     except _Skip as skip:
       raise _Skip(skip.reason, f"{image_file}: {skip.message}", image_id) from None
     example = {
-        "image": encoded,
-        "image_id": image_id,
-        "labels": attributes.multi_hot(labels),
-        "height": height,
-        "width": width,
-        "boxes": boxes,
+      "image": encoded,
+      "image_id": image_id,
+      "labels": attributes.multi_hot(labels),
+      "height": height,
+      "width": width,
+      "boxes": boxes,
     }
     return image_id, example, conversions
 
   def _report_meta(self) -> dict[str, Any]:
     config: VisprConfig = self.builder_config
     return {
-        "builder": self.name,
-        "config": config.name,
-        "version": str(self.version),
-        "manual_dir": os.fspath(self._manual_root.resolve()) if self._manual_root else "",
-        "splits_dir": os.fspath(self._splits_dir.resolve()),
-        "split_lists_sha256": split_lists_digest(self._splits_dir),
-        "inputs_sha256": inputs_digest(self._manual_root, self._splits_dir) if self._manual_root else "",
-        "strict": self._strict,
-        "max_side": config.max_side,
-        "jpeg_quality": config.jpeg_quality,
-        "max_pixels": self._max_pixels,
-        "unknown_label_policy": UNKNOWN_LABEL_POLICY,
-        "skip_reason_meanings": SKIP_REASONS,
-        "conversion_meanings": CONVERSIONS,
+      "builder": self.name,
+      "config": config.name,
+      "version": str(self.version),
+      "manual_dir": os.fspath(self._manual_root.resolve()) if self._manual_root else "",
+      "splits_dir": os.fspath(self._splits_dir.resolve()),
+      "split_lists_sha256": split_lists_digest(self._splits_dir),
+      "inputs_sha256": inputs_digest(self._manual_root, self._splits_dir)
+      if self._manual_root
+      else "",
+      "strict": self._strict,
+      "max_side": config.max_side,
+      "jpeg_quality": config.jpeg_quality,
+      "max_pixels": self._max_pixels,
+      "unknown_label_policy": UNKNOWN_LABEL_POLICY,
+      "skip_reason_meanings": SKIP_REASONS,
+      "conversion_meanings": CONVERSIONS,
     }
 
   def _download_and_prepare(self, dl_manager, download_config):
@@ -796,7 +886,9 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
     if self._strict and report["total"]["skipped"]:
       text = format_report(report, max_ids=10**9)
       print(text, flush=True)
-      raise StrictBuildError(f"strict build: {report['total']['skipped']} annotations would be skipped\n{text}")
+      raise StrictBuildError(
+        f"strict build: {report['total']['skipped']} annotations would be skipped\n{text}"
+      )
     # self.data_dir is the incomplete folder here; tfds renames it to the version folder.
     path = pathlib.Path(os.fspath(self.data_dir)) / REPORT_FILENAME
     path.write_text(json.dumps(report, indent=1))
@@ -808,7 +900,10 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
     if self._last_report is not None:
       text = format_report(self._last_report)
       logging.info("%s", text)
-      print(f"{text}\n  full report: {pathlib.Path(os.fspath(self.data_path)) / REPORT_FILENAME}", flush=True)
+      print(
+        f"{text}\n  full report: {pathlib.Path(os.fspath(self.data_path)) / REPORT_FILENAME}",
+        flush=True,
+      )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,13 +911,13 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(
-    manual_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    config_name: str = "max256",
-    splits_dir: str | os.PathLike = "",
-    strict: bool = False,
-    *,
-    max_pixels: int | None | str = "pil",
+  manual_dir: str | os.PathLike,
+  data_dir: str | os.PathLike,
+  config_name: str = "max256",
+  splits_dir: str | os.PathLike = "",
+  strict: bool = False,
+  *,
+  max_pixels: int | None | str = "pil",
 ) -> Vispr:
   """The `vispr` builder over `manual_dir`, built into `data_dir` unless already built there.
 
@@ -834,9 +929,15 @@ def prepare(
   three, else the bundled VISPR lists (`resolve_splits_dir`); the log says which.
   """
   splits_dir = resolve_splits_dir(manual_dir, splits_dir)
-  logging.info("Split lists: %s", ", ".join(os.fspath(splits_dir / name) for name in SPLIT_FILES.values()))
+  logging.info(
+    "Split lists: %s", ", ".join(os.fspath(splits_dir / name) for name in SPLIT_FILES.values())
+  )
   builder = Vispr(
-      data_dir=os.fspath(data_dir), config=config_name, splits_dir=splits_dir, strict=strict, max_pixels=max_pixels
+    data_dir=os.fspath(data_dir),
+    config=config_name,
+    splits_dir=splits_dir,
+    strict=strict,
+    max_pixels=max_pixels,
   )
   data_path = pathlib.Path(os.fspath(builder.data_path))
   if (data_path / "dataset_info.json").exists():
@@ -844,8 +945,8 @@ def prepare(
     return builder
   check_manual_dir(manual_dir, splits_dir)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
-      file_format="array_record",
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
+    file_format="array_record",
   )
   return builder
 
@@ -853,7 +954,9 @@ def prepare(
 def _check_reused(data_path, manual_dir, splits_dir, strict) -> None:
   report_path = data_path / REPORT_FILENAME
   if not report_path.exists():
-    logging.warning("Reusing %s, which has no %s: its skips are unknown.", data_path, REPORT_FILENAME)
+    logging.warning(
+      "Reusing %s, which has no %s: its skips are unknown.", data_path, REPORT_FILENAME
+    )
     if strict:
       raise StrictBuildError(f"strict: {data_path} has no {REPORT_FILENAME}; delete it to rebuild")
     return
@@ -861,23 +964,33 @@ def _check_reused(data_path, manual_dir, splits_dir, strict) -> None:
   logging.info("Reusing %s (built from %s).", data_path, report.get("manual_dir"))
   if strict and report["total"]["skipped"]:
     raise StrictBuildError(
-        f"strict: the existing build {data_path} skipped {report['total']['skipped']} annotations\n"
-        + format_report(report, max_ids=10**9)
+      f"strict: the existing build {data_path} skipped {report['total']['skipped']} annotations\n"
+      + format_report(report, max_ids=10**9)
     )
   if os.fspath(pathlib.Path(manual_dir).resolve()) != report.get("manual_dir"):
     logging.warning(
-        "%s was built from %s, not %s (same annotations and split lists).", data_path, report.get("manual_dir"),
-        manual_dir
+      "%s was built from %s, not %s (same annotations and split lists).",
+      data_path,
+      report.get("manual_dir"),
+      manual_dir,
     )
   if "inputs_sha256" not in report:
-    logging.warning("%s records no digest of its inputs: it cannot be checked against %s", data_path, manual_dir)
+    logging.warning(
+      "%s records no digest of its inputs: it cannot be checked against %s", data_path, manual_dir
+    )
     return
-  changed = ("split lists" if split_lists_digest(splits_dir) != report.get("split_lists_sha256")
-             else "annotations" if inputs_digest(manual_dir, splits_dir) != report["inputs_sha256"] else None)
+  changed = (
+    "split lists"
+    if split_lists_digest(splits_dir) != report.get("split_lists_sha256")
+    else "annotations"
+    if inputs_digest(manual_dir, splits_dir) != report["inputs_sha256"]
+    else None
+  )
   if changed:
     raise StaleBuildError(
-        f"the {changed} in {manual_dir} changed since the dataset in {data_path} was built from them; "
-        f"delete {data_path} to rebuild it (it is not reused)")
+      f"the {changed} in {manual_dir} changed since the dataset in {data_path} was built from them; "
+      f"delete {data_path} to rebuild it (it is not reused)"
+    )
 
 
 def data_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:

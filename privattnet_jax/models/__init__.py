@@ -55,6 +55,7 @@ class PrivacyModel(nn.Module):
       when frozen) or 'frozen' (running averages always, never updated; needed for a feature
       cache). Applies whether or not the encoder is trainable.
   """
+
   encoder: nn.Module
   head: nn.Module
   encoder_trainable: bool = False
@@ -62,7 +63,9 @@ class PrivacyModel(nn.Module):
 
   def __post_init__(self):
     if self.encoder_batchnorm not in BATCHNORM_MODES:
-      raise ValueError(f"model.encoder.batchnorm must be one of {BATCHNORM_MODES}, got {self.encoder_batchnorm!r}")
+      raise ValueError(
+        f"model.encoder.batchnorm must be one of {BATCHNORM_MODES}, got {self.encoder_batchnorm!r}"
+      )
     super().__post_init__()
 
   def encode(self, images, train: bool):
@@ -117,13 +120,21 @@ def encoder_output_channels(encoder_config, stages: int) -> int:
   return resnet.output_channels(encoder_config.depth, encoder_config.width, stages)
 
 
-def create_encoder(encoder_config, stages: int, dtype: Any = jnp.float32,
-                   batchnorm_axis_name: str | None = None) -> nn.Module:
+def create_encoder(
+  encoder_config, stages: int, dtype: Any = jnp.float32, batchnorm_axis_name: str | None = None
+) -> nn.Module:
   """The trunk named by `model.encoder.name`, cut after `stages` (see the module docstring)."""
   if _encoder_name(encoder_config) == "efficientnet_lite0":
-    return efficientnet.EfficientNetLite0(stages=stages, dtype=dtype, batchnorm_axis_name=batchnorm_axis_name)
-  return resnet.ResNet(depth=encoder_config.depth, width=encoder_config.width, stages=stages, dtype=dtype,
-                       batchnorm_axis_name=batchnorm_axis_name)
+    return efficientnet.EfficientNetLite0(
+      stages=stages, dtype=dtype, batchnorm_axis_name=batchnorm_axis_name
+    )
+  return resnet.ResNet(
+    depth=encoder_config.depth,
+    width=encoder_config.width,
+    stages=stages,
+    dtype=dtype,
+    batchnorm_axis_name=batchnorm_axis_name,
+  )
 
 
 def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = None) -> PrivacyModel:
@@ -143,23 +154,26 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
   axis_name = batchnorm_axis_name if model_config.get("sync_batchnorm", True) else None
   encoder_config = model_config.encoder
   if not isinstance(encoder_config.trainable, bool):
-    raise ValueError(f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}")
+    raise ValueError(
+      f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}"
+    )
 
   stages = encoder_stages(name, encoder_config)
   if name in ("privattnet", "privattnet_mlc"):
     attention_config = model_config.attention
     mlc = name == "privattnet_mlc"
     head = AttentionHead(
-        num_outputs=NUM_NON_SAFE_ATTRIBUTES if mlc else num_outputs,
-        output_key="attribute_logits" if mlc else "score",
-        steps=attention_config.steps,
-        hidden_size=attention_config.hidden_size,
-        regressor_hidden=attention_config.regressor_hidden,
-        feature_dropout=attention_config.feature_dropout,
-        dropout=attention_config.dropout,
-        output=attention_config.output,
-        dtype=dtype,
-        batchnorm_axis_name=axis_name)
+      num_outputs=NUM_NON_SAFE_ATTRIBUTES if mlc else num_outputs,
+      output_key="attribute_logits" if mlc else "score",
+      steps=attention_config.steps,
+      hidden_size=attention_config.hidden_size,
+      regressor_hidden=attention_config.regressor_hidden,
+      feature_dropout=attention_config.feature_dropout,
+      dropout=attention_config.dropout,
+      output=attention_config.output,
+      dtype=dtype,
+      batchnorm_axis_name=axis_name,
+    )
   elif name == "privnet":
     head = heads.PooledLinearHead(num_outputs, "score", dtype=dtype)
   elif name == "ap_pr":
@@ -168,5 +182,9 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
     head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
 
   encoder = create_encoder(encoder_config, stages, dtype, axis_name)
-  return PrivacyModel(encoder=encoder, head=head, encoder_trainable=encoder_config.trainable,
-                      encoder_batchnorm=encoder_config.batchnorm)
+  return PrivacyModel(
+    encoder=encoder,
+    head=head,
+    encoder_trainable=encoder_config.trainable,
+    encoder_batchnorm=encoder_config.batchnorm,
+  )

@@ -44,6 +44,7 @@ class AttentionStep(nn.Module):
   next step's attention query and this step's regressor read h_out = dropout(h). In eval mode
   the two coincide.
   """
+
   hidden_size: int
   regressor_hidden: int
   num_outputs: int
@@ -56,20 +57,35 @@ class AttentionStep(nn.Module):
     lstm_state, query = carry
     num_locations, channels = features.shape[1], features.shape[2]
     # H -> L with bias: one scalar per grid cell, added to all D channels of that cell's key.
-    location_bias = heads.torch_linear(num_locations, self.hidden_size, dtype=self.dtype, name="query")(query)
+    location_bias = heads.torch_linear(
+      num_locations, self.hidden_size, dtype=self.dtype, name="query"
+    )(query)
     energy = nn.relu(keys + location_bias[:, :, None])
-    energy = dropout.Dropout(self.dropout_rate, name="energy_dropout")(energy, deterministic=self.deterministic)
-    logits = heads.torch_linear(1, channels, use_bias=False, dtype=self.dtype, name="attention_logit")(energy)
+    energy = dropout.Dropout(self.dropout_rate, name="energy_dropout")(
+      energy, deterministic=self.deterministic
+    )
+    logits = heads.torch_linear(
+      1, channels, use_bias=False, dtype=self.dtype, name="attention_logit"
+    )(energy)
     attention = jax.nn.softmax(logits[..., 0].astype(jnp.float32), axis=-1)  # (B, L), fp32 always.
     context = jnp.einsum("bl,bld->bd", attention, features.astype(jnp.float32)).astype(self.dtype)
 
     lstm_init = heads.symmetric_uniform(1.0 / math.sqrt(self.hidden_size))  # torch.nn.LSTM's init.
     lstm_state, hidden = nn.OptimizedLSTMCell(
-        self.hidden_size, kernel_init=lstm_init, recurrent_kernel_init=lstm_init, bias_init=lstm_init,
-        dtype=self.dtype, param_dtype=jnp.float32, name="lstm")(lstm_state, context)
-    hidden_out = dropout.Dropout(self.dropout_rate, name="hidden_dropout")(hidden, deterministic=self.deterministic)
-    step_output = heads.MLPRegressor(self.regressor_hidden, self.num_outputs, self.dropout_rate,
-                                     dtype=self.dtype, name="regressor")(hidden_out, self.deterministic)
+      self.hidden_size,
+      kernel_init=lstm_init,
+      recurrent_kernel_init=lstm_init,
+      bias_init=lstm_init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="lstm",
+    )(lstm_state, context)
+    hidden_out = dropout.Dropout(self.dropout_rate, name="hidden_dropout")(
+      hidden, deterministic=self.deterministic
+    )
+    step_output = heads.MLPRegressor(
+      self.regressor_hidden, self.num_outputs, self.dropout_rate, dtype=self.dtype, name="regressor"
+    )(hidden_out, self.deterministic)
     return (lstm_state, hidden_out), (attention, step_output.astype(jnp.float32))
 
 
@@ -86,6 +102,7 @@ class AttentionHead(nn.Module):
     output: 'mean' over steps, or 'last' step only.
     batchnorm_axis_name: device axis for synchronised BatchNorm statistics in training, or None.
   """
+
   num_outputs: int
   output_key: str = "score"
   steps: int = 3
@@ -120,10 +137,11 @@ class AttentionHead(nn.Module):
     query = self.variables.get("params", {}).get("steps", {}).get("query", {})
     if "kernel" in query and query["kernel"].shape[-1] != num_locations:
       raise ValueError(
-          f"PrivAttNet's attention head was initialised for a grid of {query['kernel'].shape[-1]} "
-          f"cells but got a {grid[0]}x{grid[1]} grid ({num_locations} cells): its H->L query "
-          "projection ties it to one grid size (as in the authors' model). Use the image size "
-          "the model was initialised and trained with (config.image_size).")
+        f"PrivAttNet's attention head was initialised for a grid of {query['kernel'].shape[-1]} "
+        f"cells but got a {grid[0]}x{grid[1]} grid ({num_locations} cells): its H->L query "
+        "projection ties it to one grid size (as in the authors' model). Use the image size "
+        "the model was initialised and trained with (config.image_size)."
+      )
 
   @nn.compact
   def __call__(self, features, train: bool):
@@ -134,33 +152,69 @@ class AttentionHead(nn.Module):
 
     # Step 1: the annotation vectors a.
     conv_init = heads.symmetric_uniform(1.0 / math.sqrt(channels))  # torch.nn.Conv2d's init.
-    x = nn.Conv(channels, (1, 1), use_bias=True, kernel_init=conv_init, bias_init=conv_init,
-                dtype=self.dtype, param_dtype=jnp.float32, name="feature_conv")(features.astype(self.dtype))
-    x = nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
-                     axis_name=self.batchnorm_axis_name if train else None, dtype=self.dtype, param_dtype=jnp.float32, name="feature_bn")(x)
-    x = dropout.Dropout(self.feature_dropout, name="feature_dropout")(nn.relu(x), deterministic=deterministic)
+    x = nn.Conv(
+      channels,
+      (1, 1),
+      use_bias=True,
+      kernel_init=conv_init,
+      bias_init=conv_init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="feature_conv",
+    )(features.astype(self.dtype))
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BATCHNORM_MOMENTUM,
+      epsilon=BATCHNORM_EPSILON,
+      axis_name=self.batchnorm_axis_name if train else None,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="feature_bn",
+    )(x)
+    x = dropout.Dropout(self.feature_dropout, name="feature_dropout")(
+      nn.relu(x), deterministic=deterministic
+    )
     annotations = x.reshape(batch, num_locations, channels)  # Row-major: cell = row * width + col.
 
     # Step 2: the initial LSTM state; h0 is also the first attention query.
     mean_annotation = jnp.mean(annotations, axis=1)
-    h0 = jnp.tanh(heads.torch_linear(self.hidden_size, channels, dtype=self.dtype, name="init_h")(mean_annotation))
-    c0 = jnp.tanh(heads.torch_linear(self.hidden_size, channels, dtype=self.dtype, name="init_c")(mean_annotation))
+    h0 = jnp.tanh(
+      heads.torch_linear(self.hidden_size, channels, dtype=self.dtype, name="init_h")(
+        mean_annotation
+      )
+    )
+    c0 = jnp.tanh(
+      heads.torch_linear(self.hidden_size, channels, dtype=self.dtype, name="init_c")(
+        mean_annotation
+      )
+    )
     h0, c0 = h0.astype(self.dtype), c0.astype(self.dtype)
 
     # Step 3: the attention keys, computed once outside the step loop.
-    keys = heads.torch_linear(channels, channels, use_bias=False, dtype=self.dtype, name="keys")(annotations)
-    keys = dropout.Dropout(self.dropout, name="key_dropout")(nn.relu(keys), deterministic=deterministic)
+    keys = heads.torch_linear(channels, channels, use_bias=False, dtype=self.dtype, name="keys")(
+      annotations
+    )
+    keys = dropout.Dropout(self.dropout, name="key_dropout")(
+      nn.relu(keys), deterministic=deterministic
+    )
 
     # Step 4: T steps, one set of parameters, a fresh dropout key per step.
     steps = nn.scan(
-        AttentionStep,
-        variable_broadcast="params",
-        split_rngs={"params": False, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        out_axes=1,
-        length=self.steps,
-    )(self.hidden_size, self.regressor_hidden, self.num_outputs, self.dropout, deterministic,
-      dtype=self.dtype, name="steps")
+      AttentionStep,
+      variable_broadcast="params",
+      split_rngs={"params": False, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      out_axes=1,
+      length=self.steps,
+    )(
+      self.hidden_size,
+      self.regressor_hidden,
+      self.num_outputs,
+      self.dropout,
+      deterministic,
+      dtype=self.dtype,
+      name="steps",
+    )
     _, (attention, step_outputs) = steps(((c0, h0), h0), annotations, keys)
 
     # Step 5: pool the per-step outputs.

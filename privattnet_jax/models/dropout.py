@@ -43,6 +43,7 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], bits: int) -> jax.Array:
 
 class Dropout(nn.Module):
   """Drop-in for `nn.Dropout(rate)(x, deterministic=...)`, with packed random draws (see above)."""
+
   rate: float
 
   @nn.compact

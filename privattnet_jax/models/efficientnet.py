@@ -36,13 +36,13 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 # (repeats, kernel, stride, expand ratio, output channels) per stage; stride on the first block.
 STAGES = (
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
+  (1, 3, 1, 1, 16),
+  (2, 3, 2, 6, 24),
+  (2, 5, 2, 6, 40),
+  (3, 3, 2, 6, 80),
+  (3, 5, 1, 6, 112),
+  (4, 5, 2, 6, 192),
+  (1, 3, 1, 6, 320),
 )
 CUT_STAGES = {3: 5, 4: 7}  # `stages` -> how many of STAGES run (3: through the 112-channel stage).
 # TF's EfficientNet initialiser: normal with variance 2 / fan_out.
@@ -52,7 +52,7 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def block_specs(stages: int) -> list[tuple[int, int, int, int, int]]:
   """The flat list of blocks (kernel, stride, expand ratio, in, out) that `stages` runs."""
   specs, channels = [], STEM_CHANNELS
-  for repeats, kernel, stride, expand, out in STAGES[:CUT_STAGES[stages]]:
+  for repeats, kernel, stride, expand, out in STAGES[: CUT_STAGES[stages]]:
     for index in range(repeats):
       specs.append((kernel, stride if index == 0 else 1, expand, channels, out))
       channels = out
@@ -71,8 +71,10 @@ def output_stride(stages: int) -> int:
 
 def validate(stages: int) -> None:
   if stages not in CUT_STAGES:
-    raise ValueError("model.encoder.stages must be 3 (cut at output stride 16) or 4 "
-                     f"(the whole trunk), got {stages!r}")
+    raise ValueError(
+      "model.encoder.stages must be 3 (cut at output stride 16) or 4 "
+      f"(the whole trunk), got {stages!r}"
+    )
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -87,6 +89,7 @@ class DepthwiseConv(nn.Module):
   Its kernel has `nn.Conv(feature_group_count=C)`'s shape (k, k, 1, C), so the weight files map
   onto it alike; it is computed as k * k shifted multiply-adds, which XLA fuses into one loop.
   """
+
   kernel_size: int
   stride: int = 1
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -118,6 +121,7 @@ class MBConv(nn.Module):
 
   Drop-connect (train-time stochastic depth) is left out: the encoder is used frozen.
   """
+
   kernel: int
   stride: int
   expand: int
@@ -152,6 +156,7 @@ class EfficientNetLite0(nn.Module):
     batchnorm_axis_name: the device axis over which training-mode BatchNorm pools its batch
       statistics, or None.
   """
+
   stages: int = 3
   dtype: Any = jnp.float32
   batchnorm_axis_name: str | None = None
@@ -163,14 +168,26 @@ class EfficientNetLite0(nn.Module):
   @nn.compact
   def __call__(self, images, use_running_average: bool):
     """`use_running_average`: BatchNorm normalises with (and keeps) its running statistics."""
-    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", kernel_init=CONV_INIT,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    depthwise = functools.partial(DepthwiseConv, kernel_init=CONV_INIT, dtype=self.dtype,
-                                  param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                             momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
-                             axis_name=None if use_running_average else self.batchnorm_axis_name,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      padding="SAME",
+      kernel_init=CONV_INIT,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
+    depthwise = functools.partial(
+      DepthwiseConv, kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=use_running_average,
+      momentum=BATCHNORM_MOMENTUM,
+      epsilon=BATCHNORM_EPSILON,
+      axis_name=None if use_running_average else self.batchnorm_axis_name,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
     x = images.astype(self.dtype)
     x = conv(STEM_CHANNELS, (3, 3), strides=(2, 2), name="conv_stem")(x)
     x = nn.relu6(norm(name="bn0")(x))

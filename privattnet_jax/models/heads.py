@@ -21,17 +21,32 @@ from privattnet_jax.models import dropout
 
 def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
   """U(-bound, bound): torch's default for Linear/Conv weights and biases and for LSTM tensors."""
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
-def torch_linear(features: int, fan_in: int, *, use_bias: bool = True, dtype: Any = jnp.float32,
-                 name: str | None = None) -> nn.Dense:
+def torch_linear(
+  features: int,
+  fan_in: int,
+  *,
+  use_bias: bool = True,
+  dtype: Any = jnp.float32,
+  name: str | None = None,
+) -> nn.Dense:
   """`nn.Dense` initialised like `torch.nn.Linear(fan_in, features, bias=use_bias)`."""
   init = symmetric_uniform(1.0 / math.sqrt(fan_in))
-  return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, dtype=dtype,
-                  param_dtype=jnp.float32, name=name)
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    kernel_init=init,
+    bias_init=init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def global_average_pool(features):
@@ -45,6 +60,7 @@ class MLPRegressor(nn.Module):
   The per-step head of the attention models: P scores for PrivAttNet, 67 attribute logits for
   PrivAttNet_MLC.
   """
+
   hidden: int
   num_outputs: int
   dropout_rate: float
@@ -63,6 +79,7 @@ class PooledLinearHead(nn.Module):
   PrivNet (`score`): AMNet's fine-tune baseline `ResNet50FT` (avgpool, then `Linear(2048, 1)`).
   AP-PR (`attribute_logits`, 68): VISPR's attribute predictor, a linear multi-label classifier.
   """
+
   num_outputs: int
   output_key: str
   dtype: Any = jnp.float32
@@ -82,6 +99,7 @@ class ProfileHead(nn.Module):
   attribute layer (linear, no loss of its own), `fc_ps_1`/`fc_ps_2` with sigmoids, `fc9` with
   one output per profile. Our ResNet replaces GoogLeNet.
   """
+
   num_outputs: int
   num_attributes: int = 68
   hidden: int = 128
@@ -93,7 +111,11 @@ class ProfileHead(nn.Module):
     x = global_average_pool(features)
     x = dropout.Dropout(self.dropout_rate, name="dropout")(x, deterministic=not train)
     x = torch_linear(self.num_attributes, x.shape[-1], dtype=self.dtype, name="attributes")(x)
-    x = nn.sigmoid(torch_linear(self.hidden, self.num_attributes, dtype=self.dtype, name="profile_hidden1")(x))
-    x = nn.sigmoid(torch_linear(self.hidden, self.hidden, dtype=self.dtype, name="profile_hidden2")(x))
+    x = nn.sigmoid(
+      torch_linear(self.hidden, self.num_attributes, dtype=self.dtype, name="profile_hidden1")(x)
+    )
+    x = nn.sigmoid(
+      torch_linear(self.hidden, self.hidden, dtype=self.dtype, name="profile_hidden2")(x)
+    )
     out = torch_linear(self.num_outputs, self.hidden, dtype=self.dtype, name="output")(x)
     return {"score": out.astype(jnp.float32)}

@@ -31,6 +31,7 @@ ModuleDef = Callable[..., nn.Module]
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34); the stride sits in the first."""
+
   planes: int
   stride: int
   conv: ModuleDef
@@ -40,19 +41,31 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.planes, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)), name="conv1")(x)
+    y = self.conv(
+      self.planes,
+      (3, 3),
+      strides=(self.stride, self.stride),
+      padding=((1, 1), (1, 1)),
+      name="conv1",
+    )(x)
     y = nn.relu(self.norm(name="bn1")(y))
     y = self.conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
     y = self.norm(name="bn2")(y)
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
-      residual = self.conv(self.planes * self.expansion, (1, 1), strides=(self.stride, self.stride),
-                           padding=((0, 0), (0, 0)), name="downsample_conv")(x)
+      residual = self.conv(
+        self.planes * self.expansion,
+        (1, 1),
+        strides=(self.stride, self.stride),
+        padding=((0, 0), (0, 0)),
+        name="downsample_conv",
+      )(x)
       residual = self.norm(name="downsample_bn")(residual)
     return nn.relu(y + residual)
 
 
 class Bottleneck(nn.Module):
   """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50)."""
+
   planes: int
   stride: int
   conv: ModuleDef
@@ -64,13 +77,24 @@ class Bottleneck(nn.Module):
     residual = x
     y = self.conv(self.planes, (1, 1), padding=((0, 0), (0, 0)), name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.planes, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)), name="conv2")(y)
+    y = self.conv(
+      self.planes,
+      (3, 3),
+      strides=(self.stride, self.stride),
+      padding=((1, 1), (1, 1)),
+      name="conv2",
+    )(y)
     y = nn.relu(self.norm(name="bn2")(y))
     y = self.conv(self.planes * self.expansion, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y)
     y = self.norm(name="bn3")(y)
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
-      residual = self.conv(self.planes * self.expansion, (1, 1), strides=(self.stride, self.stride),
-                           padding=((0, 0), (0, 0)), name="downsample_conv")(x)
+      residual = self.conv(
+        self.planes * self.expansion,
+        (1, 1),
+        strides=(self.stride, self.stride),
+        padding=((0, 0), (0, 0)),
+        name="downsample_conv",
+      )(x)
       residual = self.norm(name="downsample_bn")(residual)
     return nn.relu(y + residual)
 
@@ -79,20 +103,24 @@ class Bottleneck(nn.Module):
 # bottleneck per stage, so it keeps every code path (downsample, stride in the 3x3) at a fraction
 # of the cost; pair it with a small `width`.
 ARCHITECTURES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    0: (Bottleneck, (1, 1, 1, 1)),
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
+  0: (Bottleneck, (1, 1, 1, 1)),
+  18: (BasicBlock, (2, 2, 2, 2)),
+  34: (BasicBlock, (3, 4, 6, 3)),
+  50: (Bottleneck, (3, 4, 6, 3)),
 }
 
 
 def validate(depth: int, width: int, stages: int) -> None:
   if depth not in ARCHITECTURES:
-    raise ValueError(f"model.encoder.depth must be one of {sorted(ARCHITECTURES)} (0: the tiny test encoder), got {depth!r}")
+    raise ValueError(
+      f"model.encoder.depth must be one of {sorted(ARCHITECTURES)} (0: the tiny test encoder), got {depth!r}"
+    )
   if not isinstance(width, int) or width < 1:
     raise ValueError(f"model.encoder.width must be a positive integer, got {width!r}")
   if stages not in (3, 4):
-    raise ValueError(f"model.encoder.stages must be 3 (cut after conv4_x) or 4 (through conv5_x), got {stages!r}")
+    raise ValueError(
+      f"model.encoder.stages must be 3 (cut after conv4_x) or 4 (through conv5_x), got {stages!r}"
+    )
 
 
 class ResNet(nn.Module):
@@ -106,6 +134,7 @@ class ResNet(nn.Module):
     batchnorm_axis_name: the device axis over which training-mode BatchNorm pools its batch
       statistics (synchronised BatchNorm: results independent of the device count), or None.
   """
+
   depth: int = 50
   width: int = 64
   stages: int = 3
@@ -120,12 +149,22 @@ class ResNet(nn.Module):
   def __call__(self, images, use_running_average: bool):
     """`use_running_average`: BatchNorm normalises with (and leaves alone) its running statistics."""
     block, blocks_per_stage = ARCHITECTURES[self.depth]
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=TORCHVISION_CONV_INIT,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                             momentum=BATCHNORM_MOMENTUM, epsilon=BATCHNORM_EPSILON,
-                             axis_name=None if use_running_average else self.batchnorm_axis_name,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      kernel_init=TORCHVISION_CONV_INIT,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=use_running_average,
+      momentum=BATCHNORM_MOMENTUM,
+      epsilon=BATCHNORM_EPSILON,
+      axis_name=None if use_running_average else self.batchnorm_axis_name,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
     x = images.astype(self.dtype)
     x = conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
