@@ -97,7 +97,9 @@ def get_config():
   # over the devices, each batch gathered inside the train step: no host pipeline; ~402 KB per
   # record and view at 224 px).
   config.feature_cache.mode = "off"
-  config.feature_cache.dir = ""  # Empty: feature_cache/ inside the dataset's TFDS version folder.
+  config.feature_cache.dir = (
+    ""  # Empty: feature_cache/<encoder digest>/ in the TFDS version folder.
+  )
   config.feature_cache.dtype = (
     "bfloat16"  # Stored features: bfloat16 (~400 KB per 224 px image) or float32.
   )

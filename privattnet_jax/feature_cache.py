@@ -120,8 +120,10 @@ def _dataset_dir(sources: Mapping[str, Any]) -> pathlib.Path | None:
   return None if info is None else pathlib.Path(os.fspath(info.data_dir))
 
 
-def cache_dir(config, sources: Mapping[str, Any]) -> pathlib.Path:
-  """`feature_cache.dir`, or `feature_cache/` inside the dataset's TFDS version folder."""
+def cache_dir(config, sources: Mapping[str, Any], encoder_sha256: str) -> pathlib.Path:
+  """`feature_cache.dir`, or `feature_cache/<encoder digest>/` inside the dataset's TFDS version
+  folder: one folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet)
+  on one dataset keep their caches instead of rebuilding each other's."""
   if config.feature_cache.dir:
     return pathlib.Path(config.feature_cache.dir).expanduser()
   dataset_dir = _dataset_dir(sources)
@@ -129,7 +131,7 @@ def cache_dir(config, sources: Mapping[str, Any]) -> pathlib.Path:
     raise ValueError(
       "the data sources name no dataset folder to put the cache beside: set feature_cache.dir"
     )
-  return dataset_dir / DEFAULT_SUBDIR
+  return dataset_dir / DEFAULT_SUBDIR / encoder_sha256[:16]
 
 
 def manifest_key(config, sources: Mapping[str, Any], state) -> dict:
@@ -499,8 +501,8 @@ def ensure(
     task: the run's score definition (`train_steps.Task`); the cache stores labels, not scores,
       so it serves every task, but the encoding pass reads rows through the scoring transforms.
   """
-  directory = cache_dir(config, sources)
   key = manifest_key(config, sources, state)
+  directory = cache_dir(config, sources, key["encoder"]["sha256"])
   reason = _stale_reason(directory, key)
   if reason is None:
     manifest = json.loads((directory / MANIFEST_FILENAME).read_text())

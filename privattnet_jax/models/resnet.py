@@ -110,6 +110,17 @@ ARCHITECTURES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
+def output_channels(depth: int, width: int, stages: int) -> int:
+  """Channels D of the encoder's last feature map (1024 for ResNet-50 cut after conv4_x)."""
+  block, _ = ARCHITECTURES[depth]
+  return width * 2 ** (stages - 1) * block.expansion
+
+
+def output_stride(stages: int) -> int:
+  """Input pixels per feature-map cell: 16 after conv4_x (14x14 at 224 px), 32 after conv5_x."""
+  return 2 ** (stages + 1)
+
+
 def validate(depth: int, width: int, stages: int) -> None:
   if depth not in ARCHITECTURES:
     raise ValueError(
