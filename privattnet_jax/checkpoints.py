@@ -242,6 +242,8 @@ def frozen_collections(encoder_config) -> tuple[str, ...]:
 
 def _split_frozen(state: Any, collections) -> tuple[Any, dict]:
   """(the state without the encoder entry of `collections`, {collection: that entry})."""
+  if not collections:  # Nothing frozen: any pytree, as saved.
+    return state, {}
   frozen = {name: getattr(state, name)["encoder"] for name in collections}
   rest = state.replace(
     **{

@@ -77,7 +77,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
       weights.resolve_path(pretrained)
     except weights.WeightImportError as e:
-      raise FileNotFoundError(f"model.encoder.pretrained={pretrained}: {e}") from None
+      raise FileNotFoundError(f"model.encoder.pretrained: {e}") from None
   for name in ("log_every_steps", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"{name} must be positive, got {config[name]}")

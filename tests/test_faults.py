@@ -382,7 +382,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
     "model_name": (common + ["--config.model.name=nope"], "model.name must be one of"),
     "missing_weights": (
       common + [f"--config.model.encoder.pretrained={tmp_path / 'w.pth'}"],
-      f"model.encoder.pretrained={tmp_path / 'w.pth'}: does not exist",
+      f"model.encoder.pretrained: {tmp_path / 'w.pth'}: no such weight file",
     ),
     "output_is_a_file": (
       [

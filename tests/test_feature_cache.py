@@ -247,12 +247,17 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   config.eval_every_steps = 6
   config.eval_splits = ("test",)
   original = train_steps.shard_batch
-  model_inputs = {"train": set(), "eval": set(), "encode": set()}
+  model_inputs = {"train": set(), "eval": set(), "encode": set(), "photos": set()}
   train_batches = []
   crash = True
 
   def record_and_crash_at_step_five(batch, mesh):
-    kind = "eval" if "image_id" in batch else ("train" if "score" in batch else "encode")
+    if "image_id" in batch:
+      kind = "eval"
+    elif "score" not in batch:
+      kind = "encode"
+    else:  # Scored batches without ids: training, or the redaction quality re-scoring photos.
+      kind = "photos" if "image" in batch else "train"
     model_inputs[kind] |= set(train_steps.MODEL_INPUTS) & set(batch)
     if kind == "train":
       train_batches.append(np.asarray(batch["features"], np.float32))
@@ -276,7 +281,12 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   assert not np.array_equal(train_batches[6], train_batches[5])
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 6
   assert results["test"]["n"] == config.data.synthetic.num_test
-  assert model_inputs == {"train": {"features"}, "eval": {"features"}, "encode": {"image"}}
+  assert model_inputs == {
+    "train": {"features"},
+    "eval": {"features"},
+    "encode": {"image"},
+    "photos": {"image"},  # Redacted photos go through the whole model, encoder included.
+  }
 
 
 @pytest.mark.parametrize(
