@@ -191,18 +191,8 @@ def _predict(images) -> int:
     loader_processes=FLAGS.loader_processes,
     progress=sys.stderr.isatty(),
   )
-  print(
-    f"{result.num_images - result.num_failed} of {result.num_images} images scored; predictions in "
-    f"{result.output_dir}",
-    flush=True,
-  )
-  if result.num_failed:
-    print(
-      f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'predictions.jsonl'})",
-      file=sys.stderr,
-    )
-    return 1
-  return 0
+  done = f"images scored; predictions in {result.output_dir}"
+  return _exit_status(result, done, result.output_dir / "predictions.jsonl")
 
 
 def _redact(images) -> int:
@@ -230,15 +220,15 @@ def _redact(images) -> int:
     loader_processes=FLAGS.loader_processes,
     progress=sys.stderr.isatty(),
   )
-  print(
-    f"{result.num_images - result.num_failed} of {result.num_images} images redacted into {result.output_dir}",
-    flush=True,
-  )
+  done = f"images redacted into {result.output_dir}"
+  return _exit_status(result, done, result.output_dir / "redaction.jsonl")
+
+
+def _exit_status(result, done: str, rows_file: pathlib.Path) -> int:
+  """Prints how many images went through; 1 when any failed (its row in `rows_file` says why)."""
+  print(f"{result.num_images - result.num_failed} of {result.num_images} {done}", flush=True)
   if result.num_failed:
-    print(
-      f"error: {result.num_failed} images failed (see 'error' in {result.output_dir / 'redaction.jsonl'})",
-      file=sys.stderr,
-    )
+    print(f"error: {result.num_failed} images failed (see 'error' in {rows_file})", file=sys.stderr)
     return 1
   return 0
 
