@@ -562,22 +562,21 @@ class Photo:
 def load_photo(
   path, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int
 ) -> Photo:
-  """predict.load_image (same checks, errors and model input), then the full-size pixels.
+  """predict.load_image (same checks, errors and model input), then the full-size pixels, from
+  one read of the file.
 
   Raises `too_large` when the full size exceeds `max_pixels` (the output keeps the full size, so
   no reduced decode is possible here).
   """
-  loaded = predict.load_image(
-    path, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
+  data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)  # Read once.
+  loaded = predict.decode_image(
+    data, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
   )
   if max_pixels is not None and loaded.width * loaded.height > max_pixels:
     raise ValueError(
       f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
       "writes the full size"
     )
-  data = safe_files.read_bytes(
-    path, max_bytes=safe_files.MAX_IMAGE_BYTES
-  )  # Bounded, as predict's read.
   with vispr.pil_checks_ours():  # Our size check above replaces PIL's.
     image = Image.open(io.BytesIO(data))
     image.load()
