@@ -38,12 +38,19 @@ MAX_IMAGE_BYTES = (
 )  # Above any camera JPEG/PNG; a bound for hostile files, not for photos.
 
 
+def printable(path) -> str:
+  """`path` as text every log, terminal and UTF-8 file takes: a name's undecodable bytes (lone
+  surrogates), NULs and control characters are written as escapes instead of breaking the writer."""
+  text = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class UnsafeFileError(OSError):
   """One file cannot be read safely; `reason` names why (see REASONS)."""
 
   def __init__(self, reason: str, path, message: str):
     assert reason in REASONS, reason
-    super().__init__(f"{reason}: {path}: {message}")
+    super().__init__(f"{reason}: {printable(path)}: {message}")
     self.reason = reason
     self.path = path
     self.message = message
@@ -76,7 +83,9 @@ def resolve(path: str | os.PathLike, root: str | os.PathLike | None = None) -> p
       raise UnsafeFileError("symlink_loop", path, "its symlinks form a loop") from None
     raise UnsafeFileError("unreadable", path, e.strerror or str(e)) from None
   if base is not None and resolved != base and base not in resolved.parents:
-    raise UnsafeFileError("outside_root", path, f"resolves to {resolved}, outside {base}")
+    raise UnsafeFileError(
+      "outside_root", path, f"resolves to {printable(resolved)}, outside {base}"
+    )
   return resolved
 
 

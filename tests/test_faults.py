@@ -95,10 +95,14 @@ def hostile(tmp_path_factory):
 
 
 def test_builder_skips_every_path_outside_the_root_and_every_special_file(
-  no_hang, hostile, tmp_path
+  no_hang, hostile, tmp_path, caplog
 ):
   root, expected, _ = hostile
   builder = vispr.prepare(root, tmp_path, "max256", splits_dir=root)
+  for record in caplog.records:  # A UTF-8 log file or terminal takes every line naming a path.
+    message = record.getMessage()
+    assert message.encode("utf-8") and "\0" not in message, repr(message)
+  assert any("\\udcff" in record.getMessage() for record in caplog.records)
   report = vispr.load_build_report(builder)
   train = report["splits"]["train"]
   skipped = {i: reason for reason, entry in train["skip_reasons"].items() for i in entry["ids"]}

@@ -708,7 +708,7 @@ def _read_contained(
       "unreadable": f"unreadable_{kind}",
       "invalid_path": "malformed_annotation",
     }.get(e.reason, e.reason)
-    raise _Skip(reason, f"{root / relative}: {e.message}", image_id) from None
+    raise _Skip(reason, f"{safe_files.printable(root / relative)}: {e.message}", image_id) from None
 
 
 # ---------------------------------------------------------------------------------------------
