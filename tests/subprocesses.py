@@ -6,6 +6,7 @@ multi-host runs run their code in child processes (cwd and PYTHONPATH: the repos
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,10 +26,18 @@ jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=proce
 def _env(devices: int, compilation_cache: bool = True) -> dict:
   """The parent's environment (with conftest's compilation cache, unless `compilation_cache` is
   False), the repository importable, `devices` CPU devices."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=DEVICES_FLAG.format(devices))
+  flags = f"{os.environ.get('XLA_FLAGS', '')} {DEVICES_FLAG.format(devices)}".strip()
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=flags)
   if not compilation_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = ""
   return env
+
+
+def _free_port() -> int:
+  """A loopback port nothing listens on now (the OS picks it)."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
 
 
 def run_script(script: str, *, devices: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -46,13 +55,11 @@ def run_script(script: str, *, devices: int = 2, timeout: int = 900) -> subproce
 def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -> list[str]:
   """`script` in two processes of `devices` CPU devices each, joined by jax.distributed on loopback
   with gloo collectives (`process_id` is defined); asserts both exit 0 and returns their stdouts."""
-  port = (
-    20000 + os.getpid() % 20000 + run_on_two_processes.calls
-  )  # A fresh port per call in a session.
-  run_on_two_processes.calls += 1
+  port = _free_port()  # Parallel test workers each start their own pairs.
   code = _DISTRIBUTED_PROLOGUE.format(port=port) + textwrap.dedent(script)
-  # No persistent compilation cache: JAX writes it from process 0 only, so process 0 would load its
-  # steps while process 1 compiles them, and gloo gives up waiting for it after 30 s on busy cores.
+  # No persistent compilation cache: JAX writes it from process 0 only, and each process's cache key
+  # differs (checked on jax 0.10.2 CPU), so process 0 would load its steps while process 1 compiles
+  # them, and gloo gives up waiting for process 1 after 30 s on busy cores.
   env = _env(devices, compilation_cache=False)
   processes = [
     subprocess.Popen(
@@ -69,6 +76,3 @@ def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-4000:]
   return [stdout for stdout, _ in outputs]
-
-
-run_on_two_processes.calls = 0
