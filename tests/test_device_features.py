@@ -216,33 +216,6 @@ def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():
     device_features._check_fits(int(6.1 * 2**30), mesh, "cached train views")
 
 
-def test_two_processes_train_on_device_with_identical_parameters(tiny_data_dir, tmp_path):
-  """jax.distributed on loopback (2 processes x 2 CPU devices): each process loads its devices'
-  share of the cache, the steps all-reduce across processes, the parameters stay identical."""
-  from privattnet_jax import data  # pylint: disable=g-import-not-at-top
-
-  data.load_data_sources(make_tiny_config(tiny_data_dir))  # Build once, before two readers start.
-  script = f"""
-    import numpy as np
-    from tests.test_device_features import _on_device_config
-    from privattnet_jax import train
-    config = _on_device_config({tiny_data_dir!r}, {str(tmp_path / "cache")!r})
-    config.num_train_steps = 3
-    config.eval_every_steps = 3
-    config.eval_splits = ("validation",)
-    results = train.train_and_evaluate(config, {str(tmp_path / "run")!r})
-    experiment = train.Experiment(config, {str(tmp_path / "run")!r}, need_train=False)
-    state = experiment.restore(3)
-    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree_util.tree_leaves(state.params)]
-    np.save({str(tmp_path)!r} + f"/params_{{process_id}}.npy", np.concatenate([l.ravel() for l in leaves]))
-    print("DONE", jax.process_count(), jax.device_count(), results["validation"]["n"])
-  """
-  for stdout in subprocesses.run_on_two_processes(script):
-    assert "DONE 2 4 12" in stdout
-  first, second = (np.load(tmp_path / f"params_{i}.npy") for i in range(2))
-  np.testing.assert_array_equal(first, second)
-
-
 def test_rows_keep_strings_longer_than_the_first():
   records = ["a", "2017_90000001_long_id"]
   arrays = device_features._read_rows(
