@@ -8,7 +8,6 @@ not averages of per-batch values.
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
 REGRESSION_METRICS = ("l1", "mse", "pearson", "spearman")
 
@@ -25,6 +24,8 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
     "mse": float(np.square(errors).mean()),
     "n": int(targets.size),
   }
+  import scipy.stats  # pylint: disable=g-import-not-at-top  # 1 s of import, off a run's start-up.
+
   constant = np.ptp(predictions) == 0 or np.ptp(targets) == 0
   # A constant column has no correlation; report NaN rather than a scipy warning.
   result["pearson"] = (

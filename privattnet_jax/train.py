@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 
 from absl import logging
@@ -21,7 +22,6 @@ import numpy as np
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
-from privattnet_jax import evaluation_report
 from privattnet_jax import feature_cache
 from privattnet_jax import feeds
 from privattnet_jax import input_pipeline
@@ -84,16 +84,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   feeds.validate_config(config)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX's writer imports torch whenever it is installed (the test extra installs it), only
+  to accept torch tensors: 1.7 s of a run's start-up for scalars that are Python floats here.
+  Hiding torch during that one import makes it fall back to numpy; torch stays importable after.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """One JSON object per logged step in metrics.jsonl, plus TensorBoard events (no TensorFlow)."""
 
   def __init__(self, workdir: pathlib.Path):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
       self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+      self._tensorboard = _summary_writer_class()(str(workdir / "tensorboard"))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -461,6 +478,10 @@ def evaluate_checkpoint(
 ) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
   `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
+  # Imported here: the report's modules (scipy.ndimage, predict, redact) cost ~1 s of start-up
+  # that the training loop does not need.
+  from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
+
   experiment = experiment or Experiment(config, workdir, need_train=False)
   step = train_steps.select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
