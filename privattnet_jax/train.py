@@ -233,14 +233,19 @@ class Experiment:
     )
     image_shape = (config.image_size, config.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
+    # Through host memory: every process computes the same initial state on its first local
+    # device, and a single-device array cannot become one replica of a mesh that spans processes
+    # when the process has no other device (one process per GPU).
     self.initial_state = jax.device_put(
-      train_steps.create_train_state(
-        config,
-        self.model,
-        self.task,
-        image_shape,
-        self.total_steps,
-        jax.random.PRNGKey(config.seed),
+      jax.device_get(
+        train_steps.create_train_state(
+          config,
+          self.model,
+          self.task,
+          image_shape,
+          self.total_steps,
+          jax.random.PRNGKey(config.seed),
+        )
       ),
       replicated,
     )

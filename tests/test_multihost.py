@@ -1,4 +1,8 @@
-"""Two processes joined by jax.distributed (2 CPU devices each, gloo collectives), both feeds.
+"""Two processes joined by jax.distributed (one CPU device each, gloo collectives), both feeds.
+
+One device per process is the one-process-per-GPU layout, and the harder one: nothing can be
+replicated by copying between a process's own devices (several local devices per process are
+covered by the 2-device tests in one process).
 
 One pair of processes trains the image path and then the on-device feature path: each run is
 short, and a pair costs two imports and, without a compilation cache (see subprocesses.py), every
@@ -51,7 +55,8 @@ def two_process_runs(tiny_data_dir, tmp_path_factory):
   """The output folder of one pair of processes that ran both trainings, and their stdouts."""
   data.load_data_sources(make_tiny_config(tiny_data_dir))  # Built once, before two readers start.
   out = tmp_path_factory.mktemp("multihost")
-  stdouts = subprocesses.run_on_two_processes(_SCRIPT.format(data_dir=tiny_data_dir, out=str(out)))
+  script = _SCRIPT.format(data_dir=tiny_data_dir, out=str(out))
+  stdouts = subprocesses.run_on_two_processes(script, devices=1)
   return out, stdouts
 
 
@@ -67,6 +72,6 @@ def test_device_features_keep_the_processes_parameters_identical(two_process_run
   """Each process loads its devices' share of the cache; the steps all-reduce across processes."""
   out, stdouts = two_process_runs
   for stdout in stdouts:
-    assert "DONE 2 4 12" in stdout
+    assert "DONE 2 2 12" in stdout
   first, second = (np.load(out / f"device_params_{i}.npy") for i in range(2))
   np.testing.assert_array_equal(first, second)
