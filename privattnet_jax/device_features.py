@@ -212,7 +212,8 @@ def parallel_train_step(
   mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, config
 ):
   """jit(shard_map) of `step_fn(state, batch)` (the per-device train step) on a batch gathered from
-  `train_set.arrays` on the devices: call it as `step(state, train_set.arrays)`."""
+  `train_set.arrays` on the devices: call it as `step(state, train_set.arrays)`. Built once per
+  distinct (mesh, step_fn, batch layout, views, seed) in a process, as train_steps' steps."""
   devices = mesh.devices.size
   local_batch = config.batch_size // devices
   if steps_per_epoch * local_batch > train_set.num_examples // devices:
@@ -220,13 +221,21 @@ def parallel_train_step(
       f"{steps_per_epoch} steps of batch {config.batch_size} per epoch exceed the "
       f"{train_set.num_examples} cached train examples"
     )
+  seed = input_pipeline.sampler_seed(config.seed)
+  return _parallel_train_step(
+    mesh, axis, step_fn, steps_per_epoch, local_batch, train_set.views, seed
+  )
+
+
+@functools.lru_cache(maxsize=16)
+def _parallel_train_step(mesh, axis, step_fn, steps_per_epoch, local_batch, views, seed):
   gather = functools.partial(
     gather_batch,
     axis=axis,
     steps_per_epoch=steps_per_epoch,
     local_batch=local_batch,
-    views=train_set.views,
-    seed=input_pipeline.sampler_seed(config.seed),
+    views=views,
+    seed=seed,
   )
 
   def step(state, arrays):
@@ -313,12 +322,18 @@ def load_eval(
     {key: value for key, value in arrays.items() if key not in host_keys}, mesh, axis
   )
 
+  return EvalSet(
+    device_arrays, host, num_batches, global_batch, _batch_slicer(mesh, axis, local_batch)
+  )
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_slicer(mesh, axis: str, local_batch: int):
+  """jitted (arrays, i) -> global batch i: rows [i x b, (i + 1) x b) of every device's share."""
+
   def local_slice(arrays, i):
     return jax.tree_util.tree_map(
       lambda x: jax.lax.dynamic_slice_in_dim(x, i * local_batch, local_batch), arrays
     )
 
-  slice_batch = jax.jit(
-    jax.shard_map(local_slice, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis))
-  )
-  return EvalSet(device_arrays, host, num_batches, global_batch, slice_batch)
+  return jax.jit(jax.shard_map(local_slice, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis)))

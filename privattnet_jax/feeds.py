@@ -14,7 +14,6 @@ from the next path down: device -> host cache -> images.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -91,7 +90,7 @@ def select_feed(
     device_step = device_features.parallel_train_step(
       mesh,
       train_steps.AXIS,
-      functools.partial(train_steps.train_step, task=task),
+      train_steps.task_train_step(task),
       train_set,
       steps_per_epoch,
       config,

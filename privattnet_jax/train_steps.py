@@ -6,6 +6,11 @@ axis (pmap semantics) and compiled with `jax.jit(jax.shard_map(...))` over a
 one-axis mesh of every device of every process, so the same code runs on one
 CPU, N fake CPU devices, a GPU node, a TPU slice and several hosts. The loop that
 drives them is train.py's; predict and export use the steps and `restore_checkpoint`.
+
+Traced once per process: the jitted steps are built once per (mesh, task), Tasks compare by
+value, and the model (models.create_model) and the optimizer are the same objects for equal
+configs, so a second run, restore or evaluation of an equal config in one process (evaluating a
+checkpoint after training, predict, the test suite) reuses the traced and compiled steps.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class TrainState(train_state.TrainState):
   rng: jax.Array  # Dropout key; each step folds in its step number and device index.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Task:
   """What turns model outputs into a loss and into privacy scores; constant for a run."""
 
@@ -55,8 +60,18 @@ class Task:
   # (68, 1) profile-mean table of the paper's table row, with `score.per_profile` (else None).
   table_preferences: np.ndarray | None = None
 
-  def __hash__(self):  # By identity: the generated hash would fail on the numpy fields.
-    return id(self)
+  def _key(self) -> tuple:
+    """The fields by value (numpy arrays as shape and bytes): equal tasks share their steps."""
+    return tuple(
+      (value.shape, value.tobytes()) if isinstance(value, np.ndarray) else value
+      for value in (getattr(self, field.name) for field in dataclasses.fields(self))
+    )
+
+  def __eq__(self, other):
+    return isinstance(other, Task) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
 
 def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Task:
@@ -201,9 +216,16 @@ def create_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), (AXIS,))
 
 
+@functools.lru_cache(maxsize=16)
+def task_train_step(task: Task):
+  """`train_step` bound to `task`, one object per distinct task (the steps built on it are reused)."""
+  return functools.partial(train_step, task=task)
+
+
+@functools.lru_cache(maxsize=16)
 def parallel_train_step(mesh, task: Task):
   step = jax.shard_map(
-    functools.partial(train_step, task=task),
+    task_train_step(task),
     mesh=mesh,
     in_specs=(P(), P(AXIS)),
     out_specs=(P(), P()),
@@ -211,6 +233,7 @@ def parallel_train_step(mesh, task: Task):
   return jax.jit(step, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=16)
 def parallel_eval_step(mesh, task: Task):
   step = jax.shard_map(
     functools.partial(eval_step, task=task), mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)
@@ -218,6 +241,7 @@ def parallel_eval_step(mesh, task: Task):
   return jax.jit(step)
 
 
+@functools.lru_cache(maxsize=16)
 def parallel_encode_step(mesh, dtype):
   """The encoder alone (inference BatchNorm), data-parallel: images -> features in `dtype`."""
 
@@ -247,8 +271,15 @@ def create_optimizer(
   """Adam with coupled L2 (added to the gradient before Adam, as torch's Adam weight_decay).
 
   A frozen encoder's parameters are mapped to `set_to_zero`: no update, no optimiser state.
+  Equal arguments give the same object (a TrainState's treedef holds it: see the module docstring).
   """
-  optim = config.optim
+  optim = ml_collections.FrozenConfigDict(config.optim)
+  schedule_steps = 0 if optim.schedule == "constant" else total_steps  # Only schedules use it.
+  return _optimizer(optim, config.model.encoder.trainable, tuple(params), schedule_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(optim, trainable: bool, param_names: tuple[str, ...], total_steps: int):
   if optim.schedule == "constant":
     learning_rate = optim.learning_rate
   elif optim.schedule == "cosine":
@@ -262,16 +293,28 @@ def create_optimizer(
       f"optim.schedule must be constant, cosine or warmup_cosine, got {optim.schedule!r}"
     )
   tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(learning_rate))
-  if config.model.encoder.trainable:
+  if trainable:
     return tx
-  labels = {name: "frozen" if name == "encoder" else "trained" for name in params}
+  labels = {name: "frozen" if name == "encoder" else "trained" for name in param_names}
   return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model, rngs, images):
+  return model.init(rngs, images, train=False)
+
+
+# One traced (and cached) program instead of an eager op per parameter and optimizer partition,
+# as TrainState.create would run: 0.8 s of a run's start-up with Lite0.
+@functools.partial(jax.jit, static_argnums=0)
+def _init_optimizer(tx, params):
+  return tx.init(params)
 
 
 def create_train_state(config, model, task, image_shape, total_steps, rng) -> TrainState:
   init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32)
+  variables = _init_variables(
+    model, {"params": params_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32)
   )
   variables = flax.core.unfreeze(variables)
   if config.model.encoder.pretrained:
@@ -279,13 +322,12 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
   params = variables["params"]
   tx = create_optimizer(config, params, total_steps)
   return TrainState(
-    step=0,
+    # Not weakly typed, as a restored step is: new and resumed runs share one traced step.
+    step=np.int32(0),
     apply_fn=model.apply,
     params=params,
     tx=tx,
-    # One traced (and cached) program instead of an eager op per parameter and optimizer
-    # partition, as TrainState.create would run: 0.8 s of a run's start-up with Lite0.
-    opt_state=jax.jit(tx.init)(params),
+    opt_state=_init_optimizer(tx, params),
     batch_stats=variables.get("batch_stats", {}),
     rng=dropout_rng,
   )

@@ -18,6 +18,10 @@ os.environ["XLA_FLAGS"] = (
   f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 )
 
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default
@@ -61,3 +65,16 @@ def make_tiny_config(data_dir: str, model_name: str = "privattnet"):
 @pytest.fixture
 def tiny_config(tiny_data_dir):
   return make_tiny_config(tiny_data_dir)
+
+
+@contextlib.contextmanager
+def jit_traces(caplog):
+  """Yields a list that, after the block, holds JAX's "Finished tracing <function> ..." lines for
+  every function traced for jit inside it (compile once: a repeated run should add none)."""
+  traces = []
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax._src.dispatch"):
+    start = len(caplog.records)
+    yield traces
+  traces.extend(
+    r.getMessage() for r in caplog.records[start:] if r.getMessage().startswith("Finished tracing")
+  )

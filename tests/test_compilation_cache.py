@@ -1,11 +1,17 @@
-"""The persistent compilation cache: a second process loads what the first compiled."""
+"""Compile once: a second process loads what the first compiled (the persistent cache), and runs
+of equal configs in one process share their steps (the resume tests check that the resumed run
+traces nothing)."""
 
 import subprocess
 import sys
 import textwrap
 
+import ml_collections
+import numpy as np
+
 from privattnet_jax import compilation_cache
 from tests import subprocesses
+from tests.conftest import make_tiny_config
 
 # Enables the cache in `sys.argv[1]` ("" : off), compiles a small step, prints the cache hits.
 _SCRIPT = textwrap.dedent("""
@@ -53,3 +59,39 @@ def test_an_empty_directory_turns_the_cache_off():
   assert env["JAX_COMPILATION_CACHE_DIR"].endswith("/x") and not env[
     "JAX_COMPILATION_CACHE_DIR"
   ].startswith("~")
+
+
+def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_data_dir):
+  """Reuse must never hand a run another config's optimizer, model or task constants."""
+  from privattnet_jax import models, train_steps  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config(tiny_data_dir)
+  params = {"encoder": {}, "head": {}}
+  optimizer = train_steps.create_optimizer(config, params, 10)
+  assert (
+    train_steps.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10)
+    is optimizer
+  )
+  assert train_steps.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
+  other_rate = ml_collections.ConfigDict(config.to_dict())
+  other_rate.optim.learning_rate *= 2
+  assert train_steps.create_optimizer(other_rate, params, 10) is not optimizer
+  config.optim.schedule = "constant"  # A constant rate does not depend on the run's length.
+  assert train_steps.create_optimizer(config, params, 10) is train_steps.create_optimizer(
+    config, params, 11
+  )
+
+  model = models.create_model(config, 1)
+  assert models.create_model(ml_collections.ConfigDict(config.to_dict()), 1) is model
+  config.model.attention.hidden_size += 1
+  assert models.create_model(config, 1) is not model
+
+  preferences = np.ones((68, 1), np.float32)
+  task = train_steps.make_task(config, [0.5], preferences)
+  assert train_steps.make_task(config, np.float32([0.5]), preferences.copy()) == task
+  assert train_steps.parallel_eval_step(train_steps.create_mesh(), task) is (
+    train_steps.parallel_eval_step(
+      train_steps.create_mesh(), train_steps.make_task(config, [0.5], preferences)
+    )
+  )
+  assert train_steps.make_task(config, [0.25], preferences) != task

@@ -15,6 +15,7 @@ from privattnet_jax import input_pipeline
 from privattnet_jax import train
 from privattnet_jax import train_steps
 from tests import subprocesses
+from tests.conftest import jit_traces
 from tests.conftest import make_tiny_config
 
 
@@ -130,7 +131,9 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert checkpoints.create_manager(tmp_path / "run", keep=3, read_only=True).latest_step() == 4
-  resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
+  with jit_traces(caplog) as traces:
+    resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert traces == []  # Compile once: the third run of this config in the process reuses its steps.
   assert calls == 6 + 4  # Steps 1-5, the killed step 6, then resumed at step 4: steps 5 to 8.
 
   def final_params(workdir):

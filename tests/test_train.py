@@ -95,7 +95,10 @@ def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, t
   assert encoder_state_leaves == []
 
 
-def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_path, monkeypatch):
+def test_resumed_run_ends_with_the_uninterrupted_parameters(
+  tiny_data_dir, tmp_path, monkeypatch, caplog
+):
+  from tests.conftest import jit_traces  # pylint: disable=g-import-not-at-top
   from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
 
   config = make_tiny_config(tiny_data_dir)
@@ -119,7 +122,9 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters(tiny_data_dir, tmp_p
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert checkpoints.create_manager(tmp_path / "resumed", keep=3, read_only=True).latest_step() == 4
   monkeypatch.setattr(train_steps, "shard_batch", original)
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  with jit_traces(caplog) as traces:
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert traces == []  # Compile once: the third run of this config in the process reuses its steps.
   resumed = _final_params(config, tmp_path / "resumed")
   jax.tree_util.tree_map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, resumed

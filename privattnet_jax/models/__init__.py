@@ -24,6 +24,7 @@ the attribute count).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -182,9 +183,18 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
     head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
 
   encoder = create_encoder(encoder_config, stages, dtype, axis_name)
-  return PrivacyModel(
+  model = PrivacyModel(
     encoder=encoder,
     head=head,
     encoder_trainable=encoder_config.trainable,
     encoder_batchnorm=encoder_config.batchnorm,
   )
+  return _interned(model)
+
+
+@functools.lru_cache(maxsize=32)
+def _interned(model: PrivacyModel) -> PrivacyModel:
+  """The first of the equal models made in this process. Linen modules compare by value, but a
+  TrainState holds the bound `model.apply`, which compares by identity: one object per config
+  lets a second run with an equal config reuse the steps jitted for the first."""
+  return model
