@@ -12,7 +12,7 @@ from safetensors import numpy as safetensors_numpy
 from torch import nn
 
 from configs import default
-from privattnet_jax import models, pth, weights
+from privattnet_jax import models, pth, train_steps, weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
 from privattnet_jax.models.resnet import ResNet
 
@@ -345,6 +345,15 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
   )
   jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"], variables["params"]["head"])
   assert "layer4_0" not in loaded["params"]["encoder"]
+
+  # A run's initial variables: the same, without running (or compiling) the encoder's init.
+  rngs = {"params": jax.random.key(1), "dropout": jax.random.key(2)}
+  whole_init = model.init(rngs, jnp.zeros((1, 32, 32, 3)), train=False)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    train_steps.initial_variables(model, rngs, (32, 32, 3), str(path)),
+    weights.load_pretrained(path, whole_init),
+  )
 
 
 # ----------------------------------------------------------------------------- the torch-free reader
