@@ -74,6 +74,11 @@ DEFAULT_ATTRIBUTES = (
   "a31_passport",
   "a30_credit_card",
 )
+# The generation's defaults (the functions and the command line): the share of images with no
+# object (labelled `a0_safe`), and each object box's area as a fraction of the image.
+SAFE_FRACTION = 0.25
+MIN_AREA = 0.04
+MAX_AREA = 0.16
 
 Rgb = tuple[int, int, int]
 
@@ -368,9 +373,9 @@ def render_image(
   rng: np.random.Generator,
   image_size: int,
   attribute_ids: Sequence[str],
-  safe_fraction: float = 0.25,
-  min_area: float = 0.04,
-  max_area: float = 0.16,
+  safe_fraction: float = SAFE_FRACTION,
+  min_area: float = MIN_AREA,
+  max_area: float = MAX_AREA,
 ) -> tuple[Image.Image, list[str], list[list[float]], list[str]]:
   """One synthetic image: (RGB image, labels, boxes [ymin, xmin, ymax, xmax] in [0, 1], box labels).
 
@@ -474,9 +479,9 @@ def generate(
   image_size: int = 160,
   *,
   attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-  safe_fraction: float = 0.25,
-  min_area: float = 0.04,
-  max_area: float = 0.16,
+  safe_fraction: float = SAFE_FRACTION,
+  min_area: float = MIN_AREA,
+  max_area: float = MAX_AREA,
   workers: int = 0,
 ) -> pathlib.Path:
   """Writes the synthetic dataset into out_dir (created if needed) and returns its path.
@@ -580,9 +585,9 @@ def ensure_synthetic(
   seed: int,
   image_size: int = 160,
   attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-  safe_fraction: float = 0.25,
-  min_area: float = 0.04,
-  max_area: float = 0.16,
+  safe_fraction: float = SAFE_FRACTION,
+  min_area: float = MIN_AREA,
+  max_area: float = MAX_AREA,
 ) -> pathlib.Path:
   """out_dir holding a generation with these parameters: reused if its marker matches, else made.
 
@@ -672,11 +677,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     default=",".join(DEFAULT_ATTRIBUTES),
     help=f"Comma-separated attribute ids with a look; available: {','.join(sorted(LOOKS))}.",
   )
-  parser.add_argument("--safe_fraction", type=float, default=0.25)
+  parser.add_argument("--safe_fraction", type=float, default=SAFE_FRACTION)
   parser.add_argument(
-    "--min_area", type=float, default=0.04, help="Smallest object box, as a fraction of the image."
+    "--min_area",
+    type=float,
+    default=MIN_AREA,
+    help="Smallest object box, as a fraction of the image.",
   )
-  parser.add_argument("--max_area", type=float, default=0.16)
+  parser.add_argument("--max_area", type=float, default=MAX_AREA)
   parser.add_argument("--workers", type=int, default=0, help="Rendering processes; 0: one per CPU.")
   args = parser.parse_args(argv)
   out = generate(
