@@ -323,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns {split: metrics} for `config.eval_splits`, also written to eval_<split>.json.
   """
+  validate_config(config)  # A wrong value is reported as such, even when the workdir is in use.
   if jax.process_index() == 0:  # One run per workdir; released when the training loop ends.
     workdir_lock.acquire(workdir)
   with workdir_lock.released_on_error(workdir):

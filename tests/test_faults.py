@@ -383,7 +383,10 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
       common + ["--config.image_size=100"],
       "multiple of the encoder's output stride 16",
     ),
-    "model_name": (common + ["--config.model.name=nope"], "model.name must be one of"),
+    "model_name_in_a_workdir_in_use": (  # The wrong value is named, not the lock.
+      common[:1] + [f"--workdir={tmp_path / 'locked'}"] + common[2:] + ["--config.model.name=nope"],
+      "model.name must be one of",
+    ),
     "missing_weights": (
       common + [f"--config.model.encoder.pretrained={tmp_path / 'w.pth'}"],
       f"model.encoder.pretrained: {tmp_path / 'w.pth'}: no such weight file",
