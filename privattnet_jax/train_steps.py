@@ -299,14 +299,10 @@ def _optimizer(optim, trainable: bool, param_names: tuple[str, ...], total_steps
   return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables(model, rngs, images):
-  return model.init(rngs, images, train=False)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_head(model, rngs, features):
-  return model.init(rngs, features, train=False, method="head_from_features")
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _init(model, rngs, inputs, method: str):
+  """`model.init` through `method` ("__call__": the whole model on images)."""
+  return model.init(rngs, inputs, train=False, method=method)
 
 
 # One traced (and cached) program instead of an eager op per parameter and optimizer partition,
@@ -320,17 +316,19 @@ def initial_variables(model, rngs: dict, image_shape, pretrained: str) -> dict:
   """The model's initial variables, the encoder's read from the weight file `pretrained` if set.
 
   The file replaces every encoder value, so then the encoder is traced for its shapes only
-  (`jax.eval_shape`: not lowered, compiled or run; 3.7 s less of the Lite0 demo's start-up) and the
-  head is initialised alone. Its values are those of the whole model's init: Flax derives each
-  submodule's keys from its path, not from what ran before it.
+  (`jax.eval_shape`: not lowered, compiled or run; the whole init took 3.7 s of the Lite0 demo's
+  start-up to trace, lower and load) and the head is initialised alone. Its values are those of
+  the whole model's init: Flax derives each submodule's keys from its path, not from what ran
+  before it.
   """
   images = jnp.zeros((1, *image_shape), jnp.float32)
   if not pretrained:
-    return flax.core.unfreeze(_init_variables(model, rngs, images))
+    return flax.core.unfreeze(_init(model, rngs, images, "__call__"))
   features, encoder = jax.eval_shape(
     functools.partial(model.init_with_output, train=False, method="encode"), rngs, images
   )
-  head = flax.core.unfreeze(_init_head(model, rngs, jnp.zeros(features.shape, features.dtype)))
+  features = jnp.zeros(features.shape, features.dtype)
+  head = flax.core.unfreeze(_init(model, rngs, features, "head_from_features"))
   variables = {
     collection: {**head.get(collection, {}), **encoder.get(collection, {})}
     for collection in {**head, **encoder}
