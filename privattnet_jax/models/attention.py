@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from privattnet_jax.models import convolution
 from privattnet_jax.models import dropout
 from privattnet_jax.models import heads
 from privattnet_jax.models.resnet import BATCHNORM_EPSILON, BATCHNORM_MOMENTUM
@@ -152,7 +153,7 @@ class AttentionHead(nn.Module):
 
     # Step 1: the annotation vectors a.
     conv_init = heads.symmetric_uniform(1.0 / math.sqrt(channels))  # torch.nn.Conv2d's init.
-    x = nn.Conv(
+    x = convolution.Conv(
       channels,
       (1, 1),
       use_bias=True,

@@ -29,6 +29,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from privattnet_jax.models import convolution
+
 # TF's BatchNorm: epsilon 1e-3, momentum 0.99 (torch's 0.01; flax's momentum is the decay).
 BATCHNORM_EPSILON = 1e-3
 BATCHNORM_MOMENTUM = 0.99
@@ -169,7 +171,7 @@ class EfficientNetLite0(nn.Module):
   def __call__(self, images, use_running_average: bool):
     """`use_running_average`: BatchNorm normalises with (and keeps) its running statistics."""
     conv = functools.partial(
-      nn.Conv,
+      convolution.Conv,
       use_bias=False,
       padding="SAME",
       kernel_init=CONV_INIT,

@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from privattnet_jax.models import convolution
+
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 TORCHVISION_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.BatchNorm2d(eps=1e-5, momentum=0.1): flax's momentum is the running average's decay.
@@ -161,7 +163,7 @@ class ResNet(nn.Module):
     """`use_running_average`: BatchNorm normalises with (and leaves alone) its running statistics."""
     block, blocks_per_stage = ARCHITECTURES[self.depth]
     conv = functools.partial(
-      nn.Conv,
+      convolution.Conv,
       use_bias=False,
       kernel_init=TORCHVISION_CONV_INIT,
       dtype=self.dtype,
