@@ -11,6 +11,7 @@ import torch
 from safetensors import numpy as safetensors_numpy
 from torch import nn
 
+from benchmarks.torch_amnet import TorchResNet50
 from configs import default
 from privattnet_jax import models, pth, train_steps, weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
@@ -19,59 +20,6 @@ from privattnet_jax.models.resnet import ResNet
 # Non-square, one even side: at stride 2 an even side is where 'SAME' padding would pad (0, 1)
 # where torch pads (1, 1); the odd side checks the other rounding of the output size.
 INPUT_SHAPE = (2, 3, 96, 113)
-
-
-class TorchBottleneck(nn.Module):
-  """torchvision's v1.5 Bottleneck: stride in conv2, parameter names as in its state dict."""
-
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU()
-    self.downsample = None
-    if stride != 1 or inplanes != planes * 4:
-      self.downsample = nn.Sequential(
-        nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
-      )
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    return self.relu(self.bn3(self.conv3(out)) + identity)
-
-
-class TorchResNet50(nn.Module):
-  """torchvision.models.resnet50's module tree, written out (torchvision does not import here)."""
-
-  def __init__(self):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.relu = nn.ReLU()
-    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    inplanes = 64
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-      layer = []
-      for index in range(blocks):
-        layer.append(TorchBottleneck(inplanes, planes, 2 if stage > 0 and index == 0 else 1))
-        inplanes = planes * 4
-      setattr(self, f"layer{stage + 1}", nn.Sequential(*layer))
-    self.avgpool = nn.AdaptiveAvgPool2d(1)
-    self.fc = nn.Linear(2048, 1000)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    conv4 = self.layer3(self.layer2(self.layer1(x)))
-    pooled = torch.flatten(self.avgpool(self.layer4(conv4)), 1)
-    return conv4, pooled
 
 
 def randomise(model, seed=0):
