@@ -199,7 +199,9 @@ class AttentionHead(nn.Module):
       nn.relu(keys), deterministic=deterministic
     )
 
-    # Step 4: T steps, one set of parameters, a fresh dropout key per step.
+    # Step 4: T steps, one set of parameters, a fresh dropout key per step. Unrolled (the same
+    # values): a rolled loop stacks each step's (B, L, D) residuals into buffers it first zeroes,
+    # ~8% of a head train step on a CPU (docs/benchmarks.md, issue 19).
     steps = nn.scan(
       AttentionStep,
       variable_broadcast="params",
@@ -207,6 +209,7 @@ class AttentionHead(nn.Module):
       in_axes=(nn.broadcast, nn.broadcast),
       out_axes=1,
       length=self.steps,
+      unroll=self.steps,
     )(
       self.hidden_size,
       self.regressor_hidden,
