@@ -9,6 +9,7 @@ import pytest
 
 from configs import default
 from privattnet_jax import models
+from privattnet_jax.models import convolution
 from privattnet_jax.models.attention import AttentionHead
 from privattnet_jax.models.dropout import Dropout
 from privattnet_jax.models.resnet import ResNet
@@ -389,3 +390,37 @@ def test_invalid_config_values_are_named(field, value, message):
   section[leaf] = value
   with pytest.raises(ValueError, match=message):
     models.create_model(config, num_outputs=1)
+
+
+@pytest.mark.parametrize(
+  "kernel, strides, padding",
+  [
+    ((1, 1), (1, 1), ((0, 0), (0, 0))),
+    ((1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((1, 1), (2, 2), "SAME"),
+    ((1, 1), (1, 1), "VALID"),
+    ((1, 1), (1, 1), ((1, 1), (1, 1))),  # Padded: stays a convolution.
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),
+  ],
+)
+def test_conv_computes_what_flax_conv_computes(kernel, strides, padding):
+  """convolution.Conv (1x1 convolutions as matrix products) has nn.Conv's parameters and values,
+  odd sizes and strides included, so checkpoints and weight files are unchanged."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
+  reference = nn.Conv(5, kernel, strides=strides, padding=padding)
+  variables = reference.init(jax.random.key(1), x)
+  ours = convolution.Conv(5, kernel, strides=strides, padding=padding)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+    jnp.shape, variables
+  )
+  expected = reference.apply(variables, x)
+  actual = ours.apply(variables, x)
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+  gradient = jax.grad(lambda v, m: jnp.sum(m.apply(v, x) ** 2))
+  np.testing.assert_allclose(
+    gradient(variables, ours)["params"]["kernel"],
+    gradient(variables, reference)["params"]["kernel"],
+    rtol=1e-4,
+    atol=1e-4,
+  )
