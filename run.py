@@ -51,6 +51,13 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
   "split", "test", "Split for --mode=evaluate (and compare): train, validation or test."
 )
+flags.DEFINE_bool(
+  "redaction_quality",
+  False,
+  "evaluate: also measure how well attention-guided redaction lowers the risk (data with boxes, "
+  "attention models): the `redaction` entry of eval_<split>.json and the report's Redaction "
+  "section. Runs the model on many redacted images: slower than the evaluation itself.",
+)
 flags.DEFINE_integer(
   "step",
   None,
@@ -395,6 +402,8 @@ def _check_usage(extra: list[str]) -> None:
   """Raises app.UsageError when the mode lacks a flag it needs."""
   if extra and FLAGS.mode not in ("predict", "redact"):
     raise app.UsageError(f"unexpected arguments: {extra}")
+  if FLAGS.redaction_quality and FLAGS.mode != "evaluate":
+    raise app.UsageError("--redaction_quality is a flag of --mode=evaluate")
   if FLAGS.mode in ("train", "evaluate", "cache_features"):
     _require("config", "workdir")
   elif FLAGS.mode in ("predict", "redact"):
@@ -454,7 +463,13 @@ def main(argv):
       if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
       elif FLAGS.mode == "evaluate":
-        train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
+        train.evaluate_checkpoint(
+          config,
+          FLAGS.workdir,
+          FLAGS.split,
+          FLAGS.step,
+          redaction_quality=FLAGS.redaction_quality,
+        )
       elif FLAGS.mode == "cache_features":
         if config.feature_cache.mode == "off":
           config.feature_cache.mode = "host"

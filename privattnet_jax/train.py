@@ -480,10 +480,21 @@ def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
 
 
 def evaluate_checkpoint(
-  config, workdir: str, split: str, step: int | None = None, *, experiment: Experiment | None = None
+  config,
+  workdir: str,
+  split: str,
+  step: int | None = None,
+  *,
+  experiment: Experiment | None = None,
+  redaction_quality: bool = False,
 ) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
-  `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
+  `localisation` where the data has boxes) and the report (evaluation_report.report_dir).
+
+  `redaction_quality` adds the `redaction` entry and the report's Redaction section (an attention
+  model on data with boxes): opt-in, since it runs the image path on many candidate masks and
+  costs far more than the evaluation itself.
+  """
   # Imported here: the report's modules (scipy.ndimage, predict, redact) cost ~1 s of start-up
   # that the training loop does not need.
   from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
@@ -504,7 +515,8 @@ def evaluate_checkpoint(
   if localisation is not None:
     summary["localisation"] = localisation
   redaction = None
-  if localisation is not None and "image_id" in result.extras:  # Boxes, attention, one process.
+  # Needs boxes and attention (localisation) and the image ids of a single process.
+  if redaction_quality and localisation is not None and "image_id" in result.extras:
     redaction = evaluation_report.redaction_summary(
       result.extras,
       experiment.sources[split],
