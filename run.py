@@ -384,15 +384,18 @@ def _replaced_field_error(argv) -> str | None:
 
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/array_record/")
+# Library warnings that only restate what this program asked for: evaluate, predict and export
+# open the checkpoints read-only.
+EXPECTED_WARNINGS = ("Given directory is read only",)
 
 
 def _quiet_library_info(record) -> bool:
-  """Drops the libraries' INFO lines, and the tracebacks of their warnings and errors (orbax logs one
-  per failed background write on a full disk): the run's own one-line error follows, with its
-  traceback in errors.log."""
+  """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
+  errors (orbax logs one per failed background write on a full disk): the run's own one-line error
+  follows, with its traceback in errors.log."""
   if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
     return True
-  if record.levelno < std_logging.WARNING:
+  if record.levelno < std_logging.WARNING or record.getMessage().startswith(EXPECTED_WARNINGS):
     return False
   record.exc_info, record.exc_text = None, None
   return True
