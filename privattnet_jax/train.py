@@ -461,6 +461,23 @@ def _check_finite(unchecked: list, manager) -> None:
       )
 
 
+class _Laps:
+  """Seconds between named points of a phase, for one log line of where its time went."""
+
+  def __init__(self):
+    self.start = self.last = time.perf_counter()
+    self.seconds = {}
+
+  def __call__(self, name: str) -> None:
+    now = time.perf_counter()
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+    self.last = now
+
+  def __str__(self) -> str:
+    parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.seconds.items())
+    return f"{self.last - self.start:.2f} s: {parts}"
+
+
 def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
   """(images, mask) -> the eval step's `score` and `attention` for images without targets (zeros fill
   the batch's targets), as the redaction quality re-scores redacted images."""
@@ -495,18 +512,20 @@ def evaluate_checkpoint(
   model on data with boxes): opt-in, since it runs the image path on many candidate masks and
   costs far more than the evaluation itself.
   """
-  # Imported here: the report's modules (scipy.ndimage, predict, redact) cost ~1 s of start-up
-  # that the training loop does not need.
+  # Imported here: the report's modules are start-up that the training loop does not need.
   from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
 
   experiment = experiment or Experiment(config, workdir, need_train=False)
+  laps = _Laps()
   step = train_steps.select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
   state = experiment.restore(step)
+  laps("restore")
   result = evaluate(
     state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task
   )
+  laps("evaluation pass")
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)
@@ -514,6 +533,7 @@ def evaluate_checkpoint(
   localisation = evaluation_report.localisation_summary(result.extras)
   if localisation is not None:
     summary["localisation"] = localisation
+  laps("localisation")
   redaction = None
   # Needs boxes and attention (localisation) and the image ids of a single process.
   if redaction_quality and localisation is not None and "image_id" in result.extras:
@@ -527,6 +547,7 @@ def evaluate_checkpoint(
     )
   if redaction is not None:
     summary["redaction"] = redaction[0]
+    laps("redaction quality")
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     if "image_id" in result.extras:
@@ -541,11 +562,13 @@ def evaluate_checkpoint(
         source=experiment.sources[split],
         redaction_examples=redaction[1] if redaction else (),
       )
+      laps("report")
       logging.info("Wrote %s and %s", *paths)
     else:  # Several processes: image ids (host strings) stay with the process that read them.
       logging.info(
         "No report.md: a multi-process evaluation keeps the labels and image ids per process"
       )
+  logging.info("Evaluated step %d on %s in %s", step, split, laps)
   print(
     f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True
   )
