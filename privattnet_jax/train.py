@@ -427,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     workdir_lock.release(workdir)
   return {
-    split: evaluate_checkpoint(config, workdir, split, experiment=experiment)
+    split: evaluate_checkpoint(config, workdir, split, experiment=experiment, trained_state=state)
     for split in config.eval_splits
   }
 
@@ -504,13 +504,15 @@ def evaluate_checkpoint(
   *,
   experiment: Experiment | None = None,
   redaction_quality: bool = False,
+  trained_state: train_steps.TrainState | None = None,
 ) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
   `localisation` where the data has boxes) and the report (evaluation_report.report_dir).
 
   `redaction_quality` adds the `redaction` entry and the report's Redaction section (an attention
   model on data with boxes): opt-in, since it runs the image path on many candidate masks and
-  costs far more than the evaluation itself.
+  costs far more than the evaluation itself. `trained_state`: the state training ended with, used
+  as it is when it is the selected step's (no restore of what is already in memory).
   """
   # Imported here: the report's modules are start-up that the training loop does not need.
   from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
@@ -520,7 +522,10 @@ def evaluate_checkpoint(
   step = train_steps.select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
-  state = experiment.restore(step)
+  if trained_state is not None and int(trained_state.step) == step:
+    state = trained_state
+  else:
+    state = experiment.restore(step)
   laps("restore")
   result = evaluate(
     state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task
