@@ -58,7 +58,7 @@ def redaction_summary(
   in batches of `batch_size`. Returns (summary, before/after panels) or None without attention
   or boxes.
   """
-  # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: ~0.4 s of imports).
+  # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: slow imports).
   from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
   from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
 

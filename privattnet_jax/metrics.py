@@ -38,14 +38,14 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson's r as scipy.stats.pearsonr computes it (centred, each side normalised, clipped); numpy
-  alone, since importing scipy.stats costs a run ~1 s at its end."""
+  """Pearson's r as scipy.stats.pearsonr computes it (centred, each side normalised, clipped), in
+  numpy: importing scipy.stats costs a run more than its whole evaluation (docs/benchmarks.md)."""
   x, y = x - x.mean(), y - y.mean()
   return float(np.clip(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)), -1.0, 1.0))
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
-  """Ranks 1..N, ties sharing their average rank (scipy.stats.rankdata's default): Spearman's input."""
+  """Ranks 1..N, ties sharing their average (scipy.stats.rankdata's default): Spearman's input."""
   order = np.argsort(values, kind="stable")
   ordered = values[order]
   starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
