@@ -51,6 +51,13 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
   "split", "test", "Split for --mode=evaluate (and compare): train, validation or test."
 )
+flags.DEFINE_bool(
+  "redaction_quality",
+  False,
+  "evaluate: also measure how well attention-guided redaction lowers the risk (data with boxes, "
+  "attention models): the `redaction` entry of eval_<split>.json and the report's Redaction "
+  "section. Runs the model on many redacted images: slower than the evaluation itself.",
+)
 flags.DEFINE_integer(
   "step",
   None,
@@ -377,15 +384,18 @@ def _replaced_field_error(argv) -> str | None:
 
 # Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
 QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/array_record/")
+# Library warnings that only restate what this program asked for: evaluate, predict and export
+# open the checkpoints read-only.
+EXPECTED_WARNINGS = ("Given directory is read only",)
 
 
 def _quiet_library_info(record) -> bool:
-  """Drops the libraries' INFO lines, and the tracebacks of their warnings and errors (orbax logs one
-  per failed background write on a full disk): the run's own one-line error follows, with its
-  traceback in errors.log."""
+  """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
+  errors (orbax logs one per failed background write on a full disk): the run's own one-line error
+  follows, with its traceback in errors.log."""
   if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
     return True
-  if record.levelno < std_logging.WARNING:
+  if record.levelno < std_logging.WARNING or record.getMessage().startswith(EXPECTED_WARNINGS):
     return False
   record.exc_info, record.exc_text = None, None
   return True
@@ -395,6 +405,8 @@ def _check_usage(extra: list[str]) -> None:
   """Raises app.UsageError when the mode lacks a flag it needs."""
   if extra and FLAGS.mode not in ("predict", "redact"):
     raise app.UsageError(f"unexpected arguments: {extra}")
+  if FLAGS.redaction_quality and FLAGS.mode != "evaluate":
+    raise app.UsageError("--redaction_quality is a flag of --mode=evaluate")
   if FLAGS.mode in ("train", "evaluate", "cache_features"):
     _require("config", "workdir")
   elif FLAGS.mode in ("predict", "redact"):
@@ -454,7 +466,13 @@ def main(argv):
       if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
       elif FLAGS.mode == "evaluate":
-        train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.split, FLAGS.step)
+        train.evaluate_checkpoint(
+          config,
+          FLAGS.workdir,
+          FLAGS.split,
+          FLAGS.step,
+          redaction_quality=FLAGS.redaction_quality,
+        )
       elif FLAGS.mode == "cache_features":
         if config.feature_cache.mode == "off":
           config.feature_cache.mode = "host"

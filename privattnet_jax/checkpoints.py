@@ -65,6 +65,7 @@ def create_manager(
     best_fn=_selection_value,
     best_mode="max",
     read_only=read_only,
+    save_interval_steps=0 if read_only else 1,  # What orbax sets, with a warning, when read-only.
     create=not read_only,
     enable_async_checkpointing=True,
     enable_background_delete=not read_only,
@@ -130,11 +131,14 @@ def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
 
 def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
   """manager.restore, or a CheckpointError: the step is broken (naming the intact steps), or it is
-  intact and does not fit what was asked of it (another model's config)."""
+  intact and does not fit what was asked of it (another model's config).
+
+  Nothing is logged here: the CheckpointError chains the restore's error, so run.py's one line
+  is all stderr gets and errors.log holds both tracebacks.
+  """
   try:
     return manager.restore(step, args=args)
   except Exception as error:  # pylint: disable=broad-except  # orbax/tensorstore raise many types.
-    logging.info("restoring checkpoint %d failed", step, exc_info=True)
     broken = check_step(manager, step)
     directory = pathlib.Path(manager.directory) / str(step)
     if broken is None:

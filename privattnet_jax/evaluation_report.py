@@ -22,8 +22,6 @@ from PIL import Image
 from privattnet_jax import heatmaps
 from privattnet_jax import input_pipeline
 from privattnet_jax import localisation
-from privattnet_jax import predict
-from privattnet_jax import redact
 from privattnet_jax import report
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
@@ -60,6 +58,10 @@ def redaction_summary(
   in batches of `batch_size`. Returns (summary, before/after panels) or None without attention
   or boxes.
   """
+  # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: slow imports).
+  from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+  from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
+
   if "attention" not in extras or "num_boxes" not in extras:
     return None
   rows = np.flatnonzero(np.asarray(extras["num_boxes"]) > 0)

@@ -356,7 +356,7 @@ def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
 
 
 # Report blocks: ("heading", level, text) | ("text", markdown_text, html_text) | ("table", headers, rows)
-# | ("image", alt, PIL image, file stem).
+# | ("image", alt, PIL image, file stem); rendered with the PIL image's PNG bytes in its place.
 def _to_pil(panel) -> Image.Image:
   if isinstance(panel, Image.Image):
     return panel.convert("RGB")
@@ -393,9 +393,9 @@ def _render_markdown(blocks, assets_dir: pathlib.Path) -> str:
     elif kind == "table":
       parts.append(markdown_table(block[1], block[2]))
     elif kind == "image":
-      _, alt, image, stem = block
+      _, alt, png, stem = block
       assets_dir.mkdir(parents=True, exist_ok=True)
-      (assets_dir / f"{stem}.png").write_bytes(_png_bytes(image))
+      (assets_dir / f"{stem}.png").write_bytes(png)
       parts.append(f"![{alt}]({ASSETS_DIR}/{stem}.png)")
   return "\n\n".join(parts) + "\n"
 
@@ -415,8 +415,8 @@ def _render_html(blocks, title: str) -> str:
       )
       body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     elif kind == "image":
-      _, alt, image, _ = block
-      data = base64.b64encode(_png_bytes(image)).decode("ascii")
+      _, alt, png, _ = block
+      data = base64.b64encode(png).decode("ascii")
       body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
   style = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -573,6 +573,8 @@ def write_report(
       )
       counter += 1
 
+  # Each image is PNG-encoded once, for both renderings (the encoding is most of a report's time).
+  blocks = [(*b[:2], _png_bytes(b[2]), b[3]) if b[0] == "image" else b for b in blocks]
   md_path, html_path = out_dir / "report.md", out_dir / "report.html"
   md_path.write_text(_render_markdown(blocks, out_dir / ASSETS_DIR))
   html_path.write_text(_render_html(blocks, title))

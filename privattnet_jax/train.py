@@ -427,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     workdir_lock.release(workdir)
   return {
-    split: evaluate_checkpoint(config, workdir, split, experiment=experiment)
+    split: evaluate_checkpoint(config, workdir, split, experiment=experiment, trained_state=state)
     for split in config.eval_splits
   }
 
@@ -461,6 +461,23 @@ def _check_finite(unchecked: list, manager) -> None:
       )
 
 
+class _Laps:
+  """Seconds between named points of a phase, for one log line of where its time went."""
+
+  def __init__(self):
+    self.start = self.last = time.perf_counter()
+    self.seconds = {}
+
+  def __call__(self, name: str) -> None:
+    now = time.perf_counter()
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+    self.last = now
+
+  def __str__(self) -> str:
+    parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.seconds.items())
+    return f"{self.last - self.start:.2f} s: {parts}"
+
+
 def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
   """(images, mask) -> the eval step's `score` and `attention` for images without targets (zeros fill
   the batch's targets), as the redaction quality re-scores redacted images."""
@@ -480,22 +497,40 @@ def _photo_inference(experiment: Experiment, state: train_steps.TrainState):
 
 
 def evaluate_checkpoint(
-  config, workdir: str, split: str, step: int | None = None, *, experiment: Experiment | None = None
+  config,
+  workdir: str,
+  split: str,
+  step: int | None = None,
+  *,
+  experiment: Experiment | None = None,
+  redaction_quality: bool = False,
+  trained_state: train_steps.TrainState | None = None,
 ) -> dict:
   """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
-  `localisation` where the data has boxes) and the report (evaluation_report.report_dir)."""
-  # Imported here: the report's modules (scipy.ndimage, predict, redact) cost ~1 s of start-up
-  # that the training loop does not need.
+  `localisation` where the data has boxes) and the report (evaluation_report.report_dir).
+
+  `redaction_quality` adds the `redaction` entry and the report's Redaction section (an attention
+  model on data with boxes): opt-in, since it runs the image path on many candidate masks and
+  costs far more than the evaluation itself. `trained_state`: the state training ended with, used
+  as it is when it is the selected step's (no restore of what is already in memory).
+  """
+  # Imported here: the report's modules are start-up that the training loop does not need.
   from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
 
   experiment = experiment or Experiment(config, workdir, need_train=False)
+  laps = _Laps()
   step = train_steps.select_step(experiment.manager, workdir, step)
   if split not in experiment.sources:
     raise ValueError(f"unknown split {split!r}; have {sorted(experiment.sources)}")
-  state = experiment.restore(step)
+  if trained_state is not None and int(trained_state.step) == step:
+    state = trained_state
+  else:
+    state = experiment.restore(step)
+  laps("restore")
   result = evaluate(
     state, experiment.eval_fn, experiment.feed.eval_batches(split), experiment.mesh, experiment.task
   )
+  laps("evaluation pass")
   summary = {k: result.metrics[k] for k in ("l1", "mse", "pearson", "spearman", "n")}
   summary.update({k: v for k, v in result.metrics.items() if k not in summary})
   summary["step"] = int(step)
@@ -503,8 +538,10 @@ def evaluate_checkpoint(
   localisation = evaluation_report.localisation_summary(result.extras)
   if localisation is not None:
     summary["localisation"] = localisation
+  laps("localisation")
   redaction = None
-  if localisation is not None and "image_id" in result.extras:  # Boxes, attention, one process.
+  # Needs boxes and attention (localisation) and the image ids of a single process.
+  if redaction_quality and localisation is not None and "image_id" in result.extras:
     redaction = evaluation_report.redaction_summary(
       result.extras,
       experiment.sources[split],
@@ -515,6 +552,7 @@ def evaluate_checkpoint(
     )
   if redaction is not None:
     summary["redaction"] = redaction[0]
+    laps("redaction quality")
   if jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
     if "image_id" in result.extras:
@@ -529,11 +567,13 @@ def evaluate_checkpoint(
         source=experiment.sources[split],
         redaction_examples=redaction[1] if redaction else (),
       )
+      laps("report")
       logging.info("Wrote %s and %s", *paths)
     else:  # Several processes: image ids (host strings) stay with the process that read them.
       logging.info(
         "No report.md: a multi-process evaluation keeps the labels and image ids per process"
       )
+  logging.info("Evaluated step %d on %s in %s", step, split, laps)
   print(
     f"{config.model.name} on {split} (checkpoint step {step}): {_headline(summary)}", flush=True
   )

@@ -318,6 +318,70 @@ def test_restoring_a_corrupt_step_names_it_and_the_intact_steps(tmp_path, damage
   assert step_dir.is_dir()  # evaluate/predict/export never move a checkpoint.
 
 
+def _config_overrides(config, base) -> list[str]:
+  """`--config.<field>=<value>` for every leaf where `config` differs from `base`."""
+
+  def leaves(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+
+  defaults = dict(leaves(base.to_dict()))
+  return [f"--config.{k}={v}" for k, v in leaves(config.to_dict()) if defaults.get(k) != v]
+
+
+def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_data_dir, tmp_path):
+  """evaluate, export and predict of a step with a truncated array file: stderr holds the one error
+  line naming the intact step and no traceback; errors.log holds the traceback."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config(tiny_data_dir)
+  config.num_train_steps, config.checkpoint_every_steps, config.eval_splits = 2, 1, ()
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  victim = _largest_file(workdir / "checkpoints" / "2" / "state")
+  with open(victim, "r+b") as f:
+    f.truncate(10)
+  photo = _jpeg(tmp_path / "photo.jpg")
+  common = [f"--workdir={workdir}", "--step=2"]
+  commands = {
+    "evaluate": ["--mode=evaluate", "--config=configs/demo.py:tiny", *common]
+    + _config_overrides(config, demo.get_config("tiny")),
+    "export": ["--mode=export", *common, f"--output={tmp_path / 'export'}"],
+    "predict": ["--mode=predict", *common, f"--output={tmp_path / 'out'}", f"--images={photo}"],
+  }
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  running = {  # One at a time would triple the test's start-up time.
+    mode: subprocess.Popen(
+      [sys.executable, "run.py", *args],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for mode, args in commands.items()
+  }
+  for mode, process in running.items():
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, (mode, stderr[-3000:])
+    assert "Traceback" not in stderr, (mode, stderr[-3000:])
+    errors = [line for line in stderr.splitlines() if line[:1] not in "IW"]
+    assert len(errors) == 1, (mode, stderr[-3000:])
+    assert errors[0].startswith("error: checkpoint step 2 (") and "is corrupt" in errors[0]
+    assert "steps that restore: [1]" in errors[0] and "errors.log" in errors[0]
+    assert not [line for line in stderr.splitlines() if line.startswith("W")], (mode, stderr)
+  log = (workdir / "errors.log").read_text()
+  assert log.count("CheckpointError: checkpoint step 2") == 3 and "Traceback" in log
+  assert (
+    not (tmp_path / "export").exists() and not (tmp_path / "out" / "predictions.jsonl").exists()
+  )
+
+
 # ---------------------------------------------------------------------------------------------
 # One run per workdir.
 
@@ -399,6 +463,10 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
         f"--images={existing}",
       ],
       "exists and is not a folder",
+    ),
+    "redaction_quality_outside_evaluate": (
+      common + ["--redaction_quality"],
+      "--redaction_quality is a flag of --mode=evaluate",
     ),
     "workdir_in_use": (
       common[:1] + [f"--workdir={tmp_path / 'locked'}"] + common[2:],

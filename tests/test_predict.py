@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -477,20 +478,39 @@ def test_evaluate_writes_the_report_with_localisation(runs):
   assert len(examples) == 2 * evaluation_report.REPORT_EXAMPLES
   panel = Image.open(examples[0])
   assert panel.width % (STEPS + 1) == 0  # Image + one overlay per step.
+  # Training's final evaluation leaves the redaction quality out (--redaction_quality opts in).
+  assert "redaction" not in summary and "## Redaction" not in text
+  assert not list((workdir / "report_files").glob("redaction_*.png"))
+  html_text = (workdir / "report.html").read_text()
+  assert html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES
+  assert "<td>privattnet</td>" in html_text
+
+
+def test_evaluate_measures_the_redaction_quality_only_when_asked(runs):
+  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir = runs["profiles"]
+  config = ml_collections.ConfigDict(_checkpoint_config(workdir))
+  plain = train.evaluate_checkpoint(config, str(workdir), "validation")
+  assert "localisation" in plain and "redaction" not in plain
+  summary = train.evaluate_checkpoint(config, str(workdir), "validation", redaction_quality=True)
+  assert {k: v for k, v in summary.items() if k != "redaction"} == plain
+  assert json.loads((workdir / "eval_validation.json").read_text()) == summary
   redaction = summary["redaction"]  # Boxes and attention: redaction quality against random regions.
   assert (
     0 < redaction["num_images"] <= evaluation_report.REDACTION_IMAGES
     and 0 <= redaction["box_coverage"] <= 1
   )
   assert set(redaction["mean_drop"]) == {"attention", "random", "centred"}
+  report_dir = workdir / "report_validation"
+  text = (report_dir / "report.md").read_text()
   assert "## Redaction" in text and "| random, same area |" in text
   panels = min(evaluation_report.REPORT_EXAMPLES, redaction["num_images"])
-  assert len(list((workdir / "report_files").glob("redaction_*.png"))) == panels
-  html_text = (workdir / "report.html").read_text()
+  assert len(list((report_dir / "report_files").glob("redaction_*.png"))) == panels
+  html_text = (report_dir / "report.html").read_text()
   assert (
     html_text.count("data:image/png;base64,") == 1 + 2 * evaluation_report.REPORT_EXAMPLES + panels
   )
-  assert "<td>privattnet</td>" in html_text
 
 
 def test_models_without_attention_report_without_localisation(runs):

@@ -70,6 +70,8 @@ def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
   manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
   assert manager.latest_step() == 4
   assert manager.best_step() in (2, 4)
+  # The final evaluation uses the trained state when it is the best step's: what a restore gives.
+  assert train.evaluate_checkpoint(tiny_config, str(workdir), "test") == results["test"]
 
 
 def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, tmp_path):
