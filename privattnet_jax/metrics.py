@@ -24,35 +24,18 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
     "mse": float(np.square(errors).mean()),
     "n": int(targets.size),
   }
-  # A constant or non-finite column has no correlation; report NaN rather than a warning.
-  undefined = (
-    not (np.isfinite(predictions).all() and np.isfinite(targets).all())
-    or np.ptp(predictions) == 0
-    or np.ptp(targets) == 0
+  # Imported here, not at start-up: its import is a second of a short run (docs/benchmarks.md).
+  import scipy.stats  # pylint: disable=g-import-not-at-top
+
+  constant = np.ptp(predictions) == 0 or np.ptp(targets) == 0
+  # A constant column has no correlation; report NaN rather than a scipy warning.
+  result["pearson"] = (
+    float("nan") if constant else float(scipy.stats.pearsonr(predictions, targets).statistic)
   )
-  result["pearson"] = float("nan") if undefined else _pearson(predictions, targets)
   result["spearman"] = (
-    float("nan") if undefined else _pearson(average_ranks(predictions), average_ranks(targets))
+    float("nan") if constant else float(scipy.stats.spearmanr(predictions, targets).statistic)
   )
   return result
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson's r as scipy.stats.pearsonr computes it (centred, each side normalised, clipped), in
-  numpy: importing scipy.stats costs a run more than its whole evaluation (docs/benchmarks.md)."""
-  x, y = x - x.mean(), y - y.mean()
-  return float(np.clip(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)), -1.0, 1.0))
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-  """Ranks 1..N, ties sharing their average (scipy.stats.rankdata's default): Spearman's input."""
-  order = np.argsort(values, kind="stable")
-  ordered = values[order]
-  starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-  ends = np.r_[starts[1:], len(values)]
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
-  return ranks
 
 
 def score_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
