@@ -7,9 +7,19 @@ not averages of per-batch values.
 
 from __future__ import annotations
 
+import importlib
+import threading
+
 import numpy as np
 
 REGRESSION_METRICS = ("l1", "mse", "pearson", "spearman")
+
+
+def import_in_background() -> None:
+  """Starts importing scipy.stats on a daemon thread: its import (~1 s) then overlaps the first
+  train steps, whose compiled programs release the GIL, instead of delaying the first validation.
+  An import already under way makes `regression_metrics`'s own import wait for it."""
+  threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
 
 
 def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -24,7 +34,7 @@ def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str
     "mse": float(np.square(errors).mean()),
     "n": int(targets.size),
   }
-  # Imported here, not at start-up: its import is a second of a short run (docs/benchmarks.md).
+  # Imported here, not at start-up (see import_in_background).
   import scipy.stats  # pylint: disable=g-import-not-at-top
 
   constant = np.ptp(predictions) == 0 or np.ptp(targets) == 0

@@ -346,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
   frozen_encoder = checkpoints.save_frozen_encoder(experiment.workdir, state, config.model.encoder)
+  metrics_lib.import_in_background()
   writer = MetricWriter(experiment.workdir)
   logging.info(
     "Training %s for %d steps (%d per epoch), global batch %d on %d devices",
