@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from privattnet_jax import compilation_cache
+from privattnet_jax import host_memory
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -424,6 +425,7 @@ def _check_usage(extra: list[str]) -> None:
 
 
 def main(argv):
+  host_memory.keep_freed_memory()  # Before XLA allocates anything.
   extra = argv[1:]
   try:
     _check_usage(extra)

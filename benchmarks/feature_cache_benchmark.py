@@ -37,6 +37,7 @@ from configs import privattnet
 from privattnet_jax import data as data_lib
 from privattnet_jax import device_features
 from privattnet_jax import feature_cache
+from privattnet_jax import host_memory
 from privattnet_jax import input_pipeline
 from privattnet_jax import models
 from privattnet_jax import train_steps
@@ -181,6 +182,7 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # As run.py: every step reuses the pages of the last.
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
   mesh = train_steps.create_mesh()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import privattnet
+from privattnet_jax import host_memory
 from privattnet_jax import input_pipeline
 from privattnet_jax import models
 from privattnet_jax import train_steps
@@ -100,6 +101,7 @@ def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # As run.py: every step reuses the pages of the last.
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   peak = matmul_peak_flops(dtype)
   print(
