@@ -19,6 +19,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import traceback
 
 from absl import app
@@ -290,8 +291,10 @@ def _first_line(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-def _save_traceback(error: BaseException) -> str:
+def _save_traceback(error: BaseException | None) -> str:
   """Writes the traceback to <workdir>/errors.log (or a temporary file): where the one line points."""
+  if error is None:  # An unraisable report or thread exit without an exception.
+    return ""
   text = "".join(traceback.format_exception(error))
   if FLAGS.workdir and os.path.isdir(FLAGS.workdir):
     path = os.path.join(FLAGS.workdir, "errors.log")
@@ -308,6 +311,20 @@ def _save_traceback(error: BaseException) -> str:
     return path
   except OSError:  # Nowhere to write: --verbosity=1 prints it.
     return ""
+
+
+def _route_library_tracebacks_to_errors_log() -> None:
+  """Tracebacks that libraries' own threads and callbacks print go to errors.log, not stderr.
+
+  A corrupt checkpoint makes orbax give up a restore and close its event loop while TensorStore's
+  reads are still in flight: each read that finishes then fails in its callback (thousands of
+  'Event loop is closed' tracebacks through sys.excepthook), and asyncio reports the abandoned
+  tasks and coroutines (its logger, sys.unraisablehook). The run's own one-line error says what
+  happened; these tracebacks join its traceback in errors.log.
+  """
+  sys.excepthook = lambda kind, error, trace: _save_traceback(error.with_traceback(trace))
+  sys.unraisablehook = lambda unraisable: _save_traceback(unraisable.exc_value)
+  threading.excepthook = lambda hook_args: _save_traceback(hook_args.exc_value)
 
 
 def _fail(error: BaseException) -> None:
@@ -394,6 +411,9 @@ def _quiet_library_info(record) -> bool:
   """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
   errors (orbax logs one per failed background write on a full disk): the run's own one-line error
   follows, with its traceback in errors.log."""
+  if record.name == "asyncio" and record.exc_info:  # Abandoned tasks: see the function below.
+    _save_traceback(record.exc_info[1])
+    return False
   if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
     return True
   if record.levelno < std_logging.WARNING or record.getMessage().startswith(EXPECTED_WARNINGS):
@@ -433,6 +453,7 @@ def main(argv):
     print(f"error: {error} (see --helpshort)", file=sys.stderr, flush=True)
     sys.exit(1)
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  _route_library_tracebacks_to_errors_log()
   status = 0
   try:
     config = _load_config()
