@@ -27,7 +27,6 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from privattnet_jax import heatmaps
 from privattnet_jax import predict
 from privattnet_jax import redact
 
