@@ -320,11 +320,27 @@ def _route_library_tracebacks_to_errors_log() -> None:
   reads are still in flight: each read that finishes then fails in its callback (thousands of
   'Event loop is closed' tracebacks through sys.excepthook), and asyncio reports the abandoned
   tasks and coroutines (its logger, sys.unraisablehook). The run's own one-line error says what
-  happened; these tracebacks join its traceback in errors.log.
+  happened; these tracebacks join its traceback in errors.log. A Python thread that dies of an
+  exception still says so on stderr, in one line.
   """
   sys.excepthook = lambda kind, error, trace: _save_traceback(error.with_traceback(trace))
   sys.unraisablehook = lambda unraisable: _save_traceback(unraisable.exc_value)
-  threading.excepthook = lambda hook_args: _save_traceback(hook_args.exc_value)
+  threading.excepthook = _report_thread_failure
+
+
+def _report_thread_failure(hook_args) -> None:
+  """threading.excepthook: one warning line on stderr, the traceback in errors.log."""
+  if hook_args.exc_value is None or isinstance(hook_args.exc_value, SystemExit):
+    return
+  path = _save_traceback(hook_args.exc_value)
+  name = hook_args.thread.name if hook_args.thread is not None else "a thread"
+  where = f" (traceback in {path})" if path else ""
+  print(
+    f"warning: background thread {name} failed: "
+    f"{type(hook_args.exc_value).__name__}: {_first_line(hook_args.exc_value)}{where}",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def _fail(error: BaseException) -> None:

@@ -513,3 +513,41 @@ def test_a_full_disk_is_recognised_through_library_wrappers():
     assert run._message(error).startswith("no space left on the device")  # pylint: disable=protected-access
   assert not run._is_disk_full(ValueError("bad"))  # pylint: disable=protected-access
   assert run._message(TypeError("oops\nmore")) == "internal error (TypeError): oops"  # pylint: disable=protected-access
+
+
+def test_a_dying_background_thread_is_one_warning_line_and_its_traceback_in_errors_log(tmp_path):
+  """run.py's hooks: a Python thread's exception is one line on stderr naming errors.log, which
+  holds the traceback; a library callback's error (sys.excepthook) only goes to errors.log."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  script = f"""
+import sys, threading
+import run
+run.FLAGS(["run.py", "--workdir={workdir}"])
+run._route_library_tracebacks_to_errors_log()
+worker = threading.Thread(target=lambda: 1 / 0, name="probe")
+worker.start()
+worker.join()
+try:
+  raise RuntimeError("Event loop is closed")
+except RuntimeError as error:
+  sys.excepthook(type(error), error, error.__traceback__)
+print("main thread went on")
+"""
+  result = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "main thread went on"
+  assert result.stderr.strip().splitlines() == [
+    "warning: background thread probe failed: ZeroDivisionError: division by zero "
+    f"(traceback in {workdir / 'errors.log'})"
+  ]
+  log = (workdir / "errors.log").read_text()
+  assert "ZeroDivisionError" in log and "RuntimeError: Event loop is closed" in log
+  assert log.count("Traceback") == 2
