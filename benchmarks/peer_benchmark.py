@@ -40,15 +40,12 @@ from typing import Callable
 from absl import app
 from absl import flags
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from benchmarks import common
 from configs import privattnet
 from privattnet_jax import feature_cache
 from privattnet_jax import host_memory
-from privattnet_jax import input_pipeline
-from privattnet_jax import models
 from privattnet_jax import train_steps
 
 PATHS = ("image", "cache", "bf16")
@@ -127,23 +124,6 @@ def machine_info(torch) -> str:
   )
 
 
-def matmul_peak(dtype) -> float:
-  """FLOP/s of a large jnp matmul: the reference for 'fraction of peak' (as train_step_benchmark)."""
-  n = 4096 if jax.default_backend() != "cpu" else 2048
-  a = jax.numpy.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  repeats = 20 if jax.default_backend() != "cpu" else 5
-  best = 0.0
-  for _ in range(3):  # The best of three: a neighbour's burst on shared cores only lowers one.
-    start = time.perf_counter()
-    for _ in range(repeats):
-      out = matmul(a)
-    out.block_until_ready()
-    best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
-  return best
-
-
 # ----------------------------------------------------------------------------------------- ours
 
 
@@ -155,30 +135,12 @@ def make_config(half_precision: bool):
   return config
 
 
-def targets(rng, size: int) -> dict:
-  return {
-    "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
-    "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
-    "mask": np.ones(size, np.float32),
-  }
-
-
 class Ours:
   """The project's train step for one config (fp32 or bf16), through the public API only."""
 
   def __init__(self, half_precision: bool):
-    self.config = config = make_config(half_precision)
-    self.task = train_steps.make_task(
-      config, np.zeros(1), input_pipeline.preferences_from_config(config)
-    )
-    model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
-    self.mesh = train_steps.create_mesh()
-    shape = (config.image_size, config.image_size, 3)
-    state = train_steps.create_train_state(
-      config, model, self.task, shape, 1000, jax.random.PRNGKey(0)
-    )
-    self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
-    self.step = train_steps.parallel_train_step(self.mesh, self.task)
+    self.config = make_config(half_precision)
+    self.state, self.step, self.mesh = common.train_step_for(self.config)
 
   def head_parameter_count(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.state.params["head"]))
@@ -188,11 +150,7 @@ class Ours:
     device_batch = train_steps.shard_batch(batch, self.mesh)
     state = jax.tree_util.tree_map(lambda x: x.copy(), self.state)  # The step donates its state.
     lowered = self.step.lower(state, device_batch)
-    # The lowered (unoptimised) HLO's count, as train_step_benchmark: the compiled module's omits
-    # library calls on GPUs.
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) / FLAGS.batch_size
+    flops = common.flops_per_image(lowered, FLAGS.batch_size)
     compiled = lowered.compile()
     holder = {"state": state}
 
@@ -328,9 +286,9 @@ def main(argv):
   )
   peaks = {}
   if FLAGS.peak:
-    peaks["float32"] = matmul_peak(jax.numpy.float32)
+    peaks["float32"] = common.matmul_peak_flops(jax.numpy.float32)
     if "bf16" in paths:
-      peaks["bfloat16"] = matmul_peak(jax.numpy.bfloat16)
+      peaks["bfloat16"] = common.matmul_peak_flops(jax.numpy.bfloat16)
     print(
       "measured JAX matmul peak: "
       + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
@@ -344,7 +302,7 @@ def main(argv):
   )
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
   cached = features_fp32.astype(cache_dtype)  # As the cache's loader hands them to the step.
-  batch_targets = targets(rng, batch)
+  batch_targets = common.random_targets(rng, batch)
   image_batch = {"image": images, **batch_targets}
   feature_batch = {"features": cached, **batch_targets}
   score = batch_targets["score"]

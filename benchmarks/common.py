@@ -1,0 +1,62 @@
+"""What the train-step benchmarks share: the paper's train step ready to run, its FLOPs per image
+and the machine's matmul peak (the reference for 'fraction of peak')."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from privattnet_jax import input_pipeline
+from privattnet_jax import models
+from privattnet_jax import train_steps
+
+
+def matmul_peak_flops(dtype) -> float:
+  """FLOP/s of a large square jnp matmul, the best of three timings (a neighbour's burst on
+  shared cores only lowers one)."""
+  n = 4096 if jax.default_backend() != "cpu" else 2048
+  a = jax.numpy.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  repeats = 20 if jax.default_backend() != "cpu" else 5
+  best = 0.0
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      out = matmul(a)
+    out.block_until_ready()
+    best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+  return best
+
+
+def random_targets(rng: np.random.Generator, size: int) -> dict:
+  """A batch's score, labels and mask (every example real)."""
+  return {
+    "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
+    "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
+    "mask": np.ones(size, np.float32),
+  }
+
+
+def train_step_for(config):
+  """(state replicated over a mesh of every device, the jitted train step, the mesh) for
+  `config`, through the project's public API (a regression task, target mean 0)."""
+  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
+  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
+  mesh = train_steps.create_mesh()
+  shape = (config.image_size, config.image_size, 3)
+  state = train_steps.create_train_state(config, model, task, shape, 1000, jax.random.PRNGKey(0))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  return state, train_steps.parallel_train_step(mesh, task), mesh
+
+
+def flops_per_image(lowered, batch_size: int) -> float:
+  """XLA's count for the lowered (unoptimised) step: the compiled module's omits the FLOPs of
+  library calls (cuBLAS/cuDNN on a GPU), which made a GPU's FLOPs per image 10-40x too small."""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / batch_size
