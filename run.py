@@ -427,7 +427,9 @@ def _quiet_library_info(record) -> bool:
   """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
   errors (orbax logs one per failed background write on a full disk): the run's own one-line error
   follows, with its traceback in errors.log."""
-  if record.name == "asyncio" and record.exc_info:  # Abandoned tasks: see the function below.
+  if (
+    record.name == "asyncio" and record.exc_info
+  ):  # Abandoned tasks: see _route_library_tracebacks_to_errors_log.
     _save_traceback(record.exc_info[1])
     return False
   if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
