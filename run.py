@@ -427,9 +427,8 @@ def _quiet_library_info(record) -> bool:
   """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
   errors (orbax logs one per failed background write on a full disk): the run's own one-line error
   follows, with its traceback in errors.log."""
-  if (
-    record.name == "asyncio" and record.exc_info
-  ):  # Abandoned tasks: see _route_library_tracebacks_to_errors_log.
+  # asyncio's abandoned tasks after a failed restore: see _route_library_tracebacks_to_errors_log.
+  if record.name == "asyncio" and record.exc_info:
     _save_traceback(record.exc_info[1])
     return False
   if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
