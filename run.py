@@ -29,8 +29,8 @@ import jax
 from ml_collections import config_flags
 
 from configs import default as default_config
-from privattnet_jax import compilation_cache
-from privattnet_jax import host_memory
+from privattnet_jax.cli import compilation_cache
+from privattnet_jax.cli import host_memory
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -166,7 +166,7 @@ def _require(*names: str) -> None:
 def _predictor():
   """The --exported artifact or the --workdir checkpoint, as predict and redact run it."""
   # Imported here: grain worker processes re-import this module, and --exported runs need no model code.
-  from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
   if FLAGS.exported:
     if FLAGS.config is not None or FLAGS.step is not None:
@@ -183,7 +183,7 @@ def _predictor():
 
 def _predict(images) -> int:
   """Returns the process exit status: 1 when any image failed (its entry says why)."""
-  from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
   predictor = _predictor()
   result = predict.predict(
@@ -206,7 +206,7 @@ def _predict(images) -> int:
 
 def _redact(images) -> int:
   """Returns the process exit status: 1 when any image failed (its entry says why)."""
-  from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import redact  # pylint: disable=g-import-not-at-top
 
   settings = redact.RedactSettings(
     method=FLAGS.method,
@@ -248,9 +248,9 @@ def _expected_errors() -> tuple[type[Exception], ...]:
   a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
   found = []
   for module, name in (
-    ("privattnet_jax.train", "NonFiniteLossError"),
+    ("privattnet_jax.training.train", "NonFiniteLossError"),
     ("privattnet_jax.data.vispr", "StrictBuildError"),
-    ("privattnet_jax.workdir_lock", "WorkdirInUseError"),
+    ("privattnet_jax.training.workdir_lock", "WorkdirInUseError"),
   ):
     if module in sys.modules:
       found.append(getattr(sys.modules[module], name))
@@ -479,7 +479,7 @@ def main(argv):
       (config if config is not None else default_config.get_config()).compilation_cache_dir
     )
     if FLAGS.mode in ("predict", "redact"):
-      from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
       predict.check_output_dir(pathlib.Path(FLAGS.output))
     if FLAGS.distributed:
@@ -496,12 +496,12 @@ def main(argv):
     elif FLAGS.mode == "redact":
       status = _redact([*FLAGS.images, *extra])
     elif FLAGS.mode == "compare":
-      from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.evaluation import evaluation_report  # pylint: disable=g-import-not-at-top
 
       print(f"wrote {evaluation_report.compare_runs(FLAGS.workdirs, FLAGS.output, FLAGS.split)}")
     else:
       # Imported after flag parsing: grain worker processes re-import this module.
-      from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
       if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
@@ -522,7 +522,7 @@ def main(argv):
           flush=True,
         )
       else:
-        from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
+        from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
         print(
           f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}"

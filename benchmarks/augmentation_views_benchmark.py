@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 
 from configs import demo
-from privattnet_jax import train
+from privattnet_jax.training import train
 
 flags.DEFINE_list("views", ["0", "1", "4", "8"], "Cached views per training image to measure.")
 flags.DEFINE_bool(

@@ -10,9 +10,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import input_pipeline
 from privattnet_jax import models
-from privattnet_jax import train_steps
+from privattnet_jax.training import train_steps
 
 
 def matmul_peak_flops(dtype) -> float:

@@ -35,12 +35,12 @@ import numpy as np
 
 from configs import privattnet
 from privattnet_jax import data as data_lib
-from privattnet_jax import device_features
-from privattnet_jax import feature_cache
-from privattnet_jax import host_memory
-from privattnet_jax import input_pipeline
+from privattnet_jax.training import device_features
+from privattnet_jax.training import feature_cache
+from privattnet_jax.cli import host_memory
+from privattnet_jax.data import input_pipeline
 from privattnet_jax import models
-from privattnet_jax import train_steps
+from privattnet_jax.training import train_steps
 
 flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")

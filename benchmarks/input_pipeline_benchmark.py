@@ -37,9 +37,9 @@ from PIL import ImageDraw
 from PIL import ImageFilter
 
 from configs import default
-from privattnet_jax import attributes
-from privattnet_jax import input_pipeline
-from privattnet_jax import train_steps
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.training import train_steps
 
 flags.DEFINE_enum(
   "source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list."

@@ -44,9 +44,9 @@ import numpy as np
 
 from benchmarks import common
 from configs import privattnet
-from privattnet_jax import feature_cache
-from privattnet_jax import host_memory
-from privattnet_jax import train_steps
+from privattnet_jax.training import feature_cache
+from privattnet_jax.cli import host_memory
+from privattnet_jax.training import train_steps
 
 PATHS = ("image", "cache", "bf16")
 LAYOUTS = ("nchw", "channels_last")

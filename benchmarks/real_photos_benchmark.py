@@ -30,7 +30,7 @@ import skimage.data
 from absl import logging
 from PIL import Image, ImageEnhance
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 
 SIZE = 256
 SPLITS = (("train2017", 1200), ("val2017", 200), ("test2017", 400))
@@ -157,7 +157,7 @@ def main() -> None:
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(args.out)
   start = time.time()

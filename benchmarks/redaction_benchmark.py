@@ -27,8 +27,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from privattnet_jax import predict
-from privattnet_jax import redact
+from privattnet_jax.inference import predict
+from privattnet_jax.inference import redact
 
 flags.DEFINE_string("workdir", None, "A trained demo run (configs/demo.py).", required=True)
 flags.DEFINE_string(

@@ -18,8 +18,8 @@ import numpy as np
 
 from benchmarks import common
 from configs import privattnet
-from privattnet_jax import host_memory
-from privattnet_jax import train_steps
+from privattnet_jax.cli import host_memory
+from privattnet_jax.training import train_steps
 
 flags.DEFINE_list("batch_sizes", ["8", "32"], "Global batch sizes.")
 flags.DEFINE_list(

@@ -24,7 +24,7 @@ def get_config():
   config.checkpoint_every_steps = -1  # -1: at every evaluation.
   config.keep_checkpoints = 1  # The N latest; the best by validation Spearman is kept too.
   config.eval_splits = ("test",)  # Evaluated with the best checkpoint when training ends.
-  # JAX's persistent compilation cache (privattnet_jax/compilation_cache.py): a later run loads its
+  # JAX's persistent compilation cache (privattnet_jax/cli/compilation_cache.py): a later run loads its
   # compiled steps from here instead of compiling them again. Empty: off. JAX's own environment
   # variable, when set, gives the default (CI points it at a folder it keeps between runs).
   config.compilation_cache_dir = os.environ.get(
@@ -52,7 +52,7 @@ def get_config():
   config.data.synthetic.seed = 0
   config.data.synthetic.image_size = 160  # Side of the generated images.
 
-  # The privacy score, computed in the input pipeline (see privattnet_jax/attributes.py).
+  # The privacy score, computed in the input pipeline (see privattnet_jax/data/attributes.py).
   config.score = ml_collections.ConfigDict()
   config.score.pooling = "max"  # max (VISPR's definition), sum, mean.
   config.score.source = "profiles_mean"  # profiles_mean, profile, user_study_1, file.
@@ -88,7 +88,7 @@ def get_config():
   config.model.attention.dropout = 0.5
   config.model.attention.output = "mean"  # mean of the per-step scores, or "last".
 
-  # Frozen-encoder feature cache (privattnet_jax/feature_cache.py): the encoder runs once per image
+  # Frozen-encoder feature cache (privattnet_jax/training/feature_cache.py): the encoder runs once per image
   # and training reads the stored features. Needs model.encoder.trainable=False and
   # model.encoder.batchnorm="frozen"; `run.py --mode=cache_features` builds it ahead of training.
   config.feature_cache = ml_collections.ConfigDict()

@@ -26,7 +26,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default
 from configs import demo
-from privattnet_jax import compilation_cache
+from privattnet_jax.cli import compilation_cache
 
 COMPILATION_CACHE_DIR = default.get_config().compilation_cache_dir
 compilation_cache.enable(COMPILATION_CACHE_DIR)

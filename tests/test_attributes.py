@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from privattnet_jax import attributes
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
 
 IDX = attributes.ATTRIBUTE_INDEX
 

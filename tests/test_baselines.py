@@ -13,13 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from privattnet_jax import attributes
-from privattnet_jax import checkpoints
+from privattnet_jax.data import attributes
+from privattnet_jax.training import checkpoints
 from privattnet_jax import data as data_lib
-from privattnet_jax import input_pipeline
-from privattnet_jax import metrics as metrics_lib
-from privattnet_jax import train
-from privattnet_jax import train_steps
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.evaluation import metrics as metrics_lib
+from privattnet_jax.training import train
+from privattnet_jax.training import train_steps
 from tests.conftest import make_tiny_config
 
 MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from privattnet_jax import checkpoints
-from privattnet_jax import train_steps
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import train_steps
 
 
 def _encoder_config(trainable=False, batchnorm="frozen"):

@@ -9,7 +9,7 @@ import textwrap
 import ml_collections
 import numpy as np
 
-from privattnet_jax import compilation_cache
+from privattnet_jax.cli import compilation_cache
 from tests import subprocesses
 from tests.conftest import make_tiny_config
 
@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     import sys
     import jax
     import jax.numpy as jnp
-    from privattnet_jax import compilation_cache
+    from privattnet_jax.cli import compilation_cache
 
     hits = []
     jax.monitoring.register_event_listener(
@@ -63,7 +63,8 @@ def test_an_empty_directory_turns_the_cache_off():
 
 def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_data_dir):
   """Reuse must never hand a run another config's optimizer, model or task constants."""
-  from privattnet_jax import models, train_steps  # pylint: disable=g-import-not-at-top
+  from privattnet_jax import models
+  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   config = make_tiny_config(tiny_data_dir)
   params = {"encoder": {}, "head": {}}

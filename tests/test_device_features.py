@@ -9,11 +9,11 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import pytest
 
-from privattnet_jax import checkpoints
-from privattnet_jax import device_features
-from privattnet_jax import input_pipeline
-from privattnet_jax import train
-from privattnet_jax import train_steps
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import device_features
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.training import train
+from privattnet_jax.training import train_steps
 from tests import subprocesses
 from tests.conftest import jit_traces
 from tests.conftest import make_tiny_config
@@ -165,7 +165,7 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
   script = f"""
     import jax, numpy as np
     from tests.test_device_features import _on_device_config, check_draws
-    from privattnet_jax import train
+    from privattnet_jax.training import train
     for num_train in (48, 47):
       config = _on_device_config({tiny_data_dir!r}, {str(tmp_path)!r} + f"/cache{{num_train}}")
       config.data.synthetic.num_train = num_train

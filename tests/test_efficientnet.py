@@ -13,7 +13,11 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 
 from configs import default, demo
-from privattnet_jax import feature_cache, input_pipeline, models, train, weights
+from privattnet_jax import models
+from privattnet_jax.training import feature_cache
+from privattnet_jax.training import train
+from privattnet_jax.models import weights
+from privattnet_jax.data import input_pipeline
 from privattnet_jax.models.efficientnet import EfficientNetLite0
 from tests.conftest import make_tiny_config
 

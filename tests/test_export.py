@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from privattnet_jax import attributes
-from privattnet_jax import input_pipeline
-from privattnet_jax import predict
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.inference import predict
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
   out = tmp_path / "from_artifact"
   script = f"""
     import runpy, sys
-    for name in ("privattnet_jax.train", "privattnet_jax.models", "privattnet_jax.checkpoints"):
+    for name in ("privattnet_jax.training.train", "privattnet_jax.models", "privattnet_jax.training.checkpoints"):
       sys.modules[name] = None  # import fails
     sys.argv = ["run.py", "--mode=predict", "--exported={exported_dir}", "--output={out}", "--batch_size=2",
                 "--preferences={ratings}", "--top_attributes=67", "--images", "{photos}"]

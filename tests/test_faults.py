@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import checkpoints, predict, safe_files, workdir_lock
+from privattnet_jax import safe_files
+from privattnet_jax.inference import predict
+from privattnet_jax.training import workdir_lock
+from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -352,7 +355,7 @@ def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_da
   """evaluate, export and predict of a step with a truncated array file: stderr holds the one error
   line naming the intact step and no traceback; errors.log holds the traceback."""
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
 
   config = make_tiny_config(tiny_data_dir)
@@ -393,7 +396,7 @@ def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_da
 
 def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
   code = (
-    "import sys, time; from privattnet_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
+    "import sys, time; from privattnet_jax.training import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
     "print('held', flush=True); time.sleep(120)"
   )
   child = subprocess.Popen(

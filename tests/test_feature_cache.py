@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from privattnet_jax import checkpoints
-from privattnet_jax import feature_cache
-from privattnet_jax import feeds
-from privattnet_jax import input_pipeline
-from privattnet_jax import train
-from privattnet_jax import train_steps
-from privattnet_jax import weights
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import feature_cache
+from privattnet_jax.training import feeds
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.training import train
+from privattnet_jax.training import train_steps
+from privattnet_jax.models import weights
 from tests.conftest import make_tiny_config
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import heatmaps
+from privattnet_jax.inference import heatmaps
 
 
 def peaked(num_locations, peak, steps=1):

@@ -11,7 +11,7 @@ from tests import subprocesses
 # time, in a fresh process (malloc's settings are process-wide and must precede the allocations).
 SCRIPT = """
 import resource
-from privattnet_jax import host_memory
+from privattnet_jax.cli import host_memory
 applied = host_memory.keep_freed_memory() if {keep} else False
 import jax, jax.numpy as jnp
 x, w = jnp.ones((4096, 256)), jnp.ones((256, 4096))

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from privattnet_jax import attributes
-from privattnet_jax import input_pipeline
-from privattnet_jax import train_steps
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.training import train_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ID_BITS = 7  # Record i's labels spell i in binary over attributes 1..7, so train batches name their records.
@@ -404,7 +404,7 @@ def test_workers_start_under_an_absl_app(tmp_path):
       sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
       from absl import app, flags
       from configs import default
-      from privattnet_jax import input_pipeline
+      from privattnet_jax.data import input_pipeline
       import test_input_pipeline as t
 
       _SIZE = flags.DEFINE_integer("size", 8, "Image size.")

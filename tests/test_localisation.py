@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from privattnet_jax import localisation
+from privattnet_jax.evaluation import localisation
 
 # 2 x 2 grid: cells 0 (top left), 1 (top right), 2 (bottom left), 3 (bottom right).
 UNIFORM = [0.25, 0.25, 0.25, 0.25]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from privattnet_jax import metrics
+from privattnet_jax.evaluation import metrics
 
 
 def test_regression_metrics_by_hand():

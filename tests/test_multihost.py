@@ -26,7 +26,8 @@ from tests.conftest import make_tiny_config
 
 _SCRIPT = """
 import numpy as np
-from privattnet_jax import checkpoints, train
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import train
 from tests.test_device_features import _on_device_config
 
 held = {{}}  # step -> this process's own copy of the parameters it is about to save.

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from privattnet_jax import attributes
-from privattnet_jax import evaluation_report
-from privattnet_jax import heatmaps
-from privattnet_jax import predict
+from privattnet_jax.data import attributes
+from privattnet_jax.evaluation import evaluation_report
+from privattnet_jax.inference import heatmaps
+from privattnet_jax.inference import predict
 from tests import tiny_runs
 from tests.conftest import make_tiny_config
 
@@ -428,7 +428,7 @@ def test_a_config_that_describes_another_model_is_refused(runs, tiny_data_dir):
 
 
 def _checkpoint_config(workdir):
-  from privattnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
 
   manager = checkpoints.create_manager(workdir, keep=1, read_only=True)
   return checkpoints.restore_metadata(manager, manager.best_step())["config"]
@@ -487,7 +487,7 @@ def test_evaluate_writes_the_report_with_localisation(runs):
 
 
 def test_evaluate_measures_the_redaction_quality_only_when_asked(runs):
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
   workdir = runs["profiles"]
   config = ml_collections.ConfigDict(_checkpoint_config(workdir))

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from privattnet_jax import attributes
-from privattnet_jax import input_pipeline
-from privattnet_jax import predict
-from privattnet_jax import redact
-from privattnet_jax import report
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.inference import predict
+from privattnet_jax.inference import redact
+from privattnet_jax.evaluation import report
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -512,7 +512,7 @@ def test_command_line_redacts_from_an_artifact_alone_as_the_checkpoint_does(
   out = tmp_path / "artifact"
   script = f"""
     import runpy, sys
-    for name in ("privattnet_jax.train", "privattnet_jax.models", "privattnet_jax.checkpoints"):
+    for name in ("privattnet_jax.training.train", "privattnet_jax.models", "privattnet_jax.training.checkpoints"):
       sys.modules[name] = None  # import fails
     sys.argv = ["run.py", "--mode=redact", "--exported={exported}", "--output={out}", "--batch_size=4",
                 "--method=pixelate", "--target_drop=0.9", "--max_area=0.1", "--images", "{photos}"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import attributes, report
+from privattnet_jax.evaluation import report
+from privattnet_jax.data import attributes
 
 METRICS = {"l1": 0.5123, "mse": 0.4, "pearson": 0.81, "spearman": 0.79, "n": 4}
 PUBLISHED_LINES = [

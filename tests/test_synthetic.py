@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 from privattnet_jax.data import synthetic
 
 SIZE = 48

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from privattnet_jax import checkpoints
-from privattnet_jax import train
-from privattnet_jax import train_steps
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import train
+from privattnet_jax.training import train_steps
 from tests import subprocesses
 
 
@@ -172,7 +172,9 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
   script = f"""
     import jax, numpy as np, optax
     from tests.conftest import make_tiny_config
-    from privattnet_jax import input_pipeline, train, train_steps
+    from privattnet_jax.training import train_steps
+    from privattnet_jax.training import train
+    from privattnet_jax.data import input_pipeline
     config = make_tiny_config({tiny_data_dir!r})
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
@@ -224,7 +226,7 @@ def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
   """The TensorBoard writer costs no torch import at start-up (1.7 s), and torch stays importable."""
   script = f"""
     import pathlib, sys
-    from privattnet_jax import train
+    from privattnet_jax.training import train
     writer = train.MetricWriter(pathlib.Path({str(tmp_path)!r}))
     writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
     writer.close()

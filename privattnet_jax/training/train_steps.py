@@ -30,11 +30,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from privattnet_jax import attributes
-from privattnet_jax import checkpoints
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import attributes
+from privattnet_jax.training import checkpoints
+from privattnet_jax.data import input_pipeline
 from privattnet_jax import models
-from privattnet_jax import weights
+from privattnet_jax.models import weights
 
 AXIS = "batch"
 MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.

@@ -19,10 +19,10 @@ import numpy as np
 
 from PIL import Image
 
-from privattnet_jax import heatmaps
-from privattnet_jax import input_pipeline
-from privattnet_jax import localisation
-from privattnet_jax import report
+from privattnet_jax.inference import heatmaps
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.evaluation import localisation
+from privattnet_jax.evaluation import report
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
 REDACTION_IMAGES = (
@@ -59,8 +59,8 @@ def redaction_summary(
   or boxes.
   """
   # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: slow imports).
-  from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
-  from privattnet_jax import redact  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import redact  # pylint: disable=g-import-not-at-top
 
   if "attention" not in extras or "num_boxes" not in extras:
     return None

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 
 METRIC_KEYS = ("l1", "pearson", "spearman", "mse")
 TABLE_HEADERS = ("method", "L1", "Pearson", "Spearman", "MSE", "n", "source")

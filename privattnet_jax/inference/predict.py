@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from privattnet_jax import attributes
-from privattnet_jax import heatmaps
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import attributes
+from privattnet_jax.inference import heatmaps
+from privattnet_jax.data import input_pipeline
 from privattnet_jax import safe_files
 from privattnet_jax.data import vispr
 
@@ -187,7 +187,7 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
 def _inference_function(run) -> Callable:
   """images -> train_steps.inference_outputs, with the checkpoint's variables as constants (export)."""
   # Not at the top: an exported artifact runs without the model code (no import cycle here).
-  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   variables = jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
   model, task = run.model.clone(), run.task
@@ -200,7 +200,7 @@ def _inference_function(run) -> Callable:
 
 def _restore(workdir, step, config):
   # Not at the top: an exported artifact runs without the model code (no import cycle here).
-  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   run = train_steps.restore_checkpoint(workdir, step)
   if config is not None:
@@ -219,7 +219,7 @@ def load_checkpoint_predictor(
   (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
   count."""
   # Not at the top: an exported artifact runs without the model code (no import cycle here).
-  from privattnet_jax import train_steps  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() > 1:
     raise PredictError("predict runs in a single process")

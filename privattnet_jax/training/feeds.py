@@ -17,10 +17,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from privattnet_jax import device_features
-from privattnet_jax import feature_cache
-from privattnet_jax import input_pipeline
-from privattnet_jax import train_steps
+from privattnet_jax.training import device_features
+from privattnet_jax.training import feature_cache
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.training import train_steps
 
 MODES = ("off", "host", "device")
 _REPLACED_FIELDS = ("enabled", "on_device")  # The booleans that `mode` replaced.

@@ -48,10 +48,10 @@ import numpy as np
 from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageOps, IptcImagePlugin, JpegImagePlugin
 from scipy import ndimage
 
-from privattnet_jax import attributes
-from privattnet_jax import heatmaps
-from privattnet_jax import input_pipeline
-from privattnet_jax import predict
+from privattnet_jax.data import attributes
+from privattnet_jax.inference import heatmaps
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.inference import predict
 from privattnet_jax import safe_files
 from privattnet_jax.data import vispr
 

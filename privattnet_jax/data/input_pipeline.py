@@ -4,7 +4,7 @@ Records are the dataset records of docs/design.md (`image` as encoded JPEG
 bytes, `image_id`, multi-hot `labels`, `boxes`, ...), read from any random-access
 source (the TFDS `vispr` data source, or a list in tests). The privacy score is
 computed here from the labels and a preference table, so one dataset build
-serves every score definition (see `privattnet_jax/attributes.py`).
+serves every score definition (see `privattnet_jax/data/attributes.py`).
 
 Train (`create_train_loader`): a `grain.DataLoader` that shards the records per
 JAX process, shuffles them afresh every epoch, decodes, takes a random resized
@@ -47,7 +47,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from privattnet_jax import attributes
+from privattnet_jax.data import attributes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -37,8 +37,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from privattnet_jax import feature_cache
-from privattnet_jax import input_pipeline
+from privattnet_jax.training import feature_cache
+from privattnet_jax.data import input_pipeline
 
 _READ_THREADS = 8
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import input_pipeline
 
 NORMALISATIONS = ("per_map", "global")
 PANEL_SIZE = 256  # Longer side of each heat-map panel tile, in pixels (smaller images keep theirs).

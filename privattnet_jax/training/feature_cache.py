@@ -54,9 +54,9 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from privattnet_jax import input_pipeline
+from privattnet_jax.data import input_pipeline
 
-FORMAT = "privattnet_jax.feature_cache"
+FORMAT = "privattnet_jax.training.feature_cache"
 FORMAT_VERSION = 1
 MANIFEST_FILENAME = "manifest.json"
 DEFAULT_SUBDIR = "feature_cache"

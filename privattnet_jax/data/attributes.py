@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DATA_DIR = pathlib.Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "data"
 ATTRIBUTES_TSV = DATA_DIR / "attributes.tsv"
 USER_STUDIES_DIR = DATA_DIR / "user_studies"
 SPLITS_DIR = DATA_DIR / "splits"

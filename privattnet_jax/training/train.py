@@ -20,16 +20,16 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from privattnet_jax import attributes
-from privattnet_jax import checkpoints
-from privattnet_jax import feature_cache
-from privattnet_jax import feeds
-from privattnet_jax import input_pipeline
-from privattnet_jax import metrics as metrics_lib
+from privattnet_jax.data import attributes
+from privattnet_jax.training import checkpoints
+from privattnet_jax.training import feature_cache
+from privattnet_jax.training import feeds
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.evaluation import metrics as metrics_lib
 from privattnet_jax import models
-from privattnet_jax import train_steps
-from privattnet_jax import weights
-from privattnet_jax import workdir_lock
+from privattnet_jax.training import train_steps
+from privattnet_jax.models import weights
+from privattnet_jax.training import workdir_lock
 from privattnet_jax import data as data_lib
 
 MAX_STEPS_AHEAD = (
@@ -516,7 +516,7 @@ def evaluate_checkpoint(
   as it is when it is the selected step's (no restore of what is already in memory).
   """
   # Imported here: the report's modules are start-up that the training loop does not need.
-  from privattnet_jax import evaluation_report  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.evaluation import evaluation_report  # pylint: disable=g-import-not-at-top
 
   experiment = experiment or Experiment(config, workdir, need_train=False)
   laps = _Laps()

@@ -1,0 +1,1 @@
+"""Command-line and process concerns: error routing, logging, process-wide settings."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics over a split, attention localisation, the report."""

@@ -1,0 +1,1 @@
+"""Inference: scoring and redacting users' photos; no TFDS, no training code."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its setup, the steps, the feeds of batches, checkpoints."""
