@@ -19,7 +19,7 @@ from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
 HANG_LIMIT_S = (
   20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.

@@ -164,7 +164,7 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
   """48 train examples over 2 devices (and 47: one device holds a padding row, never drawn)."""
   script = f"""
     import jax, numpy as np
-    from tests.test_device_features import _on_device_config, check_draws
+    from tests.training.test_device_features import _on_device_config, check_draws
     from privattnet_jax.training import train
     for num_train in (48, 47):
       config = _on_device_config({tiny_data_dir!r}, {str(tmp_path)!r} + f"/cache{{num_train}}")

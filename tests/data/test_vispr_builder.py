@@ -690,7 +690,7 @@ def test_concurrent_processes_share_one_build(tmp_path):
       sources = data.load_data_sources(t._config({str(tmp_path)!r}))
       print("SIZES", sorted((s, len(v)) for s, v in sources.items()))
   """)
-  repo = pathlib.Path(__file__).resolve().parent.parent
+  repo = pathlib.Path(__file__).resolve().parents[2]
   processes = [
     subprocess.Popen(
       [sys.executable, "-c", script],

@@ -16,7 +16,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.training import train_steps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ID_BITS = 7  # Record i's labels spell i in binary over attributes 1..7, so train batches name their records.
 
 

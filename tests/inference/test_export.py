@@ -17,7 +17,7 @@ from privattnet_jax.data import input_pipeline
 from privattnet_jax.inference import predict
 from tests import tiny_runs
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PHOTOS = ("photo.jpg", "rgba.png", "gray.png", "rotated.jpg", "photo.webp")
 
 

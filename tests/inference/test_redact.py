@@ -26,7 +26,7 @@ from privattnet_jax.inference import redact
 from privattnet_jax.evaluation import report
 from tests import tiny_runs
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 GRID = 8
 SIZE = (96, 72)  # (width, height) of the test photos.
 PATCH = (56, 36, 88, 64)  # (x0, y0, x1, y1) of the detailed, "private" patch.

@@ -21,7 +21,7 @@ from privattnet_jax.inference import predict
 from tests import tiny_runs
 from tests.conftest import make_tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 3  # The tiny config's attention steps.
 
 

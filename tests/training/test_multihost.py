@@ -28,7 +28,7 @@ _SCRIPT = """
 import numpy as np
 from privattnet_jax.training import checkpoints
 from privattnet_jax.training import train
-from tests.test_device_features import _on_device_config
+from tests.training.test_device_features import _on_device_config
 
 held = {{}}  # step -> this process's own copy of the parameters it is about to save.
 save = checkpoints.save

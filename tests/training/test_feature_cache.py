@@ -295,7 +295,7 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
 def test_a_command_line_with_a_replaced_boolean_gets_one_line_naming_the_new_field(
   field, replacement
 ):
-  repo = pathlib.Path(__file__).resolve().parents[1]
+  repo = pathlib.Path(__file__).resolve().parents[2]
   command = [
     sys.executable,
     "run.py",
