@@ -31,6 +31,8 @@ from ml_collections import config_flags
 from configs import default as default_config
 from privattnet_jax.cli import compilation_cache
 from privattnet_jax.cli import host_memory
+from privattnet_jax.training import evaluator
+from privattnet_jax.training import experiment
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -506,7 +508,7 @@ def main(argv):
       if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
       elif FLAGS.mode == "evaluate":
-        train.evaluate_checkpoint(
+        evaluator.evaluate_checkpoint(
           config,
           FLAGS.workdir,
           FLAGS.split,
@@ -516,7 +518,7 @@ def main(argv):
       elif FLAGS.mode == "cache_features":
         if config.feature_cache.mode == "off":
           config.feature_cache.mode = "host"
-        cache = train.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
+        cache = experiment.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
         print(
           f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
           flush=True,

@@ -41,6 +41,8 @@ from privattnet_jax.cli import host_memory
 from privattnet_jax.data import input_pipeline
 from privattnet_jax import models
 from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
+from privattnet_jax.training import train_state
 
 flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -186,11 +188,11 @@ def main(argv):
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
   mesh = train_steps.create_mesh()
-  task = train_steps.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
+  task = scoring.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
   model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   image_shape = (config.image_size, config.image_size, 3)
   state = jax.device_put(
-    train_steps.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
+    train_state.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
     NamedSharding(mesh, P()),
   )
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])

@@ -39,7 +39,7 @@ from PIL import ImageFilter
 from configs import default
 from privattnet_jax.data import attributes
 from privattnet_jax.data import input_pipeline
-from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
 
 flags.DEFINE_enum(
   "source", "tfds", ["tfds", "memory"], "Read a real TFDS build, or records in a list."
@@ -203,7 +203,7 @@ def eval_stream(source, config, task, threads: int | None):
 def measure(source, config, threads: int | None = None) -> tuple[float, float, float]:
   """(images/s, cores busy here, cores busy elsewhere) over FLAGS.batches batches after the warm-up."""
   preferences = input_pipeline.preferences_from_config(config)
-  task = train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  task = scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
   if FLAGS.loader == "train":
     loader = input_pipeline.create_train_loader(
       source, config, task, process_index=0, process_count=1, local_device_count=1

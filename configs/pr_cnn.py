@@ -15,7 +15,7 @@ the rows of the table differ in architecture only, not in loss conventions.
 eval_<split>.json: the headline keys and `per_profile` are the 30 profiles' metrics (averaged
 and one by one; checkpoints are selected on the averaged Spearman). `table` is the paper's row:
 the mean of the 30 predictions against the profile-mean ground truth of the other rows
-(`train_steps.table_scores`).
+(`scoring.table_scores`).
 """
 
 from configs import default

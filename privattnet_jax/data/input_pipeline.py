@@ -429,7 +429,7 @@ def create_train_loader(
   epoch. `num_epochs` None repeats forever. Batches run across epoch
   boundaries; with a finite `num_epochs` the final partial batch is dropped.
 
-  `task` is the run's score definition (`train_steps.Task`: its `preferences` and `pooling`).
+  `task` is the run's score definition (`scoring.Task`: its `preferences` and `pooling`).
   `transform` replaces the image transform (`train_transform(config, task)`), e.g. to read
   cached features. With `views_per_example` V > 1, `source` holds V records per
   example (record i * V + v is view v of example i) and every draw of an example

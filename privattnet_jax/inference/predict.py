@@ -51,6 +51,8 @@ from privattnet_jax.inference import heatmaps
 from privattnet_jax.data import input_pipeline
 from privattnet_jax import safe_files
 from privattnet_jax.data import vispr
+from privattnet_jax.models import scoring
+from privattnet_jax.training import restore
 
 EXPORT_FORMAT = "privattnet_jax.export/1"
 EXPORT_FUNCTION_FILE = "predictor.jax_export"
@@ -185,24 +187,22 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
 
 
 def _inference_function(run) -> Callable:
-  """images -> train_steps.inference_outputs, with the checkpoint's variables as constants (export)."""
+  """images -> scoring.inference_outputs, with the checkpoint's variables as constants (export)."""
   # Not at the top: an exported artifact runs without the model code (no import cycle here).
-  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   variables = jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
   model, task = run.model.clone(), run.task
 
   def infer(images):
-    return train_steps.inference_outputs(model.apply(variables, images, train=False), task)
+    return scoring.inference_outputs(model.apply(variables, images, train=False), task)
 
   return infer
 
 
 def _restore(workdir, step, config):
   # Not at the top: an exported artifact runs without the model code (no import cycle here).
-  from privattnet_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
-  run = train_steps.restore_checkpoint(workdir, step)
+  run = restore.restore_checkpoint(workdir, step)
   if config is not None:
     check_config(config, _normalised(run.config.to_dict()))
   return run
@@ -262,7 +262,7 @@ def export_predictor(
   """Writes the checkpoint's inference function as a jax.export artifact plus its JSON.
 
   Input: float32 (batch, S, S, 3), preprocessed as the JSON says, the batch dimension symbolic.
-  Outputs: train_steps.inference_outputs (score, step_scores, attention, attribute_probabilities, each
+  Outputs: scoring.inference_outputs (score, step_scores, attention, attribute_probabilities, each
   where the model has it). Lowered for every platform in `platforms` (CPU and CUDA by default;
   lowering needs no such device). Returns the folder (default `workdir/export`).
   """

@@ -498,7 +498,7 @@ def ensure(
       is loaded, or the checkpoint a run resumes.
     encode: per-process images (B, S, S, 3) -> the global, batch-sharded features (jitted,
       data-parallel over the mesh), in the cache's dtype.
-    task: the run's score definition (`train_steps.Task`); the cache stores labels, not scores,
+    task: the run's score definition (`scoring.Task`); the cache stores labels, not scores,
       so it serves every task, but the encoding pass reads rows through the scoring transforms.
   """
   key = manifest_key(config, sources, state)

@@ -21,6 +21,8 @@ from privattnet_jax.training import device_features
 from privattnet_jax.training import feature_cache
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
+from privattnet_jax.training import train_state
 
 MODES = ("off", "host", "device")
 _REPLACED_FIELDS = ("enabled", "on_device")  # The booleans that `mode` replaced.
@@ -50,7 +52,7 @@ class Feed:
   # What a checkpoint saves of the data position: the host loader's grain iterator; None when the
   # step number is the position (features on the devices) or the run does not train.
   position: Any
-  step: Callable[[train_steps.TrainState], tuple[train_steps.TrainState, dict]] | None
+  step: Callable[[train_state.TrainState], tuple[train_state.TrainState, dict]] | None
   eval_batches: Callable[[str], Iterable[dict]]
   train_set: device_features.TrainSet | None = None  # 'device': the train split on the devices.
 
@@ -59,7 +61,7 @@ def select_feed(
   config,
   sources: Mapping[str, Any],
   mesh,
-  task: train_steps.Task,
+  task: scoring.Task,
   *,
   steps_per_epoch: int,
   prepare_cache: Callable[[], feature_cache.FeatureCache],

@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 
 from privattnet_jax.cli import compilation_cache
+from privattnet_jax.models import scoring
+from privattnet_jax.training import optimizer
 from tests import subprocesses
 from tests.conftest import make_tiny_config
 
@@ -68,17 +70,16 @@ def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_dat
 
   config = make_tiny_config(tiny_data_dir)
   params = {"encoder": {}, "head": {}}
-  optimizer = train_steps.create_optimizer(config, params, 10)
+  optimizer = optimizer.create_optimizer(config, params, 10)
   assert (
-    train_steps.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10)
-    is optimizer
+    optimizer.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10) is optimizer
   )
-  assert train_steps.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
+  assert optimizer.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
   other_rate = ml_collections.ConfigDict(config.to_dict())
   other_rate.optim.learning_rate *= 2
-  assert train_steps.create_optimizer(other_rate, params, 10) is not optimizer
+  assert optimizer.create_optimizer(other_rate, params, 10) is not optimizer
   config.optim.schedule = "constant"  # A constant rate does not depend on the run's length.
-  assert train_steps.create_optimizer(config, params, 10) is train_steps.create_optimizer(
+  assert optimizer.create_optimizer(config, params, 10) is optimizer.create_optimizer(
     config, params, 11
   )
 
@@ -88,11 +89,11 @@ def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_dat
   assert models.create_model(config, 1) is not model
 
   preferences = np.ones((68, 1), np.float32)
-  task = train_steps.make_task(config, [0.5], preferences)
-  assert train_steps.make_task(config, np.float32([0.5]), preferences.copy()) == task
+  task = scoring.make_task(config, [0.5], preferences)
+  assert scoring.make_task(config, np.float32([0.5]), preferences.copy()) == task
   assert train_steps.parallel_eval_step(train_steps.create_mesh(), task) is (
     train_steps.parallel_eval_step(
-      train_steps.create_mesh(), train_steps.make_task(config, [0.5], preferences)
+      train_steps.create_mesh(), scoring.make_task(config, [0.5], preferences)
     )
   )
-  assert train_steps.make_task(config, [0.25], preferences) != task
+  assert scoring.make_task(config, [0.25], preferences) != task

@@ -14,7 +14,7 @@ from PIL import Image
 from configs import default
 from privattnet_jax.data import attributes
 from privattnet_jax.data import input_pipeline
-from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ID_BITS = 7  # Record i's labels spell i in binary over attributes 1..7, so train batches name their records.
@@ -91,9 +91,9 @@ def _config(batch_size=4, seed=7, **data):
 
 
 def _task(config):
-  """The run's score definition, as train.Experiment builds it (the target mean is not used here)."""
+  """The run's score definition, as experiment.Experiment builds it (the target mean is not used here)."""
   preferences = input_pipeline.preferences_from_config(config)
-  return train_steps.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  return scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
 
 
 def _train(source, config, process_index=0, process_count=1, **kwargs):

@@ -18,6 +18,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.evaluation import evaluation_report
 from privattnet_jax.inference import heatmaps
 from privattnet_jax.inference import predict
+from privattnet_jax.training import evaluator
 from tests import tiny_runs
 from tests.conftest import make_tiny_config
 
@@ -487,13 +488,14 @@ def test_evaluate_writes_the_report_with_localisation(runs):
 
 
 def test_evaluate_measures_the_redaction_quality_only_when_asked(runs):
-  from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
   workdir = runs["profiles"]
   config = ml_collections.ConfigDict(_checkpoint_config(workdir))
-  plain = train.evaluate_checkpoint(config, str(workdir), "validation")
+  plain = evaluator.evaluate_checkpoint(config, str(workdir), "validation")
   assert "localisation" in plain and "redaction" not in plain
-  summary = train.evaluate_checkpoint(config, str(workdir), "validation", redaction_quality=True)
+  summary = evaluator.evaluate_checkpoint(
+    config, str(workdir), "validation", redaction_quality=True
+  )
   assert {k: v for k, v in summary.items() if k != "redaction"} == plain
   assert json.loads((workdir / "eval_validation.json").read_text()) == summary
   redaction = summary["redaction"]  # Boxes and attention: redaction quality against random regions.

@@ -20,6 +20,10 @@ from privattnet_jax.data import input_pipeline
 from privattnet_jax.evaluation import metrics as metrics_lib
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
+from privattnet_jax.training import evaluator
+from privattnet_jax.training import experiment
+from privattnet_jax.training import train_state
 from tests.conftest import make_tiny_config
 
 MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
@@ -28,7 +32,7 @@ NUM_PROFILES = attributes.NUM_PROFILES
 
 def _task(kind, preferences, target_mean=None, pooling="max"):
   target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
-  return train_steps.Task(
+  return scoring.Task(
     kind=kind,
     target_mean=target_mean,
     preferences=preferences,
@@ -111,9 +115,9 @@ def test_attribute_models_report_ap_per_attribute_id(runs, name, ids):
 
 def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mean_score(runs):
   config, workdir, metrics = runs("pr_cnn")
-  experiment = train.Experiment(config, workdir, need_train=False)
+  experiment = experiment.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
-  result = train.evaluate(
+  result = evaluator.evaluate(
     state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh
   )
   assert (
@@ -139,7 +143,7 @@ def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(r
   config, workdir, metrics = runs("ap_pr")
   shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
   scalar_config = _config(config.data.data_dir, "ap_pr", per_profile=False)
-  scalar = train.evaluate_checkpoint(scalar_config, str(tmp_path), "test")
+  scalar = evaluator.evaluate_checkpoint(scalar_config, str(tmp_path), "test")
   assert "per_profile" not in scalar and "table" not in scalar
   for key in ("l1", "mse", "pearson", "spearman", "n"):
     assert scalar[key] == pytest.approx(metrics["table"][key], rel=1e-5)
@@ -149,7 +153,7 @@ def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(r
 def test_regression_checkpoint_refuses_another_number_of_score_columns(runs):
   config, workdir, _ = runs("pr_cnn")
   with pytest.raises(ValueError, match="predict 30 score column.*this config 1"):
-    train.Experiment(
+    experiment.Experiment(
       _config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False
     )
 
@@ -179,7 +183,7 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
     }
     for i in (0, 3)
   ]
-  state = train_steps.TrainState.create(
+  state = train_state.TrainState.create(
     apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
     params={},
     batch_stats={},
@@ -188,7 +192,9 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
   )
   task = _task("attributes", np.ones((68, 1), np.float32))
   mesh = train_steps.create_mesh()
-  result = train.evaluate(state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task)
+  result = evaluator.evaluate(
+    state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task
+  )
   ap = result.metrics["attribute_ap"]
   assert tuple(ap) == ids[1:]
   assert ap["a1_age_approx"] == pytest.approx((1 + 2 / 3) / 2)
@@ -220,9 +226,7 @@ def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logit
 
   def scores(preferences):
     task = _task("attributes", preferences, pooling=pooling)
-    return np.asarray(
-      train_steps.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task)
-    )
+    return np.asarray(scoring.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
 
   before, after = scores(low), scores(high)
   # The hard score of the same images, which the soft score approaches as the logits grow.
@@ -241,7 +245,7 @@ def test_per_profile_targets_are_normalised_per_column():
   batch = {"score": np.array([[1.0, 3.0], [3.0, 1.0]], np.float32), "mask": np.ones(2, np.float32)}
   # Normalised targets [[0, 0], [4, -4]]: squared errors [[0, 0], [4, 4]], per-example means 0 and 4.
   assert float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
-  np.testing.assert_allclose(train_steps.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
+  np.testing.assert_allclose(scoring.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
 
 
 def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
@@ -257,7 +261,7 @@ def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
     "score": rng.uniform(0, 5, (5, NUM_PROFILES)).astype(np.float32),
     "mask": np.ones(5, np.float32),
   }
-  raw_predictions = np.asarray(train_steps.predicted_scores(outputs, task))
+  raw_predictions = np.asarray(scoring.predicted_scores(outputs, task))
   caffe = np.square(raw_predictions - batch["score"]).sum() / (2 * 5)
   ours = float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"])
   assert ours == pytest.approx(8 / NUM_PROFILES * caffe, rel=1e-5)

@@ -14,11 +14,11 @@ from torch import nn
 from benchmarks.torch_amnet import TorchResNet50
 from configs import default
 from privattnet_jax import models
-from privattnet_jax.training import train_steps
 from privattnet_jax.models import pth
 from privattnet_jax.models import weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
 from privattnet_jax.models.resnet import ResNet
+from privattnet_jax.training import train_state
 
 # Non-square, one even side: at stride 2 an even side is where 'SAME' padding would pad (0, 1)
 # where torch pads (1, 1); the odd side checks the other rounding of the output size.
@@ -302,7 +302,7 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
   whole_init = model.init(rngs, jnp.zeros((1, 32, 32, 3)), train=False)
   jax.tree.map(
     np.testing.assert_array_equal,
-    train_steps.initial_variables(model, rngs, (32, 32, 3), str(path)),
+    train_state.initial_variables(model, rngs, (32, 32, 3), str(path)),
     weights.load_pretrained(path, whole_init),
   )
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from privattnet_jax.training import checkpoints
-from privattnet_jax.training import train_steps
+from privattnet_jax.training import train_state
 
 
 def _encoder_config(trainable=False, batchnorm="frozen"):
@@ -28,7 +28,7 @@ def _state(seed=0):
     {"encoder": "frozen", "head": "trained"},
   )
   return jax.device_put(
-    train_steps.TrainState.create(
+    train_state.TrainState.create(
       apply_fn=None, params=params, batch_stats=batch_stats, tx=tx, rng=jax.random.PRNGKey(seed)
     )
   )

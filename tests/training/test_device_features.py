@@ -14,6 +14,8 @@ from privattnet_jax.training import device_features
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
+from privattnet_jax.training import evaluator
+from privattnet_jax.training import experiment
 from tests import subprocesses
 from tests.conftest import jit_traces
 from tests.conftest import make_tiny_config
@@ -78,19 +80,19 @@ def check_draws(experiment, epochs: int = 2):
 
 def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp_path):
   config = _on_device_config(tiny_data_dir, tmp_path / "cache", train_views=2)
-  experiment = train.Experiment(config, tmp_path / "run")
+  experiment = experiment.Experiment(config, tmp_path / "run")
   drawn = check_draws(experiment)
   assert len(drawn[0]) == 48  # 6 steps of 8 over 48 examples: each example once per epoch.
   # Evaluation from the devices is the host loader's, row for row.
   state = experiment.initial_state
-  on_device = train.evaluate(
+  on_device = evaluator.evaluate(
     state,
     experiment.eval_fn,
     experiment.feed.eval_batches("validation"),
     experiment.mesh,
     experiment.task,
   )
-  host = train.evaluate(
+  host = evaluator.evaluate(
     state,
     experiment.eval_fn,
     experiment.feed.cache.eval_batches("validation", config, experiment.task),
@@ -137,7 +139,7 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
   assert calls == 6 + 4  # Steps 1-5, the killed step 6, then resumed at step 4: steps 5 to 8.
 
   def final_params(workdir):
-    experiment = train.Experiment(config, workdir, need_train=False)
+    experiment = experiment.Experiment(config, workdir, need_train=False)
     return jax.device_get(experiment.restore(8).params)
 
   jax.tree_util.tree_map(
@@ -170,7 +172,7 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
       config = _on_device_config({tiny_data_dir!r}, {str(tmp_path)!r} + f"/cache{{num_train}}")
       config.data.synthetic.num_train = num_train
       config.data.synthetic.seed = num_train
-      experiment = train.Experiment(config, {str(tmp_path)!r} + f"/run{{num_train}}")
+      experiment = experiment.Experiment(config, {str(tmp_path)!r} + f"/run{{num_train}}")
       assert jax.device_count() == 2 and experiment.steps_per_epoch == num_train // 8
       drawn = check_draws(experiment)
       # Device d draws its own examples d, d + 2, ...: each batch half comes from one device.
@@ -178,9 +180,9 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
         halves = np.asarray(epoch).reshape(-1, 2, 4) % 2
         assert (halves[:, 0] == 0).all() and (halves[:, 1] == 1).all(), halves
       state = experiment.initial_state
-      on_device = train.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"),
+      on_device = evaluator.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"),
                                  experiment.mesh, experiment.task)
-      host = train.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
+      host = evaluator.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
                             experiment.mesh, experiment.task)
       np.testing.assert_allclose(on_device.predictions, host.predictions, rtol=1e-6)
       for key in ("image_id", "boxes", "labels"):
@@ -200,7 +202,7 @@ def test_a_config_with_the_replaced_booleans_is_told_the_new_field(tiny_data_dir
     ValueError,
     match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'",
   ):
-    train.validate_config(config)
+    experiment.validate_config(config)
 
 
 def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():

@@ -11,16 +11,19 @@ import pytest
 from privattnet_jax.training import checkpoints
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
+from privattnet_jax.models import scoring
+from privattnet_jax.training import evaluator
+from privattnet_jax.training import experiment
 from tests import subprocesses
 
 
 def _final_params(config, workdir):
-  experiment = train.Experiment(config, workdir, need_train=False)
+  experiment = experiment.Experiment(config, workdir, need_train=False)
   return jax.device_get(experiment.restore(experiment.manager.latest_step()).params)
 
 
 def test_compute_loss_by_hand():
-  task = train_steps.Task(
+  task = scoring.Task(
     kind="regression",
     target_mean=np.array([2.0], np.float32),
     preferences=np.ones((68, 1)),
@@ -47,9 +50,7 @@ def test_compute_loss_by_hand():
   assert float(train_steps.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(
     4.0
   )
-  assert np.asarray(train_steps.predicted_scores(outputs, task)).ravel() == pytest.approx(
-    [2.0, 2.5]
-  )
+  assert np.asarray(scoring.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
 
 
 def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
@@ -71,7 +72,7 @@ def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
   assert manager.latest_step() == 4
   assert manager.best_step() in (2, 4)
   # The final evaluation uses the trained state when it is the best step's: what a restore gives.
-  assert train.evaluate_checkpoint(tiny_config, str(workdir), "test") == results["test"]
+  assert evaluator.evaluate_checkpoint(tiny_config, str(workdir), "test") == results["test"]
 
 
 def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, tmp_path):
@@ -79,7 +80,7 @@ def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, t
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
   config.num_train_steps = 2
-  experiment = train.Experiment(config, tmp_path / "frozen")
+  experiment = experiment.Experiment(config, tmp_path / "frozen")
   before = jax.device_get(experiment.initial_state.params)
   train.train_and_evaluate(config, str(tmp_path / "frozen"))
   after = _final_params(config, tmp_path / "frozen")
@@ -156,11 +157,11 @@ def test_evaluate_checkpoint_on_a_named_split(tiny_config, tmp_path):
   workdir = tmp_path / "eval"
   tiny_config.eval_splits = ()
   train.train_and_evaluate(tiny_config, str(workdir))
-  result = train.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=2)
+  result = evaluator.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=2)
   assert result["step"] == 2 and result["n"] == tiny_config.data.synthetic.num_val
   assert json.loads((workdir / "eval_validation.json").read_text())["n"] == result["n"]
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
-    train.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=3)
+    evaluator.evaluate_checkpoint(tiny_config, str(workdir), "validation", step=3)
 
 
 def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
@@ -178,7 +179,7 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     config = make_tiny_config({tiny_data_dir!r})
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
-    experiment = train.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
+    experiment = experiment.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
     batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config,
                                                                                  experiment.task))]
     sgd = optax.sgd(0.05)
@@ -227,7 +228,7 @@ def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
   script = f"""
     import pathlib, sys
     from privattnet_jax.training import train
-    writer = train.MetricWriter(pathlib.Path({str(tmp_path)!r}))
+    writer = metric_writer.MetricWriter(pathlib.Path({str(tmp_path)!r}))
     writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
     writer.close()
     print("torch imported:", "torch" in sys.modules)

@@ -1,0 +1,172 @@
+"""The run's setup: everything derived from its config (data, task, model, mesh, initial state, feed)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from privattnet_jax import data as data_lib
+from privattnet_jax import models
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.models import scoring, weights
+from privattnet_jax.training import checkpoints, feature_cache, feeds, train_state, train_steps
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if config.batch_size <= 0 or config.batch_size % devices:
+    raise ValueError(
+      f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})"
+    )
+  if config.batch_size % processes:
+    raise ValueError(
+      f"batch_size={config.batch_size} must be divisible by the process count ({processes})"
+    )
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set num_train_steps > 0 or num_epochs > 0")
+  if config.image_size < 32:
+    raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
+  if config.model.name not in models.MODEL_NAMES:
+    raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
+  stride = models.encoder_output_stride(
+    config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder)
+  )
+  if config.image_size % stride:
+    raise ValueError(
+      f"image_size={config.image_size} must be a multiple of the encoder's output stride "
+      f"{stride} (e.g. {max(stride, config.image_size // stride * stride)})"
+    )
+  pretrained = config.model.encoder.get("pretrained", "")
+  if pretrained:  # A missing weight file fails here, before any dataset work.
+    try:
+      weights.resolve_path(pretrained)
+    except weights.WeightImportError as e:
+      raise FileNotFoundError(f"model.encoder.pretrained: {e}") from None
+  for name in ("log_every_steps", "keep_checkpoints"):
+    if config[name] <= 0:
+      raise ValueError(f"{name} must be positive, got {config[name]}")
+  feeds.validate_config(config)
+
+
+class Experiment:
+  """Everything a run derives from its config: data, task, model, mesh and compiled steps."""
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, need_train: bool = True
+  ):
+    validate_config(config)
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.sources = data_lib.load_data_sources(config)
+    self.manager = checkpoints.create_manager(self.workdir, config.keep_checkpoints)
+    if need_train:  # A resumed run continues from the newest checkpoint that restores.
+      checkpoints.set_aside_unrestorable(self.manager, self.workdir)
+    self.mesh = train_steps.create_mesh()
+    num_train = len(self.sources["train"])
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
+    self.total_steps = (
+      config.num_train_steps
+      if config.num_train_steps > 0
+      else (config.num_epochs * self.steps_per_epoch)
+    )
+    preferences = input_pipeline.preferences_from_config(
+      config
+    )  # The run's one read of `config.score`.
+    self.task = scoring.make_task(config, self._target_mean(preferences), preferences)
+    self.model = models.create_model(
+      config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
+    )
+    image_shape = (config.image_size, config.image_size, 3)
+    replicated = NamedSharding(self.mesh, P())
+    # Through host memory: every process computes the same initial state on its first local
+    # device, and a single-device array cannot become one replica of a mesh that spans processes
+    # when the process has no other device (one process per GPU).
+    self.initial_state = jax.device_put(
+      jax.device_get(
+        train_state.create_train_state(
+          config,
+          self.model,
+          self.task,
+          image_shape,
+          self.total_steps,
+          jax.random.PRNGKey(config.seed),
+        )
+      ),
+      replicated,
+    )
+    # Kept apart: the train step donates (deletes) the state it is given.
+    self.abstract_state = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self.initial_state
+    )
+    self.eval_fn = train_steps.parallel_eval_step(self.mesh, self.task)
+    self.feed = feeds.select_feed(
+      config,
+      self.sources,
+      self.mesh,
+      self.task,
+      steps_per_epoch=self.steps_per_epoch,
+      prepare_cache=self.prepare_feature_cache,
+      need_train=need_train,
+    )
+
+  def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
+    """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
+
+    Attribute models never use it, so their checkpoints serve any `score.per_profile`.
+    """
+    num_outputs = preferences.shape[1]
+    latest = self.manager.latest_step()
+    if latest is not None:
+      mean = np.asarray(
+        checkpoints.restore_metadata(self.manager, latest)["target_mean"], np.float32
+      )
+      if mean.shape == (num_outputs,):
+        return mean
+      if self.config.model.name not in scoring.ATTRIBUTE_MODELS:
+        raise ValueError(
+          f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
+          f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir"
+        )
+    return input_pipeline.split_scores(
+      self.sources["train"], preferences, self.config.score.pooling
+    ).mean(axis=0)
+
+  def metadata(self) -> dict:
+    # The preference table rides along: a checkpoint must not depend on a TSV file of the machine it
+    # was trained on (score.source='file') to turn attribute probabilities into scores.
+    return {
+      "config": self.config.to_dict(),
+      "target_mean": self.task.target_mean.tolist(),
+      "preferences": self.task.preferences.tolist(),
+    }
+
+  def prepare_feature_cache(self) -> feature_cache.FeatureCache:
+    """Builds or checks the cache for the run's frozen encoder: the latest checkpoint's when there
+    is one (a resumed run keeps its encoder even if the config's weights changed), else the initial one."""
+    latest = self.manager.latest_step()
+    state = self.initial_state if latest is None else self.restore(latest)
+    encode_step = train_steps.parallel_encode_step(
+      self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype]
+    )
+    return feature_cache.ensure(
+      self.config,
+      self.sources,
+      state,
+      lambda images: encode_step(
+        state, train_steps.shard_batch({"image": images}, self.mesh)["image"]
+      ),
+      self.task,
+    )
+
+  def restore(self, step: int, data_iterator=None) -> train_state.TrainState:
+    state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
+    return state
