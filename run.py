@@ -31,8 +31,6 @@ from ml_collections import config_flags
 from configs import default as default_config
 from privattnet_jax.cli import compilation_cache
 from privattnet_jax.cli import host_memory
-from privattnet_jax.training import evaluator
-from privattnet_jax.training import experiment
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -168,19 +166,19 @@ def _require(*names: str) -> None:
 def _predictor():
   """The --exported artifact or the --workdir checkpoint, as predict and redact run it."""
   # Imported here: grain worker processes re-import this module, and --exported runs need no model code.
-  from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
-
   if FLAGS.exported:
+    from privattnet_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+
     if FLAGS.config is not None or FLAGS.step is not None:
       raise app.UsageError(
         "--exported runs the artifact as exported: --config and --step do not apply"
       )
-    predictor = predict.load_exported_predictor(FLAGS.exported, FLAGS.batch_size)
-  else:
-    predictor = predict.load_checkpoint_predictor(
-      FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.batch_size
-    )
-  return predictor
+    return predictor.load_exported_predictor(FLAGS.exported, FLAGS.batch_size)
+  from privattnet_jax.training import serving  # pylint: disable=g-import-not-at-top
+
+  return serving.load_checkpoint_predictor(
+    FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.batch_size
+  )
 
 
 def _predict(images) -> int:
@@ -503,6 +501,9 @@ def main(argv):
       print(f"wrote {evaluation_report.compare_runs(FLAGS.workdirs, FLAGS.output, FLAGS.split)}")
     else:
       # Imported after flag parsing: grain worker processes re-import this module.
+      from privattnet_jax.training import evaluator  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.training import experiment  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.training import serving  # pylint: disable=g-import-not-at-top
       from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
       if FLAGS.mode == "train":
@@ -524,10 +525,8 @@ def main(argv):
           flush=True,
         )
       else:
-        from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
-
         print(
-          f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}"
+          f"wrote {serving.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}"
         )
   except Exception as error:  # pylint: disable=broad-except
     _fail(error)

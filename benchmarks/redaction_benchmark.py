@@ -29,6 +29,8 @@ from PIL import Image
 
 from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
+from privattnet_jax.inference import predictor
+from privattnet_jax.training import serving
 
 flags.DEFINE_string("workdir", None, "A trained demo run (configs/demo.py).", required=True)
 flags.DEFINE_string(
@@ -79,7 +81,7 @@ def risky_images(
   return np.stack(pixels), padded, np.array([len(b) for b in boxes]), paths
 
 
-def quality(predictor: predict.Predictor) -> None:
+def quality(predictor: predictor.Predictor) -> None:
   info = predictor.info
   pixels, boxes, counts, _ = risky_images(
     pathlib.Path(FLAGS.synthetic_dir).expanduser(),
@@ -142,7 +144,7 @@ def camera_photo(source: pathlib.Path, megapixels: float) -> bytes:
   return buffer.getvalue()
 
 
-def timing(predictor: predict.Predictor) -> None:
+def timing(predictor: predictor.Predictor) -> None:
   info = predictor.info
   _, _, _, paths = risky_images(
     pathlib.Path(FLAGS.synthetic_dir).expanduser(),
@@ -201,11 +203,11 @@ def timing(predictor: predict.Predictor) -> None:
 
 def main(argv):
   del argv
-  predictor = predict.load_checkpoint_predictor(FLAGS.workdir, batch_size=FLAGS.batch_size)
+  predictor = serving.load_checkpoint_predictor(FLAGS.workdir, batch_size=FLAGS.batch_size)
   if not FLAGS.skip_quality:
     quality(predictor)
   if FLAGS.megapixels > 0:
-    timing(predict.load_checkpoint_predictor(FLAGS.workdir, batch_size=FLAGS.timing_batch_size))
+    timing(serving.load_checkpoint_predictor(FLAGS.workdir, batch_size=FLAGS.timing_batch_size))
 
 
 if __name__ == "__main__":

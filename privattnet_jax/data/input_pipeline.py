@@ -36,7 +36,6 @@ mark the flags parsed with their defaults, with a warning.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -48,25 +47,25 @@ import numpy as np
 from PIL import Image
 
 from privattnet_jax.data import attributes
+from privattnet_jax.inference import images
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-# normalised = pixel * _SCALE - _OFFSET == (pixel / 255 - mean) / std.
-_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
-_OFFSET = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 
 MAX_BOXES = 16  # Eval batches carry boxes zero-padded to this many per image.
+
+
 # The paper resizes to 264 before cropping 224; other image sizes keep the ratio.
 _REFERENCE_RESIZE, _REFERENCE_CROP = 264, 224
+
+
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.
+
+
 # Train: grain threads reading encoded records (~30 KB each) ahead of the transform, in
 # each process. grain polls every buffered read per element, so the buffer stays small.
 _READ_THREADS, _READ_AHEAD = 4, 16
+
+
 _SCORE_CHUNK = 1024  # split_scores: records per read; bounds the (chunk, 68, P) score intermediate.
-
-
-# ----------------------------------------------------------------------------
-# The privacy score.
 
 
 def preferences_from_config(config) -> np.ndarray:
@@ -119,10 +118,6 @@ def _labels(record) -> np.ndarray:
   return labels
 
 
-# ----------------------------------------------------------------------------
-# Image transforms.
-
-
 def resize_size(config) -> int:
   """The train resize before the random crop: `config.data.resize_size`, or 264/224 of the crop."""
   size = config.data.resize_size
@@ -131,48 +126,6 @@ def resize_size(config) -> int:
   if size <= 0:
     raise ValueError(f"data.resize_size must be positive or -1, got {config.data.resize_size}")
   return int(size)
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, 3) RGB -> float32, ImageNet-normalised.
-
-  Works on (H, W * 3) rows against the per-channel constants tiled to a row:
-  broadcasting a (3,) vector would make numpy's inner loop 3 elements long,
-  several times slower (docs/benchmarks.md).
-  """
-  height, width, channels = image.shape
-  out = np.ascontiguousarray(image).reshape(height, width * channels).astype(np.float32)
-  out *= np.tile(_SCALE, width)
-  out -= np.tile(_OFFSET, width)
-  return out.reshape(height, width, channels)
-
-
-def decode_image(data: bytes, min_size: int) -> Image.Image:
-  """Decodes encoded image bytes to RGB.
-
-  A JPEG much larger than needed is decoded at a reduced scale (`Image.draft`,
-  1/2 .. 1/8) that keeps both sides >= `min_size`, which is far faster and
-  loses nothing the later resize to `min_size` would keep.
-  """
-  image = Image.open(io.BytesIO(data))
-  image.draft("RGB", (min_size, min_size))
-  if image.mode != "RGB":
-    image = image.convert("RGB")
-  return image
-
-
-def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
-  """The eval transform: a PIL image -> float32 (S, S, 3), resized to S x S and normalised.
-
-  Reusable for users' own photos, and leaves `image` as it was. For a large
-  JPEG file, `decode_image(data, image_size)` first decodes it at a reduced
-  scale, much faster; apply `PIL.ImageOps.exif_transpose` to camera photos
-  (the dataset builder already did so for its records).
-  """
-  if image.mode != "RGB":
-    image = image.convert("RGB")
-  image = image.resize((image_size, image_size), Image.BILINEAR)
-  return normalize(np.asarray(image))
 
 
 def random_resized_crop_box(
@@ -226,19 +179,14 @@ def train_image(
   resize) and mapped back to the decoded image, so resize, crop and rescale
   are one bilinear resampling of the original pixels.
   """
-  image = decode_image(data, resize_size)
+  image = images.decode_image(data, resize_size)
   top, left, h, w = random_resized_crop_box(rng, resize_size, resize_size, crop_scale, crop_ratio)
   sx, sy = image.width / resize_size, image.height / resize_size
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
   image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
   if rng.random() < 0.5:
     image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  return normalize(np.asarray(image))
-
-
-def eval_image(data: bytes, image_size: int) -> np.ndarray:
-  """Encoded image -> float32 (S, S, 3), resized to S x S and normalised."""
-  return preprocess_image(decode_image(data, image_size), image_size)
+  return images.normalize(np.asarray(image))
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -287,7 +235,7 @@ class EvalTransform(grain.transforms.Map):
     self.pooling = str(pooling)
 
   def model_input(self, element) -> np.ndarray:
-    return eval_image(element["image"], self.image_size)
+    return images.eval_image(element["image"], self.image_size)
 
   def padding_input(self) -> np.ndarray:
     return np.zeros((self.image_size, self.image_size, 3), np.float32)
@@ -321,10 +269,6 @@ class EvalTransform(grain.transforms.Map):
       "boxes": padded_boxes,
       "num_boxes": np.int32(len(boxes)),
     }
-
-
-# ----------------------------------------------------------------------------
-# Sharding and loaders.
 
 
 @dataclasses.dataclass(frozen=True)

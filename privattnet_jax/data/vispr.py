@@ -44,16 +44,12 @@ Decisions (documented in the README):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
-import io
 import json
-import math
 import os
 import pathlib
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -61,10 +57,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from privattnet_jax.data import attributes
 from privattnet_jax import safe_files
+from privattnet_jax.inference import images
+
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
 SPLIT_FILES: dict[str, str] = {
@@ -72,8 +70,13 @@ SPLIT_FILES: dict[str, str] = {
   "validation": "val2017.txt",
   "test": "test2017.txt",
 }
+
+
 REPORT_FILENAME = "build_report.json"
+
+
 ANNOTATIONS_DIR = "annotations"
+
 
 # Why an annotation was skipped; the keys are the report's reason names.
 SKIP_REASONS: dict[str, str] = {
@@ -96,6 +99,7 @@ SKIP_REASONS: dict[str, str] = {
   "too_large": "more pixels than max_pixels, and not a JPEG that DCT scaling can bring under it",
 }
 
+
 # What was converted on the way in (these examples are written); the report's conversion names.
 CONVERSIONS: dict[str, str] = {
   "grayscale": "mode L or 1, expanded to RGB",
@@ -109,15 +113,20 @@ CONVERSIONS: dict[str, str] = {
   "downscaled_too_large": "over max_pixels: decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling)",
 }
 
+
 UNKNOWN_LABEL_POLICY = "skip_example"
 
+
 HOMEPAGE = "https://github.com/tribhuvanesh/vpa"
+
+
 CITATION = """@inproceedings{orekondy17iccv,
   title = {Towards a Visual Privacy Advisor: Understanding and Predicting Privacy Risks in Images},
   author = {Orekondy, Tribhuvanesh and Schiele, Bernt and Fritz, Mario},
   booktitle = {International Conference on Computer Vision (ICCV)},
   year = {2017},
 }"""
+
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 VISPR (Visual Privacy dataset, Orekondy et al., ICCV 2017) cannot be downloaded
@@ -144,23 +153,6 @@ automatically: its images come under CC BY-NC 4.0 and each image's own licence.
    main job with --config.data.manual_dir=<manual_dir>. A build report of skipped
    and converted images is printed and saved as {REPORT_FILENAME} next to the data.
 """
-
-# Leading bytes of formats PIL reads: a file that starts like an image but does not open is
-# reported as corrupt rather than as "not an image".
-_IMAGE_MAGIC = (
-  b"\xff\xd8\xff",
-  b"\x89PNG\r\n\x1a\n",
-  b"GIF87a",
-  b"GIF89a",
-  b"BM",
-  b"II*\x00",
-  b"MM\x00*",
-  b"RIFF",
-  b"\x00\x00\x00\x0cjP",
-  b"\xff\x4f\xff\x51",
-)
-_JPEG_SCALES = (2, 4, 8)  # libjpeg's DCT scaling factors that PIL's draft() can use.
-_PIL_GLOBALS_LOCK = threading.Lock()
 
 
 class ManualDirError(FileNotFoundError):
@@ -195,10 +187,6 @@ class VisprConfig(tfds.core.BuilderConfig):
 
   max_side: int = 256
   jpeg_quality: int = 90
-
-
-# ---------------------------------------------------------------------------------------------
-# Build report.
 
 
 class _SplitReport:
@@ -306,10 +294,6 @@ def load_build_report(
   else:
     folder = pathlib.Path(builder_or_dir)
   return json.loads((folder / REPORT_FILENAME).read_text())
-
-
-# ---------------------------------------------------------------------------------------------
-# The manual dir and split lists.
 
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
@@ -451,10 +435,6 @@ def inputs_digest(manual_dir: str | os.PathLike, splits_dir: str | os.PathLike =
   return digest.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------
-# One annotation.
-
-
 def parse_annotation(data: bytes, fallback_id: str) -> tuple[str, str, list[str], np.ndarray]:
   """Validates one annotation JSON; returns (id, image_path, labels, boxes (N, 4) float32).
 
@@ -523,179 +503,6 @@ def parse_annotation(data: bytes, fallback_id: str) -> tuple[str, str, list[str]
   return image_id, image_path, labels, boxes
 
 
-# ---------------------------------------------------------------------------------------------
-# One image.
-
-
-@contextlib.contextmanager
-def pil_checks_ours():
-  """Suspends PIL's decompression-bomb check (ours, on the decoded size, replaces it) and
-  forbids loading truncated images, whatever another module set. Both are PIL globals, hence
-  the lock; the build itself is single-threaded."""
-  with _PIL_GLOBALS_LOCK:
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
-    try:
-      yield
-    finally:
-      Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def _decoded_pixels(width: int, height: int, factor: int) -> int:
-  return math.ceil(width / factor) * math.ceil(height / factor)
-
-
-def _reduction_factor(
-  width: int, height: int, can_draft: bool, max_side: int, max_pixels: int | None
-):
-  """The JPEG DCT scale to decode at: the largest that keeps the shorter side >= max_side,
-  or a larger one if needed to stay within max_pixels. Returns (factor, forced by the limit)."""
-  factor = 1
-  if can_draft and max_side:
-    for f in reversed(_JPEG_SCALES):
-      if min(width, height) // f >= max_side:
-        factor = f
-        break
-  if max_pixels is None or _decoded_pixels(width, height, factor) <= max_pixels:
-    return factor, False
-  if can_draft:
-    for f in _JPEG_SCALES:
-      if f > factor and _decoded_pixels(width, height, f) <= max_pixels:
-        return f, True
-  raise _Skip(
-    "too_large",
-    f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
-    + (" even at 1/8 JPEG scale" if can_draft else " (only JPEGs can be decoded reduced)"),
-  )
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-  """16/32-bit integer and float images -> mode L.
-
-  I;16*: value / 257 (the full 16-bit range). I and F hold no declared range, so
-  the values decide: floats within [0, 1] are scaled by 255; values within
-  [0, 255] are taken as 8-bit; within [0, 65535] as 16-bit (/ 257); anything
-  else is min-max scaled.
-  """
-  array = np.asarray(image).astype(np.float64)
-  if image.mode.startswith("I;16"):
-    scaled = array / 257.0
-  else:
-    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if image.mode == "F" and low >= 0 and high <= 1:
-      scaled = array * 255.0
-    elif low >= 0 and high <= 255:
-      scaled = array
-    elif low >= 0 and high <= 65535:
-      scaled = array / 257.0
-    else:
-      scaled = (array - low) / max(high - low, 1e-12) * 255.0
-  return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
-def to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
-  """Any PIL mode -> RGB, recording what was converted."""
-  mode = image.mode
-  if mode == "P":
-    conversions.append("palette")
-  if (
-    mode in ("P", "RGB", "L") and "transparency" in image.info
-  ):  # A transparent colour (PNG tRNS, GIF).
-    image, mode = image.convert("RGBA"), "RGBA"
-  elif mode == "RGB":
-    return image
-  elif mode == "P":
-    return image.convert("RGB")
-  if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-    conversions.append("alpha")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-  if mode.startswith("I;16") or mode in ("I", "F"):
-    conversions.append("16bit")
-    return _to_8bit(image).convert("RGB")
-  if mode in ("L", "1"):
-    conversions.append("grayscale")
-  elif mode == "CMYK":
-    conversions.append("cmyk")
-  else:
-    conversions.append("other_mode")
-  return image.convert("RGB")
-
-
-def process_image(
-  data: bytes, *, max_side: int = 256, jpeg_quality: int = 90, max_pixels: int | None = None
-) -> tuple[bytes, int, int, list[str]]:
-  """Encoded image of any PIL format -> (RGB JPEG bytes, original height, width, conversions).
-
-  max_side: downscale so that the shorter side is at most this (0: keep the size).
-  max_pixels: limit on decoded pixels (see the module docstring); None: no limit.
-  Raises _Skip (not_an_image, corrupt_image, too_large). height and width are those
-  of the image as displayed (after EXIF orientation), before downscaling.
-  """
-  conversions: list[str] = []
-  with pil_checks_ours():
-    try:
-      image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as e:
-      if data.startswith(_IMAGE_MAGIC):
-        raise _Skip(
-          "corrupt_image", f"starts like an image but cannot be identified: {e}"
-        ) from None
-      raise _Skip("not_an_image", str(e)) from None
-    except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad headers.
-      raise _Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
-    is_jpeg = image.format == "JPEG"
-    can_draft = image.format in ("JPEG", "MPO")  # MPO: phone cameras' JPEG with extra frames.
-    width, height = image.size
-    factor, forced = _reduction_factor(width, height, can_draft, max_side, max_pixels)
-    if factor > 1:
-      image.draft(None, (width // factor, height // factor))
-      if forced:
-        conversions.append("downscaled_too_large")
-    if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
-      raise _Skip(
-        "too_large",
-        f"{width}x{height}: {image.size[0] * image.size[1]} pixels > max_pixels {max_pixels}",
-      )
-    try:
-      image.load()
-    except Exception as e:  # pylint: disable=broad-except
-      raise _Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
-
-  try:
-    orientation = image.getexif().get(0x0112, 1)
-  except Exception:  # pylint: disable=broad-except  # A broken EXIF block must not cost the image.
-    orientation = 1
-    conversions.append("exif_ignored")
-  if orientation in (2, 3, 4, 5, 6, 7, 8):
-    try:
-      image = ImageOps.exif_transpose(image)
-      conversions.append("exif_rotated")
-    except Exception:  # pylint: disable=broad-except
-      conversions.append("exif_ignored")
-      orientation = 1
-  if orientation in (5, 6, 7, 8):
-    width, height = height, width
-
-  image = to_rgb(image, conversions)
-  resized = False
-  if max_side and min(image.size) > max_side:
-    w, h = image.size
-    if w <= h:
-      size = (max_side, max(1, round(h * max_side / w)))
-    else:
-      size = (max(1, round(w * max_side / h)), max_side)
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    resized = True
-  if is_jpeg and not conversions and not resized and factor == 1:
-    return data, height, width, conversions
-  buffer = io.BytesIO()
-  image.save(buffer, format="JPEG", quality=jpeg_quality)
-  return buffer.getvalue(), height, width, conversions
-
-
 def _read_contained(
   root: pathlib.Path, relative: str, kind: str, max_bytes: int, image_id: str
 ) -> bytes:
@@ -711,10 +518,6 @@ def _read_contained(
     raise _Skip(reason, f"{safe_files.printable(root / relative)}: {e.message}", image_id) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# The builder.
-
-
 class Vispr(tfds.core.GeneratorBasedBuilder):
   """VISPR images with their 68 privacy attributes, as RGB JPEGs in array_record files."""
 
@@ -723,9 +526,15 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
     VisprConfig(
-      name="max256", max_side=256, description="Shorter side <= 256 px (the pipeline's input)."
+      name="max256",
+      max_side=images.BUILDER_MAX_SIDES["max256"],
+      description="Shorter side <= 256 px (the pipeline's input).",
     ),
-    VisprConfig(name="original", max_side=0, description="Original size, normalised to RGB JPEG."),
+    VisprConfig(
+      name="original",
+      max_side=images.BUILDER_MAX_SIDES["original"],
+      description="Original size, normalised to RGB JPEG.",
+    ),
   ]
   DEFAULT_CONFIG_NAME = "max256"
 
@@ -840,13 +649,13 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       self._manual_root, image_path, "image", safe_files.MAX_IMAGE_BYTES, image_id
     )
     try:
-      encoded, height, width, conversions = process_image(
+      encoded, height, width, conversions = images.process_image(
         image_data,
         max_side=config.max_side,
         jpeg_quality=config.jpeg_quality,
         max_pixels=self._max_pixels,
       )
-    except _Skip as skip:
+    except images.UnusableImage as skip:
       raise _Skip(skip.reason, f"{image_file}: {skip.message}", image_id) from None
     example = {
       "image": encoded,
@@ -904,10 +713,6 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
         f"{text}\n  full report: {pathlib.Path(os.fspath(self.data_path)) / REPORT_FILENAME}",
         flush=True,
       )
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points.
 
 
 def prepare(

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from privattnet_jax.inference import heatmaps
-from privattnet_jax.data import input_pipeline
 from privattnet_jax.evaluation import localisation
 from privattnet_jax.evaluation import report
+from privattnet_jax.inference import images
+from privattnet_jax.inference import predictor
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
 REDACTION_IMAGES = (
@@ -59,7 +60,6 @@ def redaction_summary(
   or boxes.
   """
   # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: slow imports).
-  from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
   from privattnet_jax.inference import redact  # pylint: disable=g-import-not-at-top
 
   if "attention" not in extras or "num_boxes" not in extras:
@@ -73,7 +73,7 @@ def redaction_summary(
   image_ids = [str(extras["image_id"][i]) for i in rows]
   pixels = np.stack(
     [
-      redact.model_pixels(input_pipeline.eval_image(_stored_image(source, i, image_id), image_size))
+      redact.model_pixels(images.eval_image(_stored_image(source, i, image_id), image_size))
       for i, image_id in zip(rows, image_ids)
     ]
   )
@@ -82,7 +82,7 @@ def redaction_summary(
     "image_size": image_size,
     "outputs": {"score": None, "attention": None},
   }
-  score = redact.scorer(predict.Predictor(info, batch_size, infer))
+  score = redact.scorer(predictor.Predictor(info, batch_size, infer))
   grid_shape = heatmaps.infer_grid_shape(np.asarray(extras["attention"]).shape[-1])
   summary, greedy = redact.redaction_quality(
     score,

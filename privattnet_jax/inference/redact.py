@@ -50,10 +50,11 @@ from scipy import ndimage
 
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps
-from privattnet_jax.data import input_pipeline
 from privattnet_jax.inference import predict
 from privattnet_jax import safe_files
-from privattnet_jax.data import vispr
+from privattnet_jax.inference import images
+from privattnet_jax.inference import predictor
+from privattnet_jax.inference import user_scores
 
 METHODS = ("blur", "pixelate", "fill")
 DEFAULT_MAX_AREA = 0.25
@@ -287,7 +288,7 @@ def redact_array(image: np.ndarray, mask: np.ndarray, method: str = "blur") -> n
 
 def model_pixels(model_input: np.ndarray) -> np.ndarray:
   """The eval transform's float input back to the uint8 image it normalised (exactly)."""
-  pixels = (model_input * input_pipeline.IMAGENET_STD + input_pipeline.IMAGENET_MEAN) * 255.0
+  pixels = (model_input * images.IMAGENET_STD + images.IMAGENET_MEAN) * 255.0
   return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -298,13 +299,13 @@ def model_pixels(model_input: np.ndarray) -> np.ndarray:
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def scorer(predictor: predict.Predictor, user: predict.UserScore | None = None) -> Scorer:
+def scorer(predictor: predictor.Predictor, user: user_scores.UserScore | None = None) -> Scorer:
   """float32 model inputs (N, S, S, 3) -> ((N,) scores, (N, T, L) attention), in predictor batches.
 
   The score is the model's (the mean over profiles for a per-profile model), or `user`'s.
   """
   if "attention" not in predictor.info["outputs"]:
-    raise predict.PredictError(
+    raise predictor.PredictError(
       f"{predictor.info['model']} has no attention: redaction needs an attention model "
       "(privattnet, privattnet_mlc)"
     )
@@ -415,7 +416,7 @@ def greedy_redactions(
 
 def normalise_images(images: np.ndarray) -> np.ndarray:
   """uint8 (N, S, S, 3) -> the model's float input, as the eval transform normalises."""
-  return np.stack([input_pipeline.normalize(image) for image in images])
+  return np.stack([images.normalize(image) for image in images])
 
 
 # ----------------------------------------------------------------------------
@@ -577,7 +578,7 @@ def load_photo(
       f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
       "writes the full size"
     )
-  with vispr.pil_checks_ours():  # Our size check above replaces PIL's.
+  with images.pil_checks_ours():  # Our size check above replaces PIL's.
     image = Image.open(io.BytesIO(data))
     image.load()
   metadata = find_metadata(image)
@@ -598,7 +599,7 @@ def load_photo(
   if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
     alpha = image.convert("RGBA").getchannel("A")
   grayscale = image.mode in ("L", "LA", "1")
-  pixels = vispr.to_rgb(image, [])  # The builder's conversion.
+  pixels = images.to_rgb(image, [])  # The builder's conversion.
   if grayscale:
     pixels = pixels.convert("L")
   if (
@@ -765,13 +766,13 @@ class RedactSettings:
 
   def check(self) -> None:
     if self.method not in METHODS:
-      raise predict.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
+      raise predictor.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
     if self.target_score is not None and self.target_drop is not None:
-      raise predict.PredictError("give --target_score or --target_drop, not both")
+      raise predictor.PredictError("give --target_score or --target_drop, not both")
     if self.target_drop is not None and not 0 < self.target_drop <= 1:
-      raise predict.PredictError(f"--target_drop is a fraction in (0, 1], got {self.target_drop}")
+      raise predictor.PredictError(f"--target_drop is a fraction in (0, 1], got {self.target_drop}")
     if not 0 < self.max_area <= 1:
-      raise predict.PredictError(f"--max_area is a fraction in (0, 1], got {self.max_area}")
+      raise predictor.PredictError(f"--max_area is a fraction in (0, 1], got {self.max_area}")
 
   def targets(self, before: np.ndarray, info: dict) -> np.ndarray:
     if self.target_score is not None:
@@ -847,7 +848,7 @@ class RedactResult:
 
 
 def redact_photos(
-  predictor: predict.Predictor,
+  predictor: predictor.Predictor,
   images: Sequence[str],
   output_dir,
   settings: RedactSettings,
@@ -867,11 +868,11 @@ def redact_photos(
   """
   settings.check()
   info = predictor.info
-  user = predict.resolve_user(info, profile, preferences_file)
+  user = user_scores.resolve_user(info, profile, preferences_file)
   score = scorer(predictor, user)
   entries = predict.collect_images(images)
   if not entries:
-    raise predict.PredictError("no images given")
+    raise predictor.PredictError("no images given")
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   if panels:

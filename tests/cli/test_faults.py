@@ -18,6 +18,7 @@ from privattnet_jax.inference import predict
 from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
+from privattnet_jax.inference import predictor
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -172,7 +173,7 @@ def test_annotation_or_split_list_edited_after_the_build_is_never_reused(tmp_pat
 # Predict: one row per collected file, none hangs, no two rows share a panel.
 
 
-def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predict.Predictor:
+def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predictor.Predictor:
   """A Predictor with the attention model's outputs and a trivial function (no JAX, no checkpoint)."""
   cells = grid[0] * grid[1]
   info = {
@@ -198,7 +199,7 @@ def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predict.Predictor:
       "attention": np.full((len(images), steps, cells), 1.0 / cells, np.float32),
     }
 
-  return predict.Predictor(info, 4, infer)
+  return predictor.Predictor(info, 4, infer)
 
 
 def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_path):
@@ -247,7 +248,7 @@ def test_unique_names_never_collide_with_generated_ones():
 def test_output_that_is_a_file_is_refused_before_any_image_is_read(tmp_path):
   target = tmp_path / "out.txt"
   target.write_text("keep me")
-  with pytest.raises(predict.PredictError, match="exists and is not a folder"):
+  with pytest.raises(predictor.PredictError, match="exists and is not a folder"):
     predict.predict(_fake_predictor(), [str(_jpeg(tmp_path / "a.jpg"))], target, progress=False)
   assert target.read_text() == "keep me"
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from privattnet_jax.data import attributes
-from privattnet_jax.data import input_pipeline
 from privattnet_jax.inference import predict
+from privattnet_jax.inference import images
+from privattnet_jax.inference import predictor
+from privattnet_jax.training import serving
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -32,7 +34,7 @@ def run(tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported_dir(run, tmp_path_factory):
   """The artifact, moved away from the workdir (predict from it must not need the checkpoint)."""
-  written = predict.export_predictor(run)
+  written = serving.export_predictor(run)
   assert written == run / "export"
   moved = tmp_path_factory.mktemp("artifact") / "export"
   shutil.move(str(written), moved)
@@ -45,15 +47,15 @@ def photos(tmp_path_factory):
 
 
 def test_json_holds_the_preprocessing_and_outputs(exported_dir):
-  info = json.loads((exported_dir / predict.EXPORT_INFO_FILE).read_text())
+  info = json.loads((exported_dir / predictor.EXPORT_INFO_FILE).read_text())
   assert (
-    info["format"] == predict.EXPORT_FORMAT
+    info["format"] == predictor.EXPORT_FORMAT
     and info["model"] == "privattnet_mlc"
     and info["kind"] == "attributes"
   )
   assert info["image_size"] == 32 and info["max_side"] == 256
-  np.testing.assert_allclose(info["image_mean"], input_pipeline.IMAGENET_MEAN)
-  np.testing.assert_allclose(info["image_std"], input_pipeline.IMAGENET_STD)
+  np.testing.assert_allclose(info["image_mean"], images.IMAGENET_MEAN)
+  np.testing.assert_allclose(info["image_std"], images.IMAGENET_STD)
   assert info["input"]["shape"] == ["batch", 32, 32, 3] and info["input"]["dtype"] == "float32"
   assert info["outputs"] == {
     "score": ["batch", 1],
@@ -66,7 +68,7 @@ def test_json_holds_the_preprocessing_and_outputs(exported_dir):
   assert info["score"]["pooling"] == "max" and len(info["target_mean"]) == 1
   assert info["platforms"] == ["cpu", "cuda"]
   exported = jax.export.deserialize(
-    bytearray((exported_dir / predict.EXPORT_FUNCTION_FILE).read_bytes())
+    bytearray((exported_dir / predictor.EXPORT_FUNCTION_FILE).read_bytes())
   )
   batch = exported.in_avals[0].shape[0]
   assert not isinstance(batch, int) and str(batch) == "batch"  # Symbolic: any batch size.
@@ -80,8 +82,8 @@ def test_exported_and_in_process_predictions_agree(run, exported_dir, photos):
       for n in PHOTOS
     ]
   )
-  in_process = predict.load_checkpoint_predictor(run, batch_size=8)(images)
-  from_artifact = predict.load_exported_predictor(exported_dir, batch_size=3)
+  in_process = serving.load_checkpoint_predictor(run, batch_size=8)(images)
+  from_artifact = predictor.load_exported_predictor(exported_dir, batch_size=3)
   exported = {
     k: np.concatenate([from_artifact(images[:3])[k], from_artifact(images[3:])[k]])
     for k in in_process
@@ -121,7 +123,7 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
     json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
   ]
   expected = predict.predict(
-    predict.load_checkpoint_predictor(run, batch_size=4),
+    serving.load_checkpoint_predictor(run, batch_size=4),
     [str(photos)],
     tmp_path / "ckpt",
     preferences_file=str(ratings),
@@ -143,19 +145,19 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
 
 
 def test_artifact_errors(run, exported_dir, tmp_path):
-  with pytest.raises(predict.PredictError, match="does not exist"):
-    predict.load_exported_predictor(tmp_path)
-  with pytest.raises(predict.PredictError, match="platforms must be some of"):
-    predict.export_predictor(run, tmp_path / "bad", platforms=("gpu",))
-  cuda_only = predict.export_predictor(run, tmp_path / "cuda_only", platforms=("cuda",))
+  with pytest.raises(predictor.PredictError, match="does not exist"):
+    predictor.load_exported_predictor(tmp_path)
+  with pytest.raises(predictor.PredictError, match="platforms must be some of"):
+    serving.export_predictor(run, tmp_path / "bad", platforms=("gpu",))
+  cuda_only = serving.export_predictor(run, tmp_path / "cuda_only", platforms=("cuda",))
   if jax.default_backend() == "cpu":
     with pytest.raises(
-      predict.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"
+      predictor.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"
     ):
-      predict.load_exported_predictor(cuda_only)
+      predictor.load_exported_predictor(cuda_only)
   broken = tmp_path / "broken"
   shutil.copytree(exported_dir, broken)
-  info = json.loads((broken / predict.EXPORT_INFO_FILE).read_text())
-  (broken / predict.EXPORT_INFO_FILE).write_text(json.dumps(dict(info, format="something/else")))
-  with pytest.raises(predict.PredictError, match="format"):
-    predict.load_exported_predictor(broken)
+  info = json.loads((broken / predictor.EXPORT_INFO_FILE).read_text())
+  (broken / predictor.EXPORT_INFO_FILE).write_text(json.dumps(dict(info, format="something/else")))
+  with pytest.raises(predictor.PredictError, match="format"):
+    predictor.load_exported_predictor(broken)

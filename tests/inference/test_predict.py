@@ -19,6 +19,9 @@ from privattnet_jax.evaluation import evaluation_report
 from privattnet_jax.inference import heatmaps
 from privattnet_jax.inference import predict
 from privattnet_jax.training import evaluator
+from privattnet_jax.inference import predictor
+from privattnet_jax.training import serving
+from privattnet_jax.inference import user_scores
 from tests import tiny_runs
 from tests.conftest import make_tiny_config
 
@@ -43,12 +46,12 @@ def runs(tiny_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profile_predictor(runs):
-  return predict.load_checkpoint_predictor(runs["profiles"], batch_size=4)
+  return serving.load_checkpoint_predictor(runs["profiles"], batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def attribute_predictor(runs):
-  return predict.load_checkpoint_predictor(runs["attributes"], batch_size=4)
+  return serving.load_checkpoint_predictor(runs["attributes"], batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +147,7 @@ def test_heat_map_normalisation_option_changes_the_overlays(profile_predictor, p
   a = np.asarray(Image.open(tmp_path / "per_map" / "heatmaps" / "photo_att.png"))
   b = np.asarray(Image.open(tmp_path / "global" / "heatmaps" / "photo_att.png"))
   assert a.shape == b.shape and not np.array_equal(a, b)
-  with pytest.raises(predict.PredictError, match="normalisation"):
+  with pytest.raises(predictor.PredictError, match="normalisation"):
     predict.predict(
       profile_predictor, [str(photos / "photo.jpg")], tmp_path / "bad", normalisation="local"
     )
@@ -280,10 +283,10 @@ def test_profile_of_a_per_profile_model_is_its_column(profile_predictor, photos,
     np.testing.assert_allclose(
       record["user_step_scores"], outputs["step_scores"][i, :, 11], rtol=1e-6
     )
-  with pytest.raises(predict.PredictError, match="attribute model"):
-    predict.resolve_user(profile_predictor.info, preferences_file=str(tmp_path / "ratings.tsv"))
-  with pytest.raises(predict.PredictError, match=r"0\.\.29"):
-    predict.resolve_user(profile_predictor.info, profile=30)
+  with pytest.raises(predictor.PredictError, match="attribute model"):
+    user_scores.resolve_user(profile_predictor.info, preferences_file=str(tmp_path / "ratings.tsv"))
+  with pytest.raises(predictor.PredictError, match=r"0\.\.29"):
+    user_scores.resolve_user(profile_predictor.info, profile=30)
 
 
 def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_predictor):
@@ -292,16 +295,16 @@ def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_pred
     num_scores=1,
     score=dict(profile_predictor.info["score"], per_profile=False, source="profiles_mean"),
   )
-  with pytest.raises(predict.PredictError, match="single score.*per_profile=True"):
-    predict.resolve_user(single, profile=2)
+  with pytest.raises(predictor.PredictError, match="single score.*per_profile=True"):
+    user_scores.resolve_user(single, profile=2)
   one_profile = dict(single, score=dict(single["score"], source="profile", profile_index=2))
   assert (
-    predict.resolve_user(one_profile, profile=2).column == 0
+    user_scores.resolve_user(one_profile, profile=2).column == 0
   )  # Trained on exactly that profile.
-  with pytest.raises(predict.PredictError, match="single score"):
-    predict.resolve_user(one_profile, profile=3)
-  with pytest.raises(predict.PredictError, match="not both"):
-    predict.resolve_user(single, profile=2, preferences_file="x.tsv")
+  with pytest.raises(predictor.PredictError, match="single score"):
+    user_scores.resolve_user(one_profile, profile=3)
+  with pytest.raises(predictor.PredictError, match="not both"):
+    user_scores.resolve_user(single, profile=2, preferences_file="x.tsv")
 
 
 def _write_ratings(path, ratings: dict, header: bool = False):
@@ -397,13 +400,15 @@ def test_malformed_preference_files_are_clear_errors(
 ):
   path = tmp_path / "ratings.tsv"
   path.write_text(content)
-  with pytest.raises(predict.PredictError, match=message):
-    predict.resolve_user(attribute_predictor.info, preferences_file=str(path))
+  with pytest.raises(predictor.PredictError, match=message):
+    user_scores.resolve_user(attribute_predictor.info, preferences_file=str(path))
 
 
 def test_missing_preference_file(attribute_predictor, tmp_path):
-  with pytest.raises(predict.PredictError, match="no such file"):
-    predict.resolve_user(attribute_predictor.info, preferences_file=str(tmp_path / "absent.tsv"))
+  with pytest.raises(predictor.PredictError, match="no such file"):
+    user_scores.resolve_user(
+      attribute_predictor.info, preferences_file=str(tmp_path / "absent.tsv")
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -415,9 +420,10 @@ def test_a_config_that_describes_another_model_is_refused(runs, tiny_data_dir):
     tiny_data_dir, "privattnet"
   )  # Without per_profile and the wider regressor.
   with pytest.raises(
-    predict.PredictError, match="score.per_profile.*regressor_hidden|regressor_hidden.*per_profile"
+    predictor.PredictError,
+    match="score.per_profile.*regressor_hidden|regressor_hidden.*per_profile",
   ):
-    predict.load_checkpoint_predictor(runs["profiles"], config=config)
+    serving.load_checkpoint_predictor(runs["profiles"], config=config)
   config.score.per_profile = True
   config.model.attention.regressor_hidden = 32
   config.batch_size = 4  # Not a model field: ignored.
@@ -425,7 +431,7 @@ def test_a_config_that_describes_another_model_is_refused(runs, tiny_data_dir):
   config.model.encoder.pretrained = (
     "/elsewhere/resnet50.pth"  # Where training started: not compared.
   )
-  predict.check_config(config, predict._normalised(_checkpoint_config(runs["profiles"])))  # pylint: disable=protected-access
+  predictor.check_config(config, predictor.normalised(_checkpoint_config(runs["profiles"])))  # pylint: disable=protected-access
 
 
 def _checkpoint_config(workdir):
@@ -443,7 +449,7 @@ def test_predict_does_not_touch_the_dataset(runs, tmp_path, photos, monkeypatch)
 
   monkeypatch.setattr(data, "load_data_sources", refuse)
   monkeypatch.setattr(data, "prepare_builder", refuse)
-  predictor = predict.load_checkpoint_predictor(runs["attributes"], batch_size=2)
+  predictor = serving.load_checkpoint_predictor(runs["attributes"], batch_size=2)
   assert predictor.info["model"] == "ap_pr" and predictor.info["attribute_ids"] == list(
     attributes.ATTRIBUTE_IDS
   )
@@ -453,9 +459,9 @@ def test_predict_does_not_touch_the_dataset(runs, tmp_path, photos, monkeypatch)
 
 def test_missing_checkpoint_and_step(tmp_path, runs):
   with pytest.raises(FileNotFoundError, match="train first"):
-    predict.load_checkpoint_predictor(tmp_path / "nothing")
+    serving.load_checkpoint_predictor(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-    predict.load_checkpoint_predictor(runs["profiles"], step=7)
+    serving.load_checkpoint_predictor(runs["profiles"], step=7)
 
 
 # ----------------------------------------------------------------------------

@@ -20,10 +20,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from privattnet_jax.data import attributes
-from privattnet_jax.data import input_pipeline
 from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
 from privattnet_jax.evaluation import report
+from privattnet_jax.inference import images
+from privattnet_jax.inference import predictor
+from privattnet_jax.training import serving
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -34,7 +36,7 @@ PATCH = (56, 36, 88, 64)  # (x0, y0, x1, y1) of the detailed, "private" patch.
 
 def _detail(images: np.ndarray) -> np.ndarray:
   """Per-pixel fine detail of normalised images: |grey - its 3x3 mean|, (B, S, S)."""
-  pixels = images * input_pipeline.IMAGENET_STD + input_pipeline.IMAGENET_MEAN
+  pixels = images * images.IMAGENET_STD + images.IMAGENET_MEAN
   grey = pixels.mean(axis=-1)
   padded = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
   height, width = grey.shape[1:]
@@ -46,7 +48,7 @@ def _detail(images: np.ndarray) -> np.ndarray:
 
 def texture_predictor(
   image_size: int = 64, steps: int = 2, batch_size: int = 8
-) -> predict.Predictor:
+) -> predictor.Predictor:
   """Risk = 20 x the mean fine detail; attention = each grid cell's share of the detail."""
   info = {
     "model": "texture",
@@ -71,7 +73,7 @@ def texture_predictor(
     attention = np.repeat((energy / energy.sum(axis=1, keepdims=True))[:, None], steps, axis=1)
     return {"score": 20 * detail.mean(axis=(1, 2))[:, None], "attention": attention}
 
-  return predict.Predictor(info, batch_size, infer)
+  return predictor.Predictor(info, batch_size, infer)
 
 
 def smooth_photo(size=SIZE) -> Image.Image:
@@ -168,7 +170,7 @@ def test_redaction_changes_the_masked_pixels_and_nothing_else(method):
 
 def test_model_pixels_invert_the_normalisation_exactly():
   image = np.asarray(risky_photo().resize((32, 32)))
-  np.testing.assert_array_equal(redact.model_pixels(input_pipeline.normalize(image)), image)
+  np.testing.assert_array_equal(redact.model_pixels(images.normalize(image)), image)
 
 
 def test_strip_jpeg_metadata_keeps_the_image_data_byte_for_byte():
@@ -419,11 +421,11 @@ def test_bad_settings_and_models_without_attention_are_refused():
     (redact.RedactSettings(max_area=0), "max_area"),
     (redact.RedactSettings(method="smudge"), "method"),
   ):
-    with pytest.raises(predict.PredictError, match=message):
+    with pytest.raises(predictor.PredictError, match=message):
       settings.check()
   predictor = texture_predictor()
   predictor.info["outputs"] = {"score": ["batch", 1]}
-  with pytest.raises(predict.PredictError, match="attention"):
+  with pytest.raises(predictor.PredictError, match="attention"):
     redact.scorer(predictor)
 
 
@@ -496,14 +498,14 @@ def test_command_line_redacts_from_an_artifact_alone_as_the_checkpoint_does(
   """A tiny trained run: redact in process from its checkpoint, and with run.py from its exported
   artifact with the model code made unimportable; the same scores and regions."""
   workdir = tiny_runs.train_tiny_run(tiny_data_dir, tmp_path / "run", "privattnet")
-  exported = predict.export_predictor(workdir, platforms=("cpu",))
+  exported = serving.export_predictor(workdir, platforms=("cpu",))
   photos = tmp_path / "photos"
   photos.mkdir()
   (photos / "photo.jpg").write_bytes(_encoded(risky_photo(), "JPEG", quality=95, exif=_gps_exif()))
   (photos / "empty.jpg").write_bytes(b"")
   settings = redact.RedactSettings(method="pixelate", target_drop=0.9, max_area=0.1)
   expected = redact.redact_photos(
-    predict.load_checkpoint_predictor(workdir, batch_size=4),
+    serving.load_checkpoint_predictor(workdir, batch_size=4),
     [str(photos)],
     tmp_path / "checkpoint",
     settings,

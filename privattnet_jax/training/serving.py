@@ -1,0 +1,120 @@
+"""Serving a checkpoint: as a Predictor that runs the eval step on every device, or exported with jax.export."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from privattnet_jax.data import attributes
+from privattnet_jax.inference import predict, predictor
+from privattnet_jax.models import scoring
+from privattnet_jax.training import restore, train_steps
+
+
+def _inference_function(run) -> Callable:
+  """images -> scoring.inference_outputs, with the checkpoint's variables as constants (export)."""
+  variables = jax.device_get({"params": run.state.params, "batch_stats": run.state.batch_stats})
+  model, task = run.model.clone(), run.task
+
+  def infer(images):
+    return scoring.inference_outputs(model.apply(variables, images, train=False), task)
+
+  return infer
+
+
+def _restore(workdir, step, config):
+  run = restore.restore_checkpoint(workdir, step)
+  if config is not None:
+    predictor.check_config(config, predictor.normalised(run.config.to_dict()))
+  return run
+
+
+def load_checkpoint_predictor(
+  workdir, step: int | None = None, config=None, batch_size: int = predictor.DEFAULT_BATCH_SIZE
+) -> predictor.Predictor:
+  """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
+  (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
+  count."""
+  if jax.process_count() > 1:
+    raise predictor.PredictError("predict runs in a single process")
+  run = _restore(workdir, step, config)
+  info = predictor.predictor_info(
+    predictor.normalised(run.config.to_dict()),
+    run.task,
+    run.step,
+    predictor.output_shapes(_inference_function(run), run.config.image_size),
+  )
+  devices = jax.device_count()
+  batch_size = -(-max(int(batch_size), 1) // devices) * devices
+  eval_fn = train_steps.parallel_eval_step(run.mesh, run.task)
+  num_scores = info["num_scores"]
+
+  def infer(images, mask):
+    # Users' photos have no targets: zeros fill the eval batch's score and labels.
+    batch = {
+      "image": images,
+      "mask": mask,
+      "score": np.zeros((len(images), num_scores), np.float32),
+      "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32),
+    }
+    outputs = jax.device_get(eval_fn(run.state, train_steps.shard_batch(batch, run.mesh)))
+    outputs["score"] = outputs.pop("prediction")
+    for key in ("target", "labels", "mask"):  # Echoed inputs, not predictions.
+      outputs.pop(key)
+    return outputs
+
+  return predictor.Predictor(info, batch_size, infer)
+
+
+def export_predictor(
+  workdir,
+  out_dir=None,
+  step: int | None = None,
+  config=None,
+  platforms: Sequence[str] = predictor.DEFAULT_PLATFORMS,
+) -> pathlib.Path:
+  """Writes the checkpoint's inference function as a jax.export artifact plus its JSON.
+
+  Input: float32 (batch, S, S, 3), preprocessed as the JSON says, the batch dimension symbolic.
+  Outputs: scoring.inference_outputs (score, step_scores, attention, attribute_probabilities, each
+  where the model has it). Lowered for every platform in `platforms` (CPU and CUDA by default;
+  lowering needs no such device). Returns the folder (default `workdir/export`).
+  """
+  unknown = sorted(set(platforms) - set(predictor.PLATFORMS))
+  if unknown or not platforms:
+    raise predictor.PredictError(
+      f"export platforms must be some of {predictor.PLATFORMS}, got {list(platforms)}"
+    )
+  out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "export"
+  predict.check_output_dir(out_dir)
+  run = _restore(workdir, step, config)
+  infer = _inference_function(run)
+  size = run.config.image_size
+  (batch,) = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(
+    jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  )
+  info = predictor.predictor_info(
+    predictor.normalised(run.config.to_dict()),
+    run.task,
+    run.step,
+    predictor.output_shapes(infer, size),
+  )
+  info["platforms"] = list(exported.platforms)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / predictor.EXPORT_FUNCTION_FILE).write_bytes(exported.serialize())
+  (out_dir / predictor.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
+  logging.info(
+    "Exported %s (checkpoint step %d) for %s to %s",
+    info["model"],
+    run.step,
+    info["platforms"],
+    out_dir,
+  )
+  return out_dir
