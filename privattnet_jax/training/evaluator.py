@@ -16,6 +16,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.evaluation import metrics as metrics_lib
 from privattnet_jax.models import scoring
 from privattnet_jax.training import experiment as experiment_lib
+from privattnet_jax.training import serving
 from privattnet_jax.training import restore, train_state, train_steps
 
 
@@ -114,24 +115,6 @@ class _Laps:
     return f"{self.last - self.start:.2f} s: {parts}"
 
 
-def _photo_inference(experiment: experiment_lib.Experiment, state: train_state.TrainState):
-  """(images, mask) -> the eval step's `score` and `attention` for images without targets (zeros fill
-  the batch's targets), as the redaction quality re-scores redacted images."""
-  num_scores = experiment.task.preferences.shape[1]
-
-  def infer(images, mask):
-    batch = {
-      "image": images,
-      "mask": mask,
-      "score": np.zeros((len(images), num_scores), np.float32),
-      "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32),
-    }
-    outputs = _to_host(experiment.eval_fn(state, train_steps.shard_batch(batch, experiment.mesh)))
-    return {"score": outputs["prediction"], "attention": outputs["attention"]}
-
-  return infer
-
-
 def evaluate_checkpoint(
   config,
   workdir: str,
@@ -181,7 +164,9 @@ def evaluate_checkpoint(
     redaction = evaluation_report.redaction_summary(
       result.extras,
       experiment.sources[split],
-      _photo_inference(experiment, state),
+      serving.photo_inference(
+        experiment.eval_fn, state, experiment.mesh, experiment.task.preferences.shape[1]
+      ),
       image_size=config.image_size,
       batch_size=config.batch_size,
       model_name=config.model.name,

@@ -52,24 +52,33 @@ def load_checkpoint_predictor(
   )
   devices = jax.device_count()
   batch_size = -(-max(int(batch_size), 1) // devices) * devices
-  eval_fn = train_steps.parallel_eval_step(run.mesh, run.task)
-  num_scores = info["num_scores"]
+  infer = photo_inference(
+    train_steps.parallel_eval_step(run.mesh, run.task), run.state, run.mesh, info["num_scores"]
+  )
+  return predictor.Predictor(info, batch_size, infer)
+
+
+def photo_inference(eval_fn, state, mesh, num_scores: int) -> Callable:
+  """(images, mask) -> the eval step's outputs for photos, which have no targets (zeros fill them).
+
+  Returns numpy `score` (B, P) raw, and `step_scores`, `attention`, `attribute_probabilities`
+  where the model has them: what predict, redact and the redaction quality read.
+  """
 
   def infer(images, mask):
-    # Users' photos have no targets: zeros fill the eval batch's score and labels.
     batch = {
       "image": images,
       "mask": mask,
       "score": np.zeros((len(images), num_scores), np.float32),
       "labels": np.zeros((len(images), attributes.NUM_ATTRIBUTES), np.float32),
     }
-    outputs = jax.device_get(eval_fn(run.state, train_steps.shard_batch(batch, run.mesh)))
+    outputs = jax.device_get(eval_fn(state, train_steps.shard_batch(batch, mesh)))
     outputs["score"] = outputs.pop("prediction")
     for key in ("target", "labels", "mask"):  # Echoed inputs, not predictions.
       outputs.pop(key)
     return outputs
 
-  return predictor.Predictor(info, batch_size, infer)
+  return infer
 
 
 def export_predictor(
