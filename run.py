@@ -502,7 +502,7 @@ def main(argv):
     else:
       # Imported after flag parsing: grain worker processes re-import this module.
       from privattnet_jax.training import evaluator  # pylint: disable=g-import-not-at-top
-      from privattnet_jax.training import experiment  # pylint: disable=g-import-not-at-top
+      from privattnet_jax.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       from privattnet_jax.training import serving  # pylint: disable=g-import-not-at-top
       from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
@@ -519,7 +519,7 @@ def main(argv):
       elif FLAGS.mode == "cache_features":
         if config.feature_cache.mode == "off":
           config.feature_cache.mode = "host"
-        cache = experiment.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
+        cache = experiment_lib.Experiment(config, FLAGS.workdir, need_train=False).feed.cache
         print(
           f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
           flush=True,

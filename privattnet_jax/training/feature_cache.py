@@ -56,7 +56,9 @@ import numpy as np
 
 from privattnet_jax.data import input_pipeline
 
-FORMAT = "privattnet_jax.training.feature_cache"
+FORMAT = (
+  "privattnet_jax.feature_cache"  # A format name, not a module path: existing caches stay valid.
+)
 FORMAT_VERSION = 1
 MANIFEST_FILENAME = "manifest.json"
 DEFAULT_SUBDIR = "feature_cache"

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from privattnet_jax.models import scoring, weights
-from privattnet_jax.training import optimizer
+from privattnet_jax.training import optimizer as optimizer_lib
 
 
 class TrainState(train_state.TrainState):
@@ -69,7 +69,7 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
     config.model.encoder.pretrained,
   )
   params = variables["params"]
-  tx = optimizer.create_optimizer(config, params, total_steps)
+  tx = optimizer_lib.create_optimizer(config, params, total_steps)
   return TrainState(
     # Not weakly typed, as a restored step is: new and resumed runs share one traced step.
     step=np.int32(0),

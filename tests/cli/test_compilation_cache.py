@@ -11,7 +11,7 @@ import numpy as np
 
 from privattnet_jax.cli import compilation_cache
 from privattnet_jax.models import scoring
-from privattnet_jax.training import optimizer
+from privattnet_jax.training import optimizer as optimizer_lib
 from tests import subprocesses
 from tests.conftest import make_tiny_config
 
@@ -70,16 +70,17 @@ def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_dat
 
   config = make_tiny_config(tiny_data_dir)
   params = {"encoder": {}, "head": {}}
-  optimizer = optimizer.create_optimizer(config, params, 10)
+  optimizer = optimizer_lib.create_optimizer(config, params, 10)
   assert (
-    optimizer.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10) is optimizer
+    optimizer_lib.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10)
+    is optimizer
   )
-  assert optimizer.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
+  assert optimizer_lib.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
   other_rate = ml_collections.ConfigDict(config.to_dict())
   other_rate.optim.learning_rate *= 2
-  assert optimizer.create_optimizer(other_rate, params, 10) is not optimizer
+  assert optimizer_lib.create_optimizer(other_rate, params, 10) is not optimizer
   config.optim.schedule = "constant"  # A constant rate does not depend on the run's length.
-  assert optimizer.create_optimizer(config, params, 10) is optimizer.create_optimizer(
+  assert optimizer_lib.create_optimizer(config, params, 10) is optimizer_lib.create_optimizer(
     config, params, 11
   )
 

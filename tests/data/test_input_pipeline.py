@@ -92,7 +92,7 @@ def _config(batch_size=4, seed=7, **data):
 
 
 def _task(config):
-  """The run's score definition, as experiment.Experiment builds it (the target mean is not used here)."""
+  """The run's score definition, as experiment_lib.Experiment builds it (the target mean is not used here)."""
   preferences = input_pipeline.preferences_from_config(config)
   return scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
 

@@ -22,7 +22,7 @@ from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
 from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
-from privattnet_jax.training import experiment
+from privattnet_jax.training import experiment as experiment_lib
 from privattnet_jax.training import train_state
 from tests.conftest import make_tiny_config
 
@@ -115,7 +115,7 @@ def test_attribute_models_report_ap_per_attribute_id(runs, name, ids):
 
 def test_pr_cnn_table_row_is_the_profile_mean_prediction_against_the_profile_mean_score(runs):
   config, workdir, metrics = runs("pr_cnn")
-  experiment = experiment.Experiment(config, workdir, need_train=False)
+  experiment = experiment_lib.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
   result = evaluator.evaluate(
     state, experiment.eval_fn, experiment.feed.eval_batches("test"), experiment.mesh
@@ -153,7 +153,7 @@ def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(r
 def test_regression_checkpoint_refuses_another_number_of_score_columns(runs):
   config, workdir, _ = runs("pr_cnn")
   with pytest.raises(ValueError, match="predict 30 score column.*this config 1"):
-    experiment.Experiment(
+    experiment_lib.Experiment(
       _config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False
     )
 

@@ -15,7 +15,7 @@ from privattnet_jax.data import input_pipeline
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
 from privattnet_jax.training import evaluator
-from privattnet_jax.training import experiment
+from privattnet_jax.training import experiment as experiment_lib
 from tests import subprocesses
 from tests.conftest import jit_traces
 from tests.conftest import make_tiny_config
@@ -80,7 +80,7 @@ def check_draws(experiment, epochs: int = 2):
 
 def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp_path):
   config = _on_device_config(tiny_data_dir, tmp_path / "cache", train_views=2)
-  experiment = experiment.Experiment(config, tmp_path / "run")
+  experiment = experiment_lib.Experiment(config, tmp_path / "run")
   drawn = check_draws(experiment)
   assert len(drawn[0]) == 48  # 6 steps of 8 over 48 examples: each example once per epoch.
   # Evaluation from the devices is the host loader's, row for row.
@@ -139,7 +139,7 @@ def test_on_device_training_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch
   assert calls == 6 + 4  # Steps 1-5, the killed step 6, then resumed at step 4: steps 5 to 8.
 
   def final_params(workdir):
-    experiment = experiment.Experiment(config, workdir, need_train=False)
+    experiment = experiment_lib.Experiment(config, workdir, need_train=False)
     return jax.device_get(experiment.restore(8).params)
 
   jax.tree_util.tree_map(
@@ -167,12 +167,12 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
   script = f"""
     import jax, numpy as np
     from tests.training.test_device_features import _on_device_config, check_draws
-    from privattnet_jax.training import train
+    from privattnet_jax.training import evaluator, experiment as experiment_lib
     for num_train in (48, 47):
       config = _on_device_config({tiny_data_dir!r}, {str(tmp_path)!r} + f"/cache{{num_train}}")
       config.data.synthetic.num_train = num_train
       config.data.synthetic.seed = num_train
-      experiment = experiment.Experiment(config, {str(tmp_path)!r} + f"/run{{num_train}}")
+      experiment = experiment_lib.Experiment(config, {str(tmp_path)!r} + f"/run{{num_train}}")
       assert jax.device_count() == 2 and experiment.steps_per_epoch == num_train // 8
       drawn = check_draws(experiment)
       # Device d draws its own examples d, d + 2, ...: each batch half comes from one device.
@@ -202,7 +202,7 @@ def test_a_config_with_the_replaced_booleans_is_told_the_new_field(tiny_data_dir
     ValueError,
     match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'",
   ):
-    experiment.validate_config(config)
+    experiment_lib.validate_config(config)
 
 
 def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():

@@ -20,7 +20,7 @@ from privattnet_jax.data import input_pipeline
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
 from privattnet_jax.models import weights
-from privattnet_jax.training import experiment
+from privattnet_jax.training import experiment as experiment_lib
 from tests.conftest import make_tiny_config
 
 
@@ -76,10 +76,10 @@ def test_config_errors_name_the_field_and_why(tiny_data_dir, tmp_path, field, va
     node = node[part]
   node[name] = value
   with pytest.raises(ValueError, match=message):
-    experiment.Experiment(config, tmp_path / "run")
+    experiment_lib.Experiment(config, tmp_path / "run")
   config.feature_cache.mode = "off"  # Without the cache the same fields are not its business.
   if not field.startswith("feature_cache."):
-    experiment.validate_config(config)
+    experiment_lib.validate_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def validation_cache(tiny_data_dir, tmp_path_factory):
   """An experiment whose fp32 cache holds the validation split; tests that change it copy it first."""
   root = tmp_path_factory.mktemp("validation_cache")
   config = _cache_config(tiny_data_dir, root / "cache", dtype="float32", splits=("validation",))
-  experiment = experiment.Experiment(config, root / "run")
+  experiment = experiment_lib.Experiment(config, root / "run")
   images = next(
     iter(
       input_pipeline.create_eval_batches(experiment.sources["validation"], config, experiment.task)
@@ -184,7 +184,7 @@ def test_a_cache_of_other_weights_or_preprocessing_is_rebuilt_never_used(
   config.feature_cache.dir = str(cache_dir)
   config.model.encoder.pretrained = str(weights.save_encoder(tmp_path / "other.msgpack", other))
   with caplog.at_level(logging.INFO):
-    second = experiment.Experiment(config, tmp_path / "run", need_train=False)
+    second = experiment_lib.Experiment(config, tmp_path / "run", need_train=False)
   assert "built from other inputs: encoder.sha256" in caplog.text
   manifest = json.loads((cache_dir / "manifest.json").read_text())
   assert manifest["encoder"]["sha256"] == feature_cache.encoder_digest(second.initial_state)

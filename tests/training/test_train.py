@@ -13,12 +13,12 @@ from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
 from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
-from privattnet_jax.training import experiment
+from privattnet_jax.training import experiment as experiment_lib
 from tests import subprocesses
 
 
 def _final_params(config, workdir):
-  experiment = experiment.Experiment(config, workdir, need_train=False)
+  experiment = experiment_lib.Experiment(config, workdir, need_train=False)
   return jax.device_get(experiment.restore(experiment.manager.latest_step()).params)
 
 
@@ -80,7 +80,7 @@ def test_frozen_encoder_is_not_updated_and_has_no_optimizer_state(tiny_config, t
   config.model.encoder.trainable = False
   config.model.encoder.batchnorm = "frozen"
   config.num_train_steps = 2
-  experiment = experiment.Experiment(config, tmp_path / "frozen")
+  experiment = experiment_lib.Experiment(config, tmp_path / "frozen")
   before = jax.device_get(experiment.initial_state.params)
   train.train_and_evaluate(config, str(tmp_path / "frozen"))
   after = _final_params(config, tmp_path / "frozen")
@@ -174,12 +174,12 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     import jax, numpy as np, optax
     from tests.conftest import make_tiny_config
     from privattnet_jax.training import train_steps
-    from privattnet_jax.training import train
+    from privattnet_jax.training import experiment as experiment_lib
     from privattnet_jax.data import input_pipeline
     config = make_tiny_config({tiny_data_dir!r})
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
-    experiment = experiment.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
+    experiment = experiment_lib.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
     batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config,
                                                                                  experiment.task))]
     sgd = optax.sgd(0.05)
@@ -227,7 +227,7 @@ def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
   """The TensorBoard writer costs no torch import at start-up (1.7 s), and torch stays importable."""
   script = f"""
     import pathlib, sys
-    from privattnet_jax.training import train
+    from privattnet_jax.training import metric_writer
     writer = metric_writer.MetricWriter(pathlib.Path({str(tmp_path)!r}))
     writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
     writer.close()
