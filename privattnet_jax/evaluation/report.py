@@ -9,7 +9,7 @@ measured ones, marked as published: they are copied, never rerun.
 
 Metrics dicts are those of `eval_<split>.json`: keys `l1`, `mse`, `pearson`,
 `spearman`, `n`; other scalar keys (e.g. `map`) are listed below the table.
-Numbers only, Pillow for the plot: no matplotlib.
+The scatter plot is matplotlib's (imported when it is drawn); images are Pillow's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from privattnet_jax.data import attributes
 
@@ -59,12 +59,11 @@ PUBLISHED_RESULTS = (
   PublishedRow("PrivNet", "0.43", "0.83", "0.78"),
 )
 
-# Scatter plot geometry: image size and the margins around the plotting area, in pixels.
+# The scatter plot: its size in pixels, at SCATTER_DPI (matplotlib's text sizes are in points).
 SCATTER_SIZE = (420, 420)
-SCATTER_MARGINS = {"left": 56, "top": 28, "right": 14, "bottom": 44}
-POINT_COLOUR = (31, 119, 180)
-DIAGONAL_COLOUR = (214, 39, 40)
-AXIS_COLOUR = (0, 0, 0)
+SCATTER_DPI = 100
+POINT_COLOUR = "tab:blue"
+DIAGONAL_COLOUR = "tab:red"
 
 
 def format_value(value, digits: int = 3) -> str:
@@ -205,26 +204,6 @@ def select_examples(predictions, k: int) -> tuple[np.ndarray, np.ndarray]:
   return order[:k], order[k:][::-1][:k]
 
 
-def _nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
-  span = high - low
-  magnitude = 10.0 ** math.floor(math.log10(span / target))
-  step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if span / (m * magnitude) <= target)
-  first = math.ceil(low / step - 1e-9) * step
-  count = int(math.floor((high - first) / step + 1e-9)) + 1
-  return [round(first + i * step, 10) for i in range(count)]
-
-
-def _value_range(predictions: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-  values = np.concatenate([predictions, targets])
-  if values.size == 0:
-    return 0.0, 1.0
-  low, high = float(values.min()), float(values.max())
-  if high == low:
-    return low - 0.5, high + 0.5
-  pad = 0.05 * (high - low)
-  return low - pad, high + pad
-
-
 def scatter_plot(
   predictions,
   targets,
@@ -233,65 +212,49 @@ def scatter_plot(
   value_range: tuple[float, float] | None = None,
   size: tuple[int, int] = SCATTER_SIZE,
 ) -> Image.Image:
-  """Predicted (y) against true (x) scores, with the y = x diagonal, axes, ticks and labels.
+  """Predicted (y) against true (x) scores with the y = x line, so misses show as distance from it.
 
   Both axes share one range (the data's, padded by 5%, unless value_range is
-  given), so the diagonal runs corner to corner. Non-finite pairs are not drawn.
-  Points are translucent so dense regions show darker.
+  given), so the line runs corner to corner. Non-finite pairs are not drawn.
+  Points are translucent so dense regions show darker. Drawn with matplotlib's
+  object API on its Agg canvas: no pyplot, no process-wide backend.
   """
   predictions, targets = _scores(predictions, "predictions"), _scores(targets, "targets")
   if predictions.shape != targets.shape:
     raise ValueError(f"predictions {predictions.shape} and targets {targets.shape} differ")
+  if value_range is not None and not value_range[1] > value_range[0]:
+    raise ValueError(f"value_range must be (low, high) with low < high; got {tuple(value_range)}")
   finite = np.isfinite(predictions) & np.isfinite(targets)
   predictions, targets = predictions[finite], targets[finite]
-  low, high = value_range if value_range is not None else _value_range(predictions, targets)
-  if not high > low:
-    raise ValueError(f"value_range must be (low, high) with low < high; got {(low, high)}")
-  width, height = size
-  left, top = SCATTER_MARGINS["left"], SCATTER_MARGINS["top"]
-  right, bottom = width - SCATTER_MARGINS["right"], height - SCATTER_MARGINS["bottom"]
+  # Imported here: only the report draws plots, and matplotlib's import is most of its cost.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  def to_x(v):
-    return left + (np.asarray(v) - low) / (high - low) * (right - left)
-
-  def to_y(v):
-    return bottom - (np.asarray(v) - low) / (high - low) * (bottom - top)
-
-  font = ImageFont.load_default()
-  image = Image.new("RGB", size, (255, 255, 255))
-  draw = ImageDraw.Draw(image)
-  for tick in _nice_ticks(low, high):
-    label = f"{tick:g}"
-    x, y = float(to_x(tick)), float(to_y(tick))
-    draw.line([(x, bottom), (x, bottom + 4)], fill=AXIS_COLOUR)
-    draw.text((x, bottom + 6), label, fill=AXIS_COLOUR, font=font, anchor="mt")
-    draw.line([(left - 4, y), (left, y)], fill=AXIS_COLOUR)
-    draw.text((left - 6, y), label, fill=AXIS_COLOUR, font=font, anchor="rm")
-  draw.line([(left, bottom), (right, top)], fill=DIAGONAL_COLOUR, width=1)
-
-  points = Image.new("RGBA", size, (0, 0, 0, 0))
-  point_draw = ImageDraw.Draw(points)
-  for x, y in zip(to_x(targets), to_y(predictions)):
-    if left <= x <= right and top <= y <= bottom:
-      point_draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(*POINT_COLOUR, 128))
-  image.paste(points, (0, 0), points)
-
-  draw = ImageDraw.Draw(image)
-  draw.rectangle([left, top, right, bottom], outline=AXIS_COLOUR)
-  draw.text(
-    ((left + right) / 2, height - 4), "true score", fill=AXIS_COLOUR, font=font, anchor="md"
-  )
-  label = Image.new("RGB", (bottom - top, 14), (255, 255, 255))
-  ImageDraw.Draw(label).text(
-    ((bottom - top) / 2, 7), "predicted score", fill=AXIS_COLOUR, font=font, anchor="mm"
-  )
-  image.paste(label.rotate(90, expand=True), (2, top))
+  figure = Figure(figsize=(size[0] / SCATTER_DPI, size[1] / SCATTER_DPI), dpi=SCATTER_DPI)
+  canvas = FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  axes.scatter(targets, predictions, s=12, color=POINT_COLOUR, alpha=0.5, linewidths=0)
+  if value_range is None:
+    # The mirrored points make each axis's data limits span both scores; autoscaling pads by 5%.
+    axes.update_datalim(np.column_stack([predictions, targets]))
+    axes.autoscale_view()
+    low, high = axes.get_xlim()
+    axes.set_ylim(low, high)
+  else:
+    axes.set_xlim(value_range)
+    axes.set_ylim(value_range)
+  axes.axline((0, 0), slope=1, color=DIAGONAL_COLOUR, linewidth=1)
+  axes.set_aspect("equal")
+  axes.set_xlabel("true score")
+  axes.set_ylabel("predicted score")
   heading = title or "predicted vs true score"
   heading += f" (n={len(targets)}" + (
     f", {int((~finite).sum())} non-finite not drawn)" if (~finite).any() else ")"
   )
-  draw.text((width / 2, 6), heading, fill=AXIS_COLOUR, font=font, anchor="mt")
-  return image
+  axes.set_title(heading, fontsize="medium")
+  figure.subplots_adjust(left=0.15, right=0.95, bottom=0.12, top=0.92)
+  canvas.draw()
+  return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
 def localisation_rows(localisation: Mapping) -> list[list[str]]:

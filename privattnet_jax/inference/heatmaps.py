@@ -16,6 +16,7 @@ enabled, mixes two scales).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,63 +33,29 @@ CAPTION_HEIGHT = (
 CAPTION_BACKGROUND = (255, 255, 255)
 CAPTION_COLOUR = (0, 0, 0)
 
-# matplotlib's `_jet_data` (lib/matplotlib/_cm.py): per channel, (x, y_below, y_above) anchors.
-_JET_SEGMENTS = {
-  "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
-  "green": (
-    (0.000, 0, 0),
-    (0.125, 0, 0),
-    (0.375, 1, 1),
-    (0.640, 1, 1),
-    (0.910, 0, 0),
-    (1.000, 0, 0),
-  ),
-  "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
-}
 
-
-def _segment_lookup_table(segments: Sequence[tuple[float, float, float]], size: int) -> np.ndarray:
-  """One channel of a LinearSegmentedColormap, as matplotlib's `_create_lookup_table` builds it."""
-  anchors = np.asarray(segments, dtype=np.float64)
-  y_below, y_above = anchors[:, 1], anchors[:, 2]
-  # Interpolating in index units (0..size-1), not [0, 1], gives matplotlib's exact floats, so
-  # the uint8 table truncates the same way at entries that land on an integer (97, 128, 159).
-  x = anchors[:, 0] * (size - 1)
-  samples = (size - 1) * np.linspace(0.0, 1.0, size)
-  right = np.searchsorted(x, samples)[1:-1]
-  distance = (samples[1:-1] - x[right - 1]) / (x[right] - x[right - 1])
-  inner = distance * (y_below[right] - y_above[right - 1]) + y_above[right - 1]
-  return np.clip(np.concatenate([[y_above[0]], inner, [y_below[-1]]]), 0.0, 1.0)
-
-
+@functools.cache
 def jet_lut() -> np.ndarray:
-  """matplotlib's 256-entry jet table, float64 (256, 3) RGB in [0, 1]."""
-  return np.stack(
-    [_segment_lookup_table(_JET_SEGMENTS[c], 256) for c in ("red", "green", "blue")], axis=1
-  )
+  """matplotlib's jet as a (256, 3) uint8 RGB table, so that overlays colour by a numpy lookup.
 
-
-JET_LUT = jet_lut()
-# matplotlib's `cmap(x, bytes=True)` truncates (lut * 255) to uint8; so do we.
-JET_LUT_UINT8 = (JET_LUT * 255).astype(np.uint8)
-
-
-def jet(values) -> np.ndarray:
-  """matplotlib's `cm.jet(values)[..., :3]` for floats in [0, 1]: (..., 3) float RGB.
-
-  As in matplotlib, value v picks entry floor(v * 256), clipped to 0..255.
+  Built on first use: only callers that colour heat maps pay for importing matplotlib.
   """
-  values = np.asarray(values, dtype=np.float64)
-  index = np.clip(np.floor(values * 256), 0, 255).astype(np.int64)
-  return JET_LUT[index]
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  lut = np.ascontiguousarray(matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3])
+  lut.flags.writeable = False  # One table shared by every caller.
+  return lut
 
 
 def colourise(intensity: np.ndarray) -> np.ndarray:
-  """Applies jet to a uint8 intensity image: (...,) uint8 -> (..., 3) uint8 RGB."""
+  """Applies jet to a uint8 intensity image by table lookup, fast enough for full-size overlays.
+
+  (...,) uint8 -> (..., 3) uint8 RGB; level i is matplotlib's `cm.jet(i, bytes=True)[:3]`.
+  """
   intensity = np.asarray(intensity)
   if intensity.dtype != np.uint8:
     raise ValueError(f"colourise expects uint8 intensities, got {intensity.dtype}")
-  return JET_LUT_UINT8[intensity]
+  return jet_lut()[intensity]
 
 
 def infer_grid_shape(

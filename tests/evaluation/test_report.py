@@ -2,7 +2,11 @@
 
 import base64
 import io
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,9 @@ from PIL import Image
 
 from privattnet_jax.evaluation import report
 from privattnet_jax.data import attributes
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 METRICS = {"l1": 0.5123, "mse": 0.4, "pearson": 0.81, "spearman": 0.79, "n": 4}
 PUBLISHED_LINES = [
@@ -104,32 +111,80 @@ class TestSelectExamples:
     assert most.tolist() == [1, 2] and least.tolist() == [0]
 
 
+def pixels_of(image):
+  return np.asarray(image).astype(int)
+
+
+def blue_points(pixels):
+  """(rows, columns) of the translucent blue points: blue well above red (not grey, not red)."""
+  return np.nonzero(pixels[..., 2] > pixels[..., 0] + 40)
+
+
+def identity_line(pixels):
+  """(rows, columns) of the red y = x line."""
+  return np.nonzero((pixels[..., 0] > pixels[..., 1] + 80) & (pixels[..., 0] > pixels[..., 2] + 80))
+
+
 class TestScatter:
-  def test_point_and_diagonal_where_expected(self):
-    image = report.scatter_plot([4.0], [1.0], value_range=(0.0, 5.0), title="t")
-    assert image.size == report.SCATTER_SIZE
-    pixels = np.asarray(image).astype(int)
-    m = report.SCATTER_MARGINS
-    left, top = m["left"], m["top"]
-    right, bottom = report.SCATTER_SIZE[0] - m["right"], report.SCATTER_SIZE[1] - m["bottom"]
-    x = round(left + 1 / 5 * (right - left))
-    y = round(bottom - 4 / 5 * (bottom - top))
-    point = pixels[y, x]
-    assert point[2] > point[0] + 40  # Translucent blue over white.
-    centre = pixels[
-      (top + bottom) // 2 - 2 : (top + bottom) // 2 + 3,
-      (left + right) // 2 - 2 : (left + right) // 2 + 3,
-    ]
-    assert (np.abs(centre - report.DIAGONAL_COLOUR).sum(axis=-1) < 60).any()  # The y = x line.
-    # Mirror position (true 4, predicted 1) stays blank.
-    mirror = pixels[round(bottom - 1 / 5 * (bottom - top)), round(left + 4 / 5 * (right - left))]
-    assert mirror.tolist() == [255, 255, 255]
+  def test_size_and_drawn(self):
+    image = report.scatter_plot([3.0, 2.0, 0.5], [4.0, 4.0, 0.0], title="t")
+    assert image.size == report.SCATTER_SIZE and image.mode == "RGB"
+    pixels = pixels_of(image)
+    assert (pixels < 100).all(axis=-1).sum() > 500  # Axes, ticks, labels and title in black.
+    assert len(blue_points(pixels)[0]) > 0 and len(identity_line(pixels)[0]) > 0
+
+  def test_point_where_its_scores_are(self):
+    """With value_range (0, 5) the y = x line spans the plot's box, which locates each score."""
+
+    def point_centre(predicted, true):
+      pixels = pixels_of(report.scatter_plot([predicted], [true], value_range=(0.0, 5.0)))
+      rows, columns = identity_line(pixels)
+      top, bottom, left, right = rows.min(), rows.max(), columns.min(), columns.max()
+      expected = (bottom - predicted / 5 * (bottom - top), left + true / 5 * (right - left))
+      point_rows, point_columns = blue_points(pixels)
+      return (point_rows.mean(), point_columns.mean()), expected
+
+    for predicted, true in ((4.0, 1.0), (1.0, 4.0), (2.5, 2.0)):
+      centre, expected = point_centre(predicted, true)
+      np.testing.assert_allclose(centre, expected, atol=3)
+
+  def test_identity_line_corner_to_corner_on_the_datas_shared_range(self):
+    # Predictions span far more than the targets: both axes still take the range of both.
+    pixels = pixels_of(report.scatter_plot([-3.0, 9.0, 2.0], [1.0, 2.0, 3.0]))
+    rows, columns = identity_line(pixels)
+    assert abs((rows.max() - rows.min()) - (columns.max() - columns.min())) <= 2  # A square box.
+    assert columns[rows.argmax()] <= columns.min() + 2  # Starts bottom left ...
+    assert columns[rows.argmin()] >= columns.max() - 2  # ... ends top right.
+    point_rows, point_columns = blue_points(pixels)
+    # Every point inside the box, none on its edge (the range is padded).
+    assert rows.min() < point_rows.min() and point_rows.max() < rows.max()
+    assert columns.min() < point_columns.min() and point_columns.max() < columns.max()
+    assert point_rows.max() - point_rows.min() > 0.7 * (rows.max() - rows.min())
 
   def test_non_finite_points_skipped_and_bad_range(self):
-    image = report.scatter_plot([1.0, np.nan], [1.0, 2.0])
-    assert image.size == report.SCATTER_SIZE
+    with_nan = pixels_of(report.scatter_plot([1.0, np.nan, 3.0], [1.0, 2.0, np.inf]))
+    finite = pixels_of(report.scatter_plot([1.0], [1.0]))
+    # Same axes and points; only the title (its count of undrawn points) differs.
+    below_title = identity_line(finite)[0].min() - 2
+    np.testing.assert_array_equal(with_nan[below_title:], finite[below_title:])
+    assert not np.array_equal(with_nan[:below_title], finite[:below_title])
     with pytest.raises(ValueError, match="low < high"):
       report.scatter_plot([1.0], [1.0], value_range=(2.0, 2.0))
+
+  def test_no_matplotlib_until_a_plot_is_drawn_and_no_pyplot(self):
+    """Importing the report or the heat maps stays cheap; drawing leaves matplotlib's global
+    state (pyplot, its backend) untouched."""
+    script = (
+      "import sys\n"
+      "import numpy as np\n"
+      "from privattnet_jax.evaluation import evaluation_report, report\n"
+      "from privattnet_jax.inference import heatmaps\n"
+      "assert 'matplotlib' not in sys.modules, 'imported with the modules'\n"
+      "report.scatter_plot([1.0], [2.0])\n"
+      "heatmaps.colourise(np.zeros(4, np.uint8))\n"
+      "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, env=ENV)
 
 
 class TestWriteReport:

@@ -1,5 +1,6 @@
-"""Heat maps: matplotlib's jet table, normalisation, upsampling position, panel layout."""
+"""Heat maps: matplotlib's jet colours, normalisation, upsampling position, panel layout."""
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,50 +15,25 @@ def peaked(num_locations, peak, steps=1):
 
 
 class TestJet:
-  def test_end_points(self):
-    np.testing.assert_allclose(heatmaps.JET_LUT[0], [0.0, 0.0, 0.5])
-    np.testing.assert_allclose(heatmaps.JET_LUT[255], [0.5, 0.0, 0.0])
-    assert heatmaps.JET_LUT.shape == (256, 3)
+  def test_table_is_matplotlibs_jet_at_every_level(self):
+    levels = np.arange(256)
+    expected = matplotlib.colormaps["jet"](levels, bytes=True)[:, :3]
+    np.testing.assert_array_equal(heatmaps.colourise(levels.astype(np.uint8)), expected)
+    np.testing.assert_array_equal(heatmaps.jet_lut(), expected)
+    assert heatmaps.jet_lut().dtype == np.uint8
 
-  def test_interior_entries_by_hand(self):
-    # Entry i samples x = i / 255 and interpolates matplotlib's _jet_data anchors.
-    x = 64 / 255  # green rises over 0.125..0.375; red 0; blue flat 1 over 0.11..0.34.
-    np.testing.assert_allclose(heatmaps.JET_LUT[64], [0.0, (x - 0.125) / 0.25, 1.0])
-    x = (
-      128 / 255
-    )  # red rises over 0.35..0.66; green 1 over 0.375..0.64; blue falls over 0.34..0.65.
-    np.testing.assert_allclose(
-      heatmaps.JET_LUT[128], [(x - 0.35) / 0.31, 1.0, 1.0 - (x - 0.34) / 0.31]
-    )
-    np.testing.assert_allclose(heatmaps.JET_LUT[128], [0.4902, 1.0, 0.4775], atol=1e-4)
-    x = 28 / 255  # blue rises from 0.5 at 0 to 1 at 0.11.
-    np.testing.assert_allclose(heatmaps.JET_LUT[28], [0.0, 0.0, 0.5 + 0.5 * x / 0.11])
-    x = 240 / 255  # red falls from 1 at 0.89 to 0.5 at 1; green 0 past 0.91.
-    np.testing.assert_allclose(heatmaps.JET_LUT[240], [1.0 - 0.5 * (x - 0.89) / 0.11, 0.0, 0.0])
-
-  def test_bytes_truncate_like_matplotlib(self):
-    assert heatmaps.JET_LUT_UINT8[0].tolist() == [0, 0, 127]
-    assert heatmaps.JET_LUT_UINT8[255].tolist() == [127, 0, 0]
-    assert heatmaps.JET_LUT_UINT8[64].tolist() == [0, 128, 255]
-    # matplotlib's own bytes at entries whose exact value is an integer (checked against
-    # matplotlib 3.11.2's cm.jet(i, bytes=True)): its float error lands just below, so 24 not 25.
-    assert heatmaps.JET_LUT_UINT8[97].tolist() == [24, 255, 221]
-    assert heatmaps.JET_LUT_UINT8[128].tolist() == [124, 255, 121]
-    assert heatmaps.JET_LUT_UINT8[159].tolist() == [224, 255, 21]
-
-  def test_float_lookup_picks_floor_times_256(self):
-    np.testing.assert_array_equal(heatmaps.jet(0.5), heatmaps.JET_LUT[128])
-    np.testing.assert_array_equal(
-      heatmaps.jet([0.0, 1.0, 0.999, -1.0, 2.0]), heatmaps.JET_LUT[[0, 255, 255, 0, 255]]
-    )
-    np.testing.assert_array_equal(heatmaps.jet(0.25), heatmaps.JET_LUT[64])
-
-  def test_colourise_wants_uint8(self):
-    np.testing.assert_array_equal(
-      heatmaps.colourise(np.array([[0, 255]], np.uint8)), [[[0, 0, 127], [127, 0, 0]]]
-    )
+  def test_colourise_keeps_the_image_shape_and_wants_uint8(self):
+    intensity = np.array([[0, 255], [128, 64]], np.uint8)
+    colours = heatmaps.colourise(intensity)
+    assert colours.shape == (2, 2, 3) and colours.dtype == np.uint8
+    assert colours[0, 0].tolist() == [0, 0, 127]  # Dark blue at 0, dark red at 255.
+    assert colours[0, 1].tolist() == [127, 0, 0]
     with pytest.raises(ValueError, match="uint8"):
       heatmaps.colourise(np.array([0.5]))
+
+  def test_table_cannot_be_changed_by_a_caller(self):
+    with pytest.raises(ValueError, match="read-only"):
+      heatmaps.jet_lut()[0] = 0
 
 
 class TestGrid:
@@ -150,9 +126,7 @@ class TestPeak:
 
     image = np.full((height, width, 3), 128, np.uint8)
     overlay = heatmaps.attention_overlays(image, attention, grid_shape)[0]
-    expected = np.rint(
-      0.5 * 128 + 0.5 * heatmaps.JET_LUT_UINT8[intensity[row, column]].astype(float)
-    )
+    expected = np.rint(0.5 * 128 + 0.5 * heatmaps.jet_lut()[intensity[row, column]].astype(float))
     np.testing.assert_array_equal(overlay[row, column], expected)
     assert overlay[row, column, 0] > overlay[row, column, 2]  # Red end of jet at the peak.
     far = (0 if row >= height // 2 else height - 1, 0 if column >= width // 2 else width - 1)
