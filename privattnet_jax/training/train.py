@@ -62,11 +62,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("set num_train_steps > 0 or num_epochs > 0")
   if config.image_size < 32:
     raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
-  if config.model.name not in models.MODEL_NAMES:
-    raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
-  stride = models.encoder_output_stride(
-    config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder)
-  )
+  stride = models.encoder_output_stride(config.model.encoder, models.encoder_stages(config.model))
   if config.image_size % stride:
     raise ValueError(
       f"image_size={config.image_size} must be a multiple of the encoder's output stride "
