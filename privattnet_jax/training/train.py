@@ -28,7 +28,7 @@ from privattnet_jax.data import input_pipeline
 from privattnet_jax.evaluation import metrics as metrics_lib
 from privattnet_jax import models
 from privattnet_jax.training import train_steps
-from privattnet_jax.models import weights
+from privattnet_jax.models import registry, weights
 from privattnet_jax.training import workdir_lock
 from privattnet_jax import data as data_lib
 
@@ -273,7 +273,7 @@ class Experiment:
       )
       if mean.shape == (num_outputs,):
         return mean
-      if self.config.model.name not in train_steps.ATTRIBUTE_MODELS:
+      if registry.lookup(self.config.model).kind == "regression":
         raise ValueError(
           f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
           f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir"

@@ -34,12 +34,11 @@ from privattnet_jax.data import attributes
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import input_pipeline
 from privattnet_jax import models
-from privattnet_jax.models import weights
+from privattnet_jax.models import registry, weights
 
 AXIS = "batch"
 MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.
 DEVICE_KEYS = (*MODEL_INPUTS, "score", "labels", "mask")  # What the jitted steps read from a batch.
-ATTRIBUTE_MODELS = ("privattnet_mlc", "ap_pr")
 
 
 class TrainState(train_state.TrainState):
@@ -51,7 +50,7 @@ class TrainState(train_state.TrainState):
 class Task:
   """What turns model outputs into a loss and into privacy scores; constant for a run."""
 
-  kind: str  # "regression" (a score head) or "attributes" (a multi-label head).
+  kind: str  # The variant's: "regression" (a score head) or "attributes" (a multi-label head).
   target_mean: np.ndarray  # (P,), the training split's mean raw score, per column.
   preferences: np.ndarray  # (68, P)
   pooling: str
@@ -77,9 +76,8 @@ class Task:
 def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Task:
   """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
   loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
-  kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
   return Task(
-    kind=kind,
+    kind=registry.lookup(config.model).kind,
     target_mean=np.asarray(target_mean, np.float32).reshape(-1),
     preferences=np.asarray(preferences, np.float32),
     pooling=config.score.pooling,
