@@ -62,7 +62,10 @@ def get_config():
   config.score.per_profile = False  # Target: the 30 profile scores.
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "privattnet"  # privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn.
+  # A registered variant (privattnet_jax/models/registry.py): privattnet, privattnet_mlc, privnet,
+  # ap_pr, pr_cnn, or one's own; its config then also sets `config.model.module`, the module that
+  # registers it (docs/extending.md).
+  config.model.name = "privattnet"
   # Training BatchNorm pools statistics over all devices, so results do not depend on the device
   # count (one all-reduce per BatchNorm layer); False: per-device statistics, as torch DataParallel.
   config.model.sync_batchnorm = True

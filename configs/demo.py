@@ -8,16 +8,28 @@ the test split. The attention models see Lite0's stride-16 features (14 x 14 x 1
 the analogue of the paper's conv4_x); the pooled ones its whole trunk (7 x 7 x 1280).
 
 `--config=configs/demo.py:<variant>` runs another model: the variant's own config
-(configs/<variant>.py: privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn) shrunk to demo size,
-so each keeps its own settings (e.g. PR-CNN's 30 per-profile targets). `<variant>,tiny` (e.g.
+(configs/<variant>.py: privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn, or one added as in
+docs/extending.md) shrunk to demo size, so each keeps its own settings (e.g. PR-CNN's 30
+per-profile targets). `<variant>,tiny` (e.g.
 `demo.py:privnet,tiny`, or `demo.py:tiny` for privattnet) trains a tiny ResNet from scratch at
 128 px instead: no pretrained weights, for fast tests.
 """
 
 import importlib
+import importlib.util
 
-VARIANTS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
+VARIANTS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")  # The paper's.
 ENCODERS = ("lite0", "tiny")
+NOT_VARIANTS = ("default", "demo")  # Config files that are no variant of their own.
+
+
+def _is_variant(name: str) -> bool:
+  """A variant is any configs/<name>.py, so that a new one needs no edit here."""
+  return (
+    name.isidentifier()
+    and name not in NOT_VARIANTS
+    and importlib.util.find_spec(f"configs.{name}") is not None
+  )
 
 
 def _parse(arg: str) -> tuple[str, str]:
@@ -25,10 +37,10 @@ def _parse(arg: str) -> tuple[str, str]:
   if variant == "tiny" and not encoder:
     variant, encoder = "privattnet", "tiny"
   encoder = encoder or "lite0"
-  if variant not in VARIANTS or encoder not in ENCODERS:
+  if not _is_variant(variant) or encoder not in ENCODERS:
     raise ValueError(
-      f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} "
-      f"(optionally followed by ',tiny'), got {arg!r}"
+      f"configs/demo.py:<variant>[,tiny]: the variant must be one of {VARIANTS} or another "
+      f"configs/<variant>.py (optionally followed by ',tiny'), got {arg!r}"
     )
   return variant, encoder
 

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 
 
 MAX_BOXES = 16  # Eval batches carry boxes zero-padded to this many per image.
@@ -179,14 +179,14 @@ def train_image(
   resize) and mapped back to the decoded image, so resize, crop and rescale
   are one bilinear resampling of the original pixels.
   """
-  image = images.decode_image(data, resize_size)
+  image = preprocessing.decode_image(data, resize_size)
   top, left, h, w = random_resized_crop_box(rng, resize_size, resize_size, crop_scale, crop_ratio)
   sx, sy = image.width / resize_size, image.height / resize_size
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
   image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
   if rng.random() < 0.5:
     image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  return images.normalize(np.asarray(image))
+  return preprocessing.normalize(np.asarray(image))
 
 
 class TrainTransform(grain.transforms.RandomMap):
@@ -235,7 +235,7 @@ class EvalTransform(grain.transforms.Map):
     self.pooling = str(pooling)
 
   def model_input(self, element) -> np.ndarray:
-    return images.eval_image(element["image"], self.image_size)
+    return preprocessing.eval_image(element["image"], self.image_size)
 
   def padding_input(self) -> np.ndarray:
     return np.zeros((self.image_size, self.image_size, 3), np.float32)

@@ -61,7 +61,7 @@ from PIL import Image
 
 from privattnet_jax.data import attributes
 from privattnet_jax import safe_files
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
@@ -527,12 +527,12 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
     VisprConfig(
       name="max256",
-      max_side=images.BUILDER_MAX_SIDES["max256"],
+      max_side=preprocessing.BUILDER_MAX_SIDES["max256"],
       description="Shorter side <= 256 px (the pipeline's input).",
     ),
     VisprConfig(
       name="original",
-      max_side=images.BUILDER_MAX_SIDES["original"],
+      max_side=preprocessing.BUILDER_MAX_SIDES["original"],
       description="Original size, normalised to RGB JPEG.",
     ),
   ]
@@ -649,13 +649,13 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       self._manual_root, image_path, "image", safe_files.MAX_IMAGE_BYTES, image_id
     )
     try:
-      encoded, height, width, conversions = images.process_image(
+      encoded, height, width, conversions = preprocessing.process_image(
         image_data,
         max_side=config.max_side,
         jpeg_quality=config.jpeg_quality,
         max_pixels=self._max_pixels,
       )
-    except images.UnusableImage as skip:
+    except preprocessing.UnusableImage as skip:
       raise _Skip(skip.reason, f"{image_file}: {skip.message}", image_id) from None
     example = {
       "image": encoded,

@@ -22,7 +22,7 @@ from PIL import Image
 from privattnet_jax.inference import heatmaps
 from privattnet_jax.evaluation import localisation
 from privattnet_jax.evaluation import report
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
@@ -73,7 +73,7 @@ def redaction_summary(
   image_ids = [str(extras["image_id"][i]) for i in rows]
   pixels = np.stack(
     [
-      redact.model_pixels(images.eval_image(_stored_image(source, i, image_id), image_size))
+      redact.model_pixels(preprocessing.eval_image(_stored_image(source, i, image_id), image_size))
       for i, image_id in zip(rows, image_ids)
     ]
   )

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 
 NORMALISATIONS = ("per_map", "global")
 PANEL_SIZE = 256  # Longer side of each heat-map panel tile, in pixels (smaller images keep theirs).
@@ -237,6 +237,6 @@ def attention_panel(
 
 def display_image(encoded: bytes, panel_size: int = PANEL_SIZE) -> np.ndarray:
   """Encoded RGB image -> uint8 (h, w, 3) with the longer side at most `panel_size` (aspect kept)."""
-  image = images.decode_image(encoded, panel_size)
+  image = preprocessing.decode_image(encoded, panel_size)
   image.thumbnail((panel_size, panel_size), Image.Resampling.BILINEAR)
   return np.asarray(image)

@@ -3,10 +3,10 @@
 The photos are scored by a `predictor.Predictor`: a checkpoint's (training/serving.py) or an
 exported artifact's.
 
-Each photo goes through the dataset builder's normalisation (`images.process_image`: any Pillow
+Each photo goes through the dataset builder's normalisation (`preprocessing.process_image`: any Pillow
 format and mode to RGB, EXIF orientation applied, transparency composited on white, 16-bit
 scaled, the decompression-bomb limit, the builder config's downscale) and then the input
-pipeline's eval transform (`images.eval_image`): a photo reaches the model exactly as a
+pipeline's eval transform (`preprocessing.eval_image`): a photo reaches the model exactly as a
 test image of the checkpoint's dataset did. A file that fails there (empty, not an image,
 truncated, over the pixel limit) gets an error entry and the run goes on.
 
@@ -39,7 +39,7 @@ from PIL import Image
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps
 from privattnet_jax import safe_files
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor
 from privattnet_jax.inference import user_scores
 
@@ -140,11 +140,11 @@ def decode_image(
   """`load_image` on a file's bytes already read (redact decodes the same bytes at full size)."""
   if not data:
     raise ValueError("empty file")
-  encoded, height, width, conversions = images.process_image(
+  encoded, height, width, conversions = preprocessing.process_image(
     data, max_side=max_side, max_pixels=max_pixels
   )
   return LoadedImage(
-    images.eval_image(encoded, image_size),
+    preprocessing.eval_image(encoded, image_size),
     heatmaps.display_image(encoded, panel_size),
     int(width),
     int(height),

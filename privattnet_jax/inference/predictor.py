@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import heatmaps, images
+from privattnet_jax.inference import heatmaps, preprocessing
 
 EXPORT_FORMAT = "privattnet_jax.export/1"
 
@@ -81,7 +81,7 @@ class Predictor:
 
 def builder_max_side(config) -> int:
   """The shorter-side limit of the checkpoint's dataset build (256 for max256, 0: original size)."""
-  sides = images.BUILDER_MAX_SIDES
+  sides = preprocessing.BUILDER_MAX_SIDES
   name = config["data"]["builder_config"]
   if name not in sides:
     raise PredictError(f"data.builder_config {name!r} is not one of {sorted(sides)}")
@@ -134,8 +134,8 @@ def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
     "step": int(step),
     "image_size": image_size,
     "max_side": builder_max_side(config),
-    "image_mean": images.IMAGENET_MEAN.tolist(),
-    "image_std": images.IMAGENET_STD.tolist(),
+    "image_mean": preprocessing.IMAGENET_MEAN.tolist(),
+    "image_std": preprocessing.IMAGENET_STD.tolist(),
     "input": {
       "shape": ["batch", image_size, image_size, 3],
       "dtype": "float32",
@@ -175,8 +175,8 @@ def load_exported_predictor(directory, batch_size: int = DEFAULT_BATCH_SIZE) -> 
   info = json.loads(info_path.read_text())
   if info.get("format") != EXPORT_FORMAT:
     raise PredictError(f"{info_path}: format {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
-  if not np.allclose(info["image_mean"], images.IMAGENET_MEAN) or not np.allclose(
-    info["image_std"], images.IMAGENET_STD
+  if not np.allclose(info["image_mean"], preprocessing.IMAGENET_MEAN) or not np.allclose(
+    info["image_std"], preprocessing.IMAGENET_STD
   ):
     raise PredictError(
       f"{info_path}: normalisation statistics differ from the input pipeline's ImageNet ones"

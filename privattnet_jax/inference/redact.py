@@ -52,7 +52,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps
 from privattnet_jax.inference import predict
 from privattnet_jax import safe_files
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor
 from privattnet_jax.inference import user_scores
 
@@ -288,7 +288,7 @@ def redact_array(image: np.ndarray, mask: np.ndarray, method: str = "blur") -> n
 
 def model_pixels(model_input: np.ndarray) -> np.ndarray:
   """The eval transform's float input back to the uint8 image it normalised (exactly)."""
-  pixels = (model_input * images.IMAGENET_STD + images.IMAGENET_MEAN) * 255.0
+  pixels = (model_input * preprocessing.IMAGENET_STD + preprocessing.IMAGENET_MEAN) * 255.0
   return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -416,7 +416,7 @@ def greedy_redactions(
 
 def normalise_images(images: np.ndarray) -> np.ndarray:
   """uint8 (N, S, S, 3) -> the model's float input, as the eval transform normalises."""
-  return np.stack([images.normalize(image) for image in images])
+  return np.stack([preprocessing.normalize(image) for image in images])
 
 
 # ----------------------------------------------------------------------------
@@ -578,7 +578,7 @@ def load_photo(
       f"too_large: {loaded.width}x{loaded.height} pixels > max_pixels {max_pixels}, and redact "
       "writes the full size"
     )
-  with images.pil_checks_ours():  # Our size check above replaces PIL's.
+  with preprocessing.pil_checks_ours():  # Our size check above replaces PIL's.
     image = Image.open(io.BytesIO(data))
     image.load()
   metadata = find_metadata(image)
@@ -599,7 +599,7 @@ def load_photo(
   if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
     alpha = image.convert("RGBA").getchannel("A")
   grayscale = image.mode in ("L", "LA", "1")
-  pixels = images.to_rgb(image, [])  # The builder's conversion.
+  pixels = preprocessing.to_rgb(image, [])  # The builder's conversion.
   if grayscale:
     pixels = pixels.convert("L")
   if (

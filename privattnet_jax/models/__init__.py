@@ -1,25 +1,17 @@
-"""The model variants, assembled by name from `config.model`.
+"""The models: an encoder and the head of the variant `config.model.name` names.
 
 Every model is a `PrivacyModel`: an `encoder` and a `head`, the two top-level parameter
 names the optimiser mask uses to freeze the encoder. `model.apply(variables, images, train=...)`
 returns the output dict of docs/design.md; `method="head_from_features"` runs the head alone on
 encoder features, `method="encode"` the encoder alone.
 
-| name | encoder | head | outputs |
-|---|---|---|---|
-| privattnet | stages from config (3: conv4_x, the paper) | attention + LSTM, per-step MLP regressor | score, step_scores, attention |
-| privattnet_mlc | same | same trunk, per-step 67-way logit head | attribute_logits (67), attention |
-| privnet | always through conv5_x | global average pool, Dense(P) | score |
-| ap_pr | always through conv5_x | global average pool, Dense(68) | attribute_logits (68) |
-| pr_cnn | always through conv5_x | pool, dropout 0.4, 68, 128 sigmoid, 128 sigmoid, P | score |
-
-The encoder is `model.encoder.name`: `resnet` (the paper's ResNet-50; `depth` 0 is the tiny
-test encoder) or `efficientnet_lite0` (ImageNet weights installed with the package). `stages` 3
-cuts either at output stride 16 (ResNet: after conv4_x; Lite0: after its 112-channel stage), 4
-runs the whole trunk. The pooled models (privnet, ap_pr, pr_cnn) ignore `model.encoder.stages`:
-they are defined on the full trunk (AMNet's `ResNet50FT`, VISPR's classifiers). The heads take
-whatever channel count the encoder gives. Attribute models ignore `num_outputs` (their width is
-the attribute count).
+The heads come from the variant registry (registry.py): the paper's five register in
+variants.py, a new one anywhere (docs/extending.md). The encoder is `model.encoder.name`:
+`resnet` (the paper's ResNet-50; `depth` 0 is the tiny test encoder) or `efficientnet_lite0`
+(ImageNet weights installed with the package). `stages` 3 cuts either at output stride 16
+(ResNet: after conv4_x; Lite0: after its 112-channel stage), 4 runs the whole trunk; a variant
+may fix its own cut (the pooled baselines use the whole trunk). The heads take whatever channel
+count the encoder gives.
 """
 
 from __future__ import annotations
@@ -31,16 +23,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from privattnet_jax.data import attributes
-from privattnet_jax.models import efficientnet, heads, resnet
-from privattnet_jax.models.attention import AttentionHead
+from privattnet_jax.models import (
+  efficientnet,
+  registry,
+  resnet,
+  variants,  # noqa: F401  Registers the paper's five.
+)
 
-MODEL_NAMES = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
+# The variants the package registers itself; `registry.names()` lists every registered one.
+MODEL_NAMES = registry.names()
 ENCODER_NAMES = ("resnet", "efficientnet_lite0")
-POOLED_MODELS = ("privnet", "ap_pr", "pr_cnn")  # Defined on the whole trunk: stages is always 4.
 
 BATCHNORM_MODES = ("update", "frozen")
-NUM_NON_SAFE_ATTRIBUTES = attributes.NUM_ATTRIBUTES - 1  # 67: every attribute but a0_safe.
 
 
 class PrivacyModel(nn.Module):
@@ -91,9 +85,9 @@ def _positive_int(value: Any, field: str) -> int:
   return value
 
 
-def encoder_stages(model_name: str, encoder_config) -> int:
-  """The cut the model uses: `encoder.stages` for the attention models, 4 for the pooled ones."""
-  return 4 if model_name in POOLED_MODELS else encoder_config.stages
+def encoder_stages(model_config) -> int:
+  """The encoder cut of the variant `model_config` names: its own, or `model.encoder.stages`."""
+  return registry.lookup(model_config).stages(model_config.encoder)
 
 
 def _encoder_name(encoder_config) -> str:
@@ -146,12 +140,19 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
   batchnorm_axis_name: the named device axis (inside shard_map/pmap) over which training-mode
   BatchNorm averages its statistics when `model.sync_batchnorm` is set; None outside one.
   """
-  model_config = config.model
-  name = model_config.name
-  if name not in MODEL_NAMES:
-    raise ValueError(f"model.name must be one of {MODEL_NAMES}, got {name!r}")
-  num_outputs = _positive_int(num_outputs, "num_outputs")
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  return build_model(config.model, num_outputs, dtype, batchnorm_axis_name)
+
+
+def build_model(
+  model_config,
+  num_outputs: int,
+  dtype: Any = jnp.float32,
+  batchnorm_axis_name: str | None = None,
+) -> PrivacyModel:
+  """The model of a `config.model` section computing in `dtype`; see `create_model`."""
+  variant = registry.lookup(model_config)
+  num_outputs = _positive_int(num_outputs, "num_outputs")
   axis_name = batchnorm_axis_name if model_config.get("sync_batchnorm", True) else None
   encoder_config = model_config.encoder
   if not isinstance(encoder_config.trainable, bool):
@@ -159,30 +160,10 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
       f"model.encoder.trainable must be True or False, got {encoder_config.trainable!r}"
     )
 
-  stages = encoder_stages(name, encoder_config)
-  if name in ("privattnet", "privattnet_mlc"):
-    attention_config = model_config.attention
-    mlc = name == "privattnet_mlc"
-    head = AttentionHead(
-      num_outputs=NUM_NON_SAFE_ATTRIBUTES if mlc else num_outputs,
-      output_key="attribute_logits" if mlc else "score",
-      steps=attention_config.steps,
-      hidden_size=attention_config.hidden_size,
-      regressor_hidden=attention_config.regressor_hidden,
-      feature_dropout=attention_config.feature_dropout,
-      dropout=attention_config.dropout,
-      output=attention_config.output,
-      dtype=dtype,
-      batchnorm_axis_name=axis_name,
-    )
-  elif name == "privnet":
-    head = heads.PooledLinearHead(num_outputs, "score", dtype=dtype)
-  elif name == "ap_pr":
-    head = heads.PooledLinearHead(attributes.NUM_ATTRIBUTES, "attribute_logits", dtype=dtype)
-  else:
-    head = heads.ProfileHead(num_outputs, num_attributes=attributes.NUM_ATTRIBUTES, dtype=dtype)
-
-  encoder = create_encoder(encoder_config, stages, dtype, axis_name)
+  head = variant.build_head(
+    model_config, num_outputs=num_outputs, dtype=dtype, batchnorm_axis_name=axis_name
+  )
+  encoder = create_encoder(encoder_config, variant.stages(encoder_config), dtype, axis_name)
   model = PrivacyModel(
     encoder=encoder,
     head=head,

@@ -10,15 +10,14 @@ import ml_collections
 import numpy as np
 
 from privattnet_jax.data import attributes
-
-ATTRIBUTE_MODELS = ("privattnet_mlc", "ap_pr")
+from privattnet_jax.models import registry
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
   """What turns model outputs into a loss and into privacy scores; constant for a run."""
 
-  kind: str  # "regression" (a score head) or "attributes" (a multi-label head).
+  kind: str  # The variant's: "regression" (a score head) or "attributes" (a multi-label head).
   target_mean: np.ndarray  # (P,), the training split's mean raw score, per column.
   preferences: np.ndarray  # (68, P)
   pooling: str
@@ -44,9 +43,8 @@ class Task:
 def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Task:
   """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
   loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
-  kind = "attributes" if config.model.name in ATTRIBUTE_MODELS else "regression"
   return Task(
-    kind=kind,
+    kind=registry.lookup(config.model).kind,
     target_mean=np.asarray(target_mean, np.float32).reshape(-1),
     preferences=np.asarray(preferences, np.float32),
     pooling=config.score.pooling,

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from privattnet_jax import data as data_lib
 from privattnet_jax import models
 from privattnet_jax.data import input_pipeline
-from privattnet_jax.models import scoring, weights
+from privattnet_jax.models import registry, scoring, weights
 from privattnet_jax.training import checkpoints, feature_cache, feeds, train_state, train_steps
 
 
@@ -32,11 +32,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("set num_train_steps > 0 or num_epochs > 0")
   if config.image_size < 32:
     raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
-  if config.model.name not in models.MODEL_NAMES:
-    raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
-  stride = models.encoder_output_stride(
-    config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder)
-  )
+  stride = models.encoder_output_stride(config.model.encoder, models.encoder_stages(config.model))
   if config.image_size % stride:
     raise ValueError(
       f"image_size={config.image_size} must be a multiple of the encoder's output stride "
@@ -131,7 +127,7 @@ class Experiment:
       )
       if mean.shape == (num_outputs,):
         return mean
-      if self.config.model.name not in scoring.ATTRIBUTE_MODELS:
+      if registry.lookup(self.config.model).kind == "regression":
         raise ValueError(
           f"the checkpoints in {self.workdir} predict {mean.size} score column(s), this config {num_outputs} "
           f"(score.per_profile={self.config.score.per_profile}): use the run's own config or a new workdir"

@@ -15,7 +15,7 @@ from configs import default
 from privattnet_jax.data import attributes
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.models import scoring
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ID_BITS = 7  # Record i's labels spell i in binary over attributes 1..7, so train batches name their records.
@@ -137,8 +137,8 @@ def _ids(batch):
   return [_record_index(row) for row in batch["labels"]]
 
 
-_LOW = float(((0 - images.IMAGENET_MEAN) / images.IMAGENET_STD).min())
-_HIGH = float(((1 - images.IMAGENET_MEAN) / images.IMAGENET_STD).max())
+_LOW = float(((0 - preprocessing.IMAGENET_MEAN) / preprocessing.IMAGENET_STD).min())
+_HIGH = float(((1 - preprocessing.IMAGENET_MEAN) / preprocessing.IMAGENET_STD).max())
 
 
 # --- Transforms --------------------------------------------------------------
@@ -147,7 +147,7 @@ _HIGH = float(((1 - images.IMAGENET_MEAN) / images.IMAGENET_STD).max())
 def test_normalize_is_imagenet_normalisation():
   pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
   expected = (pixels / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-  got = images.normalize(pixels)
+  got = preprocessing.normalize(pixels)
   assert got.dtype == np.float32 and got.shape == (5, 7, 3)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -217,7 +217,7 @@ def test_train_image_is_resize_then_crop_then_flip(seed):
   reference = Image.open(io.BytesIO(data)).convert("RGB").resize((40, 40), Image.BILINEAR)
   reference = reference.crop((left, top, left + w, top + h)).resize((32, 32), Image.BILINEAR)
   reference = np.asarray(reference)[:, ::-1] if flip else np.asarray(reference)
-  reference = images.normalize(reference)
+  reference = preprocessing.normalize(reference)
   assert got.shape == (32, 32, 3) and got.dtype == np.float32
   # Channels: red rises along x (flips reverse it), green along y.
   assert np.abs(got - reference)[2:-2, 2:-2].mean() < 0.03
@@ -245,25 +245,25 @@ def test_eval_transform_is_a_plain_resize():
   expected = np.asarray(
     Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR)
   )
-  expected = (expected / 255.0 - images.IMAGENET_MEAN) / images.IMAGENET_STD
-  np.testing.assert_allclose(images.eval_image(data, 32), expected, atol=1e-5)
+  expected = (expected / 255.0 - preprocessing.IMAGENET_MEAN) / preprocessing.IMAGENET_STD
+  np.testing.assert_allclose(preprocessing.eval_image(data, 32), expected, atol=1e-5)
   np.testing.assert_allclose(
-    images.preprocess_image(Image.open(io.BytesIO(data)), 32), expected, atol=1e-5
+    preprocessing.preprocess_image(Image.open(io.BytesIO(data)), 32), expected, atol=1e-5
   )
 
 
 def test_preprocess_image_accepts_any_mode_and_large_jpegs():
   for mode in ("L", "RGBA", "P", "CMYK"):
     image = Image.fromarray(_gradient(40, 30)).convert(mode)
-    out = images.preprocess_image(image, 16)
+    out = preprocessing.preprocess_image(image, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32 and np.all(np.isfinite(out))
   # A JPEG 16x larger than needed decodes at 1/8 scale (draft); the result matches a full decode.
   data = _jpeg(_gradient(512, 640), quality=100)
-  assert images.decode_image(data, 32).size == (80, 64)
-  assert images.decode_image(data, 100).size == (160, 128)  # 1/4: both sides stay >= 100
+  assert preprocessing.decode_image(data, 32).size == (80, 64)
+  assert preprocessing.decode_image(data, 100).size == (160, 128)  # 1/4: both sides stay >= 100
   full = Image.open(io.BytesIO(data))
   np.testing.assert_allclose(
-    images.eval_image(data, 32), images.preprocess_image(full, 32), atol=0.1
+    preprocessing.eval_image(data, 32), preprocessing.preprocess_image(full, 32), atol=0.1
   )
   assert full.size == (640, 512)  # the caller's image is left as it was
 
@@ -544,7 +544,9 @@ def test_eval_counts_every_example_exactly_once(num_records, batch_size, process
         assert batch["num_boxes"][row] == n
         np.testing.assert_array_equal(batch["boxes"][row, :n], record["boxes"])
         assert not np.any(batch["boxes"][row, n:])
-        np.testing.assert_allclose(batch["image"][row], images.eval_image(record["image"], 32))
+        np.testing.assert_allclose(
+          batch["image"][row], preprocessing.eval_image(record["image"], 32)
+        )
   assert sorted(ids) == [f"2017_{i:05d}" for i in range(num_records)]  # each once, across processes
 
 

@@ -23,7 +23,7 @@ from configs import default
 from privattnet_jax import data
 from privattnet_jax.data import attributes
 from privattnet_jax.data import synthetic, vispr
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 
 SIZE = 48
 MAX_PIXELS = 200_000  # Small, so that the too-large paths are tested with small files.
@@ -614,7 +614,7 @@ def test_tfds_entry_point_checks_too(tmp_path):
 
 def test_process_image_drafts_large_jpegs():
   image = Image.new("RGB", (2048, 1536), (20, 120, 220))
-  encoded, height, width, conversions = images.process_image(_jpeg(image), max_side=256)
+  encoded, height, width, conversions = preprocessing.process_image(_jpeg(image), max_side=256)
   with Image.open(io.BytesIO(encoded)) as out:
     assert out.size == (341, 256)
     assert np.abs(np.asarray(out)[100, 100].astype(int) - (20, 120, 220)).max() <= 6
@@ -622,8 +622,8 @@ def test_process_image_drafts_large_jpegs():
 
 
 def test_process_image_too_large_even_at_one_eighth():
-  with pytest.raises(images.UnusableImage) as skip:  # pylint: disable=protected-access
-    images.process_image(_jpeg(Image.new("RGB", (800, 800))), max_side=256, max_pixels=5_000)
+  with pytest.raises(preprocessing.UnusableImage) as skip:  # pylint: disable=protected-access
+    preprocessing.process_image(_jpeg(Image.new("RGB", (800, 800))), max_side=256, max_pixels=5_000)
   assert skip.value.reason == "too_large"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import predict
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor
 from privattnet_jax.training import serving
 from tests import tiny_runs
@@ -54,8 +54,8 @@ def test_json_holds_the_preprocessing_and_outputs(exported_dir):
     and info["kind"] == "attributes"
   )
   assert info["image_size"] == 32 and info["max_side"] == 256
-  np.testing.assert_allclose(info["image_mean"], images.IMAGENET_MEAN)
-  np.testing.assert_allclose(info["image_std"], images.IMAGENET_STD)
+  np.testing.assert_allclose(info["image_mean"], preprocessing.IMAGENET_MEAN)
+  np.testing.assert_allclose(info["image_std"], preprocessing.IMAGENET_STD)
   assert info["input"]["shape"] == ["batch", 32, 32, 3] and info["input"]["dtype"] == "float32"
   assert info["outputs"] == {
     "score": ["batch", 1],

@@ -23,7 +23,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
 from privattnet_jax.evaluation import report
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor
 from privattnet_jax.training import serving
 from tests import tiny_runs
@@ -36,7 +36,7 @@ PATCH = (56, 36, 88, 64)  # (x0, y0, x1, y1) of the detailed, "private" patch.
 
 def _detail(images: np.ndarray) -> np.ndarray:
   """Per-pixel fine detail of normalised images: |grey - its 3x3 mean|, (B, S, S)."""
-  pixels = images * images.IMAGENET_STD + images.IMAGENET_MEAN
+  pixels = images * preprocessing.IMAGENET_STD + preprocessing.IMAGENET_MEAN
   grey = pixels.mean(axis=-1)
   padded = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
   height, width = grey.shape[1:]
@@ -170,7 +170,7 @@ def test_redaction_changes_the_masked_pixels_and_nothing_else(method):
 
 def test_model_pixels_invert_the_normalisation_exactly():
   image = np.asarray(risky_photo().resize((32, 32)))
-  np.testing.assert_array_equal(redact.model_pixels(images.normalize(image)), image)
+  np.testing.assert_array_equal(redact.model_pixels(preprocessing.normalize(image)), image)
 
 
 def test_strip_jpeg_metadata_keeps_the_image_data_byte_for_byte():

@@ -18,7 +18,7 @@ from privattnet_jax.training import feature_cache
 from privattnet_jax.training import train
 from privattnet_jax.models import weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
-from privattnet_jax.inference import images
+from privattnet_jax.inference import preprocessing
 from tests.conftest import make_tiny_config
 
 CUT_BLOCKS = 11  # Blocks 0..10 run before the stride-16 cut.
@@ -87,7 +87,7 @@ def test_real_photos_get_their_imagenet_classes(state_dict):
   """The weights, their layout and the project's preprocessing (resize, ImageNet mean/std)."""
   photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
   images = np.stack(
-    [images.preprocess_image(Image.fromarray(photo), 224) for photo in photos.values()]
+    [preprocessing.preprocess_image(Image.fromarray(photo), 224) for photo in photos.values()]
   )
   _, logits = flax_outputs(images, state_dict)
   top5 = dict(zip(photos, np.argsort(-logits, axis=-1)[:, :5].tolist()))
