@@ -13,14 +13,8 @@ Every config field can be overridden with --config.<field>=<value>. Predict and 
 config from the checkpoint; a --config given to them must describe the same model.
 """
 
-import errno
-import logging as std_logging
-import os
 import pathlib
 import sys
-import tempfile
-import threading
-import traceback
 
 from absl import app
 from absl import flags
@@ -30,7 +24,9 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from privattnet_jax.cli import compilation_cache
+from privattnet_jax.cli import errors
 from privattnet_jax.cli import host_memory
+from privattnet_jax.cli import logs
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -242,120 +238,6 @@ def _exit_status(result, done: str, rows_file: pathlib.Path) -> int:
   return 0
 
 
-def _expected_errors() -> tuple[type[Exception], ...]:
-  """Errors that are the user's or the machine's, not the program's: bad requests (PredictError,
-  CheckpointError are ValueErrors), missing files, a diverged loss, a strict build that would skip,
-  a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
-  found = []
-  for module, name in (
-    ("privattnet_jax.training.train", "NonFiniteLossError"),
-    ("privattnet_jax.data.vispr", "StrictBuildError"),
-    ("privattnet_jax.training.workdir_lock", "WorkdirInUseError"),
-  ):
-    if module in sys.modules:
-      found.append(getattr(sys.modules[module], name))
-  return (OSError, ValueError, KeyError, app.UsageError, *found)
-
-
-def _message(error: BaseException) -> str:
-  """The error's message for the user: its first line (the rest goes to the traceback file), except
-  for the manual-dir instructions, which are the message."""
-  if _is_disk_full(error):
-    return (
-      f"no space left on the device ({_first_line(error)}); free some and rerun: the checkpoints and "
-      "data written so far are kept, and training resumes from the last checkpoint"
-    )
-  vispr = sys.modules.get("privattnet_jax.data.vispr")
-  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-  if vispr is not None and isinstance(error, vispr.ManualDirError):
-    return text
-  text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-  if not isinstance(error, _expected_errors()):
-    text = f"internal error ({type(error).__name__}): {text}"
-  return text
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-  """ENOSPC anywhere in the error's chain; libraries (array_record, orbax) re-raise it as other types."""
-  while error is not None:
-    if (
-      isinstance(error, OSError) and error.errno == errno.ENOSPC
-    ) or "No space left on device" in str(error):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
-
-
-def _save_traceback(error: BaseException | None) -> str:
-  """Writes the traceback to <workdir>/errors.log (or a temporary file): where the one line points."""
-  if error is None:  # An unraisable report or thread exit without an exception.
-    return ""
-  text = "".join(traceback.format_exception(error))
-  if FLAGS.workdir and os.path.isdir(FLAGS.workdir):
-    path = os.path.join(FLAGS.workdir, "errors.log")
-    try:
-      with open(path, "a") as log:
-        log.write(text)
-      return path
-    except OSError:  # The workdir's disk is full: try the temporary folder.
-      pass
-  try:
-    fd, path = tempfile.mkstemp(prefix="privattnet_jax-error-", suffix=".log")
-    with os.fdopen(fd, "w") as log:
-      log.write(text)
-    return path
-  except OSError:  # Nowhere to write: --verbosity=1 prints it.
-    return ""
-
-
-def _route_library_tracebacks_to_errors_log() -> None:
-  """Tracebacks that libraries' own threads and callbacks print go to errors.log, not stderr.
-
-  A corrupt checkpoint makes orbax give up a restore and close its event loop while TensorStore's
-  reads are still in flight: each read that finishes then fails in its callback (thousands of
-  'Event loop is closed' tracebacks through sys.excepthook), and asyncio reports the abandoned
-  tasks and coroutines (its logger, sys.unraisablehook). The run's own one-line error says what
-  happened; these tracebacks join its traceback in errors.log. A Python thread that dies of an
-  exception still says so on stderr, in one line.
-  """
-  sys.excepthook = lambda kind, error, trace: _save_traceback(error.with_traceback(trace))
-  sys.unraisablehook = lambda unraisable: _save_traceback(unraisable.exc_value)
-  threading.excepthook = _report_thread_failure
-
-
-def _report_thread_failure(hook_args) -> None:
-  """threading.excepthook: one warning line on stderr, the traceback in errors.log."""
-  if hook_args.exc_value is None or isinstance(hook_args.exc_value, SystemExit):
-    return
-  path = _save_traceback(hook_args.exc_value)
-  name = hook_args.thread.name if hook_args.thread is not None else "a thread"
-  where = f" (traceback in {path})" if path else ""
-  print(
-    f"warning: background thread {name} failed: "
-    f"{type(hook_args.exc_value).__name__}: {_first_line(hook_args.exc_value)}{where}",
-    file=sys.stderr,
-    flush=True,
-  )
-
-
-def _fail(error: BaseException) -> None:
-  """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
-  stderr with --verbosity=1."""
-  if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
-    traceback.print_exception(error)
-    where = ""
-  else:
-    path = _save_traceback(error)
-    where = f" (traceback in {path}; --verbosity=1 prints it)" if path else ""
-  print(f"error: {_message(error)}{where}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
   config file's traceback into its message: its last line says what is wrong)."""
@@ -366,8 +248,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except  # ml_collections raises KeyError, OSError, ...
-    print(f"error: {_config_error_text(error)} (see --helpshort)", file=sys.stderr, flush=True)
-    sys.exit(1)
+    errors.usage_failure(_config_error_text(error))
 
 
 def _config_error_text(error: BaseException) -> str:
@@ -416,29 +297,6 @@ def _replaced_field_error(argv) -> str | None:
   return None
 
 
-# Libraries whose INFO lines (per checkpoint file, per dataset shard) would bury the progress log.
-QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/", "/array_record/")
-# Library warnings that only restate what this program asked for: evaluate, predict and export
-# open the checkpoints read-only.
-EXPECTED_WARNINGS = ("Given directory is read only",)
-
-
-def _quiet_library_info(record) -> bool:
-  """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
-  errors (orbax logs one per failed background write on a full disk): the run's own one-line error
-  follows, with its traceback in errors.log."""
-  # asyncio's abandoned tasks after a failed restore: see _route_library_tracebacks_to_errors_log.
-  if record.name == "asyncio" and record.exc_info:
-    _save_traceback(record.exc_info[1])
-    return False
-  if not any(lib in record.pathname for lib in QUIET_LIBRARIES):
-    return True
-  if record.levelno < std_logging.WARNING or record.getMessage().startswith(EXPECTED_WARNINGS):
-    return False
-  record.exc_info, record.exc_text = None, None
-  return True
-
-
 def _check_usage(extra: list[str]) -> None:
   """Raises app.UsageError when the mode lacks a flag it needs."""
   if extra and FLAGS.mode not in ("predict", "redact"):
@@ -466,11 +324,10 @@ def main(argv):
   extra = argv[1:]
   try:
     _check_usage(extra)
-  except app.UsageError as error:  # absl would print the module docstring too.
-    print(f"error: {error} (see --helpshort)", file=sys.stderr, flush=True)
-    sys.exit(1)
-  logging.get_absl_handler().addFilter(_quiet_library_info)
-  _route_library_tracebacks_to_errors_log()
+  except app.UsageError as error:
+    errors.usage_failure(str(error))
+  logs.quiet_library_info(FLAGS.workdir)
+  errors.route_library_tracebacks_to_errors_log(FLAGS.workdir)
   status = 0
   try:
     config = _load_config()
@@ -528,7 +385,7 @@ def main(argv):
           f"wrote {predict.export_predictor(FLAGS.workdir, FLAGS.output, FLAGS.step, config, FLAGS.export_platforms)}"
         )
   except Exception as error:  # pylint: disable=broad-except
-    _fail(error)
+    errors.fail(error, FLAGS.workdir, verbose=FLAGS.verbosity >= 1)
   sys.exit(status)
 
 
