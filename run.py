@@ -21,7 +21,6 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from configs import default as default_config
 from privattnet_jax.cli import compilation_cache
 from privattnet_jax.cli import config_loading
 from privattnet_jax.cli import errors
@@ -204,7 +203,7 @@ def main(argv):
     config = config_loading.load_config(FLAGS.config)
     # Before anything compiles. Modes without --config (predict, export) use the default folder.
     compilation_cache.enable(
-      (config if config is not None else default_config.get_config()).compilation_cache_dir
+      config.compilation_cache_dir if config is not None else compilation_cache.AUTO
     )
     if FLAGS.mode in ("predict", "redact"):
       modes.check_output_dir(FLAGS.output)
