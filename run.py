@@ -17,16 +17,12 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
-from privattnet_jax.cli import compilation_cache
 from privattnet_jax.cli import config_loading
 from privattnet_jax.cli import errors
-from privattnet_jax.cli import host_memory
-from privattnet_jax.cli import logs
 from privattnet_jax.cli import modes
+from privattnet_jax.cli import process
 from privattnet_jax.cli import usage
 
 FLAGS = flags.FLAGS
@@ -191,30 +187,18 @@ def _run_mode(config, images: list[str]) -> int:
 
 
 def main(argv):
-  host_memory.keep_freed_memory()  # Before XLA allocates anything.
   try:
     usage.check(FLAGS.flag_values_dict(), argv[1:])
   except app.UsageError as error:
     errors.usage_failure(str(error))
-  logs.quiet_library_info(FLAGS.workdir)
-  errors.route_library_tracebacks_to_errors_log(FLAGS.workdir)
   status = 0
   try:
     config = config_loading.load_config(FLAGS.config)
-    # Before anything compiles. Modes without --config (predict, export) use the default folder.
-    compilation_cache.enable(
-      config.compilation_cache_dir if config is not None else compilation_cache.AUTO
-    )
+    process.configure_process(FLAGS.workdir, config)  # Before anything compiles.
     if FLAGS.mode in ("predict", "redact"):
       modes.check_output_dir(FLAGS.output)
-    if FLAGS.distributed:
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info(
-      "JAX process %d of %d, %d local / %d global devices",
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
+    process.start_jax(
+      **_values("distributed", "coordinator_address", "num_processes", "process_id")
     )
     status = _run_mode(config, [*FLAGS.images, *argv[1:]])
   except Exception as error:  # pylint: disable=broad-except
