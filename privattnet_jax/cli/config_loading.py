@@ -1,21 +1,35 @@
 """The command line and the config it names, each wrong value one line before any work.
 
 `parse_flags` is run.py's flag parser (a bad flag, override or config file: one line, exit status
-1); `load_config` loads the config file and checks it, before any dataset or model work.
+1); `load_config` loads the config file and checks it (`check_config`), before any dataset or
+model work.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 from absl import flags
 
-# Config fields replaced by another. A config file that sets one is refused by the run's config
-# check (feeds.validate_config); a command-line override must be caught before flag parsing, which
-# would fail on the unknown field with a traceback.
+
+class Replacement(NamedTuple):
+  """The field that replaced a config field, as the errors that name the old one suggest it."""
+
+  field: str
+  value: str = ""  # Its value for what the old field asked: the command line's error suggests it.
+  values: str = ""  # Its values in the old field's terms: a config file's error lists them.
+
+
+_CACHE_MODES = (
+  "'off' (no cache), 'host' (was enabled=True) or 'device' (was enabled=True with on_device=True)"
+)
+# Config fields replaced by another. A command-line override that sets one is refused before flag
+# parsing (which would fail on the unknown field with a traceback), a config file that sets one by
+# `check_config`.
 REPLACED_FIELDS = {
-  "feature_cache.enabled": "feature_cache.mode=host (or off)",
-  "feature_cache.on_device": "feature_cache.mode=device (or host)",
+  "feature_cache.enabled": Replacement("feature_cache.mode", "host (or off)", _CACHE_MODES),
+  "feature_cache.on_device": Replacement("feature_cache.mode", "device (or host)", _CACHE_MODES),
 }
 
 
@@ -52,18 +66,41 @@ def config_error_text(error: BaseException) -> str:
 
 def load_config(config):
   """The --config flag's value, loaded now (ml_collections loads the file and applies overrides on
-  first use): a missing file, an unknown field or a failing get_config is one line before any work."""
+  first use) and checked: a missing file, an unknown field, a failing get_config or a refused value
+  is one line before any work. None without --config."""
+  if config is None:
+    return None
   try:
-    if config is not None:
-      config.get("model")  # A config file that failed to load raises on first use.
-    return config
+    config.get("model")  # A config file that failed to load raises on first use.
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(f"--config: {config_error_text(error.__cause__ or error)}") from error
+  check_config(config)
+  return config
 
 
-def replaced_field_error(argv) -> str | None:
+def check_config(config) -> None:
+  """Raises ValueError, naming the field, for a config that sets a replaced field."""
+  for field, replacement in REPLACED_FIELDS.items():
+    if _sets(config, field):
+      values = f": {replacement.values}" if replacement.values else ""
+      raise ValueError(f"{field} was replaced by {replacement.field}{values}")
+
+
+def _sets(config, field: str) -> bool:
+  node = config
+  for name in field.split("."):
+    if not hasattr(node, "keys") or name not in node:
+      return False
+    node = node[name]
+  return True
+
+
+def replaced_field_error(argv: list[str]) -> str | None:
+  """The error line for a command line that overrides a replaced field; None when none does."""
   for arg in argv[1:]:
     field = arg.split("=", 1)[0].removeprefix("--config.")
     if arg.startswith("--config.") and field in REPLACED_FIELDS:
-      return f"error: --config.{field} was replaced by --config.{REPLACED_FIELDS[field]}"
+      replacement = REPLACED_FIELDS[field]
+      value = f"={replacement.value}" if replacement.value else ""
+      return f"error: --config.{field} was replaced by --config.{replacement.field}{value}"
   return None
