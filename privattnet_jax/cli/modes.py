@@ -150,9 +150,7 @@ def cache_features(config, workdir) -> int:
   """Builds (or checks) the feature cache a run of `config` reads; prints where and its size."""
   from privattnet_jax.training import train  # pylint: disable=g-import-not-at-top
 
-  if config.feature_cache.mode == "off":
-    config.feature_cache.mode = "host"
-  cache = train.Experiment(config, workdir, need_train=False).feed.cache
+  cache = train.prepare_feature_cache(config, workdir)
   print(
     f"feature cache ready in {cache.directory}: {cache.bytes_per_record() / 1e3:.0f} KB per record",
     flush=True,

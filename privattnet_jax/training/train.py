@@ -318,6 +318,21 @@ class Experiment:
     return state
 
 
+def prepare_feature_cache(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> feature_cache.FeatureCache:
+  """Builds (or checks) the feature cache that a run of `config` in `workdir` reads, ahead of
+  training: with the encoder of the workdir's latest checkpoint, else the initial one.
+
+  Needs the run's data, encoder state, task and mesh, so it sets up the experiment without a train
+  step, with the cache read through the host ('device' reads the same files, and its device copy
+  of the features is a training run's, not the cache's).
+  """
+  config = config.copy_and_resolve_references()
+  config.feature_cache.mode = "host"
+  return Experiment(config, workdir, need_train=False).feed.cache
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """Trains (resuming from the latest checkpoint), then evaluates the best checkpoint.
 
