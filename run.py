@@ -194,7 +194,8 @@ def main(argv):
   status = 0
   try:
     config = config_loading.load_config(FLAGS.config)
-    process.configure_process(FLAGS.workdir, config)  # Before anything compiles.
+    # Before anything compiles; train writes TensorBoard metrics.
+    process.configure_process(FLAGS.workdir, config, writes_metrics=FLAGS.mode == "train")
     if FLAGS.mode in ("predict", "redact"):
       modes.check_output_dir(FLAGS.output)
     process.start_jax(
