@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from privattnet_jax import safe_files
-from privattnet_jax.cli import errors
 from privattnet_jax.inference import predict
 from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
@@ -502,19 +501,6 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, stderr[-2000:])
   assert not (tmp_path / "data" / "synthetic_vispr").exists()  # Refused before any dataset work.
   assert (tmp_path / "existing.txt").read_text() == "keep"
-
-
-def test_a_full_disk_is_recognised_through_library_wrappers():
-  wrapped = RuntimeError(
-    'Failed to finalize writing of split "test": write() failed: No space left on device'
-  )
-  chained = ValueError("save failed")
-  chained.__cause__ = OSError(28, "No space left on device", "/w/checkpoints/2/state")
-  for error in (wrapped, chained, OSError(28, "No space left on device")):
-    assert errors.is_disk_full(error)
-    assert errors.message(error).startswith("no space left on the device")
-  assert not errors.is_disk_full(ValueError("bad"))
-  assert errors.message(TypeError("oops\nmore")) == "internal error (TypeError): oops"
 
 
 def test_a_dying_background_thread_is_one_warning_line_and_its_traceback_in_errors_log(tmp_path):
