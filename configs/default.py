@@ -5,8 +5,6 @@ from the command line: `python run.py --config=configs/privattnet.py
 --config.batch_size=64 --config.data.manual_dir=/data/vispr`.
 """
 
-import os
-
 import ml_collections
 
 
@@ -25,11 +23,10 @@ def get_config():
   config.keep_checkpoints = 1  # The N latest; the best by validation Spearman is kept too.
   config.eval_splits = ("test",)  # Evaluated with the best checkpoint when training ends.
   # JAX's persistent compilation cache (privattnet_jax/cli/compilation_cache.py): a later run loads its
-  # compiled steps from here instead of compiling them again. Empty: off. JAX's own environment
-  # variable, when set, gives the default (CI points it at a folder it keeps between runs).
-  config.compilation_cache_dir = os.environ.get(
-    "JAX_COMPILATION_CACHE_DIR", "~/.cache/privattnet_jax/jax_cache"
-  )
+  # compiled steps from here instead of compiling them again. "auto": $JAX_COMPILATION_CACHE_DIR
+  # when set (CI points it at a folder it keeps between runs), else ~/.cache/privattnet_jax/jax_cache.
+  # Empty: off.
+  config.compilation_cache_dir = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.manual_dir = ""  # A VISPR-layout root; empty: the synthetic dataset.

@@ -1,38 +1,42 @@
 """Shared fixtures: a tiny synthetic VISPR-format dataset built once per session, and a tiny config.
 
-The suite uses run.py's persistent compilation cache (configs/default.py's folder), it and every
+The suite uses run.py's persistent compilation cache (the default config's folder), it and every
 child process: most of the suite's time is XLA compiling the same small steps, which a cache hit
 turns into a file read, within one run (tests that rebuild a step) and across runs. pytest-xdist
 runs the tests on every core (setup.cfg); each worker builds its own tiny dataset (~2 s).
 """
 
+import contextlib
+import logging
 import os
 
-# Before JAX starts its backend, for this process and the child processes the tests start: LLVM
-# optimisation level 0. The programs and their numerics are XLA's; only the machine code is less
-# optimised, which the suite's tiny models do not notice, while the compiles that no cache can
-# serve (the two-process run) get cheaper: the whole suite took 4 min 44 s / 9 min 5 s of CPU with
-# it against 5 min 22 s / 10 min 11 s without (warm caches, 2 cores). The compilation cache keys
-# include the flag, so run.py's entries and the suite's never mix.
-os.environ["XLA_FLAGS"] = (
-  f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-)
-
-import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import pytest
 
 from configs import default
 from configs import demo
 from privattnet_jax.cli import compilation_cache
+from privattnet_jax.cli import process
 
-COMPILATION_CACHE_DIR = default.get_config().compilation_cache_dir
-compilation_cache.enable(COMPILATION_CACHE_DIR)
-os.environ.update(
-  compilation_cache.environment(COMPILATION_CACHE_DIR)
-)  # For the tests' child processes.
+COMPILATION_CACHE_DIR = compilation_cache.resolve(default.get_config().compilation_cache_dir)
+# LLVM optimisation level 0. The programs and their numerics are XLA's; only the machine code is
+# less optimised, which the suite's tiny models do not notice, while the compiles that no cache can
+# serve (the two-process run) get cheaper: the whole suite took 4 min 44 s / 9 min 5 s of CPU with
+# it against 5 min 22 s / 10 min 11 s without (warm caches, 2 cores). The compilation cache keys
+# include the flag, so run.py's entries and the suite's never mix.
+XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+def pytest_configure(config):
+  """The suite's process settings, before any test starts JAX's backend (XLA reads XLA_FLAGS then),
+  for this process and, through the environment, the child processes the tests start."""
+  del config
+  flags = os.environ.get("XLA_FLAGS", "")
+  if XLA_FLAG not in flags.split():  # xdist workers inherit the controller's.
+    os.environ["XLA_FLAGS"] = f"{flags} {XLA_FLAG}".strip()
+  compilation_cache.enable(COMPILATION_CACHE_DIR)
+  os.environ.update(compilation_cache.environment(COMPILATION_CACHE_DIR))
+  process.import_tensorboard_without_torch()  # As run.py's train mode: the metric writer's import.
 
 
 @pytest.fixture(scope="session")

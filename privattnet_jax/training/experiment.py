@@ -166,3 +166,18 @@ class Experiment:
   def restore(self, step: int, data_iterator=None) -> train_state.TrainState:
     state, _ = checkpoints.restore(self.manager, step, self.abstract_state, data_iterator)
     return state
+
+
+def prepare_feature_cache(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> feature_cache.FeatureCache:
+  """Builds (or checks) the feature cache that a run of `config` in `workdir` reads, ahead of
+  training: with the encoder of the workdir's latest checkpoint, else the initial one.
+
+  Needs the run's data, encoder state, task and mesh, so it sets up the experiment without a train
+  step, with the cache read through the host ('device' reads the same files, and its device copy
+  of the features is a training run's, not the cache's).
+  """
+  config = config.copy_and_resolve_references()
+  config.feature_cache.mode = "host"
+  return Experiment(config, workdir, need_train=False).feed.cache

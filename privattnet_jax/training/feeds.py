@@ -25,18 +25,11 @@ from privattnet_jax.models import scoring
 from privattnet_jax.training import train_state
 
 MODES = ("off", "host", "device")
-_REPLACED_FIELDS = ("enabled", "on_device")  # The booleans that `mode` replaced.
 
 
 def validate_config(config) -> None:
   """Fails early, naming the field, on a feed that cannot work."""
   cache = config.feature_cache
-  replaced = [name for name in _REPLACED_FIELDS if name in cache]
-  if replaced:
-    raise ValueError(
-      f"feature_cache.{replaced[0]} was replaced by feature_cache.mode: 'off' (no cache), 'host' "
-      "(was enabled=True) or 'device' (was enabled=True with on_device=True)"
-    )
   if cache.mode not in MODES:
     raise ValueError(f"feature_cache.mode must be one of {MODES}, got {cache.mode!r}")
   if cache.mode != "off":

@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
 
-def _summary_writer_class():
-  """tensorboardX's SummaryWriter, imported without torch.
-
-  tensorboardX's writer imports torch whenever it is installed (the test extra installs it), only
-  to accept torch tensors: 1.7 s of a run's start-up for scalars that are Python floats here.
-  Hiding torch during that one import makes it fall back to numpy; torch stays importable after.
-  """
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-    return SummaryWriter
-  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set.
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules["torch"]
-  return SummaryWriter
-
-
 class MetricWriter:
-  """One JSON object per logged step in metrics.jsonl, plus TensorBoard events (no TensorFlow)."""
+  """One JSON object per logged step in metrics.jsonl, plus TensorBoard events (no TensorFlow).
+
+  tensorboardX imports torch when it is installed, unless the process imported tensorboardX with
+  torch hidden first, as run.py's process setup does (cli/process.py).
+  """
 
   def __init__(self, workdir: pathlib.Path):
     self.enabled = jax.process_index() == 0
     if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tensorboard = _summary_writer_class()(str(workdir / "tensorboard"))
+      self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:

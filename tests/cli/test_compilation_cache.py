@@ -9,6 +9,7 @@ import textwrap
 import ml_collections
 import numpy as np
 
+from configs import default
 from privattnet_jax.cli import compilation_cache
 from privattnet_jax.models import scoring
 from privattnet_jax.training import optimizer as optimizer_lib
@@ -61,6 +62,20 @@ def test_an_empty_directory_turns_the_cache_off():
   assert env["JAX_COMPILATION_CACHE_DIR"].endswith("/x") and not env[
     "JAX_COMPILATION_CACHE_DIR"
   ].startswith("~")
+
+
+def test_auto_is_the_environment_variable_else_the_default_folder(monkeypatch):
+  """The config stays pure: the environment is read where the folder is resolved."""
+  assert default.get_config().compilation_cache_dir == compilation_cache.AUTO
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/ci/jax_cache")
+  assert compilation_cache.resolve("auto") == "/ci/jax_cache"
+  assert compilation_cache.environment("auto")["JAX_COMPILATION_CACHE_DIR"] == "/ci/jax_cache"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # Set but empty: off, as the config's "".
+  assert compilation_cache.resolve("auto") == "" and compilation_cache.environment("auto") == {}
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  assert compilation_cache.resolve("auto") == compilation_cache.DEFAULT_DIR
+  assert compilation_cache.resolve("/runs/cache") == "/runs/cache"
+  assert compilation_cache.resolve("") == ""
 
 
 def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_data_dir):

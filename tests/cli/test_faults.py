@@ -504,21 +504,6 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
   assert (tmp_path / "existing.txt").read_text() == "keep"
 
 
-def test_a_full_disk_is_recognised_through_library_wrappers():
-  import run  # pylint: disable=g-import-not-at-top  # Defines run.py's flags; no other test imports it.
-
-  wrapped = RuntimeError(
-    'Failed to finalize writing of split "test": write() failed: No space left on device'
-  )
-  chained = ValueError("save failed")
-  chained.__cause__ = OSError(28, "No space left on device", "/w/checkpoints/2/state")
-  for error in (wrapped, chained, OSError(28, "No space left on device")):
-    assert run._is_disk_full(error)  # pylint: disable=protected-access
-    assert run._message(error).startswith("no space left on the device")  # pylint: disable=protected-access
-  assert not run._is_disk_full(ValueError("bad"))  # pylint: disable=protected-access
-  assert run._message(TypeError("oops\nmore")) == "internal error (TypeError): oops"  # pylint: disable=protected-access
-
-
 def test_a_dying_background_thread_is_one_warning_line_and_its_traceback_in_errors_log(tmp_path):
   """run.py's hooks: a Python thread's exception is one line on stderr naming errors.log, which
   holds the traceback; a library callback's error (sys.excepthook) only goes to errors.log."""
@@ -526,9 +511,8 @@ def test_a_dying_background_thread_is_one_warning_line_and_its_traceback_in_erro
   workdir.mkdir()
   script = f"""
 import sys, threading
-import run
-run.FLAGS(["run.py", "--workdir={workdir}"])
-run._route_library_tracebacks_to_errors_log()
+from privattnet_jax.cli import errors
+errors.route_library_tracebacks_to_errors_log({str(workdir)!r})
 worker = threading.Thread(target=lambda: 1 / 0, name="probe")
 worker.start()
 worker.join()

@@ -194,17 +194,6 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
   assert "OK" in result.stdout
 
 
-@pytest.mark.parametrize("field", ["enabled", "on_device"])
-def test_a_config_with_the_replaced_booleans_is_told_the_new_field(tiny_data_dir, tmp_path, field):
-  config = _on_device_config(tiny_data_dir, tmp_path / "cache")
-  config.feature_cache[field] = True
-  with pytest.raises(
-    ValueError,
-    match=f"feature_cache.{field} was replaced by feature_cache.mode: 'off'.*'host'.*'device'",
-  ):
-    experiment_lib.validate_config(config)
-
-
 def test_a_split_too_large_for_device_memory_is_refused_with_the_numbers():
   device = types.SimpleNamespace(
     process_index=jax.process_index(),

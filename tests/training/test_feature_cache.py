@@ -290,6 +290,23 @@ def test_training_from_the_cache_runs_and_resumes_exactly(tiny_data_dir, tmp_pat
   }
 
 
+def test_prepare_feature_cache_builds_what_a_run_reads_and_leaves_the_config(
+  tiny_data_dir, tmp_path, caplog
+):
+  """run.py --mode=cache_features: the cache of any feed mode, built once, then reused."""
+  config = _cache_config(tiny_data_dir, tmp_path / "cache")
+  config.feature_cache.mode = "off"  # Built ahead of a run that will turn it on.
+  cache = experiment_lib.prepare_feature_cache(config, tmp_path / "run")
+  assert config.feature_cache.mode == "off"
+  assert (cache.directory / feature_cache.MANIFEST_FILENAME).is_file()
+  config.feature_cache.mode = "device"  # Reads the same files.
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    again = experiment_lib.prepare_feature_cache(config, tmp_path / "run")
+  assert again.directory == cache.directory
+  assert "Using the feature cache" in caplog.text and "Building" not in caplog.text
+
+
 @pytest.mark.parametrize(
   "field, replacement", [("enabled", "mode=host"), ("on_device", "mode=device")]
 )

@@ -224,10 +224,13 @@ def _tensorboard_scalars(folder) -> dict:
 
 
 def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
-  """The TensorBoard writer costs no torch import at start-up (1.7 s), and torch stays importable."""
+  """After run.py's process setup the TensorBoard writer costs no torch import at start-up (1.7 s),
+  and torch stays importable."""
   script = f"""
     import pathlib, sys
+    from privattnet_jax.cli import process
     from privattnet_jax.training import metric_writer
+    process.configure_process({str(tmp_path)!r}, None, writes_metrics=True)
     writer = metric_writer.MetricWriter(pathlib.Path({str(tmp_path)!r}))
     writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
     writer.close()
