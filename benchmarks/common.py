@@ -47,11 +47,19 @@ def random_targets(rng: np.random.Generator, size: int) -> dict:
 def train_step_for(config):
   """(state replicated over a mesh of every device, the jitted train step, the mesh) for
   `config`, through the project's public API (a regression task, target mean 0)."""
-  task = scoring.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
-  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
+  task = scoring.make_task(
+    config.model,
+    config.score,
+    config.loss,
+    np.zeros(1),
+    input_pipeline.score_preferences(config.score),
+  )
+  model = models.create_model(config.model, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
   mesh = train_steps.create_mesh()
-  shape = (config.image_size, config.image_size, 3)
-  state = train_state.create_train_state(config, model, task, shape, 1000, jax.random.PRNGKey(0))
+  shape = (config.input.image_size, config.input.image_size, 3)
+  state = train_state.create_train_state(
+    model, shape, config.model.encoder, config.optim, 1000, jax.random.PRNGKey(0)
+  )
   state = jax.device_put(state, NamedSharding(mesh, P()))
   return state, train_steps.parallel_train_step(mesh, task), mesh
 

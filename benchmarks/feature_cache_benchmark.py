@@ -57,7 +57,7 @@ flags.DEFINE_integer(
   "source_size", 256, "Side of the generated JPEGs (VISPR's max256 build: shorter side 256)."
 )
 flags.DEFINE_enum(
-  "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (config.half_precision)."
+  "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (config.model.half_precision)."
 )
 flags.DEFINE_enum("cache_dtype", "bfloat16", list(feature_cache.DTYPES), "Stored feature dtype.")
 flags.DEFINE_bool(
@@ -77,9 +77,9 @@ FLAGS = flags.FLAGS
 
 def make_config(workdir: pathlib.Path):
   config = privattnet.get_config()  # ResNet-50 to conv4_x, frozen: the paper's model.
-  config.image_size = FLAGS.image_size
-  config.batch_size = FLAGS.batch_size
-  config.half_precision = FLAGS.dtype == "bfloat16"
+  config.input.image_size = FLAGS.image_size
+  config.input.batch_size = FLAGS.batch_size
+  config.model.half_precision = FLAGS.dtype == "bfloat16"
   config.model.encoder.batchnorm = "frozen"
   config.data.data_dir = str(workdir / "data")
   config.data.synthetic.num_train = FLAGS.num_images
@@ -188,11 +188,19 @@ def main(argv):
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
   mesh = train_steps.create_mesh()
-  task = scoring.make_task(config, np.zeros(1), input_pipeline.preferences_from_config(config))
-  model = models.create_model(config, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
-  image_shape = (config.image_size, config.image_size, 3)
+  task = scoring.make_task(
+    config.model,
+    config.score,
+    config.loss,
+    np.zeros(1),
+    input_pipeline.score_preferences(config.score),
+  )
+  model = models.create_model(config.model, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
+  image_shape = (config.input.image_size, config.input.image_size, 3)
   state = jax.device_put(
-    train_state.create_train_state(config, model, task, image_shape, 1000, jax.random.PRNGKey(0)),
+    train_state.create_train_state(
+      model, image_shape, config.model.encoder, config.optim, 1000, jax.random.PRNGKey(0)
+    ),
     NamedSharding(mesh, P()),
   )
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
@@ -215,7 +223,7 @@ def main(argv):
   image_step, feature_step = lowered["image_step"].compile(), lowered["feature_step"].compile()
   print(
     f"backend={jax.default_backend()} devices={jax.device_count()} ({jax.devices()[0].device_kind}); "
-    f"{config.image_size} px, ResNet-50 to conv4_x (frozen, random weights), features {tuple(shape)} "
+    f"{config.input.image_size} px, ResNet-50 to conv4_x (frozen, random weights), features {tuple(shape)} "
     f"{FLAGS.cache_dtype}, batch {FLAGS.batch_size}, compute {FLAGS.dtype}",
     flush=True,
   )
@@ -244,7 +252,9 @@ def main(argv):
   if FLAGS.synthetic_features:
     records = synthetic_feature_records(FLAGS.num_images, shape, cache_dtype, rng)
     loader = iter(
-      input_pipeline.create_train_loader(records, config, task, transform=feature_train)
+      input_pipeline.create_train_loader(
+        records, config.input, task, seed=config.seed, transform=feature_train
+      )
     )
     results["features_loader"], _ = timed_rate(
       feature_step, copy_state(state), lambda: train_steps.shard_batch(next(loader), mesh)
@@ -279,7 +289,7 @@ def main(argv):
     cache_rate, encode_rate = results["features_loader"], None
   else:
     start = time.perf_counter()
-    sources = data_lib.load_data_sources(config)
+    sources = data_lib.load_data_sources(config.data)
     print(
       f"generated and built {FLAGS.num_images} training JPEGs ({FLAGS.source_size} px) in "
       f"{time.perf_counter() - start:.1f} s",
@@ -295,11 +305,13 @@ def main(argv):
     )
     encode_rate = FLAGS.num_images / (time.perf_counter() - start)
     results["bytes_per_record"] = cache.bytes_per_record()
-    image_loader = iter(input_pipeline.create_train_loader(sources["train"], config, task))
+    image_loader = iter(
+      input_pipeline.create_train_loader(sources["train"], config.input, task, seed=config.seed)
+    )
     results["images_loader"], _ = timed_rate(
       image_step, copy_state(state), lambda: train_steps.shard_batch(next(image_loader), mesh)
     )
-    feature_loader = iter(cache.train_loader(config, task))
+    feature_loader = iter(cache.train_loader(config.input, config.seed, task))
     results["features_loader"], _ = timed_rate(
       feature_step, copy_state(state), lambda: train_steps.shard_batch(next(feature_loader), mesh)
     )

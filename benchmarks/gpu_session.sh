@@ -52,7 +52,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env
 stamp "environment: $(head -1 "$OUT/environment.txt")"
 SIZE_FLAGS=()
 if [ -n "${SMALL:-}" ]; then
-  SIZE_FLAGS=(--config.image_size=64 --config.batch_size=8 --config.model.encoder.depth=0)
+  SIZE_FLAGS=(--config.input.image_size=64 --config.input.batch_size=8 --config.model.encoder.depth=0)
 fi
 
 if part 1; then
@@ -63,7 +63,7 @@ time timeout 280 python run.py --config=configs/privattnet.py --workdir="$WORK/r
   --config.data.synthetic.num_train="$NUM_TRAIN" --config.data.synthetic.num_val="$NUM_VAL" \
   --config.data.synthetic.num_test="$TEST_IMAGES" --config.num_epochs="$EPOCHS" \
   --config.model.encoder.batchnorm=frozen --config.feature_cache.mode=device \
-  --config.half_precision=True --config.log_every_steps=390 "${SIZE_FLAGS[@]}" > "$OUT/paper_run.txt" 2>&1
+  --config.model.half_precision=True --config.log_every_steps=390 "${SIZE_FLAGS[@]}" > "$OUT/paper_run.txt" 2>&1
 stamp "   exit $?"
 grep -E "synthetic dataset|Building the feature|rows encoded|on the devices|Training privattnet|Trained|step 3900/|test \(checkpoint" \
   "$OUT/paper_run.txt" | cut -c1-400 | tee -a "$OUT/session.txt"
@@ -98,7 +98,7 @@ RUN4=(--config=configs/privattnet.py --config.data.data_dir="$WORK/vispr_sized/d
   --config.data.synthetic.image_size=256 --config.data.synthetic.num_train="$NUM_TRAIN"
   --config.data.synthetic.num_val="$NUM_VAL" --config.data.synthetic.num_test="$VISPR_TEST"
   --config.num_epochs="$EPOCHS" --config.model.encoder.batchnorm=frozen --config.feature_cache.mode=device
-  --config.feature_cache.train_views="$VIEWS" --config.half_precision=True
+  --config.feature_cache.train_views="$VIEWS" --config.model.half_precision=True
   --config.log_every_steps=390 --config.compilation_cache_dir="$WORK/vispr_sized/jax_cache" "${SIZE_FLAGS[@]}")
 # The dataset alone (generated and built), outside the timed runs: --mode=evaluate fails after it.
 timeout 200 python run.py --mode=evaluate --workdir="$WORK/vispr_sized/build" "${RUN4[@]}" \

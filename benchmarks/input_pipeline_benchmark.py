@@ -162,16 +162,16 @@ def machine_busy_seconds() -> float:
 def transform_ceiling(source, config, repeats: int = 2) -> float:
   """Images/s of the transform (train or eval) alone, in this process, on one core."""
   transform = input_pipeline.TrainTransform(
-    image_size=config.image_size,
-    resize_size=input_pipeline.resize_size(config),
-    crop_scale=config.data.crop_scale,
-    crop_ratio=config.data.crop_ratio,
-    preferences=input_pipeline.preferences_from_config(config),
+    image_size=config.input.image_size,
+    resize_size=input_pipeline.resize_size(config.input),
+    crop_scale=config.input.crop_scale,
+    crop_ratio=config.input.crop_ratio,
+    preferences=input_pipeline.score_preferences(config.score),
     pooling=config.score.pooling,
   )
   eval_transform = input_pipeline.EvalTransform(
-    image_size=config.image_size,
-    preferences=input_pipeline.preferences_from_config(config),
+    image_size=config.input.image_size,
+    preferences=input_pipeline.score_preferences(config.score),
     pooling=config.score.pooling,
   )
   records = [source[i] for i in range(len(source))]
@@ -191,7 +191,7 @@ def eval_stream(source, config, task, threads: int | None):
   while True:
     yield from input_pipeline.create_eval_batches(
       source,
-      config,
+      config.input,
       task,
       process_index=0,
       process_count=1,
@@ -202,11 +202,19 @@ def eval_stream(source, config, task, threads: int | None):
 
 def measure(source, config, threads: int | None = None) -> tuple[float, float, float]:
   """(images/s, cores busy here, cores busy elsewhere) over FLAGS.batches batches after the warm-up."""
-  preferences = input_pipeline.preferences_from_config(config)
-  task = scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  preferences = input_pipeline.score_preferences(config.score)
+  task = scoring.make_task(
+    config.model, config.score, config.loss, np.zeros(preferences.shape[1]), preferences
+  )
   if FLAGS.loader == "train":
     loader = input_pipeline.create_train_loader(
-      source, config, task, process_index=0, process_count=1, local_device_count=1
+      source,
+      config.input,
+      task,
+      seed=config.seed,
+      process_index=0,
+      process_count=1,
+      local_device_count=1,
     )
   else:
     loader = eval_stream(source, config, task, threads)
@@ -216,13 +224,18 @@ def measure(source, config, threads: int | None = None) -> tuple[float, float, f
   cpu_start, machine_start, start = tree_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
   for _ in range(FLAGS.batches):
     batch = next(iterator)
-    assert batch["image"].shape == (config.batch_size, config.image_size, config.image_size, 3)
+    assert batch["image"].shape == (
+      config.input.batch_size,
+      config.input.image_size,
+      config.input.image_size,
+      3,
+    )
   elapsed = time.perf_counter() - start
   cores_busy = (tree_cpu_seconds() - cpu_start) / elapsed
   machine_busy = (machine_busy_seconds() - machine_start) / elapsed
   del batch, iterator, loader
   return (
-    FLAGS.batches * config.batch_size / elapsed,
+    FLAGS.batches * config.input.batch_size / elapsed,
     cores_busy,
     max(machine_busy - cores_busy, 0.0),
   )
@@ -244,13 +257,13 @@ def main(argv):
 def run(source, setup_seconds: float) -> None:
   mean_kb = np.mean([len(source[i]["image"]) for i in range(len(source))]) / 1024
   config = default.get_config()
-  config.image_size = FLAGS.image_size
-  config.batch_size = FLAGS.batch_size
+  config.input.image_size = FLAGS.image_size
+  config.input.batch_size = FLAGS.batch_size
   print(
     f"cpus={os.cpu_count()} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())} "
     f"loader={FLAGS.loader} source={FLAGS.source} images={len(source)} (shorter side {FLAGS.build_size} px, mean {mean_kb:.1f} KB, "
-    f"ready in {setup_seconds:.1f} s) crop={config.image_size} "
-    f"resize={input_pipeline.resize_size(config)} batch={config.batch_size}"
+    f"ready in {setup_seconds:.1f} s) crop={config.input.image_size} "
+    f"resize={input_pipeline.resize_size(config.input)} batch={config.input.batch_size}"
   )
   ceiling = transform_ceiling(source, config)
   print(f"transform alone (1 core, no grain): {ceiling:7.1f} img/s  ({1000 / ceiling:.2f} ms/img)")
@@ -262,7 +275,7 @@ def run(source, setup_seconds: float) -> None:
       for t in ([int(t) for t in FLAGS.threads] or [None])
     ]
   for name, workers, threads in settings:
-    config.data.num_workers = workers
+    config.input.num_workers = workers
     images_per_second, cores_busy, others = measure(source, config, threads)
     print(
       f"{name}: {images_per_second:7.1f} img/s  cores busy {cores_busy:4.2f}  "

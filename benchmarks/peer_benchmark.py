@@ -16,7 +16,7 @@ Paths (--paths):
   dtype, --cache_dtype, as the feature cache's loader hands them to the step) against torch's image
   path (the judged ratio: the authors had no cache); torch's head alone trained from fp32
   features is printed as an extra line.
-- bf16: ours with config.half_precision=True (image path and cache path), torch under
+- bf16: ours with config.model.half_precision=True (image path and cache path), torch under
   autocast(cpu, bfloat16) (image path); each framework's bf16 is set against its fp32 where that
   was measured.
 
@@ -129,9 +129,9 @@ def machine_info(torch) -> str:
 
 def make_config(half_precision: bool):
   config = privattnet.get_config()  # Frozen ResNet-50 to conv4_x, BatchNorm 'update': the paper.
-  config.image_size = FLAGS.image_size
-  config.batch_size = FLAGS.batch_size
-  config.half_precision = half_precision
+  config.input.image_size = FLAGS.image_size
+  config.input.batch_size = FLAGS.batch_size
+  config.model.half_precision = half_precision
   return config
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
 
 flags.DEFINE_string("workdir", None, "A trained demo run (configs/demo.py).", required=True)
@@ -81,7 +81,7 @@ def risky_images(
   return np.stack(pixels), padded, np.array([len(b) for b in boxes]), paths
 
 
-def quality(predictor: predictor.Predictor) -> None:
+def quality(predictor: predictor_lib.Predictor) -> None:
   info = predictor.info
   pixels, boxes, counts, _ = risky_images(
     pathlib.Path(FLAGS.synthetic_dir).expanduser(),
@@ -144,7 +144,7 @@ def camera_photo(source: pathlib.Path, megapixels: float) -> bytes:
   return buffer.getvalue()
 
 
-def timing(predictor: predictor.Predictor) -> None:
+def timing(predictor: predictor_lib.Predictor) -> None:
   info = predictor.info
   _, _, _, paths = risky_images(
     pathlib.Path(FLAGS.synthetic_dir).expanduser(),

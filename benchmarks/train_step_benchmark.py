@@ -37,16 +37,16 @@ FLAGS = flags.FLAGS
 def benchmark(encoder_mode: str, batch_size: int, peak: float) -> None:
   config = privattnet.get_config()
   config.model.name = FLAGS.model
-  config.image_size = FLAGS.image_size
-  config.batch_size = batch_size
-  config.half_precision = FLAGS.dtype == "bfloat16"
+  config.input.image_size = FLAGS.image_size
+  config.input.batch_size = batch_size
+  config.model.half_precision = FLAGS.dtype == "bfloat16"
   config.model.encoder.trainable = encoder_mode == "trainable"
   state, step, mesh = common.train_step_for(config)
   rng = np.random.default_rng(0)
   batch = {
-    "image": rng.normal(size=(batch_size, config.image_size, config.image_size, 3)).astype(
-      np.float32
-    ),
+    "image": rng.normal(
+      size=(batch_size, config.input.image_size, config.input.image_size, 3)
+    ).astype(np.float32),
     **common.random_targets(rng, batch_size),
   }
   device_batch = train_steps.shard_batch(batch, mesh)

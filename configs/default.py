@@ -2,7 +2,12 @@
 
 Variant configs import this and override a few fields. Any field can be set
 from the command line: `python run.py --config=configs/privattnet.py
---config.batch_size=64 --config.data.manual_dir=/data/vispr`.
+--config.input.batch_size=64 --config.data.manual_dir=/data/vispr`.
+
+Each part of the package reads its own section: `data` (where the dataset is and how it is
+built), `input` (the input pipeline), `score` (the privacy score), `model` (the network and its
+compute dtype), `loss`, `optim`, `feature_cache`; the run-level fields stay at the top. Fields
+that moved keep working under their old names (privattnet_jax/config_history.py).
 """
 
 import ml_collections
@@ -11,11 +16,8 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 12345
-  config.image_size = 224  # Eval resize and train crop size; the grid is image_size / 16.
-  config.batch_size = 256  # Global, across all devices and hosts.
   config.num_epochs = 100
   config.num_train_steps = -1  # > 0 overrides num_epochs.
-  config.half_precision = False  # bf16 compute; parameters and optimiser state stay fp32.
 
   config.log_every_steps = 50
   config.eval_every_steps = -1  # -1: once per epoch.
@@ -36,11 +38,6 @@ def get_config():
   config.data.builder_config = "max256"  # "max256" (shorter side <= 256 px) or "original".
   config.data.splits_dir = ""  # Folder with train2017.txt etc.; empty: the bundled copies.
   config.data.strict = False  # Any skipped annotation fails the build.
-  config.data.resize_size = -1  # Train resize before the random crop; -1: image_size * 264 / 224.
-  config.data.crop_scale = (0.08, 1.0)
-  config.data.crop_ratio = (3 / 4, 4 / 3)
-  config.data.num_workers = 0  # grain worker processes.
-  config.data.prefetch_buffer_size = 2
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.dir = ""  # Empty: <data_dir>/synthetic_vispr.
   config.data.synthetic.num_train = 2000
@@ -48,6 +45,16 @@ def get_config():
   config.data.synthetic.num_test = 400
   config.data.synthetic.seed = 0
   config.data.synthetic.image_size = 160  # Side of the generated images.
+
+  # The input pipeline (privattnet_jax/data/input_pipeline.py).
+  config.input = ml_collections.ConfigDict()
+  config.input.image_size = 224  # Eval resize and train crop size; the grid is image_size / 16.
+  config.input.batch_size = 256  # Global, across all devices and hosts.
+  config.input.resize_size = -1  # Train resize before the random crop; -1: image_size * 264 / 224.
+  config.input.crop_scale = (0.08, 1.0)
+  config.input.crop_ratio = (3 / 4, 4 / 3)
+  config.input.num_workers = 0  # grain worker processes.
+  config.input.prefetch_buffer_size = 2
 
   # The privacy score, computed in the input pipeline (see privattnet_jax/data/attributes.py).
   config.score = ml_collections.ConfigDict()
@@ -63,6 +70,7 @@ def get_config():
   # ap_pr, pr_cnn, or one's own; its config then also sets `config.model.module`, the module that
   # registers it (docs/extending.md).
   config.model.name = "privattnet"
+  config.model.half_precision = False  # bf16 compute; parameters and optimiser state stay fp32.
   # Training BatchNorm pools statistics over all devices, so results do not depend on the device
   # count (one all-reduce per BatchNorm layer); False: per-device statistics, as torch DataParallel.
   config.model.sync_batchnorm = True
@@ -113,6 +121,9 @@ def get_config():
   config.optim.schedule = "constant"  # constant, cosine, warmup_cosine.
   config.optim.warmup_steps = 0
   config.optim.weight_decay = 1e-6  # Coupled L2: added to the gradient before Adam.
-  config.optim.attention_gamma = 1e-5
-  config.optim.attention_tau_per_step = 0.2  # tau = 0.2 * T.
+
+  # The attention penalty of the attention models' loss: gamma * sum((tau - attention mass)^2).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.attention_gamma = 1e-5
+  config.loss.attention_tau_per_step = 0.2  # tau = 0.2 * T.
   return config

@@ -48,7 +48,7 @@ def _parse(arg: str) -> tuple[str, str]:
 def get_config(arg="privattnet"):
   variant, encoder = _parse(arg)
   config = importlib.import_module(f"configs.{variant}").get_config()
-  config.batch_size = 32
+  config.input.batch_size = 32
   config.log_every_steps = 20
   config.keep_checkpoints = 2
   config.data.synthetic.num_train = 2000
@@ -62,15 +62,15 @@ def get_config(arg="privattnet"):
   config.optim.schedule = "warmup_cosine"
   config.optim.warmup_steps = 50
   if encoder == "tiny":
-    config.image_size = 128  # An 8x8 attention grid.
+    config.input.image_size = 128  # An 8x8 attention grid.
     config.num_epochs = 12
-    config.data.resize_size = 144
-    config.data.crop_scale = (0.5, 1.0)  # Planted objects are small: keep them in most crops.
+    config.input.resize_size = 144
+    config.input.crop_scale = (0.5, 1.0)  # Planted objects are small: keep them in most crops.
     config.model.encoder.depth = 0  # The tiny test encoder.
     config.model.encoder.width = 16
     config.model.encoder.trainable = True  # No pretrained weights here: learn the encoder.
     return config
-  config.image_size = 224  # A 14x14 attention grid.
+  config.input.image_size = 224  # A 14x14 attention grid.
   config.num_epochs = 8  # The cached features are learnt from fast (docs/benchmarks.md).
   config.model.encoder.name = "efficientnet_lite0"
   config.model.encoder.pretrained = "efficientnet_lite0"  # The file the package installs.

@@ -48,13 +48,13 @@ def tiny_data_dir(tmp_path_factory):
 def make_tiny_config(data_dir: str, model_name: str = "privattnet"):
   """A config small enough for a train step in seconds on one CPU core."""
   config = demo.get_config(f"{model_name},tiny")
-  config.image_size = 32
-  config.batch_size = 8
+  config.input.image_size = 32
+  config.input.batch_size = 8
   config.num_epochs = 1
   config.num_train_steps = 4
   config.log_every_steps = 2
   config.eval_every_steps = 2
-  config.data.resize_size = 36
+  config.input.resize_size = 36
   config.data.data_dir = data_dir
   config.data.synthetic.num_train = 48
   config.data.synthetic.num_val = 12

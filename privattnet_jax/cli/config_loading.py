@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 from typing import NamedTuple
 
+import ml_collections
 from absl import flags
+
+from privattnet_jax import config_history
 
 
 class Replacement(NamedTuple):
@@ -40,6 +43,11 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
   if replaced:
     print(replaced, file=sys.stderr, flush=True)
     sys.exit(1)
+  argv, renamed = config_history.rename_overrides(argv)
+  for old in renamed:
+    print(config_history.deprecation(old), file=sys.stderr, flush=True)
+  if renamed:
+    sys.argv[1:] = argv[1:]  # ml_collections defines the override flags from sys.argv.
   try:
     return flag_values(argv)
   except Exception as error:  # pylint: disable=broad-except  # ml_collections raises KeyError, OSError, ...
@@ -74,6 +82,9 @@ def load_config(config):
     config.get("model")  # A config file that failed to load raises on first use.
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(f"--config: {config_error_text(error.__cause__ or error)}") from error
+  with config.unlocked():
+    for old in config_history.migrate(config, ml_collections.ConfigDict):
+      print(config_history.deprecation(old), file=sys.stderr, flush=True)
   check_config(config)
   return config
 

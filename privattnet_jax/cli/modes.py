@@ -23,13 +23,13 @@ def check_output_dir(output: str) -> None:
 def load_predictor(workdir, exported, step, config, batch_size):
   """The --exported artifact or the --workdir checkpoint, as predict and redact run it."""
   if exported:
-    from privattnet_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+    from privattnet_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
 
     if config is not None or step is not None:
       raise app.UsageError(
         "--exported runs the artifact as exported: --config and --step do not apply"
       )
-    return predictor.load_exported_predictor(exported, batch_size)
+    return predictor_lib.load_exported_predictor(exported, batch_size)
   from privattnet_jax.training import serving  # pylint: disable=g-import-not-at-top
 
   return serving.load_checkpoint_predictor(workdir, step, config, batch_size)

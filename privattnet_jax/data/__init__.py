@@ -35,29 +35,28 @@ def _exclusive(data_dir: pathlib.Path):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def resolve_data_dir(config) -> pathlib.Path:
-  """config.data.data_dir, or ~/.cache/privattnet_jax when empty."""
-  return pathlib.Path(config.data.data_dir or DEFAULT_DATA_DIR).expanduser()
+def resolve_data_dir(data) -> pathlib.Path:
+  """The `data` section's data_dir, or ~/.cache/privattnet_jax when empty."""
+  return pathlib.Path(data.data_dir or DEFAULT_DATA_DIR).expanduser()
 
 
-def prepare_builder(config):
-  """The prepared `vispr` builder for a full config: real VISPR, or the synthetic dataset.
+def prepare_builder(data):
+  """The prepared `vispr` builder for the `data` config section: real VISPR, or the synthetic set.
 
-  With config.data.manual_dir set, VISPR is built from it into data_dir. With it
+  With data.manual_dir set, VISPR is built from it into data_dir. With it
   empty, the synthetic dataset is generated (cached by its parameters) at
-  config.data.synthetic.dir, default <data_dir>/synthetic_vispr, and built into
+  data.synthetic.dir, default <data_dir>/synthetic_vispr, and built into
   <data_dir>/tfds_synthetic/<hash of the generation parameters>, so a synthetic
   build never collides with a real one, nor with another generation's build.
   """
-  data_dir = resolve_data_dir(config)
+  data_dir = resolve_data_dir(data)
   with _exclusive(data_dir):
-    return _prepare_builder(config, data_dir)
+    return _prepare_builder(data, data_dir)
 
 
-def _prepare_builder(config, data_dir: pathlib.Path):
+def _prepare_builder(data, data_dir: pathlib.Path):
   from privattnet_jax.data import synthetic, vispr  # pylint: disable=g-import-not-at-top
 
-  data = config.data
   if data.manual_dir:
     return vispr.prepare(
       pathlib.Path(data.manual_dir).expanduser(),
@@ -98,15 +97,15 @@ def _prepare_builder(config, data_dir: pathlib.Path):
   return builder
 
 
-def load_data_sources(config) -> dict[str, Any]:
-  """{split: random-access source} for a full config (see configs/default.py, docs/design.md).
+def load_data_sources(data) -> dict[str, Any]:
+  """{split: random-access source} for the `data` config section (docs/design.md).
 
   Splits train, validation, test; records hold the encoded JPEG (undecoded),
   image_id, labels, height, width and boxes.
   """
   from privattnet_jax.data import vispr  # pylint: disable=g-import-not-at-top
 
-  return vispr.data_sources(prepare_builder(config))
+  return vispr.data_sources(prepare_builder(data))
 
 
 __all__ = ["load_data_sources", "prepare_builder", "resolve_data_dir", "DEFAULT_DATA_DIR"]

@@ -23,7 +23,7 @@ Eval (`create_eval_batches`): one pass over every record, resized to
 every process yields `ceil(N / global_batch)` batches, so each example counts
 exactly once across processes and no process waits on another.
 
-Worker processes (`config.data.num_workers > 0`) are started with `spawn`: each
+Worker processes (`config.input.num_workers > 0`) are started with `spawn`: each
 re-imports the main module (guard its entry point with
 `if __name__ == "__main__":`), so its absl flags are defined again but never
 parsed there. The transforms here hold plain values taken from the config and
@@ -68,9 +68,8 @@ _READ_THREADS, _READ_AHEAD = 4, 16
 _SCORE_CHUNK = 1024  # split_scores: records per read; bounds the (chunk, 68, P) score intermediate.
 
 
-def preferences_from_config(config) -> np.ndarray:
-  """The (68, P) preference table that `config.score` selects (P = 1, or 30 per profile)."""
-  score = config.score
+def score_preferences(score) -> np.ndarray:
+  """The (68, P) preference table that the `score` config section selects (P = 1, or 30 per profile)."""
   return attributes.preference_table(
     score.source,
     profile_index=score.profile_index,
@@ -118,13 +117,13 @@ def _labels(record) -> np.ndarray:
   return labels
 
 
-def resize_size(config) -> int:
-  """The train resize before the random crop: `config.data.resize_size`, or 264/224 of the crop."""
-  size = config.data.resize_size
+def resize_size(input_config) -> int:
+  """The train resize before the random crop: `input.resize_size`, or 264/224 of the crop."""
+  size = input_config.resize_size
   if size == -1:
-    size = round(config.image_size * _REFERENCE_RESIZE / _REFERENCE_CROP)
+    size = round(input_config.image_size * _REFERENCE_RESIZE / _REFERENCE_CROP)
   if size <= 0:
-    raise ValueError(f"data.resize_size must be positive or -1, got {config.data.resize_size}")
+    raise ValueError(f"input.resize_size must be positive or -1, got {input_config.resize_size}")
   return int(size)
 
 
@@ -194,9 +193,9 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def __init__(self, *, image_size, resize_size, crop_scale, crop_ratio, preferences, pooling):
     if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
-      raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(crop_scale)}")
+      raise ValueError(f"input.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(crop_scale)}")
     if not (0 < crop_ratio[0] <= crop_ratio[1]):
-      raise ValueError(f"data.crop_ratio must satisfy 0 < lo <= hi, got {tuple(crop_ratio)}")
+      raise ValueError(f"input.crop_ratio must satisfy 0 < lo <= hi, got {tuple(crop_ratio)}")
     self.image_size = int(image_size)
     self.resize_size = int(resize_size)
     self.crop_scale = tuple(float(s) for s in crop_scale)
@@ -356,9 +355,10 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 def create_train_loader(
   source,
-  config,
+  input_config,
   task,
   *,
+  seed: int,
   process_index: int | None = None,
   process_count: int | None = None,
   local_device_count: int | None = None,
@@ -374,7 +374,7 @@ def create_train_loader(
   boundaries; with a finite `num_epochs` the final partial batch is dropped.
 
   `task` is the run's score definition (`scoring.Task`: its `preferences` and `pooling`).
-  `transform` replaces the image transform (`train_transform(config, task)`), e.g. to read
+  `transform` replaces the image transform (`train_transform(input_config, task)`), e.g. to read
   cached features. With `views_per_example` V > 1, `source` holds V records per
   example (record i * V + v is view v of example i) and every draw of an example
   reads one view, chosen from the seed and the stream position (see `ViewSampler`).
@@ -383,16 +383,16 @@ def create_train_loader(
   (JSON bytes) or `grain.checkpoint.CheckpointSave/CheckpointRestore` with
   orbax. Restoring checks that the seed, the sharding, the worker count and
   `repr(source)` match. The batch composition depends on
-  `config.data.num_workers` (each worker batches its own share of the
+  `input_config.num_workers` (each worker batches its own share of the
   stream), so keep the worker count when resuming.
   """
   layout = process_layout(
-    config.batch_size,
+    input_config.batch_size,
     process_index=process_index,
     process_count=process_count,
     local_device_count=local_device_count,
   )
-  if config.data.num_workers > 0:
+  if input_config.num_workers > 0:
     _ensure_flags_parsed()
   if views_per_example < 1 or len(source) % views_per_example:
     raise ValueError(f"{len(source)} records are not {views_per_example} views per example")
@@ -409,30 +409,30 @@ def create_train_loader(
     shard_options=shard_options,
     shuffle=True,
     num_epochs=num_epochs,
-    seed=sampler_seed(config.seed),
+    seed=sampler_seed(seed),
   )
   if views_per_example > 1:
-    sampler = ViewSampler(sampler, views_per_example, sampler_seed(config.seed))
+    sampler = ViewSampler(sampler, views_per_example, sampler_seed(seed))
   batch = grain.transforms.Batch(layout.batch_size, drop_remainder=True)
   return grain.DataLoader(
     data_source=source,
     sampler=sampler,
-    operations=[transform or train_transform(config, task), batch],
-    worker_count=config.data.num_workers,
-    worker_buffer_size=config.data.prefetch_buffer_size,
+    operations=[transform or train_transform(input_config, task), batch],
+    worker_count=input_config.num_workers,
+    worker_buffer_size=input_config.prefetch_buffer_size,
     shard_options=shard_options,
     read_options=grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD),
   )
 
 
-def train_transform(config, task) -> TrainTransform:
-  """The image train transform (decode, random resized crop, flip, normalise) of a full config,
-  scoring with `task`'s preference table and pooling."""
+def train_transform(input_config, task) -> TrainTransform:
+  """The image train transform (decode, random resized crop, flip, normalise) of the `input`
+  section, scoring with `task`'s preference table and pooling."""
   return TrainTransform(
-    image_size=config.image_size,
-    resize_size=resize_size(config),
-    crop_scale=config.data.crop_scale,
-    crop_ratio=config.data.crop_ratio,
+    image_size=input_config.image_size,
+    resize_size=resize_size(input_config),
+    crop_scale=input_config.crop_scale,
+    crop_ratio=input_config.crop_ratio,
     preferences=task.preferences,
     pooling=task.pooling,
   )
@@ -494,7 +494,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 def create_eval_batches(
   source,
-  config,
+  input_config,
   task,
   *,
   process_index: int | None = None,
@@ -510,25 +510,25 @@ def create_eval_batches(
   and each record appears in exactly one row with mask 1 across all
   processes. Batches also carry host-side `image_id` (str), `boxes`
   (B, MAX_BOXES, 4) and `num_boxes`. `batch_size` overrides the global
-  `config.batch_size`; `task` scores the rows (as in `create_train_loader`); `transform` replaces
+  `input_config.batch_size`; `task` scores the rows (as in `create_train_loader`); `transform` replaces
   the image transform (the feature cache's transforms); `read_threads` the decode threads
   (default: `decode_threads()`; with workers, two per worker). Argument errors raise here, not at
   the first `next`.
   """
   layout = process_layout(
-    config.batch_size if batch_size is None else batch_size,
+    input_config.batch_size if batch_size is None else batch_size,
     process_index=process_index,
     process_count=process_count,
     local_device_count=local_device_count,
   )
   rows = _EvalRows(source, layout, num_eval_batches(len(source), layout.global_batch_size))
   transform = transform or EvalTransform(
-    image_size=config.image_size,
+    image_size=input_config.image_size,
     preferences=task.preferences,
     pooling=task.pooling,
   )
   dataset = grain.MapDataset.source(rows).map(transform)
-  copy = config.data.num_workers > 0
+  copy = input_config.num_workers > 0
   if copy:
     # Workers take whole batches in turn, so the order and the batch shapes do not
     # depend on the worker count; each assembles its batches in two read threads.
@@ -538,8 +538,8 @@ def create_eval_batches(
     _ensure_flags_parsed()
     stream = stream.mp_prefetch(
       grain.MultiprocessingOptions(
-        num_workers=config.data.num_workers,
-        per_worker_buffer_size=config.data.prefetch_buffer_size,
+        num_workers=input_config.num_workers,
+        per_worker_buffer_size=input_config.prefetch_buffer_size,
       )
     )
   else:

@@ -23,7 +23,7 @@ from privattnet_jax.inference import heatmaps
 from privattnet_jax.evaluation import localisation
 from privattnet_jax.evaluation import report
 from privattnet_jax.inference import preprocessing
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 
 REPORT_EXAMPLES = 4  # Most and least risky images shown, each.
 REDACTION_IMAGES = (
@@ -82,7 +82,7 @@ def redaction_summary(
     "image_size": image_size,
     "outputs": {"score": None, "attention": None},
   }
-  score = redact.scorer(predictor.Predictor(info, batch_size, infer))
+  score = redact.scorer(predictor_lib.Predictor(info, batch_size, infer))
   grid_shape = heatmaps.infer_grid_shape(np.asarray(extras["attention"]).shape[-1])
   summary, greedy = redact.redaction_quality(
     score,

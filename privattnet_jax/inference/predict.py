@@ -1,6 +1,6 @@
 """Privacy risk for users' own photos: scores, per-step and per-profile scores, attributes, heat maps.
 
-The photos are scored by a `predictor.Predictor`: a checkpoint's (training/serving.py) or an
+The photos are scored by a `predictor_lib.Predictor`: a checkpoint's (training/serving.py) or an
 exported artifact's.
 
 Each photo goes through the dataset builder's normalisation (`preprocessing.process_image`: any Pillow
@@ -40,7 +40,7 @@ from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps
 from privattnet_jax import safe_files
 from privattnet_jax.inference import preprocessing
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.inference import user_scores
 
 
@@ -218,14 +218,14 @@ def _image_records(
   """JSON-ready values of one batch: scores, per-step and per-profile scores, top attributes."""
   scores = np.asarray(outputs["score"], np.float64)
   steps = outputs.get("step_scores")
-  user_scores, user_steps = user(outputs) if user is not None else (None, None)
+  user_values, user_steps = user(outputs) if user is not None else (None, None)
   descriptions = {a.attribute_id: a.description for a in attributes.load_attributes()}
   records = []
   for i, row in enumerate(scores):
     record = {"score": float(row.mean())}  # Per-profile models: the mean over profiles.
     if user is not None:
       record["user"] = user.label
-      record["user_score"] = float(user_scores[i])
+      record["user_score"] = float(user_values[i])
       if user_steps is not None:
         record["user_step_scores"] = [float(v) for v in user_steps[i]]
     if steps is not None:
@@ -277,7 +277,7 @@ def _write_panel(
 
 
 def predict(
-  predictor: predictor.Predictor,
+  predictor: predictor_lib.Predictor,
   images: Sequence[str],
   output_dir,
   *,
@@ -314,18 +314,18 @@ def predict(
     matched nothing).
   """
   if normalisation not in heatmaps.NORMALISATIONS:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"heat map normalisation must be one of {heatmaps.NORMALISATIONS}, got {normalisation!r}"
     )
   if panel_size < 1 or top_attributes < 0 or predictor.batch_size < 1:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       "panel_size and the batch size must be positive, top_attributes not negative"
     )
   info = predictor.info
   user = user_scores.resolve_user(info, profile, preferences_file)
   entries = collect_images(images)
   if not entries:
-    raise predictor.PredictError("no images given")
+    raise predictor_lib.PredictError("no images given")
   output_dir = pathlib.Path(output_dir)
   check_output_dir(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +415,7 @@ def check_output_dir(output_dir: pathlib.Path) -> None:
   for folder in (output_dir, *output_dir.parents):
     if folder.exists():
       if not folder.is_dir():
-        raise predictor.PredictError(
+        raise predictor_lib.PredictError(
           f"output folder {output_dir}: {folder} exists and is not a folder"
         )
       return

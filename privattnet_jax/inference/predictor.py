@@ -37,7 +37,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 
 # Config fields that define what a checkpoint computes: a --config given to predict or export
 # must agree with the checkpoint's on these.
-MODEL_FIELDS = ("image_size", "half_precision", "model", "score")
+MODEL_FIELDS = ("input.image_size", "model", "score")
 
 
 _INITIALISATION_FIELDS = ("model.encoder.pretrained",)  # Only where training started: not compared.
@@ -107,8 +107,13 @@ def check_config(given, stored: dict) -> None:
     elif a != b and prefix not in _INITIALISATION_FIELDS:
       differences.append(f"{prefix}: --config has {a!r}, the checkpoint {b!r}")
 
+  def field_value(config: dict, dotted: str):
+    for name in dotted.split("."):
+      config = config.get(name, "<absent>") if isinstance(config, dict) else "<absent>"
+    return config
+
   for field in MODEL_FIELDS:
-    compare(field, given.get(field, "<absent>"), stored.get(field, "<absent>"))
+    compare(field, field_value(given, field), field_value(stored, field))
   if differences:
     raise PredictError(
       "the given config does not describe the checkpoint's model ("
@@ -121,7 +126,7 @@ def check_config(given, stored: dict) -> None:
 def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
   """The JSON beside an exported predictor (and a checkpoint predictor's `info`): preprocessing,
   outputs, and how scores are read from them."""
-  image_size = int(config["image_size"])
+  image_size = int(config["input"]["image_size"])
   outputs = {key: ["batch", *shape.shape[1:]] for key, shape in output_shapes.items()}
   grid_shape, steps = None, None
   if "attention" in output_shapes:

@@ -53,7 +53,7 @@ from privattnet_jax.inference import heatmaps
 from privattnet_jax.inference import predict
 from privattnet_jax import safe_files
 from privattnet_jax.inference import preprocessing
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.inference import user_scores
 
 METHODS = ("blur", "pixelate", "fill")
@@ -299,13 +299,13 @@ def model_pixels(model_input: np.ndarray) -> np.ndarray:
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def scorer(predictor: predictor.Predictor, user: user_scores.UserScore | None = None) -> Scorer:
+def scorer(predictor: predictor_lib.Predictor, user: user_scores.UserScore | None = None) -> Scorer:
   """float32 model inputs (N, S, S, 3) -> ((N,) scores, (N, T, L) attention), in predictor batches.
 
   The score is the model's (the mean over profiles for a per-profile model), or `user`'s.
   """
   if "attention" not in predictor.info["outputs"]:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"{predictor.info['model']} has no attention: redaction needs an attention model "
       "(privattnet, privattnet_mlc)"
     )
@@ -766,13 +766,15 @@ class RedactSettings:
 
   def check(self) -> None:
     if self.method not in METHODS:
-      raise predictor.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
+      raise predictor_lib.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
     if self.target_score is not None and self.target_drop is not None:
-      raise predictor.PredictError("give --target_score or --target_drop, not both")
+      raise predictor_lib.PredictError("give --target_score or --target_drop, not both")
     if self.target_drop is not None and not 0 < self.target_drop <= 1:
-      raise predictor.PredictError(f"--target_drop is a fraction in (0, 1], got {self.target_drop}")
+      raise predictor_lib.PredictError(
+        f"--target_drop is a fraction in (0, 1], got {self.target_drop}"
+      )
     if not 0 < self.max_area <= 1:
-      raise predictor.PredictError(f"--max_area is a fraction in (0, 1], got {self.max_area}")
+      raise predictor_lib.PredictError(f"--max_area is a fraction in (0, 1], got {self.max_area}")
 
   def targets(self, before: np.ndarray, info: dict) -> np.ndarray:
     if self.target_score is not None:
@@ -848,7 +850,7 @@ class RedactResult:
 
 
 def redact_photos(
-  predictor: predictor.Predictor,
+  predictor: predictor_lib.Predictor,
   images: Sequence[str],
   output_dir,
   settings: RedactSettings,
@@ -872,7 +874,7 @@ def redact_photos(
   score = scorer(predictor, user)
   entries = predict.collect_images(images)
   if not entries:
-    raise predictor.PredictError("no images given")
+    raise predictor_lib.PredictError("no images given")
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   if panels:

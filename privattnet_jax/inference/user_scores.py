@@ -9,7 +9,7 @@ import numpy as np
 
 from privattnet_jax import safe_files
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +45,18 @@ def _user_preference_table(path, missing_value: float) -> np.ndarray:
         "file_too_large", path, f"over {safe_files.MAX_LIST_BYTES} bytes"
       )
   except safe_files.UnsafeFileError as e:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"--preferences={path}: {'no such file' if e.reason == 'missing' else e.message}"
     ) from None
   try:
     _, values = attributes.read_preference_tsv(path)
   except ValueError as error:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"--preferences: {error}. Expected lines 'attribute_id<TAB>attribute_name<TAB>rating' (rating 1..5; "
       "optional header line starting with attribute_id), as in data/user_studies/user_profiles.tsv"
     ) from None
   if values.shape[1] != 1:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"--preferences={path}: {values.shape[1]} rating columns; give one user's ratings "
       "(one column after attribute_id and attribute_name)"
     )
@@ -72,10 +72,10 @@ def resolve_user(
   if profile is None and not preferences_file:
     return None
   if profile is not None and preferences_file:
-    raise predictor.PredictError("give --profile or --preferences, not both")
+    raise predictor_lib.PredictError("give --profile or --preferences, not both")
   model, score = info["model"], info["score"]
   if profile is not None and not 0 <= profile < attributes.NUM_PROFILES:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"--profile must lie in 0..{attributes.NUM_PROFILES - 1}, got {profile}"
     )
   if info["kind"] == "attributes":
@@ -99,7 +99,7 @@ def resolve_user(
     f", profile_index={score['profile_index']}" if score["source"] == "profile" else ""
   )
   if preferences_file:
-    raise predictor.PredictError(
+    raise predictor_lib.PredictError(
       f"{model} regresses the score it was trained on ({trained_on}, per_profile={score['per_profile']}); it "
       "cannot score new preferences. --preferences needs an attribute model (privattnet_mlc, ap_pr)"
       + (", or use --profile=K with this per-profile model" if info["num_scores"] > 1 else "")
@@ -108,7 +108,7 @@ def resolve_user(
     return UserScore(f"profile {profile}", column=profile)
   if score["source"] == "profile" and score["profile_index"] == profile:
     return UserScore(f"profile {profile}", column=0)
-  raise predictor.PredictError(
+  raise predictor_lib.PredictError(
     f"{model} predicts a single score ({trained_on}, per_profile=False) and has no output for profile "
     f"{profile}. Train with --config.score.per_profile=True for all 30 profiles, or use an attribute model "
     "(privattnet_mlc, ap_pr) for any user's preferences"

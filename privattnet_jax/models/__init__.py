@@ -132,16 +132,18 @@ def create_encoder(
   )
 
 
-def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = None) -> PrivacyModel:
-  """The model named by `config.model.name`, for a full config (it reads `half_precision` too).
+def create_model(
+  model_config, num_outputs: int, batchnorm_axis_name: str | None = None
+) -> PrivacyModel:
+  """The model the `model` config section names, in its compute dtype (`half_precision`).
 
   num_outputs: P, the score width (1, or 30 with `score.per_profile`); attribute models
   (privattnet_mlc: 67, ap_pr: 68) do not use it.
   batchnorm_axis_name: the named device axis (inside shard_map/pmap) over which training-mode
   BatchNorm averages its statistics when `model.sync_batchnorm` is set; None outside one.
   """
-  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  return build_model(config.model, num_outputs, dtype, batchnorm_axis_name)
+  dtype = jnp.bfloat16 if model_config.half_precision else jnp.float32
+  return build_model(model_config, num_outputs, dtype, batchnorm_axis_name)
 
 
 def build_model(

@@ -16,7 +16,7 @@ step for step:
 The grid-size tie: the query projection Dense H->L has one output per grid cell, so its kernel
 is (H, L) with L fixed by the input used at `init` (196 at 224 px with the conv4_x cut). Applying
 the head to another grid (another image size) raises a ValueError naming both grids; this is the
-authors' design, kept on purpose. Train, evaluate and predict at `config.image_size` (the input
+authors' design, kept on purpose. Train, evaluate and predict at `config.input.image_size` (the input
 pipeline resizes every eval image to that square).
 """
 
@@ -141,7 +141,7 @@ class AttentionHead(nn.Module):
         f"PrivAttNet's attention head was initialised for a grid of {query['kernel'].shape[-1]} "
         f"cells but got a {grid[0]}x{grid[1]} grid ({num_locations} cells): its H->L query "
         "projection ties it to one grid size (as in the authors' model). Use the image size "
-        "the model was initialised and trained with (config.image_size)."
+        "the model was initialised and trained with (config.input.image_size)."
       )
 
   @nn.compact

@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from privattnet_jax.data import attributes
@@ -40,20 +39,20 @@ class Task:
     return hash(self._key())
 
 
-def make_task(config: ml_collections.ConfigDict, target_mean, preferences) -> Task:
+def make_task(model_config, score_config, loss_config, target_mean, preferences) -> Task:
   """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
   loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
   return Task(
-    kind=registry.lookup(config.model).kind,
+    kind=registry.lookup(model_config).kind,
     target_mean=np.asarray(target_mean, np.float32).reshape(-1),
     preferences=np.asarray(preferences, np.float32),
-    pooling=config.score.pooling,
-    attention_gamma=config.optim.attention_gamma,
-    attention_tau=config.optim.attention_tau_per_step * config.model.attention.steps,
+    pooling=score_config.pooling,
+    attention_gamma=loss_config.attention_gamma,
+    attention_tau=loss_config.attention_tau_per_step * model_config.attention.steps,
     table_preferences=attributes.preference_table(
-      "profiles_mean", missing_value=config.score.missing_value
+      "profiles_mean", missing_value=score_config.missing_value
     )
-    if config.score.per_profile
+    if score_config.per_profile
     else None,
   )
 

@@ -135,7 +135,7 @@ class TrainSet:
   num_examples: int
 
 
-def load_train(cache: feature_cache.FeatureCache, config, mesh, axis: str, task) -> TrainSet:
+def load_train(cache: feature_cache.FeatureCache, mesh, axis: str, task) -> TrainSet:
   """Reads this process's share of the cached train split into the memory of its devices."""
   entry = cache.manifest["splits"]["train"]
   views, num_examples = entry["views"], entry["examples"]
@@ -209,21 +209,26 @@ def gather_batch(
 
 
 def parallel_train_step(
-  mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, config
+  mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, batch_size: int, seed: int
 ):
   """jit(shard_map) of `step_fn(state, batch)` (the per-device train step) on a batch gathered from
   `train_set.arrays` on the devices: call it as `step(state, train_set.arrays)`. Built once per
   distinct (mesh, step_fn, batch layout, views, seed) in a process, as train_steps' steps."""
   devices = mesh.devices.size
-  local_batch = config.batch_size // devices
+  local_batch = batch_size // devices
   if steps_per_epoch * local_batch > train_set.num_examples // devices:
     raise ValueError(
-      f"{steps_per_epoch} steps of batch {config.batch_size} per epoch exceed the "
+      f"{steps_per_epoch} steps of batch {batch_size} per epoch exceed the "
       f"{train_set.num_examples} cached train examples"
     )
-  seed = input_pipeline.sampler_seed(config.seed)
   return _parallel_train_step(
-    mesh, axis, step_fn, steps_per_epoch, local_batch, train_set.views, seed
+    mesh,
+    axis,
+    step_fn,
+    steps_per_epoch,
+    local_batch,
+    train_set.views,
+    input_pipeline.sampler_seed(seed),
   )
 
 
@@ -275,11 +280,11 @@ class EvalSet:
 
 
 def load_eval(
-  cache: feature_cache.FeatureCache, split: str, config, mesh, axis: str, task
+  cache: feature_cache.FeatureCache, split: str, input_config, mesh, axis: str, task
 ) -> EvalSet:
   """Reads this process's share of a cached eval split into the memory of its devices."""
   source = cache.source(split)
-  devices, global_batch = mesh.devices.size, config.batch_size
+  devices, global_batch = mesh.devices.size, input_config.batch_size
   local_batch = global_batch // devices
   num_batches = input_pipeline.num_eval_batches(len(source), global_batch)
   shape, dtype = _record_shape(cache)
@@ -289,7 +294,7 @@ def load_eval(
   transform = feature_cache.FeatureEvalTransform(
     features_shape=shape,
     features_dtype=dtype,
-    image_size=config.image_size,
+    image_size=input_config.image_size,
     preferences=task.preferences,
     pooling=task.pooling,
   )

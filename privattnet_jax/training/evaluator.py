@@ -167,8 +167,8 @@ def evaluate_checkpoint(
       serving.photo_inference(
         experiment.eval_fn, state, experiment.mesh, experiment.task.preferences.shape[1]
       ),
-      image_size=config.image_size,
-      batch_size=config.batch_size,
+      image_size=config.input.image_size,
+      batch_size=config.input.batch_size,
       model_name=config.model.name,
     )
   if redaction is not None:

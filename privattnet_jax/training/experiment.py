@@ -20,23 +20,25 @@ from privattnet_jax.training import checkpoints, feature_cache, feeds, train_sta
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
   devices, processes = jax.device_count(), jax.process_count()
-  if config.batch_size <= 0 or config.batch_size % devices:
+  if config.input.batch_size <= 0 or config.input.batch_size % devices:
     raise ValueError(
-      f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})"
+      f"batch_size={config.input.batch_size} must be a positive multiple of the device count ({devices})"
     )
-  if config.batch_size % processes:
+  if config.input.batch_size % processes:
     raise ValueError(
-      f"batch_size={config.batch_size} must be divisible by the process count ({processes})"
+      f"batch_size={config.input.batch_size} must be divisible by the process count ({processes})"
     )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set num_train_steps > 0 or num_epochs > 0")
-  if config.image_size < 32:
-    raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
-  stride = models.encoder_output_stride(config.model.encoder, models.encoder_stages(config.model))
-  if config.image_size % stride:
+  if config.input.image_size < 32:
     raise ValueError(
-      f"image_size={config.image_size} must be a multiple of the encoder's output stride "
-      f"{stride} (e.g. {max(stride, config.image_size // stride * stride)})"
+      f"image_size={config.input.image_size} is too small for the encoder (minimum 32)"
+    )
+  stride = models.encoder_output_stride(config.model.encoder, models.encoder_stages(config.model))
+  if config.input.image_size % stride:
+    raise ValueError(
+      f"image_size={config.input.image_size} must be a multiple of the encoder's output stride "
+      f"{stride} (e.g. {max(stride, config.input.image_size // stride * stride)})"
     )
   pretrained = config.model.encoder.get("pretrained", "")
   if pretrained:  # A missing weight file fails here, before any dataset work.
@@ -47,7 +49,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every_steps", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"{name} must be positive, got {config[name]}")
-  feeds.validate_config(config)
+  feeds.validate_config(config.feature_cache, config.model.encoder)
 
 
 class Experiment:
@@ -60,28 +62,30 @@ class Experiment:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.sources = data_lib.load_data_sources(config)
+    self.sources = data_lib.load_data_sources(config.data)
     self.manager = checkpoints.create_manager(self.workdir, config.keep_checkpoints)
     if need_train:  # A resumed run continues from the newest checkpoint that restores.
       checkpoints.set_aside_unrestorable(self.manager, self.workdir)
     self.mesh = train_steps.create_mesh()
     num_train = len(self.sources["train"])
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.input.batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size={config.batch_size} exceeds the {num_train} training examples")
+      raise ValueError(
+        f"batch_size={config.input.batch_size} exceeds the {num_train} training examples"
+      )
     self.total_steps = (
       config.num_train_steps
       if config.num_train_steps > 0
       else (config.num_epochs * self.steps_per_epoch)
     )
-    preferences = input_pipeline.preferences_from_config(
-      config
-    )  # The run's one read of `config.score`.
-    self.task = scoring.make_task(config, self._target_mean(preferences), preferences)
-    self.model = models.create_model(
-      config, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
+    preferences = input_pipeline.score_preferences(config.score)  # The run's one read of it.
+    self.task = scoring.make_task(
+      config.model, config.score, config.loss, self._target_mean(preferences), preferences
     )
-    image_shape = (config.image_size, config.image_size, 3)
+    self.model = models.create_model(
+      config.model, num_outputs=self.task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
+    )
+    image_shape = (config.input.image_size, config.input.image_size, 3)
     replicated = NamedSharding(self.mesh, P())
     # Through host memory: every process computes the same initial state on its first local
     # device, and a single-device array cannot become one replica of a mesh that spans processes
@@ -89,10 +93,10 @@ class Experiment:
     self.initial_state = jax.device_put(
       jax.device_get(
         train_state.create_train_state(
-          config,
           self.model,
-          self.task,
           image_shape,
+          config.model.encoder,
+          config.optim,
           self.total_steps,
           jax.random.PRNGKey(config.seed),
         )
@@ -105,7 +109,9 @@ class Experiment:
     )
     self.eval_fn = train_steps.parallel_eval_step(self.mesh, self.task)
     self.feed = feeds.select_feed(
-      config,
+      config.feature_cache.mode,
+      config.input,
+      config.seed,
       self.sources,
       self.mesh,
       self.task,
@@ -153,8 +159,15 @@ class Experiment:
     encode_step = train_steps.parallel_encode_step(
       self.mesh, feature_cache.DTYPES[self.config.feature_cache.dtype]
     )
+    config = self.config
+    settings = feature_cache.CacheSettings(
+      cache=config.feature_cache,
+      input=config.input,
+      seed=config.seed,
+      compute_dtype="bfloat16" if config.model.half_precision else "float32",
+    )
     return feature_cache.ensure(
-      self.config,
+      settings,
       self.sources,
       state,
       lambda images: encode_step(

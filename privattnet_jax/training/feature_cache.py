@@ -80,9 +80,9 @@ _LOG_EVERY_BATCHES = 20
 # Configuration and the key a cache must match.
 
 
-def validate_config(config) -> None:
-  """Fails early, naming the field, when a feature cache would be wrong or cannot be built."""
-  cache, encoder = config.feature_cache, config.model.encoder
+def validate_config(cache, encoder) -> None:
+  """Fails early, naming the field, when a feature cache (the `feature_cache` section) of this
+  encoder (the `model.encoder` section) would be wrong or cannot be built."""
   if encoder.trainable:
     raise ValueError(
       "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
@@ -105,6 +105,16 @@ def validate_config(config) -> None:
     raise ValueError(f"feature_cache.splits must be distinct names from {SPLITS}, got {splits!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+  """What a cache's files depend on besides the encoder and the data; the run's setup builds it."""
+
+  cache: Any  # The `feature_cache` config section.
+  input: Any  # The `input` config section.
+  seed: int  # Seeds the augmented train views.
+  compute_dtype: str  # The encoder's: "float32" or "bfloat16".
+
+
 def encoder_digest(state) -> str:
   """sha256 over the encoder's parameters and BatchNorm statistics: names, dtypes, shapes, bytes."""
   encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
@@ -122,12 +132,12 @@ def _dataset_dir(sources: Mapping[str, Any]) -> pathlib.Path | None:
   return None if info is None else pathlib.Path(os.fspath(info.data_dir))
 
 
-def cache_dir(config, sources: Mapping[str, Any], encoder_sha256: str) -> pathlib.Path:
+def cache_dir(cache, sources: Mapping[str, Any], encoder_sha256: str) -> pathlib.Path:
   """`feature_cache.dir`, or `feature_cache/<encoder digest>/` inside the dataset's TFDS version
   folder: one folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet)
   on one dataset keep their caches instead of rebuilding each other's."""
-  if config.feature_cache.dir:
-    return pathlib.Path(config.feature_cache.dir).expanduser()
+  if cache.dir:
+    return pathlib.Path(cache.dir).expanduser()
   dataset_dir = _dataset_dir(sources)
   if dataset_dir is None:
     raise ValueError(
@@ -136,26 +146,26 @@ def cache_dir(config, sources: Mapping[str, Any], encoder_sha256: str) -> pathli
   return dataset_dir / DEFAULT_SUBDIR / encoder_sha256[:16]
 
 
-def manifest_key(config, sources: Mapping[str, Any], state) -> dict:
+def manifest_key(settings: CacheSettings, sources: Mapping[str, Any], state) -> dict:
   """Everything the cached features depend on; a cache whose manifest differs is rebuilt."""
-  cache = config.feature_cache
+  cache = settings.cache
   preprocessing = {
-    "image_size": config.image_size,
+    "image_size": settings.input.image_size,
     "dtype": cache.dtype,
     "train_views": cache.train_views,
   }
   if cache.train_views and "train" in cache.splits:  # What the augmented views depend on.
     preprocessing.update(
-      resize_size=input_pipeline.resize_size(config),
-      crop_scale=list(config.data.crop_scale),
-      crop_ratio=list(config.data.crop_ratio),
-      seed=config.seed,
+      resize_size=input_pipeline.resize_size(settings.input),
+      crop_scale=list(settings.input.crop_scale),
+      crop_ratio=list(settings.input.crop_ratio),
+      seed=settings.seed,
     )
   key = {
     "format": {"name": FORMAT, "version": FORMAT_VERSION},
     "encoder": {
       "sha256": encoder_digest(state),
-      "compute_dtype": "bfloat16" if config.half_precision else "float32",
+      "compute_dtype": settings.compute_dtype,
     },
     "preprocessing": preprocessing,
     "dataset": {
@@ -284,25 +294,28 @@ class FeatureCache:
   def source(self, split: str) -> CachedSplit:
     return CachedSplit(self.directory, split, self.manifest)
 
-  def train_loader(self, config, task) -> grain.DataLoader:
+  def train_loader(self, input_config, seed: int, task) -> grain.DataLoader:
     transform = FeatureTrainTransform(preferences=task.preferences, pooling=task.pooling)
     return input_pipeline.create_train_loader(
       self.source("train"),
-      config,
+      input_config,
       task,
+      seed=seed,
       transform=transform,
       views_per_example=self.manifest["splits"]["train"]["views"],
     )
 
-  def eval_batches(self, split: str, config, task):
+  def eval_batches(self, split: str, input_config, task):
     transform = FeatureEvalTransform(
       features_shape=self.manifest["features"]["shape"],
       features_dtype=DTYPES[self.manifest["features"]["dtype"]],
-      image_size=config.image_size,
+      image_size=input_config.image_size,
       preferences=task.preferences,
       pooling=task.pooling,
     )
-    return input_pipeline.create_eval_batches(self.source(split), config, task, transform=transform)
+    return input_pipeline.create_eval_batches(
+      self.source(split), input_config, task, transform=transform
+    )
 
   def bytes_per_record(self) -> float:
     files = [
@@ -400,19 +413,23 @@ def _file_name(split: str, process: int, process_count: int) -> str:
 def _encode_split(
   directory: pathlib.Path,
   split: str,
-  config,
+  settings: CacheSettings,
   source,
   views: int,
   encode: Callable[[np.ndarray], jax.Array],
   task,
 ) -> tuple[int, ...] | None:
   """Encodes this process's rows of one split into its file; returns the features' shape."""
-  layout = input_pipeline.process_layout(config.batch_size)
-  common = dict(image_size=config.image_size, preferences=task.preferences, pooling=task.pooling)
+  layout = input_pipeline.process_layout(settings.input.batch_size)
+  common = dict(
+    image_size=settings.input.image_size, preferences=task.preferences, pooling=task.pooling
+  )
   if views:
     rows = _ViewRows(source, views)
     transform = _ViewTransform(
-      train_transform=input_pipeline.train_transform(config, task), seed=config.seed, **common
+      train_transform=input_pipeline.train_transform(settings.input, task),
+      seed=settings.seed,
+      **common,
     )
   else:
     rows, transform = source, input_pipeline.EvalTransform(**common)
@@ -422,7 +439,7 @@ def _encode_split(
   try:
     # The next batch is dispatched before the previous one is fetched and written.
     for number, batch in enumerate(
-      input_pipeline.create_eval_batches(rows, config, task, transform=transform), 1
+      input_pipeline.create_eval_batches(rows, settings.input, task, transform=transform), 1
     ):
       features = encode(batch["image"])
       if pending is not None:
@@ -446,7 +463,7 @@ def _encode_split(
 
 def _build(
   directory: pathlib.Path,
-  config,
+  settings: CacheSettings,
   sources: Mapping[str, Any],
   key: dict,
   encode: Callable[[np.ndarray], jax.Array],
@@ -459,12 +476,12 @@ def _build(
       for old in directory.glob(f"{split}-*-of-*.array_record"):
         old.unlink()
   _sync("cleared")
-  cache = config.feature_cache
-  layout = input_pipeline.process_layout(config.batch_size)
+  cache = settings.cache
+  layout = input_pipeline.process_layout(settings.input.batch_size)
   splits, shape = {}, None
   for split in cache.splits:
     views = cache.train_views if split == "train" else 0
-    shape = _encode_split(directory, split, config, sources[split], views, encode, task) or shape
+    shape = _encode_split(directory, split, settings, sources[split], views, encode, task) or shape
     splits[split] = {
       "examples": len(sources[split]),
       "views": max(views, 1),
@@ -489,12 +506,16 @@ def _build(
 
 
 def ensure(
-  config, sources: Mapping[str, Any], state, encode: Callable[[np.ndarray], jax.Array], task
+  settings: CacheSettings,
+  sources: Mapping[str, Any],
+  state,
+  encode: Callable[[np.ndarray], jax.Array],
+  task,
 ) -> FeatureCache:
   """The run's feature cache, built (or rebuilt, saying why) unless a matching one exists.
 
   Args:
-    config: a full config with `feature_cache` (see `validate_config`).
+    settings: the cache's sections, seed and compute dtype.
     sources: {split: dataset source}, as `data.load_data_sources` returns.
     state: the TrainState whose (frozen) encoder the cache must match: after `encoder.pretrained`
       is loaded, or the checkpoint a run resumes.
@@ -503,13 +524,13 @@ def ensure(
     task: the run's score definition (`scoring.Task`); the cache stores labels, not scores,
       so it serves every task, but the encoding pass reads rows through the scoring transforms.
   """
-  key = manifest_key(config, sources, state)
-  directory = cache_dir(config, sources, key["encoder"]["sha256"])
+  key = manifest_key(settings, sources, state)
+  directory = cache_dir(settings.cache, sources, key["encoder"]["sha256"])
   reason = _stale_reason(directory, key)
   if reason is None:
     manifest = json.loads((directory / MANIFEST_FILENAME).read_text())
     logging.info("Using the feature cache in %s", directory)
   else:
     logging.warning("Building the feature cache in %s: %s", directory, reason)
-    manifest = _build(directory, config, sources, key, encode, task)
+    manifest = _build(directory, settings, sources, key, encode, task)
   return FeatureCache(directory, manifest)

@@ -27,13 +27,13 @@ from privattnet_jax.training import train_state
 MODES = ("off", "host", "device")
 
 
-def validate_config(config) -> None:
-  """Fails early, naming the field, on a feed that cannot work."""
-  cache = config.feature_cache
+def validate_config(cache, encoder) -> None:
+  """Fails early, naming the field, on a feed (the `feature_cache` section) that cannot work with
+  this encoder (the `model.encoder` section)."""
   if cache.mode not in MODES:
     raise ValueError(f"feature_cache.mode must be one of {MODES}, got {cache.mode!r}")
   if cache.mode != "off":
-    feature_cache.validate_config(config)
+    feature_cache.validate_config(cache, encoder)
 
 
 @dataclasses.dataclass
@@ -51,7 +51,9 @@ class Feed:
 
 
 def select_feed(
-  config,
+  mode: str,
+  input_config,
+  seed: int,
   sources: Mapping[str, Any],
   mesh,
   task: scoring.Task,
@@ -60,43 +62,46 @@ def select_feed(
   prepare_cache: Callable[[], feature_cache.FeatureCache],
   need_train: bool = True,
 ) -> Feed:
-  """The run's feed. `prepare_cache()` builds or checks the feature cache (called only when
-  `feature_cache.mode` is not 'off'); without `need_train` no train step is made."""
-  mode = config.feature_cache.mode
+  """The run's feed for `feature_cache.mode`, batching as the `input` section says.
+
+  `prepare_cache()` builds or checks the feature cache (called only when `mode` is not 'off');
+  without `need_train` no train step is made.
+  """
   cache = None if mode == "off" else prepare_cache()
   has_train = cache is not None and cache.has_train()
   eval_sets = {}
   if mode == "device" and cache.has_eval("validation"):
     eval_sets["validation"] = device_features.load_eval(
-      cache, "validation", config, mesh, train_steps.AXIS, task
+      cache, "validation", input_config, mesh, train_steps.AXIS, task
     )
 
   def eval_batches(split: str) -> Iterable[dict]:
     if split in eval_sets:
       return eval_sets[split].batches()
     if cache is not None and cache.has_eval(split):
-      return cache.eval_batches(split, config, task)
-    return input_pipeline.create_eval_batches(sources[split], config, task)
+      return cache.eval_batches(split, input_config, task)
+    return input_pipeline.create_eval_batches(sources[split], input_config, task)
 
   if not need_train:
     return Feed(mode, cache, None, None, eval_batches)
   if mode == "device" and has_train:
-    train_set = device_features.load_train(cache, config, mesh, train_steps.AXIS, task)
+    train_set = device_features.load_train(cache, mesh, train_steps.AXIS, task)
     device_step = device_features.parallel_train_step(
       mesh,
       train_steps.AXIS,
       train_steps.task_train_step(task),
       train_set,
       steps_per_epoch,
-      config,
+      input_config.batch_size,
+      seed,
     )
     return Feed(
       mode, cache, None, lambda state: device_step(state, train_set.arrays), eval_batches, train_set
     )
   if has_train:
-    loader = cache.train_loader(config, task)
+    loader = cache.train_loader(input_config, seed, task)
   else:
-    loader = input_pipeline.create_train_loader(sources["train"], config, task)
+    loader = input_pipeline.create_train_loader(sources["train"], input_config, task, seed=seed)
   iterator = iter(loader)
   host_step = train_steps.parallel_train_step(mesh, task)
   return Feed(

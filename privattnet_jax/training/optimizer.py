@@ -9,16 +9,16 @@ import optax
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, params, total_steps: int
+  optim_config, encoder_trainable: bool, params, total_steps: int
 ) -> optax.GradientTransformation:
   """Adam with coupled L2 (added to the gradient before Adam, as torch's Adam weight_decay).
 
   A frozen encoder's parameters are mapped to `set_to_zero`: no update, no optimiser state.
   Equal arguments give the same object (a TrainState's treedef holds it: see the module docstring).
   """
-  optim = ml_collections.FrozenConfigDict(config.optim)
+  optim = ml_collections.FrozenConfigDict(optim_config)
   schedule_steps = 0 if optim.schedule == "constant" else total_steps  # Only schedules use it.
-  return _optimizer(optim, config.model.encoder.trainable, tuple(params), schedule_steps)
+  return _optimizer(optim, encoder_trainable, tuple(params), schedule_steps)
 
 
 @functools.lru_cache(maxsize=16)

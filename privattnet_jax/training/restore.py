@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from privattnet_jax import models
+from privattnet_jax import config_history, models
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.models import scoring
 from privattnet_jax.training import checkpoints, train_state, train_steps
@@ -51,18 +51,23 @@ def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> 
   manager = checkpoints.create_manager(workdir, keep=1, read_only=True)
   step = select_step(manager, workdir, step)
   metadata = checkpoints.restore_metadata(manager, step)
-  config = ml_collections.ConfigDict(metadata["config"])
+  stored = metadata["config"]
+  config_history.migrate(stored)  # A checkpoint written before a field moved.
+  config = ml_collections.ConfigDict(stored)
   preferences = metadata.get("preferences")
   if (
     preferences is None
   ):  # A checkpoint older than the stored table: its config's score definition.
-    preferences = input_pipeline.preferences_from_config(config)
-  task = scoring.make_task(config, metadata["target_mean"], preferences)
+    preferences = input_pipeline.score_preferences(config.score)
+  task = scoring.make_task(
+    config.model, config.score, config.loss, metadata["target_mean"], preferences
+  )
   model = models.create_model(
-    config, num_outputs=task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
+    config.model, num_outputs=task.preferences.shape[1], batchnorm_axis_name=train_steps.AXIS
   )
   mesh = train_steps.create_mesh()
-  state, _ = checkpoints.restore(
-    manager, step, train_state.abstract_train_state(config, model, task, mesh)
+  abstract_state = train_state.abstract_train_state(
+    model, config.input.image_size, config.model.encoder, config.optim, mesh
   )
+  state, _ = checkpoints.restore(manager, step, abstract_state)
   return RestoredRun(config, task, model, state, step, mesh)

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import predict, predictor
+from privattnet_jax.inference import predict, predictor as predictor_lib
 from privattnet_jax.models import scoring
 from privattnet_jax.training import restore, train_steps
 
@@ -31,31 +31,31 @@ def _inference_function(run) -> Callable:
 def _restore(workdir, step, config):
   run = restore.restore_checkpoint(workdir, step)
   if config is not None:
-    predictor.check_config(config, predictor.normalised(run.config.to_dict()))
+    predictor_lib.check_config(config, predictor_lib.normalised(run.config.to_dict()))
   return run
 
 
 def load_checkpoint_predictor(
-  workdir, step: int | None = None, config=None, batch_size: int = predictor.DEFAULT_BATCH_SIZE
-) -> predictor.Predictor:
+  workdir, step: int | None = None, config=None, batch_size: int = predictor_lib.DEFAULT_BATCH_SIZE
+) -> predictor_lib.Predictor:
   """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
   (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
   count."""
   if jax.process_count() > 1:
-    raise predictor.PredictError("predict runs in a single process")
+    raise predictor_lib.PredictError("predict runs in a single process")
   run = _restore(workdir, step, config)
-  info = predictor.predictor_info(
-    predictor.normalised(run.config.to_dict()),
+  info = predictor_lib.predictor_info(
+    predictor_lib.normalised(run.config.to_dict()),
     run.task,
     run.step,
-    predictor.output_shapes(_inference_function(run), run.config.image_size),
+    predictor_lib.output_shapes(_inference_function(run), run.config.input.image_size),
   )
   devices = jax.device_count()
   batch_size = -(-max(int(batch_size), 1) // devices) * devices
   infer = photo_inference(
     train_steps.parallel_eval_step(run.mesh, run.task), run.state, run.mesh, info["num_scores"]
   )
-  return predictor.Predictor(info, batch_size, infer)
+  return predictor_lib.Predictor(info, batch_size, infer)
 
 
 def photo_inference(eval_fn, state, mesh, num_scores: int) -> Callable:
@@ -86,7 +86,7 @@ def export_predictor(
   out_dir=None,
   step: int | None = None,
   config=None,
-  platforms: Sequence[str] = predictor.DEFAULT_PLATFORMS,
+  platforms: Sequence[str] = predictor_lib.DEFAULT_PLATFORMS,
 ) -> pathlib.Path:
   """Writes the checkpoint's inference function as a jax.export artifact plus its JSON.
 
@@ -95,30 +95,30 @@ def export_predictor(
   where the model has it). Lowered for every platform in `platforms` (CPU and CUDA by default;
   lowering needs no such device). Returns the folder (default `workdir/export`).
   """
-  unknown = sorted(set(platforms) - set(predictor.PLATFORMS))
+  unknown = sorted(set(platforms) - set(predictor_lib.PLATFORMS))
   if unknown or not platforms:
-    raise predictor.PredictError(
-      f"export platforms must be some of {predictor.PLATFORMS}, got {list(platforms)}"
+    raise predictor_lib.PredictError(
+      f"export platforms must be some of {predictor_lib.PLATFORMS}, got {list(platforms)}"
     )
   out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "export"
   predict.check_output_dir(out_dir)
   run = _restore(workdir, step, config)
   infer = _inference_function(run)
-  size = run.config.image_size
+  size = run.config.input.image_size
   (batch,) = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(
     jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   )
-  info = predictor.predictor_info(
-    predictor.normalised(run.config.to_dict()),
+  info = predictor_lib.predictor_info(
+    predictor_lib.normalised(run.config.to_dict()),
     run.task,
     run.step,
-    predictor.output_shapes(infer, size),
+    predictor_lib.output_shapes(infer, size),
   )
   info["platforms"] = list(exported.platforms)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / predictor.EXPORT_FUNCTION_FILE).write_bytes(exported.serialize())
-  (out_dir / predictor.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
+  (out_dir / predictor_lib.EXPORT_FUNCTION_FILE).write_bytes(exported.serialize())
+  (out_dir / predictor_lib.EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
   logging.info(
     "Exported %s (checkpoint step %d) for %s to %s",
     info["model"],

@@ -59,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.model.name,
     experiment.total_steps,
     experiment.steps_per_epoch,
-    config.batch_size,
+    config.input.batch_size,
     jax.device_count(),
   )
   try:
@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if log_now:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.time() - window_start
-        images_per_second = window_steps * config.batch_size / max(elapsed, 1e-9)
+        images_per_second = window_steps * config.input.batch_size / max(elapsed, 1e-9)
         eta = (experiment.total_steps - step) * elapsed / window_steps
         logging.info(
           "step %d/%d  loss %.4f  %.1f img/s  ETA %s",
@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
     seconds["checkpoint"] += time.time() - save_start
     _log_run_time(
-      time.time() - run_start, experiment.total_steps - start_step, config.batch_size, seconds
+      time.time() - run_start, experiment.total_steps - start_step, config.input.batch_size, seconds
     )
   finally:
     # A checkpoint still being written (async) is completed even when the run is interrupted.

@@ -14,7 +14,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from privattnet_jax.models import scoring, weights
+from privattnet_jax.models import weights
 from privattnet_jax.training import optimizer as optimizer_lib
 
 
@@ -60,16 +60,16 @@ def initial_variables(model, rngs: dict, image_shape, pretrained: str) -> dict:
   return weights.load_pretrained(pretrained, variables)
 
 
-def create_train_state(config, model, task, image_shape, total_steps, rng) -> TrainState:
+def create_train_state(
+  model, image_shape, encoder_config, optim_config, total_steps: int, rng
+) -> TrainState:
+  """A run's first state: initial (or pretrained) variables and the optimiser's state."""
   init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
   variables = initial_variables(
-    model,
-    {"params": params_rng, "dropout": init_rng},
-    image_shape,
-    config.model.encoder.pretrained,
+    model, {"params": params_rng, "dropout": init_rng}, image_shape, encoder_config.pretrained
   )
   params = variables["params"]
-  tx = optimizer_lib.create_optimizer(config, params, total_steps)
+  tx = optimizer_lib.create_optimizer(optim_config, encoder_config.trainable, params, total_steps)
   return TrainState(
     # Not weakly typed, as a restored step is: new and resumed runs share one traced step.
     step=np.int32(0),
@@ -82,19 +82,18 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
   )
 
 
-def abstract_train_state(
-  config: ml_collections.ConfigDict, model, task: scoring.Task, mesh
-) -> TrainState:
-  """The shapes (replicated over `mesh`) of the TrainState a checkpoint of `config` holds.
+def abstract_train_state(model, image_size: int, encoder_config, optim_config, mesh) -> TrainState:
+  """The shapes (replicated over `mesh`) of the TrainState a checkpoint of this model holds.
 
   Traced, never run: no initialisation is computed and no pretrained weight file is read, so a
   checkpoint restores where neither the training data nor the encoder's weight file exist.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.encoder.pretrained = ""  # The restored values replace any initial weights.
-  image_shape = (config.image_size, config.image_size, 3)
+  encoder_config = ml_collections.ConfigDict(encoder_config.to_dict())
+  encoder_config.pretrained = ""  # The restored values replace any initial weights.
+  image_shape = (image_size, image_size, 3)
   shapes = jax.eval_shape(
-    lambda rng: create_train_state(config, model, task, image_shape, 1, rng), jax.random.PRNGKey(0)
+    lambda rng: create_train_state(model, image_shape, encoder_config, optim_config, 1, rng),
+    jax.random.PRNGKey(0),
   )
   replicated = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(

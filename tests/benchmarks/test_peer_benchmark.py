@@ -17,8 +17,8 @@ GRID = IMAGE_SIZE // 16  # AMNet's a_res at this input size.
 def jax_head_parameter_count(image_size: int) -> int:
   """Our PrivAttNet head's parameter count at `image_size` (shapes only: nothing is computed)."""
   config = privattnet.get_config()
-  config.image_size = image_size
-  model = models.create_model(config, num_outputs=1)
+  config.input.image_size = image_size
+  model = models.create_model(config.model, num_outputs=1)
   grid, channels = image_size // 16, torch_amnet.ResNet50FC.channels
   shapes = jax.eval_shape(
     lambda: model.init(

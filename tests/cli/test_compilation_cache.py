@@ -85,31 +85,50 @@ def test_what_a_step_is_built_from_is_shared_only_between_equal_configs(tiny_dat
 
   config = make_tiny_config(tiny_data_dir)
   params = {"encoder": {}, "head": {}}
-  optimizer = optimizer_lib.create_optimizer(config, params, 10)
+  optimizer = optimizer_lib.create_optimizer(
+    config.optim, config.model.encoder.trainable, params, 10
+  )
   assert (
-    optimizer_lib.create_optimizer(ml_collections.ConfigDict(config.to_dict()), params, 10)
+    optimizer_lib.create_optimizer(
+      (ml_collections.ConfigDict(config.to_dict())).optim,
+      (ml_collections.ConfigDict(config.to_dict())).model.encoder.trainable,
+      params,
+      10,
+    )
     is optimizer
   )
-  assert optimizer_lib.create_optimizer(config, params, 11) is not optimizer  # demo: warmup_cosine.
+  assert (
+    optimizer_lib.create_optimizer(config.optim, config.model.encoder.trainable, params, 11)
+    is not optimizer
+  )  # demo: warmup_cosine.
   other_rate = ml_collections.ConfigDict(config.to_dict())
   other_rate.optim.learning_rate *= 2
-  assert optimizer_lib.create_optimizer(other_rate, params, 10) is not optimizer
-  config.optim.schedule = "constant"  # A constant rate does not depend on the run's length.
-  assert optimizer_lib.create_optimizer(config, params, 10) is optimizer_lib.create_optimizer(
-    config, params, 11
+  assert (
+    optimizer_lib.create_optimizer(other_rate.optim, other_rate.model.encoder.trainable, params, 10)
+    is not optimizer
   )
+  config.optim.schedule = "constant"  # A constant rate does not depend on the run's length.
+  assert optimizer_lib.create_optimizer(
+    config.optim, config.model.encoder.trainable, params, 10
+  ) is optimizer_lib.create_optimizer(config.optim, config.model.encoder.trainable, params, 11)
 
-  model = models.create_model(config, 1)
-  assert models.create_model(ml_collections.ConfigDict(config.to_dict()), 1) is model
+  model = models.create_model(config.model, 1)
+  assert models.create_model((ml_collections.ConfigDict(config.to_dict())).model, 1) is model
   config.model.attention.hidden_size += 1
-  assert models.create_model(config, 1) is not model
+  assert models.create_model(config.model, 1) is not model
 
   preferences = np.ones((68, 1), np.float32)
-  task = scoring.make_task(config, [0.5], preferences)
-  assert scoring.make_task(config, np.float32([0.5]), preferences.copy()) == task
+  task = scoring.make_task(config.model, config.score, config.loss, [0.5], preferences)
+  assert (
+    scoring.make_task(
+      config.model, config.score, config.loss, np.float32([0.5]), preferences.copy()
+    )
+    == task
+  )
   assert train_steps.parallel_eval_step(train_steps.create_mesh(), task) is (
     train_steps.parallel_eval_step(
-      train_steps.create_mesh(), scoring.make_task(config, [0.5], preferences)
+      train_steps.create_mesh(),
+      scoring.make_task(config.model, config.score, config.loss, [0.5], preferences),
     )
   )
-  assert scoring.make_task(config, [0.25], preferences) != task
+  assert scoring.make_task(config.model, config.score, config.loss, [0.25], preferences) != task

@@ -18,7 +18,7 @@ from privattnet_jax.inference import predict
 from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -173,7 +173,7 @@ def test_annotation_or_split_list_edited_after_the_build_is_never_reused(tmp_pat
 # Predict: one row per collected file, none hangs, no two rows share a panel.
 
 
-def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predictor.Predictor:
+def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predictor_lib.Predictor:
   """A Predictor with the attention model's outputs and a trivial function (no JAX, no checkpoint)."""
   cells = grid[0] * grid[1]
   info = {
@@ -199,7 +199,7 @@ def _fake_predictor(image_size=SIZE, steps=2, grid=(2, 2)) -> predictor.Predicto
       "attention": np.full((len(images), steps, cells), 1.0 / cells, np.float32),
     }
 
-  return predictor.Predictor(info, 4, infer)
+  return predictor_lib.Predictor(info, 4, infer)
 
 
 def test_hostile_folder_gets_one_row_per_file_and_unique_panels(no_hang, tmp_path):
@@ -248,7 +248,7 @@ def test_unique_names_never_collide_with_generated_ones():
 def test_output_that_is_a_file_is_refused_before_any_image_is_read(tmp_path):
   target = tmp_path / "out.txt"
   target.write_text("keep me")
-  with pytest.raises(predictor.PredictError, match="exists and is not a folder"):
+  with pytest.raises(predictor_lib.PredictError, match="exists and is not a folder"):
     predict.predict(_fake_predictor(), [str(_jpeg(tmp_path / "a.jpg"))], target, progress=False)
   assert target.read_text() == "keep me"
 
@@ -453,7 +453,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
       "No such file or directory: 'configs/nothere.py'",
     ),
     "image_size_stride": (
-      common + ["--config.image_size=100"],
+      common + ["--config.input.image_size=100"],
       "multiple of the encoder's output stride 16",
     ),
     "model_name_in_a_workdir_in_use": (  # The wrong value is named, not the lock.

@@ -286,17 +286,17 @@ def test_malformed_tsv_errors(tmp_path, body, message):
 def test_preferences_from_config_follows_config_score(tmp_path):
   config = default.get_config()
   np.testing.assert_array_equal(
-    input_pipeline.preferences_from_config(config), attributes.preference_table("profiles_mean")
+    input_pipeline.score_preferences(config.score), attributes.preference_table("profiles_mean")
   )
   config.score.source, config.score.profile_index = "profile", 6
-  assert input_pipeline.preferences_from_config(config)[IDX["a9_face_complete"], 0] == 5.0
+  assert input_pipeline.score_preferences(config.score)[IDX["a9_face_complete"], 0] == 5.0
   config.score.per_profile = True
-  assert input_pipeline.preferences_from_config(config).shape == (68, 30)
+  assert input_pipeline.score_preferences(config.score).shape == (68, 30)
   path = _write(tmp_path / "mine.tsv", [("a49_phone", "Phone", [2, 3])])
   config.score.update(
     source="file", preferences_file=str(path), per_profile=False, missing_value=1.5
   )
-  table = input_pipeline.preferences_from_config(config)
+  table = input_pipeline.score_preferences(config.score)
   assert (
     table[IDX["a49_phone"], 0] == 2.5 and table[IDX["a31_passport"], 0] == 1.5 and table[0, 0] == 0
   )

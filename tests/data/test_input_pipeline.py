@@ -84,24 +84,27 @@ def _source(n=10):
 
 def _config(batch_size=4, seed=7, **data):
   config = default.get_config()
-  config.image_size = 32
-  config.batch_size = batch_size
+  config.input.image_size = 32
+  config.input.batch_size = batch_size
   config.seed = seed
-  config.data.update(data)
+  config.input.update(data)
   return config
 
 
 def _task(config):
   """The run's score definition, as experiment_lib.Experiment builds it (the target mean is not used here)."""
-  preferences = input_pipeline.preferences_from_config(config)
-  return scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  preferences = input_pipeline.score_preferences(config.score)
+  return scoring.make_task(
+    config.model, config.score, config.loss, np.zeros(preferences.shape[1]), preferences
+  )
 
 
 def _train(source, config, process_index=0, process_count=1, **kwargs):
   return input_pipeline.create_train_loader(
     source,
-    config,
+    config.input,
     _task(config),
+    seed=config.seed,
     process_index=process_index,
     process_count=process_count,
     local_device_count=1,
@@ -113,7 +116,7 @@ def _eval(source, config, process_index=0, process_count=1, **kwargs):
   return list(
     input_pipeline.create_eval_batches(
       source,
-      config,
+      config.input,
       _task(config),
       process_index=process_index,
       process_count=process_count,
@@ -153,13 +156,13 @@ def test_normalize_is_imagenet_normalisation():
 
 
 def test_resize_size_default_scales_264_over_224():
-  assert input_pipeline.resize_size(_config()) == 38  # round(32 * 264 / 224)
+  assert input_pipeline.resize_size(_config().input) == 38  # round(32 * 264 / 224)
   config = _config()
-  config.image_size = 224
-  assert input_pipeline.resize_size(config) == 264
-  assert input_pipeline.resize_size(_config(resize_size=40)) == 40
+  config.input.image_size = 224
+  assert input_pipeline.resize_size(config.input) == 264
+  assert input_pipeline.resize_size(_config(resize_size=40).input) == 40
   with pytest.raises(ValueError, match="resize_size"):
-    input_pipeline.resize_size(_config(resize_size=0))
+    input_pipeline.resize_size(_config(resize_size=0).input)
 
 
 def test_crop_box_fallback_is_the_central_crop_clamped_to_ratio():
@@ -275,7 +278,7 @@ def test_train_batches_shapes_dtypes_ranges_and_scores():
   config = _config(batch_size=4)
   config.score.pooling = "sum"
   batches = _take(iter(_train(_source(), config)), 5)
-  preferences = input_pipeline.preferences_from_config(config)
+  preferences = input_pipeline.score_preferences(config.score)
   for batch in batches:
     assert set(batch) == {"image", "score", "labels", "mask"}
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -402,7 +405,7 @@ def test_workers_start_under_an_absl_app(tmp_path):
   script.write_text(
     textwrap.dedent(f"""
       import sys
-      sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
+      sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests", "data")!r}]
       from absl import app, flags
       from configs import default
       from privattnet_jax.data import input_pipeline
@@ -412,10 +415,10 @@ def test_workers_start_under_an_absl_app(tmp_path):
 
       def main(argv):
         config = t._config(num_workers=2)
-        config.image_size = _SIZE.value
+        config.input.image_size = _SIZE.value
         batch = next(iter(t._train(t._source(), config)))
         evals = list(input_pipeline.create_eval_batches(
-            t._source(), config, t._task(config), process_index=0, process_count=1, local_device_count=1))
+            t._source(),config.input, t._task(config), process_index=0, process_count=1, local_device_count=1))
         print("OK", batch["image"].shape, len(evals), type(evals[-1]["image"]).__name__)
 
       if __name__ == "__main__":
@@ -438,7 +441,7 @@ def test_per_process_batch_errors():
   with pytest.raises(ValueError, match="multiple of the process count 4"):
     input_pipeline.create_eval_batches(
       _source(),
-      _config(batch_size=6),
+      _config(batch_size=6).input,
       _task(_config()),
       process_index=0,
       process_count=4,
@@ -447,8 +450,9 @@ def test_per_process_batch_errors():
   with pytest.raises(ValueError, match="divisible by the 2 local devices"):
     input_pipeline.create_train_loader(
       _source(),
-      _config(batch_size=6),
+      _config(batch_size=6).input,
       _task(_config()),
+      seed=_config(batch_size=6).seed,
       process_index=0,
       process_count=2,
       local_device_count=2,
@@ -456,7 +460,7 @@ def test_per_process_batch_errors():
   with pytest.raises(ValueError, match="divisible by the 4 local devices"):
     input_pipeline.create_eval_batches(
       _source(),
-      _config(batch_size=6),
+      _config(batch_size=6).input,
       _task(_config()),
       process_index=0,
       process_count=1,
@@ -510,7 +514,7 @@ def test_process_layout_gives_every_stream_row_to_one_process(num_rows, batch_si
 def test_eval_counts_every_example_exactly_once(num_records, batch_size, process_count):
   source = ListSource([_record(i) for i in range(num_records)])
   config = _config(batch_size=batch_size)
-  preferences = input_pipeline.preferences_from_config(config)
+  preferences = input_pipeline.score_preferences(config.score)
   expected_batches = -(-num_records // batch_size)
   assert input_pipeline.num_eval_batches(num_records, batch_size) == expected_batches
   ids = []
@@ -553,7 +557,7 @@ def test_eval_counts_every_example_exactly_once(num_records, batch_size, process
 def test_eval_with_workers_matches_in_process_eval():
   config = _config(batch_size=4)
   expected = _eval(_source(10), config)
-  config.data.num_workers = 2
+  config.input.num_workers = 2
   got = _eval(_source(10), config)
   assert len(got) == len(expected) == 3
   for a, b in zip(got, expected):
@@ -632,16 +636,16 @@ def test_tfds_vispr_records_flow_through(tiny_data_dir):
   from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
 
   config = make_tiny_config(tiny_data_dir)
-  sources = data.load_data_sources(config)
+  sources = data.load_data_sources(config.data)
   iterator = iter(_train(sources["train"], config))
   batch = _take(iterator, 2)[0]
-  assert batch["image"].shape == (config.batch_size, 32, 32, 3) and batch["score"].shape == (
-    config.batch_size,
+  assert batch["image"].shape == (config.input.batch_size, 32, 32, 3) and batch["score"].shape == (
+    config.input.batch_size,
     1,
   )
   state = iterator.get_state()
   resumed = iter(
-    _train(data.load_data_sources(config)["train"], config)
+    _train(data.load_data_sources(config.data)["train"], config)
   )  # a new source object, same repr
   resumed.set_state(state)
   _assert_batches_equal(next(resumed), next(iterator))

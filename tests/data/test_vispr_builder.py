@@ -568,7 +568,7 @@ def test_split_lists_at_the_root_need_no_splits_dir(synthetic_root, tmp_path, ca
   config = _config(tmp_path)
   config.data.manual_dir = str(synthetic_root)
   with caplog.at_level("INFO"):
-    sources = data.load_data_sources(config)
+    sources = data.load_data_sources(config.data)
   assert {s: len(v) for s, v in sources.items()} == {"train": 10, "validation": 4, "test": 4}
   assert (
     f"Split lists: {synthetic_root / 'train2017.txt'}, {synthetic_root / 'val2017.txt'}"
@@ -641,7 +641,7 @@ def _config(data_dir, **synthetic_fields):
 
 
 def test_load_data_sources_synthetic_default(tmp_path):
-  sources = data.load_data_sources(_config(tmp_path))
+  sources = data.load_data_sources(_config(tmp_path).data)
   assert {s: len(v) for s, v in sources.items()} == {"train": 6, "validation": 2, "test": 3}
   assert synthetic.read_params(tmp_path / data.SYNTHETIC_SUBDIR)["num_train"] == 6
   builds = list(
@@ -650,7 +650,7 @@ def test_load_data_sources_synthetic_default(tmp_path):
   assert len(builds) == 1
   assert not (tmp_path / "vispr").exists()  # Never where a real VISPR build goes.
   # Other generation parameters: regenerated and built afresh, not a stale build reused.
-  sources = data.load_data_sources(_config(tmp_path, num_train=5))
+  sources = data.load_data_sources(_config(tmp_path, num_train=5).data)
   assert len(sources["train"]) == 5
   assert (
     len(
@@ -665,19 +665,19 @@ def test_load_data_sources_real_layout(synthetic_root, tmp_path):
   config.data.manual_dir = str(synthetic_root)
   config.data.splits_dir = str(synthetic_root)
   config.data.builder_config = "original"
-  sources = data.load_data_sources(config)
+  sources = data.load_data_sources(config.data)
   assert {s: len(v) for s, v in sources.items()} == {"train": 10, "validation": 4, "test": 4}
   assert (tmp_path / "vispr" / "original" / "1.0.0" / vispr.REPORT_FILENAME).is_file()
   assert not (tmp_path / data.SYNTHETIC_SUBDIR).exists()
   config.data.manual_dir = str(tmp_path / "missing")
   config.data.builder_config = "max256"
   with pytest.raises(vispr.ManualDirError):
-    data.load_data_sources(config)
+    data.load_data_sources(config.data)
 
 
 def test_default_data_dir():
   config = _config("")
-  assert data.resolve_data_dir(config) == pathlib.Path.home() / ".cache" / "privattnet_jax"
+  assert data.resolve_data_dir(config.data) == pathlib.Path.home() / ".cache" / "privattnet_jax"
 
 
 def test_concurrent_processes_share_one_build(tmp_path):
@@ -688,7 +688,7 @@ def test_concurrent_processes_share_one_build(tmp_path):
       sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent)!r})
       import test_vispr_builder as t
       from privattnet_jax import data
-      sources = data.load_data_sources(t._config({str(tmp_path)!r}))
+      sources = data.load_data_sources((t._config({str(tmp_path)!r})).data)
       print("SIZES", sorted((s, len(v)) for s, v in sources.items()))
   """)
   repo = pathlib.Path(__file__).resolve().parents[2]

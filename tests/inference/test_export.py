@@ -15,7 +15,7 @@ import pytest
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import predict
 from privattnet_jax.inference import preprocessing
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
 from tests import tiny_runs
 
@@ -47,9 +47,9 @@ def photos(tmp_path_factory):
 
 
 def test_json_holds_the_preprocessing_and_outputs(exported_dir):
-  info = json.loads((exported_dir / predictor.EXPORT_INFO_FILE).read_text())
+  info = json.loads((exported_dir / predictor_lib.EXPORT_INFO_FILE).read_text())
   assert (
-    info["format"] == predictor.EXPORT_FORMAT
+    info["format"] == predictor_lib.EXPORT_FORMAT
     and info["model"] == "privattnet_mlc"
     and info["kind"] == "attributes"
   )
@@ -68,7 +68,7 @@ def test_json_holds_the_preprocessing_and_outputs(exported_dir):
   assert info["score"]["pooling"] == "max" and len(info["target_mean"]) == 1
   assert info["platforms"] == ["cpu", "cuda"]
   exported = jax.export.deserialize(
-    bytearray((exported_dir / predictor.EXPORT_FUNCTION_FILE).read_bytes())
+    bytearray((exported_dir / predictor_lib.EXPORT_FUNCTION_FILE).read_bytes())
   )
   batch = exported.in_avals[0].shape[0]
   assert not isinstance(batch, int) and str(batch) == "batch"  # Symbolic: any batch size.
@@ -83,7 +83,7 @@ def test_exported_and_in_process_predictions_agree(run, exported_dir, photos):
     ]
   )
   in_process = serving.load_checkpoint_predictor(run, batch_size=8)(images)
-  from_artifact = predictor.load_exported_predictor(exported_dir, batch_size=3)
+  from_artifact = predictor_lib.load_exported_predictor(exported_dir, batch_size=3)
   exported = {
     k: np.concatenate([from_artifact(images[:3])[k], from_artifact(images[3:])[k]])
     for k in in_process
@@ -145,19 +145,21 @@ def test_predict_from_the_artifact_alone(run, exported_dir, photos, tmp_path):
 
 
 def test_artifact_errors(run, exported_dir, tmp_path):
-  with pytest.raises(predictor.PredictError, match="does not exist"):
-    predictor.load_exported_predictor(tmp_path)
-  with pytest.raises(predictor.PredictError, match="platforms must be some of"):
+  with pytest.raises(predictor_lib.PredictError, match="does not exist"):
+    predictor_lib.load_exported_predictor(tmp_path)
+  with pytest.raises(predictor_lib.PredictError, match="platforms must be some of"):
     serving.export_predictor(run, tmp_path / "bad", platforms=("gpu",))
   cuda_only = serving.export_predictor(run, tmp_path / "cuda_only", platforms=("cuda",))
   if jax.default_backend() == "cpu":
     with pytest.raises(
-      predictor.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"
+      predictor_lib.PredictError, match=r"exported for \['cuda'\], not for this cpu backend"
     ):
-      predictor.load_exported_predictor(cuda_only)
+      predictor_lib.load_exported_predictor(cuda_only)
   broken = tmp_path / "broken"
   shutil.copytree(exported_dir, broken)
-  info = json.loads((broken / predictor.EXPORT_INFO_FILE).read_text())
-  (broken / predictor.EXPORT_INFO_FILE).write_text(json.dumps(dict(info, format="something/else")))
-  with pytest.raises(predictor.PredictError, match="format"):
-    predictor.load_exported_predictor(broken)
+  info = json.loads((broken / predictor_lib.EXPORT_INFO_FILE).read_text())
+  (broken / predictor_lib.EXPORT_INFO_FILE).write_text(
+    json.dumps(dict(info, format="something/else"))
+  )
+  with pytest.raises(predictor_lib.PredictError, match="format"):
+    predictor_lib.load_exported_predictor(broken)

@@ -19,7 +19,7 @@ from privattnet_jax.evaluation import evaluation_report
 from privattnet_jax.inference import heatmaps
 from privattnet_jax.inference import predict
 from privattnet_jax.training import evaluator
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
 from privattnet_jax.inference import user_scores
 from tests import tiny_runs
@@ -147,7 +147,7 @@ def test_heat_map_normalisation_option_changes_the_overlays(profile_predictor, p
   a = np.asarray(Image.open(tmp_path / "per_map" / "heatmaps" / "photo_att.png"))
   b = np.asarray(Image.open(tmp_path / "global" / "heatmaps" / "photo_att.png"))
   assert a.shape == b.shape and not np.array_equal(a, b)
-  with pytest.raises(predictor.PredictError, match="normalisation"):
+  with pytest.raises(predictor_lib.PredictError, match="normalisation"):
     predict.predict(
       profile_predictor, [str(photos / "photo.jpg")], tmp_path / "bad", normalisation="local"
     )
@@ -283,9 +283,9 @@ def test_profile_of_a_per_profile_model_is_its_column(profile_predictor, photos,
     np.testing.assert_allclose(
       record["user_step_scores"], outputs["step_scores"][i, :, 11], rtol=1e-6
     )
-  with pytest.raises(predictor.PredictError, match="attribute model"):
+  with pytest.raises(predictor_lib.PredictError, match="attribute model"):
     user_scores.resolve_user(profile_predictor.info, preferences_file=str(tmp_path / "ratings.tsv"))
-  with pytest.raises(predictor.PredictError, match=r"0\.\.29"):
+  with pytest.raises(predictor_lib.PredictError, match=r"0\.\.29"):
     user_scores.resolve_user(profile_predictor.info, profile=30)
 
 
@@ -295,15 +295,15 @@ def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_pred
     num_scores=1,
     score=dict(profile_predictor.info["score"], per_profile=False, source="profiles_mean"),
   )
-  with pytest.raises(predictor.PredictError, match="single score.*per_profile=True"):
+  with pytest.raises(predictor_lib.PredictError, match="single score.*per_profile=True"):
     user_scores.resolve_user(single, profile=2)
   one_profile = dict(single, score=dict(single["score"], source="profile", profile_index=2))
   assert (
     user_scores.resolve_user(one_profile, profile=2).column == 0
   )  # Trained on exactly that profile.
-  with pytest.raises(predictor.PredictError, match="single score"):
+  with pytest.raises(predictor_lib.PredictError, match="single score"):
     user_scores.resolve_user(one_profile, profile=3)
-  with pytest.raises(predictor.PredictError, match="not both"):
+  with pytest.raises(predictor_lib.PredictError, match="not both"):
     user_scores.resolve_user(single, profile=2, preferences_file="x.tsv")
 
 
@@ -400,12 +400,12 @@ def test_malformed_preference_files_are_clear_errors(
 ):
   path = tmp_path / "ratings.tsv"
   path.write_text(content)
-  with pytest.raises(predictor.PredictError, match=message):
+  with pytest.raises(predictor_lib.PredictError, match=message):
     user_scores.resolve_user(attribute_predictor.info, preferences_file=str(path))
 
 
 def test_missing_preference_file(attribute_predictor, tmp_path):
-  with pytest.raises(predictor.PredictError, match="no such file"):
+  with pytest.raises(predictor_lib.PredictError, match="no such file"):
     user_scores.resolve_user(
       attribute_predictor.info, preferences_file=str(tmp_path / "absent.tsv")
     )
@@ -420,18 +420,18 @@ def test_a_config_that_describes_another_model_is_refused(runs, tiny_data_dir):
     tiny_data_dir, "privattnet"
   )  # Without per_profile and the wider regressor.
   with pytest.raises(
-    predictor.PredictError,
+    predictor_lib.PredictError,
     match="score.per_profile.*regressor_hidden|regressor_hidden.*per_profile",
   ):
     serving.load_checkpoint_predictor(runs["profiles"], config=config)
   config.score.per_profile = True
   config.model.attention.regressor_hidden = 32
-  config.batch_size = 4  # Not a model field: ignored.
+  config.input.batch_size = 4  # Not a model field: ignored.
   config.data.data_dir = "/nonexistent"
   config.model.encoder.pretrained = (
     "/elsewhere/resnet50.pth"  # Where training started: not compared.
   )
-  predictor.check_config(config, predictor.normalised(_checkpoint_config(runs["profiles"])))  # pylint: disable=protected-access
+  predictor_lib.check_config(config, predictor_lib.normalised(_checkpoint_config(runs["profiles"])))  # pylint: disable=protected-access
 
 
 def _checkpoint_config(workdir):

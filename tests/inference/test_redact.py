@@ -24,7 +24,7 @@ from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
 from privattnet_jax.evaluation import report
 from privattnet_jax.inference import preprocessing
-from privattnet_jax.inference import predictor
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
 from tests import tiny_runs
 
@@ -48,7 +48,7 @@ def _detail(images: np.ndarray) -> np.ndarray:
 
 def texture_predictor(
   image_size: int = 64, steps: int = 2, batch_size: int = 8
-) -> predictor.Predictor:
+) -> predictor_lib.Predictor:
   """Risk = 20 x the mean fine detail; attention = each grid cell's share of the detail."""
   info = {
     "model": "texture",
@@ -73,7 +73,7 @@ def texture_predictor(
     attention = np.repeat((energy / energy.sum(axis=1, keepdims=True))[:, None], steps, axis=1)
     return {"score": 20 * detail.mean(axis=(1, 2))[:, None], "attention": attention}
 
-  return predictor.Predictor(info, batch_size, infer)
+  return predictor_lib.Predictor(info, batch_size, infer)
 
 
 def smooth_photo(size=SIZE) -> Image.Image:
@@ -421,12 +421,12 @@ def test_bad_settings_and_models_without_attention_are_refused():
     (redact.RedactSettings(max_area=0), "max_area"),
     (redact.RedactSettings(method="smudge"), "method"),
   ):
-    with pytest.raises(predictor.PredictError, match=message):
+    with pytest.raises(predictor_lib.PredictError, match=message):
       settings.check()
-  predictor = texture_predictor()
-  predictor.info["outputs"] = {"score": ["batch", 1]}
-  with pytest.raises(predictor.PredictError, match="attention"):
-    redact.scorer(predictor)
+  no_attention = texture_predictor()
+  no_attention.info["outputs"] = {"score": ["batch", 1]}
+  with pytest.raises(predictor_lib.PredictError, match="attention"):
+    redact.scorer(no_attention)
 
 
 def test_safe_score_is_the_targets_score_of_a_safe_image():

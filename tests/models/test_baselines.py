@@ -93,9 +93,9 @@ def test_per_profile_run_reports_each_profile_their_mean_and_the_table_row(runs,
   # The checkpoint keeps one training mean per profile column: the mean of the 30 raw targets.
   manager = checkpoints.create_manager(workdir, keep=2, read_only=True)
   stored = checkpoints.restore_metadata(manager, manager.latest_step())["target_mean"]
-  sources = data_lib.load_data_sources(config)
+  sources = data_lib.load_data_sources(config.data)
   expected = input_pipeline.split_scores(
-    sources["train"], input_pipeline.preferences_from_config(config), config.score.pooling
+    sources["train"], input_pipeline.score_preferences(config.score), config.score.pooling
   ).mean(axis=0)
   assert len(stored) == NUM_PROFILES and np.ptp(expected) > 0  # The profiles' means differ.
   np.testing.assert_allclose(stored, expected, rtol=1e-6)

@@ -103,7 +103,7 @@ def test_model_with_lite0_takes_its_channels_and_grid():
   images = jnp.zeros((1, 64, 64, 3))
   for name, stages, grid, channels in (("privattnet", 3, 4, 112), ("privnet", 4, 2, 1280)):
     config.model.name = name
-    model = models.create_model(config, num_outputs=1)
+    model = models.create_model(config.model, num_outputs=1)
     variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), images, train=False))
     features = jax.eval_shape(
       lambda v, m=model: m.apply(v, images, train=False, method="encode"), variables
@@ -116,7 +116,7 @@ def test_model_with_lite0_takes_its_channels_and_grid():
     ValueError,
     match=r"model.encoder.name must be one of \('resnet', 'efficientnet_lite0'\), got 'mobilenet'",
   ):
-    models.create_model(config, num_outputs=1)
+    models.create_model(config.model, num_outputs=1)
 
 
 def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
@@ -137,7 +137,7 @@ def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
   ):
     config[field] = small[field]
   config.data = small.data
-  config.image_size = 64  # A 4 x 4 grid of 112-channel Lite0 features.
+  config.input.image_size = 64  # A 4 x 4 grid of 112-channel Lite0 features.
   config.model.attention.hidden_size, config.model.attention.regressor_hidden = 16, 8
   config.feature_cache.dir = str(tmp_path / "cache")
   workdir = tmp_path / "run"

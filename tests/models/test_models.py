@@ -60,7 +60,7 @@ EXPECTED_KEYS = {
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_output_shapes_and_parameter_groups(name):
-  model = models.create_model(tiny_config(name), num_outputs=3)
+  model = models.create_model(tiny_config(name).model, num_outputs=3)
   x = images()
   variables = init(model, x)
   assert set(variables["params"]) == {"encoder", "head"}
@@ -75,7 +75,7 @@ def test_output_shapes_and_parameter_groups(name):
 
 
 def test_per_profile_width():
-  model = models.create_model(tiny_config("privattnet"), num_outputs=30)
+  model = models.create_model(tiny_config("privattnet").model, num_outputs=30)
   x = images()
   outputs = model.apply(init(model, x), x, train=False)
   assert outputs["score"].shape == (2, 30)
@@ -86,7 +86,7 @@ def test_per_profile_width():
 def test_pooled_models_always_use_the_full_trunk(name):
   config = tiny_config(name)
   config.model.encoder.stages = 3
-  model = models.create_model(config, num_outputs=1)
+  model = models.create_model(config.model, num_outputs=1)
   variables = jax.eval_shape(lambda: init(model, images()))
   assert "layer4_0" in variables["params"]["encoder"]
 
@@ -152,7 +152,7 @@ def test_attention_head_parameter_count_at_paper_size():
 
 
 def test_attention_rows_are_distributions():
-  model = models.create_model(tiny_config(), num_outputs=1)
+  model = models.create_model(tiny_config().model, num_outputs=1)
   x = images(batch=3)
   variables = init(model, x)
   for train in (False, True):
@@ -166,8 +166,10 @@ def test_attention_rows_are_distributions():
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_scan_unrolls_steps_with_shared_parameters(steps):
-  reference = jax.eval_shape(lambda: init(models.create_model(tiny_config(steps=3), 1), images()))
-  model = models.create_model(tiny_config(steps=steps), num_outputs=1)
+  reference = jax.eval_shape(
+    lambda: init(models.create_model(tiny_config(steps=3).model, 1), images())
+  )
+  model = models.create_model(tiny_config(steps=steps).model, num_outputs=1)
   x = images()
   variables = init(model, x)
   # One copy of each step parameter, whatever T: no leading step axis anywhere.
@@ -255,7 +257,7 @@ def test_only_the_query_and_regressor_read_the_dropped_out_hidden_state():
 
 
 def test_dropout_is_active_in_training_and_follows_the_rng():
-  model = models.create_model(tiny_config(), num_outputs=1)
+  model = models.create_model(tiny_config().model, num_outputs=1)
   x = images()
   variables = init(model, x)
   run = lambda seed: model.apply(
@@ -268,7 +270,7 @@ def test_dropout_is_active_in_training_and_follows_the_rng():
 def encoder_and_head_gradients(trainable):
   config = tiny_config()
   config.model.encoder.trainable = trainable
-  model = models.create_model(config, num_outputs=1)
+  model = models.create_model(config.model, num_outputs=1)
   x = images()
   variables = init(model, x)
 
@@ -300,7 +302,7 @@ def test_frozen_encoder_gets_zero_gradient():
 def test_encoder_batchnorm_modes(mode):
   config = tiny_config()
   config.model.encoder.batchnorm = mode
-  model = models.create_model(config, num_outputs=1)
+  model = models.create_model(config.model, num_outputs=1)
   x = images(batch=4)
   variables = randomise_batch_stats(init(model, x))
   _, updates = model.apply(
@@ -326,7 +328,7 @@ def test_encoder_batchnorm_modes(mode):
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_head_from_features_equals_the_full_forward(name):
-  model = models.create_model(tiny_config(name), num_outputs=2)
+  model = models.create_model(tiny_config(name).model, num_outputs=2)
   x = images()
   variables = randomise_batch_stats(init(model, x))
   full = model.apply(variables, x, train=False)
@@ -338,7 +340,7 @@ def test_head_from_features_equals_the_full_forward(name):
 
 
 def test_another_grid_size_is_refused():
-  model = models.create_model(tiny_config(), num_outputs=1)
+  model = models.create_model(tiny_config().model, num_outputs=1)
   variables = init(model, images(size=64))
   with pytest.raises(ValueError, match=r"grid of 16 cells but got a 6x6 grid \(36 cells\)"):
     model.apply(variables, images(size=96), train=False)
@@ -346,8 +348,8 @@ def test_another_grid_size_is_refused():
 
 def test_half_precision_runs_with_float32_parameters_and_outputs():
   config = tiny_config()
-  config.half_precision = True
-  model = models.create_model(config, num_outputs=1)
+  config.model.half_precision = True
+  model = models.create_model(config.model, num_outputs=1)
   x = images()
   variables = init(model, x)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -361,8 +363,8 @@ def test_half_precision_runs_with_float32_parameters_and_outputs():
   }
   np.testing.assert_allclose(outputs["attention"].sum(-1), 1.0, rtol=1e-5)
   # Same parameters in fp32: bf16 rounding moves the result only slightly.
-  config.half_precision = False
-  full = models.create_model(config, num_outputs=1).apply(variables, x, train=False)
+  config.model.half_precision = False
+  full = models.create_model(config.model, num_outputs=1).apply(variables, x, train=False)
   half = model.apply(variables, x, train=False)
   np.testing.assert_allclose(
     half["score"], full["score"], atol=0.05 * float(jnp.abs(full["score"]).max()) + 0.02
@@ -389,7 +391,7 @@ def test_invalid_config_values_are_named(field, value, message):
     section = section[parent]
   section[leaf] = value
   with pytest.raises(ValueError, match=message):
-    models.create_model(config, num_outputs=1)
+    models.create_model(config.model, num_outputs=1)
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_the_documented_files_register_through_model_module(tmp_path, monkeypatc
   assert "extending_head" not in sys.modules
   config.model.module = "extending_head"
   config.model.encoder.depth, config.model.encoder.width = 0, 8
-  model = models.create_model(config, num_outputs=2)
+  model = models.create_model(config.model, num_outputs=2)
   assert "extending_head" in sys.modules
   images = jnp.zeros((2, 64, 64, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
@@ -107,7 +107,7 @@ def test_an_unknown_name_is_one_line_listing_the_registered_names():
   config = default.get_config()
   config.model.name = "nope"
   with pytest.raises(ValueError) as error:
-    models.create_model(config, num_outputs=1)
+    models.create_model(config.model, num_outputs=1)
   message = str(error.value)
   assert "\n" not in message and message.endswith("got 'nope'")
   assert all(repr(name) in message for name in (*models.MODEL_NAMES, "test_gated_attention"))
@@ -139,7 +139,7 @@ def test_a_module_that_cannot_be_imported_is_one_line():
   config = default.get_config()
   config.model.module = "no_such_module_of_heads"
   with pytest.raises(ValueError, match=r"^model.module='no_such_module_of_heads' cannot be"):
-    models.create_model(config, num_outputs=1)
+    models.create_model(config.model, num_outputs=1)
 
 
 def test_the_builtin_facts():

@@ -279,7 +279,7 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
   config = default.get_config()
   config.model.encoder.depth, config.model.encoder.width = 0, 8
   config.model.attention.hidden_size, config.model.attention.regressor_hidden = 16, 8
-  model = models.create_model(config, num_outputs=1)
+  model = models.create_model(config.model, num_outputs=1)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   donor = ResNet(depth=0, width=8, stages=4).init(
     jax.random.key(9), jnp.zeros((1, 32, 32, 3)), use_running_average=True

@@ -39,7 +39,7 @@ def epoch_draws(experiment, steps: int):
     device_features.gather_batch,
     axis=train_steps.AXIS,
     steps_per_epoch=experiment.steps_per_epoch,
-    local_batch=experiment.config.batch_size // mesh.devices.size,
+    local_batch=experiment.config.input.batch_size // mesh.devices.size,
     views=train_set.views,
     seed=input_pipeline.sampler_seed(experiment.config.seed),
   )
@@ -72,7 +72,7 @@ def check_draws(experiment, epochs: int = 2):
           batch["labels"][row], records[record]["labels"].astype(np.float32)
         )
         examples.append(record // views)
-    assert len(set(examples)) == len(examples) == steps * experiment.config.batch_size
+    assert len(set(examples)) == len(examples) == steps * experiment.config.input.batch_size
     drawn.append(examples)
   assert drawn[0] != drawn[1]
   return drawn
@@ -95,7 +95,7 @@ def test_on_device_batches_are_cached_records_without_repeats(tiny_data_dir, tmp
   host = evaluator.evaluate(
     state,
     experiment.eval_fn,
-    experiment.feed.cache.eval_batches("validation", config, experiment.task),
+    experiment.feed.cache.eval_batches("validation", config.input, experiment.task),
     experiment.mesh,
     experiment.task,
   )
@@ -182,7 +182,7 @@ def test_two_devices_draw_disjoint_shares_and_evaluate_in_stream_order(tiny_data
       state = experiment.initial_state
       on_device = evaluator.evaluate(state, experiment.eval_fn, experiment.feed.eval_batches("validation"),
                                  experiment.mesh, experiment.task)
-      host = evaluator.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation", config, experiment.task),
+      host = evaluator.evaluate(state, experiment.eval_fn, experiment.feed.cache.eval_batches("validation",config.input, experiment.task),
                             experiment.mesh, experiment.task)
       np.testing.assert_allclose(on_device.predictions, host.predictions, rtol=1e-6)
       for key in ("image_id", "boxes", "labels"):

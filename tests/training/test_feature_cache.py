@@ -90,7 +90,9 @@ def validation_cache(tiny_data_dir, tmp_path_factory):
   experiment = experiment_lib.Experiment(config, root / "run")
   images = next(
     iter(
-      input_pipeline.create_eval_batches(experiment.sources["validation"], config, experiment.task)
+      input_pipeline.create_eval_batches(
+        experiment.sources["validation"], config.input, experiment.task
+      )
     )
   )
   return experiment, images

@@ -58,7 +58,9 @@ print("DONE", jax.process_count(), jax.device_count(), results["validation"]["n"
 @pytest.fixture(scope="module")
 def two_process_runs(tiny_data_dir, tmp_path_factory):
   """The output folder of one pair of processes that ran both trainings, and their stdouts."""
-  data.load_data_sources(make_tiny_config(tiny_data_dir))  # Built once, before two readers start.
+  data.load_data_sources(
+    make_tiny_config(tiny_data_dir).data
+  )  # Built once, before two readers start.
   out = tmp_path_factory.mktemp("multihost")
   script = _SCRIPT.format(data_dir=tiny_data_dir, out=str(out))
   stdouts = subprocesses.run_on_two_processes(script, devices=1)

@@ -180,8 +180,8 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
     experiment = experiment_lib.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
-    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config,
-                                                                                 experiment.task))]
+    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"],config.input,
+                                                                                 experiment.task, seed=config.seed))]
     sgd = optax.sgd(0.05)
     initial = jax.device_get(experiment.initial_state)
     initial = initial.replace(tx=sgd, opt_state=sgd.init(initial.params))
