@@ -26,7 +26,7 @@ def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
   """The TensorBoard writer costs no torch import at start-up (1.7 s), and torch stays importable."""
   script = f"""
     import pathlib, sys
-    from privattnet_jax.training import train
+    from privattnet_jax.training import metric_writer, train
     writer = metric_writer.MetricWriter(pathlib.Path({str(tmp_path)!r}))
     writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
     writer.close()
