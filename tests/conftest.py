@@ -20,6 +20,7 @@ os.environ["XLA_FLAGS"] = (
 
 import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import signal  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -78,3 +79,22 @@ def jit_traces(caplog):
   traces.extend(
     r.getMessage() for r in caplog.records[start:] if r.getMessage().startswith("Finished tracing")
   )
+
+
+HANG_LIMIT_S = (
+  20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
+)
+
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
+
+  def _raise(signum, frame):
+    raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
+
+  previous = signal.signal(signal.SIGALRM, _raise)
+  signal.alarm(HANG_LIMIT_S)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)

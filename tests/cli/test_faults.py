@@ -4,7 +4,6 @@ nothing is lost or mixed up, and a broken run says so in one line with exit stat
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import safe_files
 from privattnet_jax.inference import predict
 from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
@@ -22,23 +20,6 @@ from privattnet_jax.inference import predictor
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
-HANG_LIMIT_S = (
-  20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
-)
-
-
-@pytest.fixture
-def no_hang():
-  """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
-
-  def _raise(signum, frame):
-    raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
-
-  previous = signal.signal(signal.SIGALRM, _raise)
-  signal.alarm(HANG_LIMIT_S)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, previous)
 
 
 def _jpeg(path: pathlib.Path, colour=(200, 30, 30), size=(SIZE, SIZE)) -> pathlib.Path:
@@ -124,27 +105,6 @@ def test_strict_build_counts_outside_paths_as_failures(no_hang, hostile, tmp_pat
     str(error.value).splitlines()[0]
     == f"strict build: {len(hostile[1])} annotations would be skipped"
   )
-
-
-def test_safe_reads_refuse_without_opening(no_hang, tmp_path):
-  fifo = tmp_path / "fifo"
-  os.mkfifo(fifo)
-  for path, reason in (
-    (fifo, "not_a_regular_file"),
-    ("/dev/zero", "not_a_regular_file"),
-    (tmp_path, "not_a_regular_file"),
-    (tmp_path / "none", "missing"),
-  ):
-    with pytest.raises(safe_files.UnsafeFileError) as error:
-      safe_files.read_bytes(path, max_bytes=10)
-    assert error.value.reason == reason
-  big = tmp_path / "big.bin"
-  big.write_bytes(b"x" * 11)
-  with pytest.raises(safe_files.UnsafeFileError, match="file_too_large"):
-    safe_files.read_bytes(big, max_bytes=10)
-  assert safe_files.read_bytes(big, max_bytes=11) == b"x" * 11
-  with pytest.raises(safe_files.UnsafeFileError, match="outside_root"):
-    safe_files.read_bytes("../big.bin", max_bytes=100, root=tmp_path / "sub")
 
 
 # ---------------------------------------------------------------------------------------------
