@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from privattnet_jax.inference import predict
-from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
 from privattnet_jax.inference import predictor
+from tests import subprocesses
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -352,44 +352,6 @@ def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_da
 
 
 # ---------------------------------------------------------------------------------------------
-# One run per workdir.
-
-
-def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
-  code = (
-    "import sys, time; from privattnet_jax.training import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
-    "print('held', flush=True); time.sleep(120)"
-  )
-  child = subprocess.Popen(
-    [sys.executable, "-c", code, str(workdir)],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=str(REPO)),
-  )
-  assert child.stdout.readline().strip() == "held"
-  return child
-
-
-def test_workdir_lock_stops_a_second_run_and_is_taken_over_after_a_kill(tmp_path):
-  child = _hold_lock_in_child(tmp_path)
-  try:
-    with pytest.raises(
-      workdir_lock.WorkdirInUseError, match=f"in use by another run \\(pid {child.pid} on host"
-    ):
-      workdir_lock.acquire(tmp_path)
-  finally:
-    child.kill()
-    child.wait()
-  workdir_lock.acquire(tmp_path)  # The killed run's lock is stale: taken over.
-  try:
-    assert f"pid {os.getpid()}" in (tmp_path / workdir_lock.LOCK_FILENAME).read_text()
-  finally:
-    workdir_lock.release(tmp_path)
-  assert (tmp_path / workdir_lock.LOCK_FILENAME).read_text() == ""
-
-
-# ---------------------------------------------------------------------------------------------
 # run.py: one line on stderr, exit status 1, no dataset work before a config error.
 
 
@@ -446,7 +408,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
 
 def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
   cases = _run_py_cases(tmp_path)
-  holder = _hold_lock_in_child(tmp_path / "locked")
+  holder = subprocesses.hold_workdir_lock(tmp_path / "locked")
   try:
     running = _start_run_py({name: args for name, (args, _) in cases.items()})
     results = {
