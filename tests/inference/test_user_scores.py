@@ -1,0 +1,80 @@
+"""user_scores: whose score a predictor answers for (a profile column, or a user's preferences
+pooled over attribute probabilities), checked before any image is read."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from privattnet_jax.data import attributes
+from privattnet_jax.data import input_pipeline
+from privattnet_jax.inference import predictor
+from privattnet_jax.inference import user_scores
+from privattnet_jax.models import scoring
+from tests.conftest import make_tiny_config
+
+
+def _info(model_name: str, per_profile: bool = False) -> dict:
+  """The predictor JSON (`predictor.predictor_info`) of a tiny `model_name` checkpoint."""
+  config = make_tiny_config("/nonexistent", model_name)
+  config.score.per_profile = per_profile
+  preferences = input_pipeline.preferences_from_config(config)
+  task = scoring.make_task(config, np.zeros(preferences.shape[1]), preferences)
+  shapes = {"score": jax.ShapeDtypeStruct((1, preferences.shape[1]), jnp.float32)}
+  if task.kind == "attributes":
+    width = attributes.NUM_ATTRIBUTES - (model_name == "privattnet_mlc")
+    shapes["attribute_probabilities"] = jax.ShapeDtypeStruct((1, width), jnp.float32)
+  return predictor.predictor_info(config.to_dict(), task, 2, shapes)
+
+
+@pytest.fixture(scope="module")
+def profile_info():
+  """A per-profile PrivAttNet's (30 profile scores)."""
+  return _info("privattnet", per_profile=True)
+
+
+@pytest.fixture(scope="module")
+def attribute_info():
+  """An AP-PR's (68 attribute probabilities)."""
+  return _info("ap_pr")
+
+
+def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_info):
+  single = dict(
+    profile_info,
+    num_scores=1,
+    score=dict(profile_info["score"], per_profile=False, source="profiles_mean"),
+  )
+  with pytest.raises(predictor.PredictError, match="single score.*per_profile=True"):
+    user_scores.resolve_user(single, profile=2)
+  one_profile = dict(single, score=dict(single["score"], source="profile", profile_index=2))
+  assert (
+    user_scores.resolve_user(one_profile, profile=2).column == 0
+  )  # Trained on exactly that profile.
+  with pytest.raises(predictor.PredictError, match="single score"):
+    user_scores.resolve_user(one_profile, profile=3)
+  with pytest.raises(predictor.PredictError, match="not both"):
+    user_scores.resolve_user(single, profile=2, preferences_file="x.tsv")
+
+
+@pytest.mark.parametrize(
+  "content, message",
+  [
+    ("a31_passport\tpassport\t4\na999_nope\tnope\t3\n", "unknown attribute ids"),
+    ("a31_passport\tpassport\t7\n", r"1\.\.5"),
+    ("a31_passport\tpassport\tsix\n", "non-numeric"),
+    ("a31_passport\tpassport\t4\t5\n", "2 rating columns"),
+    ("a31_passport\t4\n", "no preference values"),
+    ("", "no preference rows"),
+  ],
+)
+def test_malformed_preference_files_are_clear_errors(attribute_info, tmp_path, content, message):
+  path = tmp_path / "ratings.tsv"
+  path.write_text(content)
+  with pytest.raises(predictor.PredictError, match=message):
+    user_scores.resolve_user(attribute_info, preferences_file=str(path))
+
+
+def test_missing_preference_file(attribute_info, tmp_path):
+  with pytest.raises(predictor.PredictError, match="no such file"):
+    user_scores.resolve_user(attribute_info, preferences_file=str(tmp_path / "absent.tsv"))
