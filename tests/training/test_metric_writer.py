@@ -3,6 +3,7 @@
 import json
 import struct
 
+from privattnet_jax.training import metric_writer
 from tests import subprocesses
 
 
@@ -38,3 +39,19 @@ def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
   assert "torch imported: False" in result.stdout
   assert _tensorboard_scalars(tmp_path / "tensorboard")[("loss", 3)] == 1.5
   assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.5
+
+
+def test_every_value_goes_to_the_json_lines_and_finite_numbers_to_tensorboard(tmp_path):
+  writer = metric_writer.MetricWriter(tmp_path)
+  writer.write(2, {"loss": 0.5, "validation/n": 12, "note": "text", "nan": float("nan")})
+  writer.write(4, {"loss": 0.25})
+  writer.close()
+  scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+  assert scalars == {("loss", 2): 0.5, ("validation/n", 2): 12.0, ("loss", 4): 0.25}
+  resumed = metric_writer.MetricWriter(tmp_path)  # A resumed run appends to metrics.jsonl.
+  resumed.write(6, {"loss": 0.125})
+  resumed.close()
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [2, 4, 6]
+  assert lines[0]["note"] == "text" and lines[0]["validation/n"] == 12
+  assert lines[0]["nan"] != lines[0]["nan"]  # NaN kept in the JSON line.
