@@ -9,6 +9,7 @@ runs the tests on every core (setup.cfg); each worker builds its own tiny datase
 import contextlib
 import logging
 import os
+import signal
 
 import jax
 import pytest
@@ -82,3 +83,22 @@ def jit_traces(caplog):
   traces.extend(
     r.getMessage() for r in caplog.records[start:] if r.getMessage().startswith("Finished tracing")
   )
+
+
+HANG_LIMIT_S = (
+  20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
+)
+
+
+@pytest.fixture
+def no_hang():
+  """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
+
+  def _raise(signum, frame):
+    raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
+
+  previous = signal.signal(signal.SIGALRM, _raise)
+  signal.alarm(HANG_LIMIT_S)
+  yield
+  signal.alarm(0)
+  signal.signal(signal.SIGALRM, previous)

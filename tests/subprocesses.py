@@ -76,3 +76,20 @@ def run_on_two_processes(script: str, *, devices: int = 2, timeout: int = 900) -
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-4000:]
   return [stdout for stdout, _ in outputs]
+
+
+def hold_workdir_lock(workdir: pathlib.Path) -> subprocess.Popen:
+  """A child process that holds `workdir`'s run lock until killed (returns once it holds it)."""
+  code = (
+    "import sys, time; from privattnet_jax.training import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
+    "print('held', flush=True); time.sleep(120)"
+  )
+  child = subprocess.Popen(
+    [sys.executable, "-c", code, str(workdir)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+  )
+  assert child.stdout.readline().strip() == "held"
+  return child

@@ -4,7 +4,6 @@ nothing is lost or mixed up, and a broken run says so in one line with exit stat
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -13,32 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import safe_files
 from privattnet_jax.inference import predict
-from privattnet_jax.training import workdir_lock
 from privattnet_jax.training import checkpoints
 from privattnet_jax.data import synthetic, vispr
 from privattnet_jax.inference import predictor as predictor_lib
+from tests import subprocesses
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
-HANG_LIMIT_S = (
-  20  # A FIFO that is opened for reading blocks forever: the alarm turns that into a failure.
-)
-
-
-@pytest.fixture
-def no_hang():
-  """Fails a test that blocks (e.g. on a FIFO) instead of letting it hang the suite."""
-
-  def _raise(signum, frame):
-    raise TimeoutError(f"blocked for {HANG_LIMIT_S} s")
-
-  previous = signal.signal(signal.SIGALRM, _raise)
-  signal.alarm(HANG_LIMIT_S)
-  yield
-  signal.alarm(0)
-  signal.signal(signal.SIGALRM, previous)
 
 
 def _jpeg(path: pathlib.Path, colour=(200, 30, 30), size=(SIZE, SIZE)) -> pathlib.Path:
@@ -124,27 +105,6 @@ def test_strict_build_counts_outside_paths_as_failures(no_hang, hostile, tmp_pat
     str(error.value).splitlines()[0]
     == f"strict build: {len(hostile[1])} annotations would be skipped"
   )
-
-
-def test_safe_reads_refuse_without_opening(no_hang, tmp_path):
-  fifo = tmp_path / "fifo"
-  os.mkfifo(fifo)
-  for path, reason in (
-    (fifo, "not_a_regular_file"),
-    ("/dev/zero", "not_a_regular_file"),
-    (tmp_path, "not_a_regular_file"),
-    (tmp_path / "none", "missing"),
-  ):
-    with pytest.raises(safe_files.UnsafeFileError) as error:
-      safe_files.read_bytes(path, max_bytes=10)
-    assert error.value.reason == reason
-  big = tmp_path / "big.bin"
-  big.write_bytes(b"x" * 11)
-  with pytest.raises(safe_files.UnsafeFileError, match="file_too_large"):
-    safe_files.read_bytes(big, max_bytes=10)
-  assert safe_files.read_bytes(big, max_bytes=11) == b"x" * 11
-  with pytest.raises(safe_files.UnsafeFileError, match="outside_root"):
-    safe_files.read_bytes("../big.bin", max_bytes=100, root=tmp_path / "sub")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,44 +352,6 @@ def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_da
 
 
 # ---------------------------------------------------------------------------------------------
-# One run per workdir.
-
-
-def _hold_lock_in_child(workdir: pathlib.Path) -> subprocess.Popen:
-  code = (
-    "import sys, time; from privattnet_jax.training import workdir_lock; workdir_lock.acquire(sys.argv[1]); "
-    "print('held', flush=True); time.sleep(120)"
-  )
-  child = subprocess.Popen(
-    [sys.executable, "-c", code, str(workdir)],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=str(REPO)),
-  )
-  assert child.stdout.readline().strip() == "held"
-  return child
-
-
-def test_workdir_lock_stops_a_second_run_and_is_taken_over_after_a_kill(tmp_path):
-  child = _hold_lock_in_child(tmp_path)
-  try:
-    with pytest.raises(
-      workdir_lock.WorkdirInUseError, match=f"in use by another run \\(pid {child.pid} on host"
-    ):
-      workdir_lock.acquire(tmp_path)
-  finally:
-    child.kill()
-    child.wait()
-  workdir_lock.acquire(tmp_path)  # The killed run's lock is stale: taken over.
-  try:
-    assert f"pid {os.getpid()}" in (tmp_path / workdir_lock.LOCK_FILENAME).read_text()
-  finally:
-    workdir_lock.release(tmp_path)
-  assert (tmp_path / workdir_lock.LOCK_FILENAME).read_text() == ""
-
-
-# ---------------------------------------------------------------------------------------------
 # run.py: one line on stderr, exit status 1, no dataset work before a config error.
 
 
@@ -486,7 +408,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
 
 def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
   cases = _run_py_cases(tmp_path)
-  holder = _hold_lock_in_child(tmp_path / "locked")
+  holder = subprocesses.hold_workdir_lock(tmp_path / "locked")
   try:
     running = _start_run_py({name: args for name, (args, _) in cases.items()})
     results = {

@@ -289,24 +289,6 @@ def test_profile_of_a_per_profile_model_is_its_column(profile_predictor, photos,
     user_scores.resolve_user(profile_predictor.info, profile=30)
 
 
-def test_profile_of_a_single_score_model_is_refused_with_the_reason(profile_predictor):
-  single = dict(
-    profile_predictor.info,
-    num_scores=1,
-    score=dict(profile_predictor.info["score"], per_profile=False, source="profiles_mean"),
-  )
-  with pytest.raises(predictor_lib.PredictError, match="single score.*per_profile=True"):
-    user_scores.resolve_user(single, profile=2)
-  one_profile = dict(single, score=dict(single["score"], source="profile", profile_index=2))
-  assert (
-    user_scores.resolve_user(one_profile, profile=2).column == 0
-  )  # Trained on exactly that profile.
-  with pytest.raises(predictor_lib.PredictError, match="single score"):
-    user_scores.resolve_user(one_profile, profile=3)
-  with pytest.raises(predictor_lib.PredictError, match="not both"):
-    user_scores.resolve_user(single, profile=2, preferences_file="x.tsv")
-
-
 def _write_ratings(path, ratings: dict, header: bool = False):
   descriptions = {a.attribute_id: a.description for a in attributes.load_attributes()}
   lines = ["attribute_id\tattribute_name\tmy_rating"] if header else []
@@ -382,33 +364,6 @@ def test_raising_a_preference_raises_the_score_of_images_carrying_the_attribute(
     p = _all_probabilities(record)
     assert record["user_score"] == pytest.approx(max(5 * p[passport], 3 * p[face]), rel=1e-5)
   assert all(r["user"].startswith("preferences ") for r in both)
-
-
-@pytest.mark.parametrize(
-  "content, message",
-  [
-    ("a31_passport\tpassport\t4\na999_nope\tnope\t3\n", "unknown attribute ids"),
-    ("a31_passport\tpassport\t7\n", r"1\.\.5"),
-    ("a31_passport\tpassport\tsix\n", "non-numeric"),
-    ("a31_passport\tpassport\t4\t5\n", "2 rating columns"),
-    ("a31_passport\t4\n", "no preference values"),
-    ("", "no preference rows"),
-  ],
-)
-def test_malformed_preference_files_are_clear_errors(
-  attribute_predictor, tmp_path, content, message
-):
-  path = tmp_path / "ratings.tsv"
-  path.write_text(content)
-  with pytest.raises(predictor_lib.PredictError, match=message):
-    user_scores.resolve_user(attribute_predictor.info, preferences_file=str(path))
-
-
-def test_missing_preference_file(attribute_predictor, tmp_path):
-  with pytest.raises(predictor_lib.PredictError, match="no such file"):
-    user_scores.resolve_user(
-      attribute_predictor.info, preferences_file=str(tmp_path / "absent.tsv")
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -549,15 +504,3 @@ def test_compare_puts_the_runs_beside_the_published_numbers(runs, tmp_path):
   assert "- ap_pr (ap_pr): attribute_map" in out.read_text()
   with pytest.raises(FileNotFoundError, match="eval_test.json does not exist"):
     evaluation_report.compare_runs([str(tmp_path)], tmp_path / "x.md")
-
-
-def test_report_dir_keeps_splits_apart(tmp_path):
-  assert evaluation_report.report_dir(tmp_path, "test") == tmp_path
-  assert evaluation_report.report_dir(tmp_path, "validation") == tmp_path / "report_validation"
-
-
-def test_stored_image_checks_the_id():
-  source = [{"image_id": b"2017_1", "image": b"x"}]
-  assert evaluation_report._stored_image(source, 0, "2017_1") == b"x"  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="holds '2017_1'"):
-    evaluation_report._stored_image(source, 0, "2017_2")  # pylint: disable=protected-access

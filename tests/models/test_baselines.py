@@ -10,7 +10,6 @@ import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from privattnet_jax.data import attributes
@@ -23,7 +22,6 @@ from privattnet_jax.training import train_steps
 from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
 from privattnet_jax.training import experiment as experiment_lib
-from privattnet_jax.training import train_state
 from tests.conftest import make_tiny_config
 
 MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
@@ -156,54 +154,6 @@ def test_regression_checkpoint_refuses_another_number_of_score_columns(runs):
     experiment_lib.Experiment(
       _config(config.data.data_dir, "pr_cnn", per_profile=False), workdir, need_train=False
     )
-
-
-def test_eval_reports_attribute_ap_by_id_without_padding_rows():
-  """Through the real eval step and `evaluate`: a 67-column (PrivAttNet_MLC) head, AP by hand."""
-  ids = attributes.ATTRIBUTE_IDS
-  probabilities = np.full((6, 67), 0.5, np.float32)
-  labels = np.zeros((6, 68), np.float32)
-  labels[[0, 3], 0] = 1  # a0_safe: not among the 67 columns, must not shift them.
-  # a1 (column 1 of the labels, 0 of the head), ranked pos, neg, pos, neg, neg: AP (1 + 2/3) / 2.
-  probabilities[:, 0] = [0.9, 0.8, 0.7, 0.6, 0.1, 0.95]
-  labels[:, 1] = [1, 0, 1, 0, 0, 0]
-  # a2 ranked neg, pos, pos, neg, neg: AP (1/2 + 2/3) / 2.
-  probabilities[:, 1] = [0.2, 0.9, 0.4, 0.3, 0.8, 0.99]
-  labels[:, 2] = [0, 0, 1, 0, 1, 1]
-  mask = np.array(
-    [1, 1, 1, 1, 1, 0], np.float32
-  )  # Row 5 is padding: counted, it would change both APs.
-  logits = np.log(probabilities / (1 - probabilities))
-  batches = [
-    {
-      "image": logits[i : i + 3],
-      "score": np.zeros((3, 1), np.float32),
-      "labels": labels[i : i + 3],
-      "mask": mask[i : i + 3],
-    }
-    for i in (0, 3)
-  ]
-  state = train_state.TrainState.create(
-    apply_fn=lambda variables, images, **kwargs: {"attribute_logits": images},
-    params={},
-    batch_stats={},
-    tx=optax.identity(),
-    rng=jax.random.PRNGKey(0),
-  )
-  task = _task("attributes", np.ones((68, 1), np.float32))
-  mesh = train_steps.create_mesh()
-  result = evaluator.evaluate(
-    state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task
-  )
-  ap = result.metrics["attribute_ap"]
-  assert tuple(ap) == ids[1:]
-  assert ap["a1_age_approx"] == pytest.approx((1 + 2 / 3) / 2)
-  assert ap["a2_weight_approx"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-  assert all(ap[attribute_id] is None for attribute_id in ids[3:])  # No positive example.
-  assert result.metrics["attribute_map"] == pytest.approx(
-    ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2
-  )
-  assert result.metrics["n"] == 5
 
 
 @pytest.mark.parametrize("pooling", attributes.POOLINGS)

@@ -307,45 +307,6 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
   )
 
 
-# ----------------------------------------------------------------------------- the torch-free reader
-
-
-def assert_same_as_torch_load(path):
-  expected = torch.load(path, map_location="cpu", weights_only=True)
-  actual = pth.load(path)
-  assert list(actual) == list(expected)
-  for key, tensor in expected.items():
-    assert actual[key].dtype == tensor.numpy().dtype, key
-    np.testing.assert_array_equal(actual[key], tensor.numpy(), err_msg=key)
-
-
-def test_reader_gives_what_torch_load_gives(reference, tmp_path):
-  assert_same_as_torch_load(reference["pth"])  # torch's zip layout (a torchvision-style ResNet-50).
-  assert_same_as_torch_load(
-    weights.installed_weights_path("efficientnet_lite0")
-  )  # The legacy layout.
-  # Views, strides, offsets, parameters and dtypes the state dicts above do not have.
-  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-  odd = {
-    "transposed": base.t(),
-    "offset": base[1:, 2:],
-    "strided": base[:, ::2],
-    "empty": torch.zeros(0, 3),
-    "parameter": torch.nn.Parameter(torch.ones(3)),
-    "bf16": torch.ones(2, dtype=torch.bfloat16) / 3,
-    "half": torch.ones(2, dtype=torch.float16),
-    "int": torch.arange(3),
-    "bool": torch.tensor([True, False]),
-  }
-  torch.save(odd, tmp_path / "odd.pth")
-  actual = pth.load(tmp_path / "odd.pth")
-  for key, tensor in odd.items():
-    tensor = tensor.detach()
-    expected = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-    assert actual[key].shape == expected.shape, key
-    np.testing.assert_array_equal(np.asarray(actual[key], expected.dtype), expected, err_msg=key)
-
-
 class RunsCode:
   """A pickle payload that would create a file when unpickled by an unrestricted loader."""
 

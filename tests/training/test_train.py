@@ -1,17 +1,14 @@
 """The training loop on the tiny synthetic dataset: steps, evaluation, resume, NaN stops, devices."""
 
 import json
-import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from privattnet_jax.training import checkpoints
 from privattnet_jax.training import train
 from privattnet_jax.training import train_steps
-from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
 from privattnet_jax.training import experiment as experiment_lib
 from tests import subprocesses
@@ -20,37 +17,6 @@ from tests import subprocesses
 def _final_params(config, workdir):
   experiment = experiment_lib.Experiment(config, workdir, need_train=False)
   return jax.device_get(experiment.restore(experiment.manager.latest_step()).params)
-
-
-def test_compute_loss_by_hand():
-  task = scoring.Task(
-    kind="regression",
-    target_mean=np.array([2.0], np.float32),
-    preferences=np.ones((68, 1)),
-    pooling="max",
-    attention_gamma=0.5,
-    attention_tau=0.6,
-  )
-  outputs = {
-    "score": jnp.array([[0.0], [1.0]]),
-    "attention": jnp.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]),
-  }
-  batch = {
-    "score": jnp.array([[3.0], [2.0]]),
-    "mask": jnp.array([1.0, 1.0]),
-    "labels": jnp.zeros((2, 68)),
-  }
-  loss, aux = train_steps.compute_loss(outputs, batch, task)
-  # Normalised targets: (3 - 2) * 2 = 2 and 0; squared errors 4 and 1.
-  assert float(aux["data_loss"]) == pytest.approx(2.5)
-  # Attention totals per location: [1.5, 0.5] and [0, 2]; (0.6 - x)^2 summed: 0.82 and 2.32.
-  assert float(aux["attention_penalty"]) == pytest.approx(0.5 * (0.82 + 2.32) / 2)
-  assert float(loss) == pytest.approx(2.5 + 0.5 * 1.57)
-  masked = dict(batch, mask=jnp.array([1.0, 0.0]))
-  assert float(train_steps.compute_loss(outputs, masked, task)[1]["data_loss"]) == pytest.approx(
-    4.0
-  )
-  assert np.asarray(scoring.predicted_scores(outputs, task)).ravel() == pytest.approx([2.0, 2.5])
 
 
 def test_train_and_evaluate_writes_everything(tiny_config, tmp_path):
@@ -180,7 +146,7 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
     config.model.attention.feature_dropout = 0.0  # Dropout masks depend on the device index.
     config.model.attention.dropout = 0.0
     experiment = experiment_lib.Experiment(config, {tiny_data_dir!r} + "/two_devices_workdir", need_train=False)
-    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"],config.input,
+    batches = [b for _, b in zip(range(3), input_pipeline.create_train_loader(experiment.sources["train"], config.input,
                                                                                  experiment.task, seed=config.seed))]
     sgd = optax.sgd(0.05)
     initial = jax.device_get(experiment.initial_state)
@@ -205,40 +171,3 @@ def test_two_devices_give_the_one_device_parameters(tiny_data_dir):
   result = subprocesses.run_script(script)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "SAME" in result.stdout
-
-
-def _tensorboard_scalars(folder) -> dict:
-  """{(tag, step): value} of the scalar events in `folder`'s event files (TFRecord framing)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-
-  scalars = {}
-  for path in folder.glob("events.out.tfevents.*"):
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset : offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-      offset += 12 + length + 4
-      for value in event.summary.value:
-        scalars[(value.tag, event.step)] = value.simple_value
-  return scalars
-
-
-def test_metric_writer_logs_scalars_without_importing_torch(tmp_path):
-  """After run.py's process setup the TensorBoard writer costs no torch import at start-up (1.7 s),
-  and torch stays importable."""
-  script = f"""
-    import pathlib, sys
-    from privattnet_jax.cli import process
-    from privattnet_jax.training import metric_writer
-    process.configure_process({str(tmp_path)!r}, None, writes_metrics=True)
-    writer = metric_writer.MetricWriter(pathlib.Path({str(tmp_path)!r}))
-    writer.write(3, {{"loss": 1.5, "images_per_second": 2.0}})
-    writer.close()
-    print("torch imported:", "torch" in sys.modules)
-    import torch
-  """
-  result = subprocesses.run_script(script, devices=1)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "torch imported: False" in result.stdout
-  assert _tensorboard_scalars(tmp_path / "tensorboard")[("loss", 3)] == 1.5
-  assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.5
