@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import checkpoints, predict, safe_files, workdir_lock
+from privattnet_jax import attributes, checkpoints, predict, safe_files, workdir_lock
 from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -551,3 +551,55 @@ print("main thread went on")
   log = (workdir / "errors.log").read_text()
   assert "ZeroDivisionError" in log and "RuntimeError: Event loop is closed" in log
   assert log.count("Traceback") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Text files as other editors save them: a BOM, CRLF, UTF-16, blank lines, spaces. Nothing is
+# dropped, and an entry that names no annotation is named in the build report.
+
+
+def test_split_lists_with_a_bom_crlf_and_blank_lines_keep_every_record(tmp_path):
+  root = synthetic.generate(tmp_path / "vispr", 8, 6, 6, seed=0, image_size=SIZE)
+  for name in vispr.SPLIT_FILES.values():
+    entries = (root / name).read_text().split()
+    text = "\r\n".join(f"{entry}  " for entry in entries) + "\r\n\r\n \t\r\n"
+    encoding = "utf-16" if name == "val2017.txt" else "utf-8-sig"  # Both write a BOM.
+    (root / name).write_bytes(text.encode(encoding))
+  invisible = f"\u200bannotations/test2017/{synthetic.image_id(2, 0)}.json"  # A zero-width space.
+  with open(root / "test2017.txt", "ab") as listing:
+    listing.write(f"{invisible}\r\n".encode())
+  builder = vispr.prepare(root, tmp_path / "tfds", "max256", splits_dir=root)
+  report = vispr.load_build_report(builder)
+  assert report["total"]["listed"] == 21 and report["total"]["written"] == 20
+  assert {s: report["splits"][s]["written"] for s in report["splits"]} == {
+    "train": 8,
+    "validation": 6,
+    "test": 6,
+  }
+  missing = report["splits"]["test"]["skip_reasons"]["missing_annotation"]
+  assert missing["count"] == 1
+  assert "split list entry '\\u200bannotations/test2017/" in missing["messages"][0], missing
+
+
+def test_preference_tables_with_a_bom_crlf_or_utf16_read_as_the_plain_one(tmp_path):
+  lines = [
+    "attribute_id\tattribute_name\tme",
+    "a9_face_complete\tFace\t5",
+    "a49_phone\tPhone \t 2 ",
+  ]
+  plain = tmp_path / "plain.tsv"
+  plain.write_text("\n".join(line.replace(" ", "") for line in lines) + "\n")
+  ids, values = attributes.read_preference_tsv(plain)
+  for encoding in ("utf-8-sig", "utf-16"):
+    edited = tmp_path / f"{encoding}.tsv"
+    edited.write_bytes(("\r\n".join(lines) + "\r\n\r\n").encode(encoding))
+    edited_ids, edited_values = attributes.read_preference_tsv(edited)
+    assert edited_ids == ids == ["a9_face_complete", "a49_phone"]
+    np.testing.assert_array_equal(edited_values, values)
+    np.testing.assert_array_equal(
+      attributes.preference_table("file", preferences_file=str(edited)),
+      attributes.preference_table("file", preferences_file=str(plain)),
+    )
+  (tmp_path / "nan.tsv").write_text("a9_face_complete\tFace\tnan\n")
+  with pytest.raises(ValueError, match="must lie in 1..5"):
+    attributes.read_preference_tsv(tmp_path / "nan.tsv")

@@ -65,6 +65,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from privattnet_jax import attributes
 from privattnet_jax import safe_files
+from privattnet_jax import text_files
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
 SPLIT_FILES: dict[str, str] = {
@@ -313,11 +314,9 @@ def load_build_report(
 
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
-  """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped."""
-  text = safe_files.read_bytes(path, max_bytes=safe_files.MAX_LIST_BYTES).decode(
-    "utf-8", errors="replace"
-  )
-  return [line.strip() for line in text.splitlines() if line.strip()]
+  """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped,
+  a byte-order mark and CRLF line ends tolerated (`text_files`)."""
+  return text_files.entries(path, max_bytes=safe_files.MAX_LIST_BYTES)
 
 
 def _is_contained_file(root: pathlib.Path, relative: str) -> bool:
@@ -827,9 +826,16 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       yield image_id, example
 
   def _example(self, relative: str, fallback_id: str, written: set[str], config: VisprConfig):
-    data = _read_contained(
-      self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES, fallback_id
-    )
+    try:
+      data = _read_contained(
+        self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES, fallback_id
+      )
+    except _Skip as skip:  # The report names the entry as the split list spells it.
+      raise _Skip(
+        skip.reason,
+        f"split list entry '{safe_files.printable(relative)}': {skip.message}",
+        skip.image_id,
+      ) from None
     image_id, image_path, labels, boxes = parse_annotation(data, fallback_id)
     if image_id in written:
       raise _Skip(
