@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from configs import default as default_config
 from privattnet_jax import compilation_cache
+from privattnet_jax import config_check
 from privattnet_jax import host_memory
 
 FLAGS = flags.FLAGS
@@ -346,6 +347,9 @@ def _report_thread_failure(hook_args) -> None:
 def _fail(error: BaseException) -> None:
   """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
   stderr with --verbosity=1."""
+  if isinstance(error, config_check.ConfigError):  # The line says it all: no traceback to keep.
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
   if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
     traceback.print_exception(error)
     where = ""
@@ -359,9 +363,9 @@ def _fail(error: BaseException) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
   config file's traceback into its message: its last line says what is wrong)."""
-  replaced = _replaced_field_error(argv)
-  if replaced:
-    print(replaced, file=sys.stderr, flush=True)
+  unknown = _override_field_error(argv)
+  if unknown:
+    print(f"error: {unknown}", file=sys.stderr, flush=True)
     sys.exit(1)
   try:
     return FLAGS(argv)
@@ -399,20 +403,18 @@ def _load_config():
     raise ValueError(f"--config: {_config_error_text(error.__cause__ or error)}") from error
 
 
-# Config fields replaced by another. A config file that sets one is refused by the run's config
-# check (feeds.validate_config); a command-line override must be caught before flag parsing, which
-# would fail on the unknown field with a traceback.
-REPLACED_FIELDS = {
-  "feature_cache.enabled": "feature_cache.mode=host (or off)",
-  "feature_cache.on_device": "feature_cache.mode=device (or host)",
-}
-
-
-def _replaced_field_error(argv) -> str | None:
+def _override_field_error(argv) -> str | None:
+  """An override of a field the config does not have (or that another replaced), named with the
+  closest known fields before flag parsing, where ml_collections would say only `'nonsense'`."""
   for arg in argv[1:]:
-    field = arg.split("=", 1)[0].removeprefix("--config.")
-    if arg.startswith("--config.") and field in REPLACED_FIELDS:
-      return f"error: --config.{field} was replaced by --config.{REPLACED_FIELDS[field]}"
+    if arg == "--":
+      break
+    name = arg.lstrip("-").split("=", 1)[0]
+    name = name[2:] if name.startswith("noconfig.") else name  # --noconfig.data.strict
+    if arg.startswith("-") and name.startswith("config."):
+      problem = config_check.override_error(name.removeprefix("config."))
+      if problem:
+        return problem
   return None
 
 
@@ -474,6 +476,8 @@ def main(argv):
   status = 0
   try:
     config = _load_config()
+    if config is not None:  # Every field's range, before anything compiles or reads data.
+      config_check.check(config)
     # Before anything compiles. Modes without --config (predict, export) use the default folder.
     compilation_cache.enable(
       (config if config is not None else default_config.get_config()).compilation_cache_dir

@@ -78,31 +78,6 @@ _LOG_EVERY_BATCHES = 20
 # Configuration and the key a cache must match.
 
 
-def validate_config(config) -> None:
-  """Fails early, naming the field, when a feature cache would be wrong or cannot be built."""
-  cache, encoder = config.feature_cache, config.model.encoder
-  if encoder.trainable:
-    raise ValueError(
-      "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
-      "a trained encoder's features change at every step, so they cannot be computed once"
-    )
-  if encoder.batchnorm != "frozen":
-    raise ValueError(
-      "a feature cache (feature_cache.mode host or device) needs model.encoder.batchnorm='frozen', "
-      f"got {encoder.batchnorm!r}: with 'update' the encoder's BatchNorm normalises each training "
-      "batch with that batch's own statistics, so an image's features depend on the other images "
-      "in its batch"
-    )
-  if cache.dtype not in DTYPES:
-    raise ValueError(f"feature_cache.dtype must be one of {tuple(DTYPES)}, got {cache.dtype!r}")
-  views = cache.train_views
-  if isinstance(views, bool) or not isinstance(views, int) or views < 0:
-    raise ValueError(f"feature_cache.train_views must be an integer >= 0, got {views!r}")
-  splits = tuple(cache.splits)
-  if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(SPLITS):
-    raise ValueError(f"feature_cache.splits must be distinct names from {SPLITS}, got {splits!r}")
-
-
 def encoder_digest(state) -> str:
   """sha256 over the encoder's parameters and BatchNorm statistics: names, dtypes, shapes, bytes."""
   encoder = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
@@ -492,7 +467,7 @@ def ensure(
   """The run's feature cache, built (or rebuilt, saying why) unless a matching one exists.
 
   Args:
-    config: a full config with `feature_cache` (see `validate_config`).
+    config: a full config with `feature_cache` (checked by `config_check`).
     sources: {split: dataset source}, as `data.load_data_sources` returns.
     state: the TrainState whose (frozen) encoder the cache must match: after `encoder.pretrained`
       is loaded, or the checkpoint a run resumes.

@@ -22,6 +22,7 @@ import numpy as np
 
 from privattnet_jax import attributes
 from privattnet_jax import checkpoints
+from privattnet_jax import config_check
 from privattnet_jax import feature_cache
 from privattnet_jax import feeds
 from privattnet_jax import input_pipeline
@@ -48,9 +49,11 @@ def _to_host(tree):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
+  """Fails early, with the field's name, on values that would otherwise fail deep inside a step:
+  every field's own range (`config_check`), then what depends on the machine and the encoder."""
+  config_check.check(config)
   devices, processes = jax.device_count(), jax.process_count()
-  if config.batch_size <= 0 or config.batch_size % devices:
+  if config.batch_size % devices:
     raise ValueError(
       f"batch_size={config.batch_size} must be a positive multiple of the device count ({devices})"
     )
@@ -58,12 +61,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"batch_size={config.batch_size} must be divisible by the process count ({processes})"
     )
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError("set num_train_steps > 0 or num_epochs > 0")
-  if config.image_size < 32:
-    raise ValueError(f"image_size={config.image_size} is too small for the encoder (minimum 32)")
-  if config.model.name not in models.MODEL_NAMES:
-    raise ValueError(f"model.name must be one of {models.MODEL_NAMES}, got {config.model.name!r}")
   stride = models.encoder_output_stride(
     config.model.encoder, models.encoder_stages(config.model.name, config.model.encoder)
   )
@@ -78,10 +75,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       weights.resolve_path(pretrained)
     except weights.WeightImportError as e:
       raise FileNotFoundError(f"model.encoder.pretrained: {e}") from None
-  for name in ("log_every_steps", "keep_checkpoints"):
-    if config[name] <= 0:
-      raise ValueError(f"{name} must be positive, got {config[name]}")
-  feeds.validate_config(config)
 
 
 def _summary_writer_class():

@@ -439,7 +439,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
   existing = tmp_path / "existing.txt"
   existing.write_text("keep")
   return {
-    "typo_field": (common + ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+    "typo_field": (common + ["--config.batch_sise=8"], "did you mean batch_size?"),
     "bad_variant": (
       ["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'run'}"],
       "got 'bogus'",
@@ -603,3 +603,69 @@ def test_preference_tables_with_a_bom_crlf_or_utf16_read_as_the_plain_one(tmp_pa
   (tmp_path / "nan.tsv").write_text("a9_face_complete\tFace\tnan\n")
   with pytest.raises(ValueError, match="must lie in 1..5"):
     attributes.read_preference_tsv(tmp_path / "nan.tsv")
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py checks every config value before any work: here the training code, the data code and
+# TFDS cannot even be imported, so a check that came later would fail differently.
+
+_RUN_PY_WITHOUT_WORK = """
+import runpy, sys
+for name in ("privattnet_jax.train", "privattnet_jax.data", "tensorflow_datasets", "grain"):
+  sys.modules[name] = None
+sys.argv = ["run.py", *sys.argv[1:]]
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+BAD_CONFIG_VALUES = {  # override -> the error line after "error: "
+  "--config.num_train_steps=-5": (
+    "num_train_steps must be an integer >= -1 (-1 and 0: num_epochs decides), got -5"
+  ),
+  "--config.optim.learning_rate=nan": "optim.learning_rate must be a finite number > 0, got nan",
+  "--config.optim.weight_decay=-inf": "optim.weight_decay must be a finite number >= 0, got -inf",
+  "--config.model.attention.dropout=1.0": (
+    "model.attention.dropout must be a finite number in [0, 1), got 1.0"
+  ),
+  "--config.data.crop_scale=(0.9,0.1)": (
+    "data.crop_scale must be a pair (lo, hi) with lo <= hi, each a finite number in (0, 1], "
+    "got (0.9, 0.1)"
+  ),
+  "--config.data.synthetic.image_size=-48": (
+    "data.synthetic.image_size must be an integer >= 16, got -48"
+  ),
+  "--config.optim.schedule=bogus": (
+    "optim.schedule must be one of ('constant', 'cosine', 'warmup_cosine'), got 'bogus'"
+  ),
+  "--config.nonsense=1": "--config.nonsense is not a config field; the config has: batch_size, ",
+  "--config.model.nonsens=1": "--config.model.nonsens is not a config field; did you mean model.name?",
+  "--config.learning_rate=0.1": (
+    "--config.learning_rate is not a config field; did you mean optim.learning_rate?"
+  ),
+}
+
+
+def test_a_bad_config_value_is_one_line_before_any_work(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  common = [
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+  ]
+  running = {
+    override: subprocess.Popen(
+      [sys.executable, "-c", _RUN_PY_WITHOUT_WORK, *common, override],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for override in BAD_CONFIG_VALUES
+  }
+  for override, process in running.items():
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, (override, stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (override, stderr[-2000:])
+    assert lines[0].startswith(f"error: {BAD_CONFIG_VALUES[override]}"), (override, lines[0])
+  assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
