@@ -32,6 +32,7 @@ from configs import default as default_config
 from privattnet_jax import compilation_cache
 from privattnet_jax import config_check
 from privattnet_jax import host_memory
+from privattnet_jax import output_folders
 
 FLAGS = flags.FLAGS
 MODES = ("train", "evaluate", "cache_features", "predict", "export", "redact", "compare")
@@ -486,6 +487,11 @@ def main(argv):
       from privattnet_jax import predict  # pylint: disable=g-import-not-at-top
 
       predict.check_output_dir(pathlib.Path(FLAGS.output))
+      output_folders.check(  # Nothing read is written over, nothing written is read.
+        FLAGS.output,
+        [*FLAGS.images, *extra, *([FLAGS.preferences] if FLAGS.preferences else [])],
+        output_folders.workdir_reads(FLAGS.workdir) if FLAGS.workdir else [FLAGS.exported],
+      )
     if FLAGS.distributed:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info(

@@ -51,6 +51,7 @@ from scipy import ndimage
 from privattnet_jax import attributes
 from privattnet_jax import heatmaps
 from privattnet_jax import input_pipeline
+from privattnet_jax import output_folders
 from privattnet_jax import predict
 from privattnet_jax import safe_files
 from privattnet_jax.data import vispr
@@ -806,15 +807,17 @@ def _write_outputs(
   output_dir: pathlib.Path,
   source: pathlib.Path,
   panel: bool,
+  inputs: frozenset[pathlib.Path] = frozenset(),
 ) -> dict:
-  """Writes the photo (and its panel); returns the record's output fields."""
+  """Writes the photo (and its panel), never onto one of the run's `inputs`; returns the record's
+  output fields."""
   data, fmt, boxes, area, pixels = _finish(photo, mask, settings)
   suffix = (
     source.suffix if WRITE_FORMATS.get(photo.format) == fmt and source.suffix else SUFFIXES[fmt]
   )
-  out_path = output_dir / f"{record['name']}{suffix}"
-  if out_path.resolve() == source.resolve():
-    raise ValueError(f"refusing to overwrite the input {source}: choose another --output")
+  out_path = output_folders.claim(
+    output_dir / f"{record['name']}{suffix}", inputs | {output_folders.resolved(source)}
+  )
   out_path.write_bytes(data)
   fields = {
     "output": out_path.name,
@@ -823,7 +826,9 @@ def _write_outputs(
     "regions": [list(b) for b in boxes],
   }
   if panel:
-    panel_path = output_dir / "panels" / f"{record['name']}_redact.png"
+    panel_path = output_folders.claim(
+      output_dir / "panels" / f"{record['name']}_redact.png", inputs
+    )
     before_after_panel(
       photo.loaded.display,
       pixels,
@@ -869,10 +874,13 @@ def redact_photos(
   info = predictor.info
   user = predict.resolve_user(info, profile, preferences_file)
   score = scorer(predictor, user)
-  entries = predict.collect_images(images)
+  output_dir = pathlib.Path(output_dir)
+  predict.check_output_dir(output_dir)
+  output_folders.check(output_dir, [*images, *([preferences_file] if preferences_file else [])])
+  entries = predict.collect_images(images, output_dir)
   if not entries:
     raise predict.PredictError("no images given")
-  output_dir = pathlib.Path(output_dir)
+  inputs = output_folders.input_paths(entries, [preferences_file])
   output_dir.mkdir(parents=True, exist_ok=True)
   if panels:
     (output_dir / "panels").mkdir(exist_ok=True)
@@ -893,8 +901,8 @@ def redact_photos(
 
   records = []
   with (
-    open(output_dir / "redaction.jsonl", "w") as jsonl_file,
-    open(output_dir / "redaction.csv", "w", newline="") as csv_file,
+    open(output_folders.claim(output_dir / "redaction.jsonl", inputs), "w") as jsonl_file,
+    open(output_folders.claim(output_dir / "redaction.csv", inputs), "w", newline="") as csv_file,
     concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
     predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
     tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar,
@@ -949,6 +957,7 @@ def redact_photos(
                 output_dir,
                 path,
                 panels,
+                inputs,
               ),
             )
           )

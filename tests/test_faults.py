@@ -1,6 +1,7 @@
 """Faults and hostile inputs (docs/faults.md): nothing outside the dataset is read, nothing hangs,
 nothing is lost or mixed up, and a broken run says so in one line with exit status 1."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax import attributes, checkpoints, predict, safe_files, workdir_lock
+from privattnet_jax import attributes, checkpoints, output_folders, predict, redact
+from privattnet_jax import safe_files, workdir_lock
 from privattnet_jax.data import synthetic, vispr
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -669,3 +671,156 @@ def test_a_bad_config_value_is_one_line_before_any_work(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), (override, stderr[-2000:])
     assert lines[0].startswith(f"error: {BAD_CONFIG_VALUES[override]}"), (override, lines[0])
   assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: what predict and redact write is never read as a photo, and no input is
+# written over (output_folders.py).
+
+
+def _fake_redact_predictor() -> predict.Predictor:
+  """_fake_predictor with what redact reads beside the outputs (the score's definition)."""
+  predictor = _fake_predictor()
+  predictor.info.update(
+    score={"pooling": "max", "source": "profiles_mean", "per_profile": False},
+    preferences=attributes.preference_table("profiles_mean").tolist(),
+  )
+  return predictor
+
+
+def _redact(images, output):
+  return redact.redact_photos(
+    _fake_redact_predictor(),
+    [str(image) for image in images],
+    output,
+    redact.RedactSettings(target_drop=0.5),
+    progress=False,
+  )
+
+
+def _tree(folder: pathlib.Path) -> dict:
+  """{relative path: sha256} of every file, and None for every folder, under `folder`."""
+  return {
+    path.relative_to(folder).as_posix(): (
+      hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    )
+    for path in sorted(folder.rglob("*"))
+  }
+
+
+def _names(result, root: pathlib.Path) -> list[str]:
+  return [pathlib.Path(r["path"]).relative_to(root).as_posix() for r in result.records]
+
+
+def test_an_output_folder_inside_the_input_folder_is_never_read_back(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "good.jpg")
+  _jpeg(photos / "b.jpg", (10, 200, 10))
+  inputs = _tree(photos)
+  for _ in range(2):  # The second run passes over the first one's outputs and panels.
+    result = _redact([photos], photos / "out")
+    assert _names(result, photos) == ["b.jpg", "good.jpg"] and result.num_failed == 0
+  assert {k: v for k, v in _tree(photos).items() if not k.startswith("out")} == inputs
+  assert sorted(p.name for p in (photos / "out").iterdir()) == [
+    "b.jpg",
+    "good.jpg",
+    "panels",
+    "redaction.csv",
+    "redaction.jsonl",
+  ]
+  # A glob through the earlier output folder, and predict into yet another folder inside.
+  result = predict.predict(
+    _fake_predictor(), [f"{photos}/**/*.jpg"], photos / "scores", progress=False
+  )
+  assert _names(result, photos) == ["b.jpg", "good.jpg"]
+  result = predict.predict(_fake_predictor(), [str(photos)], photos / "scores", progress=False)
+  assert _names(result, photos) == ["b.jpg", "good.jpg"]  # Neither out/ nor scores/heatmaps/.
+
+
+def test_an_earlier_output_folder_gives_its_photos_never_its_panels_or_tables(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "good.jpg")
+  _redact([photos], tmp_path / "out")
+  predict.predict(_fake_predictor(), [str(photos)], tmp_path / "scores", progress=False)
+  assert (tmp_path / "out" / "panels" / "good_redact.png").is_file()
+  assert (tmp_path / "scores" / "heatmaps" / "good_att.png").is_file()
+  again = _redact([tmp_path / "out"], tmp_path / "again")  # Redacting redacted photos: a use.
+  assert _names(again, tmp_path) == ["out/good.jpg"]
+  scored = predict.predict(
+    _fake_predictor(),
+    [str(tmp_path / "scores"), str(tmp_path / "out"), str(tmp_path / "again")],
+    tmp_path / "scores2",
+    progress=False,
+  )
+  assert _names(scored, tmp_path) == ["out/good.jpg", "again/good.jpg"]
+  named = predict.predict(
+    _fake_predictor(),
+    [str(tmp_path / "out" / "panels" / "good_redact.png")],
+    tmp_path / "scores3",
+    progress=False,
+  )
+  assert not named.records[0]["ok"] and named.records[0]["error"].startswith("earlier_output:")
+
+
+@pytest.mark.parametrize(
+  "case", ["equal", "parent_of_a_file", "parent_of_a_folder", "glob_inside", "link_into"]
+)
+@pytest.mark.parametrize("mode", ["predict", "redact"])
+def test_an_output_folder_that_is_or_holds_an_input_is_refused_before_writing(tmp_path, case, mode):
+  photos = tmp_path / "in"
+  _jpeg(photos / "sub" / "a.jpg")
+  os.symlink(photos / "sub" / "a.jpg", tmp_path / "link.jpg")
+  images, output = {
+    "equal": ([photos], photos),
+    "parent_of_a_file": ([photos / "sub" / "a.jpg"], photos),
+    "parent_of_a_folder": ([photos / "sub"], photos),
+    "glob_inside": ([f"{photos}/sub/*.jpg"], photos / "sub"),
+    "link_into": ([tmp_path / "link.jpg"], photos),
+  }[case]
+  before = _tree(tmp_path)
+  with pytest.raises(output_folders.OutputFolderError, match="the output folder .* the input"):
+    if mode == "redact":
+      _redact(images, output)
+    else:
+      predict.predict(_fake_predictor(), [str(i) for i in images], output, progress=False)
+  assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_the_users_photos_named_as_output_inside_the_input_is_refused(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "a.jpg")
+  _jpeg(photos / "mine" / "a.jpg", (1, 2, 3))  # Would be overwritten by a.jpg's output.
+  before = _tree(tmp_path)
+  with pytest.raises(output_folders.OutputFolderError, match="holds photos"):
+    _redact([photos], photos / "mine")
+  assert _tree(tmp_path) == before
+
+
+def test_links_in_the_input_or_the_output_folder_never_lead_to_a_write_over_an_input(tmp_path):
+  photos, out = tmp_path / "in", tmp_path / "out"
+  _jpeg(photos / "a.jpg")
+  _jpeg(photos / "b.jpg", (10, 200, 10))
+  _redact([photos], out)
+  # Found by the walk, a link into the output folder; an output that links to an input (b.jpg);
+  # a panel that links elsewhere: replaced, not written through.
+  os.symlink(out / "b.jpg", photos / "link.jpg")
+  (out / "a.jpg").unlink()
+  os.symlink(photos / "b.jpg", out / "a.jpg")
+  (tmp_path / "keep.txt").write_text("keep")
+  (out / "panels" / "b_redact.png").unlink()
+  os.symlink(tmp_path / "keep.txt", out / "panels" / "b_redact.png")
+  inputs = _tree(photos)
+  result = _redact([photos], out)
+  rows = {pathlib.Path(r["path"]).name: r for r in result.records}
+  assert rows["link.jpg"]["error"].startswith("inside_output:"), rows["link.jpg"]
+  assert "refusing to overwrite the input" in rows["a.jpg"]["error"], rows["a.jpg"]
+  assert rows["b.jpg"]["ok"] and not (out / "panels" / "b_redact.png").is_symlink()
+  assert _tree(photos) == inputs and (tmp_path / "keep.txt").read_text() == "keep"
+
+
+def test_export_refuses_an_output_folder_inside_the_checkpoints_it_reads(tmp_path):
+  workdir = tmp_path / "run"
+  for inside in ("checkpoints", "checkpoints/2", "frozen_encoder/abc"):
+    with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
+      predict.export_predictor(workdir, workdir / inside)
+  assert not workdir.exists()  # Refused before the checkpoint is read or anything written.

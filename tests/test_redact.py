@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from privattnet_jax import attributes
 from privattnet_jax import input_pipeline
+from privattnet_jax import output_folders
 from privattnet_jax import predict
 from privattnet_jax import redact
 from privattnet_jax import report
@@ -399,17 +400,19 @@ def test_hostile_files_get_error_rows_and_the_rest_is_redacted(tmp_path):
 
 
 def test_an_input_is_never_overwritten(tmp_path):
+  """An output folder holding the input is refused before anything is written (docs/faults.md)."""
   (tmp_path / "risky.png").write_bytes(_encoded(risky_photo(), "PNG"))
   before = (tmp_path / "risky.png").read_bytes()
-  result = redact.redact_photos(
-    texture_predictor(),
-    [str(tmp_path / "risky.png")],
-    tmp_path,
-    redact.RedactSettings(target_drop=0.5),
-    progress=False,
-  )
-  assert result.num_failed == 1 and "overwrite" in result.records[0]["error"]
+  with pytest.raises(output_folders.OutputFolderError, match="holds the input"):
+    redact.redact_photos(
+      texture_predictor(),
+      [str(tmp_path / "risky.png")],
+      tmp_path,
+      redact.RedactSettings(target_drop=0.5),
+      progress=False,
+    )
   assert (tmp_path / "risky.png").read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["risky.png"]
 
 
 def test_bad_settings_and_models_without_attention_are_refused():
