@@ -33,6 +33,7 @@ import csv
 import dataclasses
 import functools
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -512,6 +513,7 @@ class LoadedImage:
   width: int  # As displayed (EXIF orientation applied), before any downscale.
   height: int
   conversions: list[str]
+  frames: int = 1  # Of an animation or multi-image file; the model sees the first.
 
 
 def load_image(
@@ -542,12 +544,17 @@ def decode_image(
   encoded, height, width, conversions = vispr.process_image(
     data, max_side=max_side, max_pixels=max_pixels
   )
+  frames = 1
+  if "first_frame" in conversions:
+    with vispr.pil_checks_ours():
+      frames = vispr.frame_count(Image.open(io.BytesIO(data)))
   return LoadedImage(
     input_pipeline.eval_image(encoded, image_size),
     heatmaps.display_image(encoded, panel_size),
     int(width),
     int(height),
     list(conversions),
+    frames,
   )
 
 
@@ -598,7 +605,7 @@ def _csv_header(info: dict, user: UserScore | None, top_attributes: int) -> list
     header += [f"profile_{p}" for p in range(info["num_scores"])]
   if info["attribute_ids"] and top_attributes:
     header.append("top_attributes")
-  return header + ["heatmap", "width", "height", "conversions"]
+  return header + ["heatmap", "width", "height", "frames", "conversions"]
 
 
 def _csv_row(record: dict, header: Sequence[str]) -> list:
@@ -781,6 +788,7 @@ def predict(
             width=loaded.width,
             height=loaded.height,
             conversions=loaded.conversions,
+            frames=loaded.frames,
           )
           if draw_panels:
             panel_path = output_folders.claim(panels_dir / f"{name}_att.png", inputs)

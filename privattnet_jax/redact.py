@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageOps, IptcImagePlugin, JpegImagePlugin
 from scipy import ndimage
 
+from privattnet_jax import animations
 from privattnet_jax import attributes
 from privattnet_jax import heatmaps
 from privattnet_jax import input_pipeline
@@ -503,6 +504,8 @@ def find_metadata(image: Image.Image) -> dict:
     found["iptc"] = {"fields": len(iptc)}
   if info.get("icc_profile"):
     found["icc_profile"] = {"bytes": len(info["icc_profile"])}
+  if image.format == "MPO" and vispr.frame_count(image) > 1:  # A depth map, gain map, 2nd view.
+    found["extra_images"] = {"count": vispr.frame_count(image) - 1}
   if info.get("comment"):
     found["comment"] = _text(info["comment"])[:200]
   text = getattr(image, "text", None) if image.format == "PNG" else None
@@ -558,6 +561,9 @@ class Photo:
   exif: bytes | None  # For keep_metadata (orientation reset).
   xmp: bytes | None
   icc_profile: bytes | None
+  frames: int = (
+    1  # An animation's (animations.FORMATS) or an MPO's (its extra images are metadata).
+  )
 
 
 def load_photo(
@@ -583,6 +589,9 @@ def load_photo(
     image.load()
   metadata = find_metadata(image)
   source_format = image.format or "PNG"
+  frames = vispr.frame_count(image)
+  if frames > 1 and source_format != "MPO":
+    animations.check(source_format, frames, image.size, max_pixels)
   try:
     exif = image.getexif()
     orientation = int(exif.get(_ORIENTATION, 1))
@@ -618,6 +627,7 @@ def load_photo(
     exif_bytes,
     xmp if isinstance(xmp, (bytes, str)) else None,
     icc_profile,
+    frames,
   )
 
 
@@ -632,17 +642,28 @@ def _srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
     return image
 
 
-def encode_photo(photo: Photo, pixels: Image.Image, *, keep_metadata: bool) -> tuple[bytes, str]:
-  """The output file's bytes and format: the source's format where Pillow writes it, else PNG."""
+def encode_photo(
+  photo: Photo, pixels: Image.Image, *, keep_metadata: bool, animation=None
+) -> tuple[bytes, str]:
+  """The output file's bytes and format: the source's format where Pillow writes it, else PNG.
+
+  `animation`: the frames after the first ((pixels, alpha) each) and the save options of their
+  timing (`animation_frames`), written after `pixels` as one animated file.
+  """
   fmt = WRITE_FORMATS.get(photo.format, "PNG")
-  if pixels.info:
-    pixels = pixels.copy()
-    pixels.info = {}
-  if not keep_metadata and photo.icc_profile:
-    pixels = _srgb(pixels, photo.icc_profile)
-  if photo.alpha is not None and fmt in ALPHA_FORMATS:
-    pixels = pixels.convert("RGBA" if pixels.mode == "RGB" else "LA")
-    pixels.putalpha(photo.alpha)
+
+  def prepared(pixels: Image.Image, alpha: Image.Image | None) -> Image.Image:
+    if pixels.info:
+      pixels = pixels.copy()
+      pixels.info = {}
+    if not keep_metadata and photo.icc_profile:
+      pixels = _srgb(pixels, photo.icc_profile)
+    if alpha is not None and fmt in ALPHA_FORMATS:
+      pixels = pixels.convert("RGBA" if pixels.mode == "RGB" else "LA")
+      pixels.putalpha(alpha)
+    return pixels
+
+  pixels = prepared(pixels, photo.alpha)
   options: dict = {}
   if fmt == "JPEG":
     options = {"quality": JPEG_QUALITY}
@@ -661,6 +682,9 @@ def encode_photo(photo: Photo, pixels: Image.Image, *, keep_metadata: bool) -> t
       options["icc_profile"] = photo.icc_profile
     if photo.xmp and fmt in ("JPEG", "PNG", "WEBP"):
       options["xmp"] = photo.xmp.encode() if isinstance(photo.xmp, str) else photo.xmp
+  if animation is not None:
+    frames, timing = animation
+    options.update(save_all=True, append_images=[prepared(*frame) for frame in frames], **timing)
   buffer = io.BytesIO()
   pixels.save(buffer, format=fmt, **options)
   return buffer.getvalue(), fmt
@@ -726,6 +750,8 @@ CSV_HEADER = (
   "format",
   "width",
   "height",
+  "frames",
+  "frames_written",
   "score_before",
   "score_after",
   "target",
@@ -784,19 +810,29 @@ class RedactSettings:
 
 def _finish(
   photo: Photo, mask: np.ndarray, settings: RedactSettings
-) -> tuple[bytes, str, list, float, Image.Image]:
-  """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels)."""
+) -> tuple[bytes, str, list, float, Image.Image, int]:
+  """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels of
+  the first frame, frames written). An animation's frames all get the first frame's mask."""
   if not mask.any():
-    pixels = photo.pixels
     data = unchanged_copy(photo, keep_metadata=settings.keep_metadata)
     if data is not None:
-      return data, WRITE_FORMATS[photo.format], [], 0.0, pixels
-    return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), [], 0.0, pixels)
-  pixels, boxes = redact(
-    photo.pixels, mask, settings.method, copy=False
-  )  # The photo is not used again.
-  area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
-  return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), boxes, area, pixels)
+      written = photo.frames if data is photo.data else 1
+      return data, WRITE_FORMATS[photo.format], [], 0.0, photo.pixels, written
+  pixels, boxes, area = photo.pixels, [], 0.0
+  if mask.any():  # The photo is not used again: redacted in place.
+    pixels, boxes = redact(photo.pixels, mask, settings.method, copy=False)
+    area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
+  animation = None
+  if photo.frames > 1 and photo.format in animations.FORMATS:
+    frames, timing = animations.frames(
+      photo.data, photo.frames, photo.orientation, photo.pixels.mode, photo.alpha is not None
+    )
+    frames = frames[1:]  # The first is `pixels`.
+    if mask.any():
+      frames = [(redact(frame, mask, settings.method, copy=False)[0], a) for frame, a in frames]
+    animation = (frames, timing)
+  data, fmt = encode_photo(photo, pixels, keep_metadata=settings.keep_metadata, animation=animation)
+  return data, fmt, boxes, area, pixels, 1 if animation is None else 1 + len(animation[0])
 
 
 def _write_outputs(
@@ -811,7 +847,7 @@ def _write_outputs(
 ) -> dict:
   """Writes the photo (and its panel), never onto one of the run's `inputs`; returns the record's
   output fields."""
-  data, fmt, boxes, area, pixels = _finish(photo, mask, settings)
+  data, fmt, boxes, area, pixels, frames_written = _finish(photo, mask, settings)
   suffix = (
     source.suffix if WRITE_FORMATS.get(photo.format) == fmt and source.suffix else SUFFIXES[fmt]
   )
@@ -824,6 +860,7 @@ def _write_outputs(
     "format": fmt,
     "area": area,
     "regions": [list(b) for b in boxes],
+    "frames_written": frames_written,
   }
   if panel:
     panel_path = output_folders.claim(
@@ -942,6 +979,7 @@ def redact_photos(
             metadata_found=photo.metadata,
             metadata_removed=[] if settings.keep_metadata else sorted(photo.metadata),
             conversions=photo.loaded.conversions,
+            frames=photo.frames,
           )
           if user is not None:
             record["user"] = user.label

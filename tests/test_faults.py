@@ -17,6 +17,7 @@ from PIL import Image
 from privattnet_jax import attributes, checkpoints, output_folders, predict, redact
 from privattnet_jax import safe_files, workdir_lock
 from privattnet_jax.data import synthetic, vispr
+from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -824,3 +825,81 @@ def test_export_refuses_an_output_folder_inside_the_checkpoints_it_reads(tmp_pat
     with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
       predict.export_predictor(workdir, workdir / inside)
   assert not workdir.exists()  # Refused before the checkpoint is read or anything written.
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_data_dir, tmp_path_factory):
+  """A tiny trained PrivAttNet's exported artifact: what run.py predicts and redacts with below."""
+  workdir = tiny_runs.train_tiny_run(
+    tiny_data_dir, tmp_path_factory.mktemp("faults_run") / "run", "privattnet"
+  )
+  return predict.export_predictor(workdir, platforms=("cpu",))
+
+
+def _animated_gif(path: pathlib.Path, frames: int = 4) -> pathlib.Path:
+  images = [tiny_runs.photo(seed=seed) for seed in range(frames)]
+  images[0].save(
+    path, save_all=True, append_images=images[1:], duration=[80, 120, 160, 200], loop=0
+  )
+  return path
+
+
+def _run_py(*args: str) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, "run.py", *args],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _rows(folder: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (folder / "redaction.jsonl").read_text().splitlines()]
+
+
+def test_run_py_redacts_twice_into_its_input_folder_and_overwrites_nothing(exported_run, tmp_path):
+  """The issue's cases on the command line: --output inside --images, run twice; the output folder
+  redacted again; --output equal to --images; an animated GIF keeps its frames."""
+  photos = tmp_path / "in2"
+  _jpeg(photos / "good.jpg", size=(48, 40))
+  tiny_runs.photo(seed=9).save(photos / "b.png")
+  _animated_gif(photos / "anim.gif")
+  inputs = _tree(photos)
+  common = ["--mode=redact", f"--exported={exported_run}", "--batch_size=4"]
+  out = photos / "out"
+  for _ in range(2):
+    process = _run_py(*common, f"--images={photos}", f"--output={out}")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "3 of 3 images redacted" in stdout
+    rows = {pathlib.Path(r["path"]).relative_to(photos).as_posix(): r for r in _rows(out)}
+    assert sorted(rows) == ["anim.gif", "b.png", "good.jpg"] and all(r["ok"] for r in rows.values())
+    assert {k: v for k, v in _tree(photos).items() if not k.startswith("out")} == inputs
+  assert sorted(p.name for p in out.iterdir()) == [
+    "anim.gif",
+    "b.png",
+    "good.jpg",
+    "panels",
+    "redaction.csv",
+    "redaction.jsonl",
+  ]
+  assert rows["anim.gif"]["frames"] == rows["anim.gif"]["frames_written"] == 4
+  written = Image.open(out / "anim.gif")
+  assert written.n_frames == 4 and "first_frame" in rows["anim.gif"]["conversions"]
+  everything = _tree(photos)
+  again = _run_py(*common, f"--images={out}", f"--output={tmp_path / 'again'}")
+  refused = _run_py(*common, f"--images={photos}", f"--output={photos}")
+  stdout, stderr = again.communicate(timeout=300)
+  assert again.returncode == 0, stderr[-3000:]
+  assert sorted(pathlib.Path(r["path"]).name for r in _rows(tmp_path / "again")) == [
+    "anim.gif",
+    "b.png",
+    "good.jpg",
+  ]  # The photos of the earlier output folder, not its panels.
+  _, stderr = refused.communicate(timeout=300)
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert refused.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert len(errors) == 1 and f"the output folder {photos} is the input" in errors[0], stderr
+  assert _tree(photos) == everything  # Refused before anything was written.

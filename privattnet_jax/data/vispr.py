@@ -108,6 +108,8 @@ CONVERSIONS: dict[str, str] = {
   "exif_rotated": "EXIF orientation 2..8 applied (PIL.ImageOps.exif_transpose)",
   "exif_ignored": "EXIF data unreadable; the pixels are used as stored",
   "downscaled_too_large": "over max_pixels: decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling)",
+  "first_frame": "an animation or a file of several images (GIF, WebP, APNG, TIFF pages, MPO): its "
+  "first frame is the image (redact writes every frame of an animation)",
 }
 
 UNKNOWN_LABEL_POLICY = "skip_example"
@@ -540,6 +542,11 @@ def pil_checks_ours():
       Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+def frame_count(image: Image.Image) -> int:
+  """Frames of an opened image: an animation's, a TIFF's pages, an MPO's images; 1 for the rest."""
+  return int(getattr(image, "n_frames", 1) or 1)
+
+
 def _decoded_pixels(width: int, height: int, factor: int) -> int:
   return math.ceil(width / factor) * math.ceil(height / factor)
 
@@ -659,6 +666,8 @@ def process_image(
         f"{width}x{height}: {image.size[0] * image.size[1]} pixels > max_pixels {max_pixels}",
       )
     try:
+      if frame_count(image) > 1:
+        conversions.append("first_frame")
       image.load()
     except Exception as e:  # pylint: disable=broad-except
       raise _Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
