@@ -795,6 +795,8 @@ class RedactSettings:
       raise predict.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
     if self.target_score is not None and self.target_drop is not None:
       raise predict.PredictError("give --target_score or --target_drop, not both")
+    if self.target_score is not None and not np.isfinite(self.target_score):
+      raise predict.PredictError(f"--target_score must be a finite number, got {self.target_score}")
     if self.target_drop is not None and not 0 < self.target_drop <= 1:
       raise predict.PredictError(f"--target_drop is a fraction in (0, 1], got {self.target_drop}")
     if not 0 < self.max_area <= 1:

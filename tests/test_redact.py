@@ -419,6 +419,7 @@ def test_bad_settings_and_models_without_attention_are_refused():
   for settings, message in (
     (redact.RedactSettings(target_score=1, target_drop=0.5), "not both"),
     (redact.RedactSettings(target_drop=1.5), "target_drop"),
+    (redact.RedactSettings(target_score=float("nan")), "target_score must be a finite number"),
     (redact.RedactSettings(max_area=0), "max_area"),
     (redact.RedactSettings(method="smudge"), "method"),
   ):
