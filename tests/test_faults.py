@@ -825,6 +825,9 @@ def test_export_refuses_an_output_folder_inside_the_checkpoints_it_reads(tmp_pat
     with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
       predict.export_predictor(workdir, workdir / inside)
   assert not workdir.exists()  # Refused before the checkpoint is read or anything written.
+  artifact = tmp_path / "export"  # run.py's check for predict and redact with --exported.
+  with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
+    output_folders.check(artifact / "scores", [], [artifact])
 
 
 @pytest.fixture(scope="module")
