@@ -22,11 +22,8 @@ from privattnet_jax import feature_cache
 from privattnet_jax import input_pipeline
 from privattnet_jax import train_steps
 
-MODES = (
-  "off",
-  "host",
-  "device",
-)  # What config_check allows for feature_cache.mode (a test compares).
+# What config_check allows for feature_cache.mode (tests/test_config_check.py compares them).
+MODES = ("off", "host", "device")
 
 
 @dataclasses.dataclass
