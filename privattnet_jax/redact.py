@@ -561,9 +561,7 @@ class Photo:
   exif: bytes | None  # For keep_metadata (orientation reset).
   xmp: bytes | None
   icc_profile: bytes | None
-  frames: int = (
-    1  # An animation's (animations.FORMATS) or an MPO's (its extra images are metadata).
-  )
+  frames: int = 1  # Of an animation, or of an MPO (whose extra images are metadata).
 
 
 def load_photo(
@@ -648,7 +646,7 @@ def encode_photo(
   """The output file's bytes and format: the source's format where Pillow writes it, else PNG.
 
   `animation`: the frames after the first ((pixels, alpha) each) and the save options of their
-  timing (`animation_frames`), written after `pixels` as one animated file.
+  timing (`animations.frames`), written after `pixels` as one animated file.
   """
   fmt = WRITE_FORMATS.get(photo.format, "PNG")
 
