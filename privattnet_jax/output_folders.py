@@ -154,6 +154,9 @@ class Scan:
         f"earlier_output: {path} is one of the {real.parent.name} an earlier run wrote "
         f"({real.parent.parent / manifest_of(real.parent.parent)}), not a photo"
       )
+    for manifest, (table, _) in MANIFESTS.items():
+      if real.name in (manifest, table) and (real.parent / manifest).is_file():
+        return f"earlier_output: {path} is a table an earlier run wrote, not a photo"
     return None
 
   def _check_output_holds_no_photos(self, folder: pathlib.Path) -> None:

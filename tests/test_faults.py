@@ -756,11 +756,16 @@ def test_an_earlier_output_folder_gives_its_photos_never_its_panels_or_tables(tm
   assert _names(scored, tmp_path) == ["out/good.jpg", "again/good.jpg"]
   named = predict.predict(
     _fake_predictor(),
-    [str(tmp_path / "out" / "panels" / "good_redact.png")],
+    [
+      str(tmp_path / "out" / "panels" / "good_redact.png"),
+      str(tmp_path / "scores" / "heatmaps" / "good_att.png"),
+      str(tmp_path / "scores" / "predictions.csv"),
+    ],
     tmp_path / "scores3",
     progress=False,
   )
-  assert not named.records[0]["ok"] and named.records[0]["error"].startswith("earlier_output:")
+  for record in named.records:
+    assert not record["ok"] and record["error"].startswith("earlier_output:"), record
 
 
 @pytest.mark.parametrize(
