@@ -348,7 +348,8 @@ def _report_thread_failure(hook_args) -> None:
 def _fail(error: BaseException) -> None:
   """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
   stderr with --verbosity=1."""
-  if isinstance(error, config_check.ConfigError):  # The line says it all: no traceback to keep.
+  if isinstance(error, (config_check.ConfigError, output_folders.OutputFolderError)):
+    # The line says it all: no traceback to keep.
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(1)
   if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
