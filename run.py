@@ -109,12 +109,13 @@ def main(argv):
     config = config_loading.load_config(FLAGS.config)
     # Before anything compiles; train writes TensorBoard metrics.
     process.configure_process(FLAGS.workdir, config, writes_metrics=FLAGS.mode == "train")
+    images = [*FLAGS.images, *argv[1:]]
     if FLAGS.mode in ("predict", "redact"):
-      modes.check_output_dir(FLAGS.output)
+      modes.check_output_dir(FLAGS.output, images, FLAGS.preferences, FLAGS.workdir, FLAGS.exported)
     process.start_jax(
       **_values("distributed", "coordinator_address", "num_processes", "process_id")
     )
-    status = _run_mode(config, [*FLAGS.images, *argv[1:]])
+    status = _run_mode(config, images)
   except Exception as error:  # pylint: disable=broad-except
     errors.fail(error, FLAGS.workdir, verbose=FLAGS.verbosity >= 1)
   sys.exit(status)

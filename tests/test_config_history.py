@@ -46,8 +46,8 @@ def test_an_old_layout_config_migrates_to_the_current_one():
 
 def test_a_config_file_that_sets_an_old_field_gets_its_value_at_the_new_place():
   config = ml_collections.ConfigDict(default.get_config().to_dict())
-  config.input.batch_size = 7  # A user's config file written for the old layout.
-  config.loss.attention_gamma = 0.5
+  config.batch_size = 7  # A user's config file written for the old layout.
+  config.optim.attention_gamma = 0.5
   with config.unlocked():
     moved = config_history.migrate(config, ml_collections.ConfigDict)
   assert moved == ["batch_size", "optim.attention_gamma"]
@@ -57,13 +57,7 @@ def test_a_config_file_that_sets_an_old_field_gets_its_value_at_the_new_place():
 
 def test_old_command_line_overrides_are_renamed():
   argv, seen = config_history.rename_overrides(
-    [
-      "run.py",
-      "--config.input.batch_size=4",
-      "--config.input.crop_scale",
-      "(0.5, 1.0)",
-      "--workdir=w",
-    ]
+    ["run.py", "--config.batch_size=4", "--config.data.crop_scale", "(0.5, 1.0)", "--workdir=w"]
   )
   assert argv == [
     "run.py",
@@ -96,9 +90,9 @@ def test_a_checkpoint_of_the_old_layout_restores_and_evaluates_through_run_py(
   assert run.config.loss.attention_gamma == config.loss.attention_gamma
 
   old_names = [
-    f"--config.input.image_size={config.input.image_size}",
-    f"--config.input.batch_size={config.input.batch_size}",
-    f"--config.input.resize_size={config.input.resize_size}",
+    f"--config.image_size={config.input.image_size}",
+    f"--config.batch_size={config.input.batch_size}",
+    f"--config.data.resize_size={config.input.resize_size}",
   ]
   rest = [
     f"--config.data.data_dir={tiny_data_dir}",

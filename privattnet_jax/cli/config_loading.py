@@ -1,53 +1,32 @@
 """The command line and the config it names, each wrong value one line before any work.
 
 `parse_flags` is run.py's flag parser (a bad flag, override or config file: one line, exit status
-1); `load_config` loads the config file and checks it (`check_config`), before any dataset or
+1); `load_config` loads the config file and checks it (`config_check`), before any dataset or
 model work.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple
 
 import ml_collections
 from absl import flags
 
-from privattnet_jax import config_history
-
-
-class Replacement(NamedTuple):
-  """The field that replaced a config field, as the errors that name the old one suggest it."""
-
-  field: str
-  value: str = ""  # Its value for what the old field asked: the command line's error suggests it.
-  values: str = ""  # Its values in the old field's terms: a config file's error lists them.
-
-
-_CACHE_MODES = (
-  "'off' (no cache), 'host' (was enabled=True) or 'device' (was enabled=True with on_device=True)"
-)
-# Config fields replaced by another. A command-line override that sets one is refused before flag
-# parsing (which would fail on the unknown field with a traceback), a config file that sets one by
-# `check_config`.
-REPLACED_FIELDS = {
-  "feature_cache.enabled": Replacement("feature_cache.mode", "host (or off)", _CACHE_MODES),
-  "feature_cache.on_device": Replacement("feature_cache.mode", "device (or host)", _CACHE_MODES),
-}
+from privattnet_jax import config_check, config_history
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
   config file's traceback into its message: its last line says what is wrong)."""
-  replaced = replaced_field_error(argv)
-  if replaced:
-    print(replaced, file=sys.stderr, flush=True)
-    sys.exit(1)
   argv, renamed = config_history.rename_overrides(argv)
   for old in renamed:
     print(config_history.deprecation(old), file=sys.stderr, flush=True)
   if renamed:
     sys.argv[1:] = argv[1:]  # ml_collections defines the override flags from sys.argv.
+  unknown = override_field_error(argv)
+  if unknown:
+    print(f"error: {unknown}", file=sys.stderr, flush=True)
+    sys.exit(1)
   try:
     return flag_values(argv)
   except Exception as error:  # pylint: disable=broad-except  # ml_collections raises KeyError, OSError, ...
@@ -85,33 +64,20 @@ def load_config(config):
   with config.unlocked():
     for old in config_history.migrate(config, ml_collections.ConfigDict):
       print(config_history.deprecation(old), file=sys.stderr, flush=True)
-  check_config(config)
+  config_check.check(config)  # Every field's range, before anything compiles or reads data.
   return config
 
 
-def check_config(config) -> None:
-  """Raises ValueError, naming the field, for a config that sets a replaced field."""
-  for field, replacement in REPLACED_FIELDS.items():
-    if _sets(config, field):
-      values = f": {replacement.values}" if replacement.values else ""
-      raise ValueError(f"{field} was replaced by {replacement.field}{values}")
-
-
-def _sets(config, field: str) -> bool:
-  node = config
-  for name in field.split("."):
-    if not hasattr(node, "keys") or name not in node:
-      return False
-    node = node[name]
-  return True
-
-
-def replaced_field_error(argv: list[str]) -> str | None:
-  """The error line for a command line that overrides a replaced field; None when none does."""
+def override_field_error(argv: list[str]) -> str | None:
+  """An override of a field the config does not have (or that another replaced), named with the
+  closest known fields before flag parsing, where ml_collections would say only `'nonsense'`."""
   for arg in argv[1:]:
-    field = arg.split("=", 1)[0].removeprefix("--config.")
-    if arg.startswith("--config.") and field in REPLACED_FIELDS:
-      replacement = REPLACED_FIELDS[field]
-      value = f"={replacement.value}" if replacement.value else ""
-      return f"error: --config.{field} was replaced by --config.{replacement.field}{value}"
+    if arg == "--":
+      break
+    name = arg.lstrip("-").split("=", 1)[0]
+    name = name[2:] if name.startswith("noconfig.") else name  # --noconfig.data.strict
+    if arg.startswith("-") and name.startswith("config."):
+      problem = config_check.override_error(name.removeprefix("config."))
+      if problem:
+        return problem
   return None

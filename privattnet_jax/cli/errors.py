@@ -18,6 +18,9 @@ from typing import NoReturn
 
 from absl import app
 
+from privattnet_jax import config_check
+from privattnet_jax.inference import output_folders
+
 
 def expected_errors() -> tuple[type[Exception], ...]:
   """Errors that are the user's or the machine's, not the program's: bad requests (PredictError,
@@ -123,6 +126,9 @@ def _report_thread_failure(hook_args, workdir: str | None) -> None:
 def fail(error: BaseException, workdir: str | None, *, verbose: bool) -> NoReturn:
   """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
   stderr when `verbose` (--verbosity=1)."""
+  if isinstance(error, (config_check.ConfigError, output_folders.OutputFolderError)):
+    print(f"error: {error}", file=sys.stderr, flush=True)  # The line says it all.
+    sys.exit(1)
   if verbose:
     traceback.print_exception(error)
     where = ""

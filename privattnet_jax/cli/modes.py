@@ -13,11 +13,18 @@ from collections.abc import Sequence
 from absl import app
 
 
-def check_output_dir(output: str) -> None:
-  """Fails before any work when predict's or redact's output folder cannot be one."""
+def check_output_dir(output: str, images: Sequence[str], preferences, workdir, exported) -> None:
+  """Fails before any work when predict's or redact's output folder cannot be one: not a folder,
+  or one that is or holds what the run reads (nothing read is written over, nothing written read)."""
+  from privattnet_jax.inference import output_folders  # pylint: disable=g-import-not-at-top
   from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
   predict.check_output_dir(pathlib.Path(output))
+  output_folders.check(
+    output,
+    [*images, *([preferences] if preferences else [])],
+    output_folders.workdir_reads(workdir) if workdir else [exported],
+  )
 
 
 def load_predictor(workdir, exported, step, config, batch_size):

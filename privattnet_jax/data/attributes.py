@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from privattnet_jax.data import text_files
+
 DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "data"
 ATTRIBUTES_TSV = DATA_DIR / "attributes.tsv"
 USER_STUDIES_DIR = DATA_DIR / "user_studies"
@@ -73,11 +75,12 @@ def read_preference_tsv(path: str | pathlib.Path) -> tuple[list[str], np.ndarray
 
   A header row (first field `attribute_id`) is optional; VISPR's control rows
   (`a105_control_*` .. `a109_control_*`) are dropped. Values must be numbers in 1..5.
+  A byte-order mark, CRLF line ends and spaces around fields are tolerated (`text_files`).
   Returns the attribute ids and a float (rows, raters) array.
   """
   ids, rows = [], []
-  for line_number, line in enumerate(pathlib.Path(path).read_text().splitlines(), start=1):
-    fields = line.rstrip("\n").split("\t")
+  for line_number, line in enumerate(text_files.read_lines(path), start=1):
+    fields = [field.strip() for field in line.split("\t")]
     if not line.strip() or fields[0] == "attribute_id":
       continue
     if "_control_" in fields[0]:
@@ -91,7 +94,7 @@ def read_preference_tsv(path: str | pathlib.Path) -> tuple[list[str], np.ndarray
       raise ValueError(
         f"{path}:{line_number}: non-numeric preference for {fields[0]!r}: {e}"
       ) from None
-    if min(row) < 1 or max(row) > 5:
+    if not all(1 <= v <= 5 for v in row):  # Also refuses nan and inf.
       raise ValueError(f"{path}:{line_number}: preferences for {fields[0]!r} must lie in 1..5")
     ids.append(fields[0])
     rows.append(row)

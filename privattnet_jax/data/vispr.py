@@ -61,8 +61,8 @@ from PIL import Image
 
 from privattnet_jax.data import attributes
 from privattnet_jax import safe_files
+from privattnet_jax.data import text_files
 from privattnet_jax.inference import preprocessing
-
 
 # tfds split name -> VISPR split list file (and folder name inside images/ and annotations/).
 SPLIT_FILES: dict[str, str] = {
@@ -111,6 +111,8 @@ CONVERSIONS: dict[str, str] = {
   "exif_rotated": "EXIF orientation 2..8 applied (PIL.ImageOps.exif_transpose)",
   "exif_ignored": "EXIF data unreadable; the pixels are used as stored",
   "downscaled_too_large": "over max_pixels: decoded at 1/2, 1/4 or 1/8 scale (JPEG DCT scaling)",
+  "first_frame": "an animation or a file of several images (GIF, WebP, APNG, TIFF pages, MPO): its "
+  "first frame is the image (redact writes every frame of an animation)",
 }
 
 
@@ -297,11 +299,9 @@ def load_build_report(
 
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
-  """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped."""
-  text = safe_files.read_bytes(path, max_bytes=safe_files.MAX_LIST_BYTES).decode(
-    "utf-8", errors="replace"
-  )
-  return [line.strip() for line in text.splitlines() if line.strip()]
+  """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped,
+  a byte-order mark and CRLF line ends tolerated (`text_files`)."""
+  return text_files.entries(path, max_bytes=safe_files.MAX_LIST_BYTES)
 
 
 def _is_contained_file(root: pathlib.Path, relative: str) -> bool:
@@ -636,9 +636,16 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
       yield image_id, example
 
   def _example(self, relative: str, fallback_id: str, written: set[str], config: VisprConfig):
-    data = _read_contained(
-      self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES, fallback_id
-    )
+    try:
+      data = _read_contained(
+        self._manual_root, relative, "annotation", safe_files.MAX_ANNOTATION_BYTES, fallback_id
+      )
+    except _Skip as skip:  # The report names the entry as the split list spells it.
+      raise _Skip(
+        skip.reason,
+        f"split list entry '{safe_files.printable(relative)}': {skip.message}",
+        skip.image_id,
+      ) from None
     image_id, image_path, labels, boxes = parse_annotation(data, fallback_id)
     if image_id in written:
       raise _Skip(

@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import functools
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from PIL import Image
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps
 from privattnet_jax import safe_files
+from privattnet_jax.inference import output_folders
 from privattnet_jax.inference import preprocessing
 from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.inference import user_scores
@@ -60,14 +62,16 @@ def image_extensions() -> frozenset[str]:
   return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 
-def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]]:
+def collect_images(specs: Iterable[str], output_dir=None) -> list[tuple[pathlib.Path, str | None]]:
   """Files, folders (recursive) and globs -> (path, error) in order, without repeats.
 
   Folders contribute files with an image ending (`image_extensions`); files named directly, or
-  matched by a glob, are always tried. A name matching nothing is an entry with an error.
+  matched by a glob, are always tried. A name matching nothing is an entry with an error. Folder
+  walks and globs pass over `output_dir` and earlier runs' outputs (`output_folders.Scan`).
   """
   extensions = image_extensions()
   entries, seen = [], set()
+  scan = output_folders.Scan(output_dir, extensions)
 
   def add(path: pathlib.Path, error: str | None = None):
     key = path
@@ -76,13 +80,15 @@ def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]
         key = safe_files.resolve(path)
       except safe_files.UnsafeFileError as e:  # A symlink loop: its own error entry.
         error = f"{e.reason}: {e.message}"
+      else:
+        error = scan.refuse(path, key)
     if key not in seen:
       seen.add(key)
       entries.append((path, error))
 
-  def add_folder(folder: pathlib.Path):
+  def add_folder(folder: pathlib.Path, base: pathlib.Path):
     for root, dirs, files in os.walk(folder):
-      dirs.sort()
+      dirs[:] = [d for d in sorted(dirs) if not scan.skip_folder(pathlib.Path(root) / d, base)]
       for name in sorted(files):
         if pathlib.PurePath(name).suffix.lower() in extensions:
           add(pathlib.Path(root) / name)
@@ -90,19 +96,27 @@ def collect_images(specs: Iterable[str]) -> list[tuple[pathlib.Path, str | None]
   for spec in specs:
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
-      add_folder(path)
+      if not scan.skip_folder(path, path):
+        add_folder(path, path)
     elif (
       path.exists() or path.is_symlink()
     ):  # A dangling or looping link: its reading error is the entry.
       add(path)
     elif glob.has_magic(spec):
+      base = output_folders.spec_root(spec)
       matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
       if not matches:
         add(path, "no file matches this pattern")
       for match in map(pathlib.Path, matches):
-        add_folder(match) if match.is_dir() else add(match)
+        if match.is_dir():
+          if not scan.skip_below(match, base):
+            add_folder(match, base)
+        elif not scan.skip_below(match.parent, base):
+          add(match)
     else:
       add(path, "no such file or folder")
+  for folder in scan.skipped:
+    logging.info("Not read: %s", folder)
   return entries
 
 
@@ -113,6 +127,7 @@ class LoadedImage:
   width: int  # As displayed (EXIF orientation applied), before any downscale.
   height: int
   conversions: list[str]
+  frames: int = 1  # Of an animation or multi-image file; the model sees the first.
 
 
 def load_image(
@@ -143,12 +158,17 @@ def decode_image(
   encoded, height, width, conversions = preprocessing.process_image(
     data, max_side=max_side, max_pixels=max_pixels
   )
+  frames = 1
+  if "first_frame" in conversions:
+    with preprocessing.pil_checks_ours():
+      frames = preprocessing.frame_count(Image.open(io.BytesIO(data)))
   return LoadedImage(
     preprocessing.eval_image(encoded, image_size),
     heatmaps.display_image(encoded, panel_size),
     int(width),
     int(height),
     list(conversions),
+    frames,
   )
 
 
@@ -195,7 +215,7 @@ def _csv_header(info: dict, user: user_scores.UserScore | None, top_attributes: 
     header += [f"profile_{p}" for p in range(info["num_scores"])]
   if info["attribute_ids"] and top_attributes:
     header.append("top_attributes")
-  return header + ["heatmap", "width", "height", "conversions"]
+  return header + ["heatmap", "width", "height", "frames", "conversions"]
 
 
 def _csv_row(record: dict, header: Sequence[str]) -> list:
@@ -323,11 +343,13 @@ def predict(
     )
   info = predictor.info
   user = user_scores.resolve_user(info, profile, preferences_file)
-  entries = collect_images(images)
-  if not entries:
-    raise predictor_lib.PredictError("no images given")
   output_dir = pathlib.Path(output_dir)
   check_output_dir(output_dir)
+  output_folders.check(output_dir, [*images, *([preferences_file] if preferences_file else [])])
+  entries = collect_images(images, output_dir)
+  if not entries:
+    raise predictor_lib.PredictError("no images given")
+  inputs = output_folders.input_paths(entries, [preferences_file])
   output_dir.mkdir(parents=True, exist_ok=True)
   draw_panels = heatmap_panels and "attention" in info["outputs"]
   panels_dir = output_dir / "heatmaps"
@@ -354,8 +376,8 @@ def predict(
     collections.deque()
   )  # Panels being drawn; bounded, so that a slow disk cannot pile up images.
   with (
-    open(output_dir / "predictions.jsonl", "w") as jsonl_file,
-    open(output_dir / "predictions.csv", "w", newline="") as csv_file,
+    open(output_folders.claim(output_dir / "predictions.jsonl", inputs), "w") as jsonl_file,
+    open(output_folders.claim(output_dir / "predictions.csv", inputs), "w", newline="") as csv_file,
     concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool,
     loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
     tqdm(total=len(entries), unit="img", disable=not progress, desc="predict") as bar,
@@ -376,9 +398,10 @@ def predict(
             width=loaded.width,
             height=loaded.height,
             conversions=loaded.conversions,
+            frames=loaded.frames,
           )
           if draw_panels:
-            panel_path = panels_dir / f"{name}_att.png"
+            panel_path = output_folders.claim(panels_dir / f"{name}_att.png", inputs)
             record["heatmap"] = str(panel_path.relative_to(output_dir))
             saves.append(
               pool.submit(

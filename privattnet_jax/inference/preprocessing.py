@@ -125,6 +125,11 @@ def pil_checks_ours():
       Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+def frame_count(image: Image.Image) -> int:
+  """Frames of an opened image: an animation's, a TIFF's pages, an MPO's images; 1 for the rest."""
+  return int(getattr(image, "n_frames", 1) or 1)
+
+
 def _decoded_pixels(width: int, height: int, factor: int) -> int:
   return math.ceil(width / factor) * math.ceil(height / factor)
 
@@ -244,6 +249,8 @@ def process_image(
         f"{width}x{height}: {image.size[0] * image.size[1]} pixels > max_pixels {max_pixels}",
       )
     try:
+      if frame_count(image) > 1:
+        conversions.append("first_frame")
       image.load()
     except Exception as e:  # pylint: disable=broad-except
       raise UnusableImage("corrupt_image", f"{type(e).__name__}: {e}") from None

@@ -49,7 +49,9 @@ from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageOps, IptcImagePlug
 from scipy import ndimage
 
 from privattnet_jax.data import attributes
+from privattnet_jax.inference import animations
 from privattnet_jax.inference import heatmaps
+from privattnet_jax.inference import output_folders
 from privattnet_jax.inference import predict
 from privattnet_jax import safe_files
 from privattnet_jax.inference import preprocessing
@@ -503,6 +505,10 @@ def find_metadata(image: Image.Image) -> dict:
     found["iptc"] = {"fields": len(iptc)}
   if info.get("icc_profile"):
     found["icc_profile"] = {"bytes": len(info["icc_profile"])}
+  if (
+    image.format == "MPO" and preprocessing.frame_count(image) > 1
+  ):  # A depth map, gain map, 2nd view.
+    found["extra_images"] = {"count": preprocessing.frame_count(image) - 1}
   if info.get("comment"):
     found["comment"] = _text(info["comment"])[:200]
   text = getattr(image, "text", None) if image.format == "PNG" else None
@@ -558,6 +564,7 @@ class Photo:
   exif: bytes | None  # For keep_metadata (orientation reset).
   xmp: bytes | None
   icc_profile: bytes | None
+  frames: int = 1  # Of an animation, or of an MPO (whose extra images are metadata).
 
 
 def load_photo(
@@ -583,6 +590,9 @@ def load_photo(
     image.load()
   metadata = find_metadata(image)
   source_format = image.format or "PNG"
+  frames = preprocessing.frame_count(image)
+  if frames > 1 and source_format != "MPO":
+    animations.check(source_format, frames, image.size, max_pixels)
   try:
     exif = image.getexif()
     orientation = int(exif.get(_ORIENTATION, 1))
@@ -618,6 +628,7 @@ def load_photo(
     exif_bytes,
     xmp if isinstance(xmp, (bytes, str)) else None,
     icc_profile,
+    frames,
   )
 
 
@@ -632,17 +643,28 @@ def _srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
     return image
 
 
-def encode_photo(photo: Photo, pixels: Image.Image, *, keep_metadata: bool) -> tuple[bytes, str]:
-  """The output file's bytes and format: the source's format where Pillow writes it, else PNG."""
+def encode_photo(
+  photo: Photo, pixels: Image.Image, *, keep_metadata: bool, animation=None
+) -> tuple[bytes, str]:
+  """The output file's bytes and format: the source's format where Pillow writes it, else PNG.
+
+  `animation`: the frames after the first ((pixels, alpha) each) and the save options of their
+  timing (`animations.frames`), written after `pixels` as one animated file.
+  """
   fmt = WRITE_FORMATS.get(photo.format, "PNG")
-  if pixels.info:
-    pixels = pixels.copy()
-    pixels.info = {}
-  if not keep_metadata and photo.icc_profile:
-    pixels = _srgb(pixels, photo.icc_profile)
-  if photo.alpha is not None and fmt in ALPHA_FORMATS:
-    pixels = pixels.convert("RGBA" if pixels.mode == "RGB" else "LA")
-    pixels.putalpha(photo.alpha)
+
+  def prepared(pixels: Image.Image, alpha: Image.Image | None) -> Image.Image:
+    if pixels.info:
+      pixels = pixels.copy()
+      pixels.info = {}
+    if not keep_metadata and photo.icc_profile:
+      pixels = _srgb(pixels, photo.icc_profile)
+    if alpha is not None and fmt in ALPHA_FORMATS:
+      pixels = pixels.convert("RGBA" if pixels.mode == "RGB" else "LA")
+      pixels.putalpha(alpha)
+    return pixels
+
+  pixels = prepared(pixels, photo.alpha)
   options: dict = {}
   if fmt == "JPEG":
     options = {"quality": JPEG_QUALITY}
@@ -661,6 +683,9 @@ def encode_photo(photo: Photo, pixels: Image.Image, *, keep_metadata: bool) -> t
       options["icc_profile"] = photo.icc_profile
     if photo.xmp and fmt in ("JPEG", "PNG", "WEBP"):
       options["xmp"] = photo.xmp.encode() if isinstance(photo.xmp, str) else photo.xmp
+  if animation is not None:
+    frames, timing = animation
+    options.update(save_all=True, append_images=[prepared(*frame) for frame in frames], **timing)
   buffer = io.BytesIO()
   pixels.save(buffer, format=fmt, **options)
   return buffer.getvalue(), fmt
@@ -726,6 +751,8 @@ CSV_HEADER = (
   "format",
   "width",
   "height",
+  "frames",
+  "frames_written",
   "score_before",
   "score_after",
   "target",
@@ -769,6 +796,10 @@ class RedactSettings:
       raise predictor_lib.PredictError(f"--method must be one of {METHODS}, got {self.method!r}")
     if self.target_score is not None and self.target_drop is not None:
       raise predictor_lib.PredictError("give --target_score or --target_drop, not both")
+    if self.target_score is not None and not np.isfinite(self.target_score):
+      raise predictor_lib.PredictError(
+        f"--target_score must be a finite number, got {self.target_score}"
+      )
     if self.target_drop is not None and not 0 < self.target_drop <= 1:
       raise predictor_lib.PredictError(
         f"--target_drop is a fraction in (0, 1], got {self.target_drop}"
@@ -786,19 +817,29 @@ class RedactSettings:
 
 def _finish(
   photo: Photo, mask: np.ndarray, settings: RedactSettings
-) -> tuple[bytes, str, list, float, Image.Image]:
-  """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels)."""
+) -> tuple[bytes, str, list, float, Image.Image, int]:
+  """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels of
+  the first frame, frames written). An animation's frames all get the first frame's mask."""
   if not mask.any():
-    pixels = photo.pixels
     data = unchanged_copy(photo, keep_metadata=settings.keep_metadata)
     if data is not None:
-      return data, WRITE_FORMATS[photo.format], [], 0.0, pixels
-    return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), [], 0.0, pixels)
-  pixels, boxes = redact(
-    photo.pixels, mask, settings.method, copy=False
-  )  # The photo is not used again.
-  area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
-  return (*encode_photo(photo, pixels, keep_metadata=settings.keep_metadata), boxes, area, pixels)
+      written = photo.frames if data is photo.data else 1
+      return data, WRITE_FORMATS[photo.format], [], 0.0, photo.pixels, written
+  pixels, boxes, area = photo.pixels, [], 0.0
+  if mask.any():  # The photo is not used again: redacted in place.
+    pixels, boxes = redact(photo.pixels, mask, settings.method, copy=False)
+    area = float(mask.mean())  # As scored (the full-size mask is the same, upsampled).
+  animation = None
+  if photo.frames > 1 and photo.format in animations.FORMATS:
+    frames, timing = animations.frames(
+      photo.data, photo.frames, photo.orientation, photo.pixels.mode, photo.alpha is not None
+    )
+    frames = frames[1:]  # The first is `pixels`.
+    if mask.any():
+      frames = [(redact(frame, mask, settings.method, copy=False)[0], a) for frame, a in frames]
+    animation = (frames, timing)
+  data, fmt = encode_photo(photo, pixels, keep_metadata=settings.keep_metadata, animation=animation)
+  return data, fmt, boxes, area, pixels, 1 if animation is None else 1 + len(animation[0])
 
 
 def _write_outputs(
@@ -809,24 +850,29 @@ def _write_outputs(
   output_dir: pathlib.Path,
   source: pathlib.Path,
   panel: bool,
+  inputs: frozenset[pathlib.Path] = frozenset(),
 ) -> dict:
-  """Writes the photo (and its panel); returns the record's output fields."""
-  data, fmt, boxes, area, pixels = _finish(photo, mask, settings)
+  """Writes the photo (and its panel), never onto one of the run's `inputs`; returns the record's
+  output fields."""
+  data, fmt, boxes, area, pixels, frames_written = _finish(photo, mask, settings)
   suffix = (
     source.suffix if WRITE_FORMATS.get(photo.format) == fmt and source.suffix else SUFFIXES[fmt]
   )
-  out_path = output_dir / f"{record['name']}{suffix}"
-  if out_path.resolve() == source.resolve():
-    raise ValueError(f"refusing to overwrite the input {source}: choose another --output")
+  out_path = output_folders.claim(
+    output_dir / f"{record['name']}{suffix}", inputs | {output_folders.resolved(source)}
+  )
   out_path.write_bytes(data)
   fields = {
     "output": out_path.name,
     "format": fmt,
     "area": area,
     "regions": [list(b) for b in boxes],
+    "frames_written": frames_written,
   }
   if panel:
-    panel_path = output_dir / "panels" / f"{record['name']}_redact.png"
+    panel_path = output_folders.claim(
+      output_dir / "panels" / f"{record['name']}_redact.png", inputs
+    )
     before_after_panel(
       photo.loaded.display,
       pixels,
@@ -872,10 +918,13 @@ def redact_photos(
   info = predictor.info
   user = user_scores.resolve_user(info, profile, preferences_file)
   score = scorer(predictor, user)
-  entries = predict.collect_images(images)
+  output_dir = pathlib.Path(output_dir)
+  predict.check_output_dir(output_dir)
+  output_folders.check(output_dir, [*images, *([preferences_file] if preferences_file else [])])
+  entries = predict.collect_images(images, output_dir)
   if not entries:
     raise predictor_lib.PredictError("no images given")
-  output_dir = pathlib.Path(output_dir)
+  inputs = output_folders.input_paths(entries, [preferences_file])
   output_dir.mkdir(parents=True, exist_ok=True)
   if panels:
     (output_dir / "panels").mkdir(exist_ok=True)
@@ -896,8 +945,8 @@ def redact_photos(
 
   records = []
   with (
-    open(output_dir / "redaction.jsonl", "w") as jsonl_file,
-    open(output_dir / "redaction.csv", "w", newline="") as csv_file,
+    open(output_folders.claim(output_dir / "redaction.jsonl", inputs), "w") as jsonl_file,
+    open(output_folders.claim(output_dir / "redaction.csv", inputs), "w", newline="") as csv_file,
     concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
     predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
     tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar,
@@ -937,6 +986,7 @@ def redact_photos(
             metadata_found=photo.metadata,
             metadata_removed=[] if settings.keep_metadata else sorted(photo.metadata),
             conversions=photo.loaded.conversions,
+            frames=photo.frames,
           )
           if user is not None:
             record["user"] = user.label
@@ -952,6 +1002,7 @@ def redact_photos(
                 output_dir,
                 path,
                 panels,
+                inputs,
               ),
             )
           )

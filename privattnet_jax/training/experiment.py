@@ -11,34 +11,32 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from privattnet_jax import data as data_lib
-from privattnet_jax import models
+from privattnet_jax import config_check, models
 from privattnet_jax.data import input_pipeline
 from privattnet_jax.models import registry, scoring, weights
 from privattnet_jax.training import checkpoints, feature_cache, feeds, train_state, train_steps
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, with the field's name, on values that would otherwise fail deep inside a step."""
+  """Fails early, with the field's name, on values that would otherwise fail deep inside a step:
+  every field's own range (`config_check`), then what depends on the machine and the encoder."""
+  config_check.check(config)
+  batch_size = config.input.batch_size
   devices, processes = jax.device_count(), jax.process_count()
-  if config.input.batch_size <= 0 or config.input.batch_size % devices:
+  if batch_size % devices:
     raise ValueError(
-      f"batch_size={config.input.batch_size} must be a positive multiple of the device count ({devices})"
+      f"input.batch_size={batch_size} must be a positive multiple of the device count ({devices})"
     )
-  if config.input.batch_size % processes:
+  if batch_size % processes:
     raise ValueError(
-      f"batch_size={config.input.batch_size} must be divisible by the process count ({processes})"
+      f"input.batch_size={batch_size} must be divisible by the process count ({processes})"
     )
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError("set num_train_steps > 0 or num_epochs > 0")
-  if config.input.image_size < 32:
-    raise ValueError(
-      f"image_size={config.input.image_size} is too small for the encoder (minimum 32)"
-    )
+  image_size = config.input.image_size
   stride = models.encoder_output_stride(config.model.encoder, models.encoder_stages(config.model))
-  if config.input.image_size % stride:
+  if image_size % stride:
     raise ValueError(
-      f"image_size={config.input.image_size} must be a multiple of the encoder's output stride "
-      f"{stride} (e.g. {max(stride, config.input.image_size // stride * stride)})"
+      f"input.image_size={image_size} must be a multiple of the encoder's output stride "
+      f"{stride} (e.g. {max(stride, image_size // stride * stride)})"
     )
   pretrained = config.model.encoder.get("pretrained", "")
   if pretrained:  # A missing weight file fails here, before any dataset work.
@@ -46,10 +44,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       weights.resolve_path(pretrained)
     except weights.WeightImportError as e:
       raise FileNotFoundError(f"model.encoder.pretrained: {e}") from None
-  for name in ("log_every_steps", "keep_checkpoints"):
-    if config[name] <= 0:
-      raise ValueError(f"{name} must be positive, got {config[name]}")
-  feeds.validate_config(config.feature_cache, config.model.encoder)
 
 
 class Experiment:

@@ -80,31 +80,6 @@ _LOG_EVERY_BATCHES = 20
 # Configuration and the key a cache must match.
 
 
-def validate_config(cache, encoder) -> None:
-  """Fails early, naming the field, when a feature cache (the `feature_cache` section) of this
-  encoder (the `model.encoder` section) would be wrong or cannot be built."""
-  if encoder.trainable:
-    raise ValueError(
-      "a feature cache (feature_cache.mode host or device) needs model.encoder.trainable=False: "
-      "a trained encoder's features change at every step, so they cannot be computed once"
-    )
-  if encoder.batchnorm != "frozen":
-    raise ValueError(
-      "a feature cache (feature_cache.mode host or device) needs model.encoder.batchnorm='frozen', "
-      f"got {encoder.batchnorm!r}: with 'update' the encoder's BatchNorm normalises each training "
-      "batch with that batch's own statistics, so an image's features depend on the other images "
-      "in its batch"
-    )
-  if cache.dtype not in DTYPES:
-    raise ValueError(f"feature_cache.dtype must be one of {tuple(DTYPES)}, got {cache.dtype!r}")
-  views = cache.train_views
-  if isinstance(views, bool) or not isinstance(views, int) or views < 0:
-    raise ValueError(f"feature_cache.train_views must be an integer >= 0, got {views!r}")
-  splits = tuple(cache.splits)
-  if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(SPLITS):
-    raise ValueError(f"feature_cache.splits must be distinct names from {SPLITS}, got {splits!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class CacheSettings:
   """What a cache's files depend on besides the encoder and the data; the run's setup builds it."""

@@ -24,16 +24,8 @@ from privattnet_jax.training import train_steps
 from privattnet_jax.models import scoring
 from privattnet_jax.training import train_state
 
+# What config_check allows for feature_cache.mode (tests/test_config_check.py compares them).
 MODES = ("off", "host", "device")
-
-
-def validate_config(cache, encoder) -> None:
-  """Fails early, naming the field, on a feed (the `feature_cache` section) that cannot work with
-  this encoder (the `model.encoder` section)."""
-  if cache.mode not in MODES:
-    raise ValueError(f"feature_cache.mode must be one of {MODES}, got {cache.mode!r}")
-  if cache.mode != "off":
-    feature_cache.validate_config(cache, encoder)
 
 
 @dataclasses.dataclass

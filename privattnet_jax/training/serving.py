@@ -12,7 +12,8 @@ import numpy as np
 from absl import logging
 
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import predict, predictor as predictor_lib
+from privattnet_jax.inference import output_folders, predict
+from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.models import scoring
 from privattnet_jax.training import restore, train_steps
 
@@ -102,6 +103,7 @@ def export_predictor(
     )
   out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "export"
   predict.check_output_dir(out_dir)
+  output_folders.check(out_dir, reads=output_folders.workdir_reads(workdir))
   run = _restore(workdir, step, config)
   infer = _inference_function(run)
   size = run.config.input.image_size

@@ -1,6 +1,7 @@
 """Faults and hostile inputs (docs/faults.md): nothing outside the dataset is read, nothing hangs,
 nothing is lost or mixed up, and a broken run says so in one line with exit status 1."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax.inference import predict
-from privattnet_jax.training import checkpoints
-from privattnet_jax.data import synthetic, vispr
+from privattnet_jax.data import attributes, synthetic, vispr
+from privattnet_jax.inference import output_folders, predict, redact
 from privattnet_jax.inference import predictor as predictor_lib
-from tests import subprocesses
+from privattnet_jax.training import checkpoints, serving
+from tests import subprocesses, tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -365,7 +366,7 @@ def _run_py_cases(tmp_path: pathlib.Path) -> dict:
   existing = tmp_path / "existing.txt"
   existing.write_text("keep")
   return {
-    "typo_field": (common + ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+    "typo_field": (common + ["--config.batch_sise=8"], "did you mean input.batch_size?"),
     "bad_variant": (
       ["--config=configs/demo.py:bogus", f"--workdir={tmp_path / 'run'}"],
       "got 'bogus'",
@@ -461,3 +462,366 @@ print("main thread went on")
   log = (workdir / "errors.log").read_text()
   assert "ZeroDivisionError" in log and "RuntimeError: Event loop is closed" in log
   assert log.count("Traceback") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Text files as other editors save them: a BOM, CRLF, UTF-16, blank lines, spaces. Nothing is
+# dropped, and an entry that names no annotation is named in the build report.
+
+
+def test_split_lists_with_a_bom_crlf_and_blank_lines_keep_every_record(tmp_path):
+  root = synthetic.generate(tmp_path / "vispr", 8, 6, 6, seed=0, image_size=SIZE)
+  for name in vispr.SPLIT_FILES.values():
+    entries = (root / name).read_text().split()
+    text = "\r\n".join(f"{entry}  " for entry in entries) + "\r\n\r\n \t\r\n"
+    encoding = "utf-16" if name == "val2017.txt" else "utf-8-sig"  # Both write a BOM.
+    (root / name).write_bytes(text.encode(encoding))
+  invisible = f"\u200bannotations/test2017/{synthetic.image_id(2, 0)}.json"  # A zero-width space.
+  with open(root / "test2017.txt", "ab") as listing:
+    listing.write(f"{invisible}\r\n".encode())
+  builder = vispr.prepare(root, tmp_path / "tfds", "max256", splits_dir=root)
+  report = vispr.load_build_report(builder)
+  assert report["total"]["listed"] == 21 and report["total"]["written"] == 20
+  assert {s: report["splits"][s]["written"] for s in report["splits"]} == {
+    "train": 8,
+    "validation": 6,
+    "test": 6,
+  }
+  missing = report["splits"]["test"]["skip_reasons"]["missing_annotation"]
+  assert missing["count"] == 1
+  assert "split list entry '\\u200bannotations/test2017/" in missing["messages"][0], missing
+
+
+def test_preference_tables_with_a_bom_crlf_or_utf16_read_as_the_plain_one(tmp_path):
+  lines = [
+    "attribute_id\tattribute_name\tme",
+    "a9_face_complete\tFace\t5",
+    "a49_phone\tPhone \t 2 ",
+  ]
+  plain = tmp_path / "plain.tsv"
+  plain.write_text("\n".join(line.replace(" ", "") for line in lines) + "\n")
+  ids, values = attributes.read_preference_tsv(plain)
+  for encoding in ("utf-8-sig", "utf-16"):
+    edited = tmp_path / f"{encoding}.tsv"
+    edited.write_bytes(("\r\n".join(lines) + "\r\n\r\n").encode(encoding))
+    edited_ids, edited_values = attributes.read_preference_tsv(edited)
+    assert edited_ids == ids == ["a9_face_complete", "a49_phone"]
+    np.testing.assert_array_equal(edited_values, values)
+    np.testing.assert_array_equal(
+      attributes.preference_table("file", preferences_file=str(edited)),
+      attributes.preference_table("file", preferences_file=str(plain)),
+    )
+  (tmp_path / "nan.tsv").write_text("a9_face_complete\tFace\tnan\n")
+  with pytest.raises(ValueError, match="must lie in 1..5"):
+    attributes.read_preference_tsv(tmp_path / "nan.tsv")
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py checks every config value before any work: here the training code, the data code and
+# TFDS cannot even be imported, so a check that came later would fail differently.
+
+_RUN_PY_WITHOUT_WORK = """
+import runpy, sys
+for name in (
+  "privattnet_jax.training",
+  "privattnet_jax.data.vispr",
+  "privattnet_jax.data.input_pipeline",
+  "tensorflow_datasets",
+  "grain",
+):
+  sys.modules[name] = None
+sys.argv = ["run.py", *sys.argv[1:]]
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+BAD_CONFIG_VALUES = {  # override -> the error line after "error: "
+  "--config.num_train_steps=-5": (
+    "num_train_steps must be an integer >= -1 (-1 and 0: num_epochs decides), got -5"
+  ),
+  "--config.optim.learning_rate=nan": "optim.learning_rate must be a finite number > 0, got nan",
+  "--config.optim.weight_decay=-inf": "optim.weight_decay must be a finite number >= 0, got -inf",
+  "--config.model.attention.dropout=1.0": (
+    "model.attention.dropout must be a finite number in [0, 1), got 1.0"
+  ),
+  "--config.input.crop_scale=(0.9,0.1)": (
+    "input.crop_scale must be a pair (lo, hi) with lo <= hi, each a finite number in (0, 1], "
+    "got (0.9, 0.1)"
+  ),
+  "--config.data.synthetic.image_size=-48": (
+    "data.synthetic.image_size must be an integer >= 16, got -48"
+  ),
+  "--config.optim.schedule=bogus": (
+    "optim.schedule must be one of ('constant', 'cosine', 'warmup_cosine'), got 'bogus'"
+  ),
+  "--config.nonsense=1": "--config.nonsense is not a config field; the config has: checkpoint_every_steps, ",
+  "--config.model.nonsens=1": "--config.model.nonsens is not a config field; did you mean model.name or model.module?",
+  "--config.learning_rate=0.1": (
+    "--config.learning_rate is not a config field; did you mean optim.learning_rate?"
+  ),
+}
+
+
+def test_a_bad_config_value_is_one_line_before_any_work(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  common = [
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+  ]
+  running = {
+    override: subprocess.Popen(
+      [sys.executable, "-c", _RUN_PY_WITHOUT_WORK, *common, override],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for override in BAD_CONFIG_VALUES
+  }
+  for override, process in running.items():
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, (override, stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (override, stderr[-2000:])
+    assert lines[0].startswith(f"error: {BAD_CONFIG_VALUES[override]}"), (override, lines[0])
+  assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: what predict and redact write is never read as a photo, and no input is
+# written over (output_folders.py).
+
+
+def _fake_redact_predictor() -> predictor_lib.Predictor:
+  """_fake_predictor with what redact reads beside the outputs (the score's definition)."""
+  predictor = _fake_predictor()
+  predictor.info.update(
+    score={"pooling": "max", "source": "profiles_mean", "per_profile": False},
+    preferences=attributes.preference_table("profiles_mean").tolist(),
+  )
+  return predictor
+
+
+def _redact(images, output):
+  return redact.redact_photos(
+    _fake_redact_predictor(),
+    [str(image) for image in images],
+    output,
+    redact.RedactSettings(target_drop=0.5),
+    progress=False,
+  )
+
+
+def _tree(folder: pathlib.Path) -> dict:
+  """{relative path: sha256} of every file, and None for every folder, under `folder`."""
+  return {
+    path.relative_to(folder).as_posix(): (
+      hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    )
+    for path in sorted(folder.rglob("*"))
+  }
+
+
+def _names(result, root: pathlib.Path) -> list[str]:
+  return [pathlib.Path(r["path"]).relative_to(root).as_posix() for r in result.records]
+
+
+def test_an_output_folder_inside_the_input_folder_is_never_read_back(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "good.jpg")
+  _jpeg(photos / "b.jpg", (10, 200, 10))
+  inputs = _tree(photos)
+  for _ in range(2):  # The second run passes over the first one's outputs and panels.
+    result = _redact([photos], photos / "out")
+    assert _names(result, photos) == ["b.jpg", "good.jpg"] and result.num_failed == 0
+  assert {k: v for k, v in _tree(photos).items() if not k.startswith("out")} == inputs
+  assert sorted(p.name for p in (photos / "out").iterdir()) == [
+    "b.jpg",
+    "good.jpg",
+    "panels",
+    "redaction.csv",
+    "redaction.jsonl",
+  ]
+  # A glob through the earlier output folder, and predict into yet another folder inside.
+  result = predict.predict(
+    _fake_predictor(), [f"{photos}/**/*.jpg"], photos / "scores", progress=False
+  )
+  assert _names(result, photos) == ["b.jpg", "good.jpg"]
+  result = predict.predict(_fake_predictor(), [str(photos)], photos / "scores", progress=False)
+  assert _names(result, photos) == ["b.jpg", "good.jpg"]  # Neither out/ nor scores/heatmaps/.
+
+
+def test_an_earlier_output_folder_gives_its_photos_never_its_panels_or_tables(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "good.jpg")
+  _redact([photos], tmp_path / "out")
+  predict.predict(_fake_predictor(), [str(photos)], tmp_path / "scores", progress=False)
+  assert (tmp_path / "out" / "panels" / "good_redact.png").is_file()
+  assert (tmp_path / "scores" / "heatmaps" / "good_att.png").is_file()
+  again = _redact([tmp_path / "out"], tmp_path / "again")  # Redacting redacted photos: a use.
+  assert _names(again, tmp_path) == ["out/good.jpg"]
+  scored = predict.predict(
+    _fake_predictor(),
+    [str(tmp_path / "scores"), str(tmp_path / "out"), str(tmp_path / "again")],
+    tmp_path / "scores2",
+    progress=False,
+  )
+  assert _names(scored, tmp_path) == ["out/good.jpg", "again/good.jpg"]
+  named = predict.predict(
+    _fake_predictor(),
+    [
+      str(tmp_path / "out" / "panels" / "good_redact.png"),
+      str(tmp_path / "scores" / "heatmaps" / "good_att.png"),
+      str(tmp_path / "scores" / "predictions.csv"),
+    ],
+    tmp_path / "scores3",
+    progress=False,
+  )
+  for record in named.records:
+    assert not record["ok"] and record["error"].startswith("earlier_output:"), record
+
+
+@pytest.mark.parametrize(
+  "case", ["equal", "parent_of_a_file", "parent_of_a_folder", "glob_inside", "link_into"]
+)
+@pytest.mark.parametrize("mode", ["predict", "redact"])
+def test_an_output_folder_that_is_or_holds_an_input_is_refused_before_writing(tmp_path, case, mode):
+  photos = tmp_path / "in"
+  _jpeg(photos / "sub" / "a.jpg")
+  os.symlink(photos / "sub" / "a.jpg", tmp_path / "link.jpg")
+  images, output = {
+    "equal": ([photos], photos),
+    "parent_of_a_file": ([photos / "sub" / "a.jpg"], photos),
+    "parent_of_a_folder": ([photos / "sub"], photos),
+    "glob_inside": ([f"{photos}/sub/*.jpg"], photos / "sub"),
+    "link_into": ([tmp_path / "link.jpg"], photos),
+  }[case]
+  before = _tree(tmp_path)
+  with pytest.raises(output_folders.OutputFolderError, match="the output folder .* the input"):
+    if mode == "redact":
+      _redact(images, output)
+    else:
+      predict.predict(_fake_predictor(), [str(i) for i in images], output, progress=False)
+  assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_the_users_photos_named_as_output_inside_the_input_is_refused(tmp_path):
+  photos = tmp_path / "in"
+  _jpeg(photos / "a.jpg")
+  _jpeg(photos / "mine" / "a.jpg", (1, 2, 3))  # Would be overwritten by a.jpg's output.
+  before = _tree(tmp_path)
+  with pytest.raises(output_folders.OutputFolderError, match="holds photos"):
+    _redact([photos], photos / "mine")
+  assert _tree(tmp_path) == before
+
+
+def test_links_in_the_input_or_the_output_folder_never_lead_to_a_write_over_an_input(tmp_path):
+  photos, out = tmp_path / "in", tmp_path / "out"
+  _jpeg(photos / "a.jpg")
+  _jpeg(photos / "b.jpg", (10, 200, 10))
+  _redact([photos], out)
+  # Found by the walk, a link into the output folder; an output that links to an input (b.jpg);
+  # a panel that links elsewhere: replaced, not written through.
+  os.symlink(out / "b.jpg", photos / "link.jpg")
+  (out / "a.jpg").unlink()
+  os.symlink(photos / "b.jpg", out / "a.jpg")
+  (tmp_path / "keep.txt").write_text("keep")
+  (out / "panels" / "b_redact.png").unlink()
+  os.symlink(tmp_path / "keep.txt", out / "panels" / "b_redact.png")
+  inputs = _tree(photos)
+  result = _redact([photos], out)
+  rows = {pathlib.Path(r["path"]).name: r for r in result.records}
+  assert rows["link.jpg"]["error"].startswith("inside_output:"), rows["link.jpg"]
+  assert "refusing to overwrite the input" in rows["a.jpg"]["error"], rows["a.jpg"]
+  assert rows["b.jpg"]["ok"] and not (out / "panels" / "b_redact.png").is_symlink()
+  assert _tree(photos) == inputs and (tmp_path / "keep.txt").read_text() == "keep"
+
+
+def test_export_refuses_an_output_folder_inside_the_checkpoints_it_reads(tmp_path):
+  workdir = tmp_path / "run"
+  for inside in ("checkpoints", "checkpoints/2", "frozen_encoder/abc"):
+    with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
+      serving.export_predictor(workdir, workdir / inside)
+  assert not workdir.exists()  # Refused before the checkpoint is read or anything written.
+  artifact = tmp_path / "export"  # run.py's check for predict and redact with --exported.
+  with pytest.raises(output_folders.OutputFolderError, match="which this run reads"):
+    output_folders.check(artifact / "scores", [], [artifact])
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_data_dir, tmp_path_factory):
+  """A tiny trained PrivAttNet's exported artifact: what run.py predicts and redacts with below."""
+  workdir = tiny_runs.train_tiny_run(
+    tiny_data_dir, tmp_path_factory.mktemp("faults_run") / "run", "privattnet"
+  )
+  return serving.export_predictor(workdir, platforms=("cpu",))
+
+
+def _animated_gif(path: pathlib.Path, frames: int = 4) -> pathlib.Path:
+  images = [tiny_runs.photo(seed=seed) for seed in range(frames)]
+  images[0].save(
+    path, save_all=True, append_images=images[1:], duration=[80, 120, 160, 200], loop=0
+  )
+  return path
+
+
+def _run_py(*args: str) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, "run.py", *args],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _rows(folder: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (folder / "redaction.jsonl").read_text().splitlines()]
+
+
+def test_run_py_redacts_twice_into_its_input_folder_and_overwrites_nothing(exported_run, tmp_path):
+  """The issue's cases on the command line: --output inside --images, run twice; the output folder
+  redacted again; --output equal to --images; an animated GIF keeps its frames."""
+  photos = tmp_path / "in2"
+  _jpeg(photos / "good.jpg", size=(48, 40))
+  tiny_runs.photo(seed=9).save(photos / "b.png")
+  _animated_gif(photos / "anim.gif")
+  inputs = _tree(photos)
+  common = ["--mode=redact", f"--exported={exported_run}", "--batch_size=4"]
+  out = photos / "out"
+  for _ in range(2):
+    process = _run_py(*common, f"--images={photos}", f"--output={out}")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "3 of 3 images redacted" in stdout
+    rows = {pathlib.Path(r["path"]).relative_to(photos).as_posix(): r for r in _rows(out)}
+    assert sorted(rows) == ["anim.gif", "b.png", "good.jpg"] and all(r["ok"] for r in rows.values())
+    assert {k: v for k, v in _tree(photos).items() if not k.startswith("out")} == inputs
+  assert sorted(p.name for p in out.iterdir()) == [
+    "anim.gif",
+    "b.png",
+    "good.jpg",
+    "panels",
+    "redaction.csv",
+    "redaction.jsonl",
+  ]
+  assert rows["anim.gif"]["frames"] == rows["anim.gif"]["frames_written"] == 4
+  written = Image.open(out / "anim.gif")
+  assert written.n_frames == 4 and "first_frame" in rows["anim.gif"]["conversions"]
+  everything = _tree(photos)
+  again = _run_py(*common, f"--images={out}", f"--output={tmp_path / 'again'}")
+  refused = _run_py(*common, f"--images={photos}", f"--output={photos}")
+  stdout, stderr = again.communicate(timeout=300)
+  assert again.returncode == 0, stderr[-3000:]
+  assert sorted(pathlib.Path(r["path"]).name for r in _rows(tmp_path / "again")) == [
+    "anim.gif",
+    "b.png",
+    "good.jpg",
+  ]  # The photos of the earlier output folder, not its panels.
+  _, stderr = refused.communicate(timeout=300)
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert refused.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert len(errors) == 1 and f"the output folder {photos} is the input" in errors[0], stderr
+  assert _tree(photos) == everything  # Refused before anything was written.

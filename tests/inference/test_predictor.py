@@ -37,17 +37,17 @@ def test_a_short_batch_is_padded_to_the_compiled_size_and_cut_back():
 def test_a_given_config_must_agree_on_the_fields_that_define_the_model():
   config = make_tiny_config("/nonexistent")
   stored = predictor_lib.normalised(config.to_dict())
-  assert stored["data"]["crop_ratio"] == list(config.input.crop_ratio)  # Tuples as JSON lists.
+  assert stored["input"]["crop_ratio"] == list(config.input.crop_ratio)  # Tuples as JSON lists.
   other = make_tiny_config("/elsewhere")  # Not a model field.
-  other.batch_size = 2
+  other.input.batch_size = 2
   other.model.encoder.pretrained = "/elsewhere/resnet50.pth"  # Where training started.
   predictor_lib.check_config(other, stored)
-  other.image_size = 64
+  other.input.image_size = 64
   other.score.pooling = "sum"
   with pytest.raises(predictor_lib.PredictError) as error:
     predictor_lib.check_config(other, stored)
   message = str(error.value)
-  assert "image_size: --config has 64, the checkpoint 32" in message
+  assert "input.image_size: --config has 64, the checkpoint 32" in message
   assert "score.pooling: --config has 'sum', the checkpoint 'max'" in message
   assert "batch_size" not in message and "pretrained" not in message
 

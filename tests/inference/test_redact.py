@@ -20,10 +20,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from privattnet_jax.data import attributes
-from privattnet_jax.inference import predict
-from privattnet_jax.inference import redact
 from privattnet_jax.evaluation import report
-from privattnet_jax.inference import preprocessing
+from privattnet_jax.inference import output_folders, predict, preprocessing, redact
 from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
 from tests import tiny_runs
@@ -401,23 +399,26 @@ def test_hostile_files_get_error_rows_and_the_rest_is_redacted(tmp_path):
 
 
 def test_an_input_is_never_overwritten(tmp_path):
+  """An output folder holding the input is refused before anything is written (docs/faults.md)."""
   (tmp_path / "risky.png").write_bytes(_encoded(risky_photo(), "PNG"))
   before = (tmp_path / "risky.png").read_bytes()
-  result = redact.redact_photos(
-    texture_predictor(),
-    [str(tmp_path / "risky.png")],
-    tmp_path,
-    redact.RedactSettings(target_drop=0.5),
-    progress=False,
-  )
-  assert result.num_failed == 1 and "overwrite" in result.records[0]["error"]
+  with pytest.raises(output_folders.OutputFolderError, match="holds the input"):
+    redact.redact_photos(
+      texture_predictor(),
+      [str(tmp_path / "risky.png")],
+      tmp_path,
+      redact.RedactSettings(target_drop=0.5),
+      progress=False,
+    )
   assert (tmp_path / "risky.png").read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["risky.png"]
 
 
 def test_bad_settings_and_models_without_attention_are_refused():
   for settings, message in (
     (redact.RedactSettings(target_score=1, target_drop=0.5), "not both"),
     (redact.RedactSettings(target_drop=1.5), "target_drop"),
+    (redact.RedactSettings(target_score=float("nan")), "target_score must be a finite number"),
     (redact.RedactSettings(max_area=0), "max_area"),
     (redact.RedactSettings(method="smudge"), "method"),
   ):
@@ -432,6 +433,89 @@ def test_bad_settings_and_models_without_attention_are_refused():
 def test_safe_score_is_the_targets_score_of_a_safe_image():
   info = texture_predictor().info
   assert redact.safe_score(info) == 0.0  # a0_safe has preference 0 in every table.
+
+
+# ----------------------------------------------------------------------------
+# Animations and files of several images: no frame dropped silently.
+
+
+def _frames(count: int = 4) -> list[Image.Image]:
+  """The risky photo `count` times, each frame with its own grey level in the top-left corner."""
+  frames = []
+  for index in range(count):
+    pixels = np.array(risky_photo())
+    pixels[:8, :8] = 60 * index
+    frames.append(Image.fromarray(pixels))
+  return frames
+
+
+def _animation(fmt: str) -> bytes:
+  frames = _frames()
+  durations = [100, 150, 200, 250]
+  return _encoded(
+    frames[0], fmt, save_all=True, append_images=frames[1:], duration=durations, loop=0
+  )
+
+
+@pytest.mark.parametrize("fmt, name", [("GIF", "a.gif"), ("WEBP", "a.webp"), ("PNG", "a.png")])
+def test_every_frame_of_an_animation_is_redacted_with_the_same_mask(tmp_path, fmt, name):
+  _, records = _run(tmp_path, {name: _animation(fmt)}, target_drop=0.5)
+  record = records[name]
+  assert record["ok"] and record["frames"] == record["frames_written"] == 4, record
+  assert record["area"] > 0 and "first_frame" in record["conversions"]
+  source = Image.open(io.BytesIO(_animation(fmt)))
+  written = Image.open(tmp_path / "out" / record["output"])
+  assert written.format == fmt and written.n_frames == 4 and written.info.get("loop") == 0
+  x0, y0, x1, y1 = PATCH
+  durations = []
+  for index in range(4):
+    source.seek(index)
+    written.seek(index)
+    written.load()
+    durations.append(round(written.info["duration"]))
+    before = np.asarray(source.convert("RGB"), np.float64)
+    after = np.asarray(written.convert("RGB"), np.float64)
+    assert np.abs(after[y0:y1, x0:x1] - before[y0:y1, x0:x1]).mean() > 30, index  # Redacted.
+    assert np.abs(after[:8, :8] - 60 * index).mean() < 12, index  # This frame, in its place.
+  assert durations == [100, 150, 200, 250]
+  predictor = texture_predictor()
+  predictor.info["attribute_ids"] = None
+  predicted = predict.predict(
+    predictor, [str(tmp_path / "photos" / name)], tmp_path / "scores", progress=False
+  )
+  row = predicted.records[0]  # Predict scores the first frame and says so.
+  assert row["ok"] and row["frames"] == 4 and "first_frame" in row["conversions"]
+
+
+def test_pages_are_refused_and_too_many_frames_are_too_large_each_for_itself(tmp_path):
+  frames = _frames()
+  files = {
+    "pages.tiff": _encoded(frames[0], "TIFF", save_all=True, append_images=frames[1:]),
+    "long.gif": _animation("GIF"),
+    "still.png": _encoded(risky_photo(), "PNG"),
+  }
+  max_pixels = 3 * SIZE[0] * SIZE[1]  # Three frames' worth: one still photo fits, four do not.
+  result, records = _run(tmp_path, files, target_drop=0.5, max_pixels=max_pixels)
+  assert records["pages.tiff"]["error"].startswith("multi_frame: a TIFF of 4 frames")
+  assert records["long.gif"]["error"].startswith("too_large: 4 frames of 96x72")
+  assert records["still.png"]["ok"] and records["still.png"]["frames"] == 1
+  assert result.num_failed == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    "panels",
+    "redaction.csv",
+    "redaction.jsonl",
+    "still.png",
+  ]
+
+
+def test_the_extra_images_of_an_mpo_are_metadata_removed(tmp_path):
+  frames = _frames(2)
+  mpo = _encoded(frames[0], "MPO", save_all=True, append_images=frames[1:], quality=95)
+  _, records = _run(tmp_path, {"phone.jpg": mpo}, target_drop=0.5)
+  record = records["phone.jpg"]
+  assert record["ok"] and record["frames"] == 2 and record["frames_written"] == 1
+  assert record["metadata_found"]["extra_images"] == {"count": 1}
+  assert "extra_images" in record["metadata_removed"]
+  assert Image.open(tmp_path / "out" / record["output"]).format == "JPEG"
 
 
 # ----------------------------------------------------------------------------

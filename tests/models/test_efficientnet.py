@@ -128,8 +128,8 @@ def test_demo_config_trains_from_cached_lite0_features(tiny_data_dir, tmp_path):
     "efficientnet_lite0",
   )
   small = make_tiny_config(tiny_data_dir)  # The shared tiny dataset and run length.
+  config.input.batch_size = small.input.batch_size
   for field in (
-    "batch_size",
     "num_epochs",
     "num_train_steps",
     "log_every_steps",

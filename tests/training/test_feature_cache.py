@@ -112,7 +112,9 @@ def test_cached_features_give_the_image_path_loss(validation_cache, tmp_path):
         str(tmp_path / "bf16"),
       )
       experiment.feed = feeds.select_feed(
-        experiment.config,
+        experiment.config.feature_cache.mode,
+        experiment.config.input,
+        experiment.config.seed,
         experiment.sources,
         experiment.mesh,
         experiment.task,

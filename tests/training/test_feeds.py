@@ -4,10 +4,9 @@ import types
 
 import pytest
 
+from privattnet_jax import config_check
 from privattnet_jax.data import input_pipeline
-from privattnet_jax.training import device_features
-from privattnet_jax.training import feeds
-from privattnet_jax.training import train_steps
+from privattnet_jax.training import device_features, feeds, train_steps
 from tests.conftest import make_tiny_config
 
 SOURCES = {"train": "train source", "validation": "validation source", "test": "test source"}
@@ -136,15 +135,15 @@ def test_without_need_train_there_is_no_step_and_no_loader(paths, monkeypatch, m
   assert feed.eval_batches("test") == "images test source"
 
 
-def test_validate_config_checks_the_cache_only_when_one_is_used():
+def test_the_config_check_checks_the_cache_only_when_one_is_used():
   config = make_tiny_config("/nonexistent")
   assert config.model.encoder.trainable  # Fine without a cache...
-  feeds.validate_config(config.feature_cache, config.model.encoder)
+  config_check.check(config)
   config.feature_cache.mode = "host"
   with pytest.raises(ValueError, match="needs model.encoder.trainable=False"):  # ...not with one.
-    feeds.validate_config(config.feature_cache, config.model.encoder)
+    config_check.check(config)
   config.feature_cache.mode = "on"
   with pytest.raises(
     ValueError, match=r"feature_cache.mode must be one of \('off', 'host', 'device'\), got 'on'"
   ):
-    feeds.validate_config(config.feature_cache, config.model.encoder)
+    config_check.check(config)
