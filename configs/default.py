@@ -60,6 +60,9 @@ def get_config():
   config.score.preferences_file = ""
   config.score.missing_value = 0.0  # Preference of an attribute absent from the table.
   config.score.per_profile = False  # Target: the 30 profile scores.
+  # Attribute models' score from their probabilities: "expected" (the expectation of the pooled
+  # score over independent attributes) or "product" (pooled p * pref, the earlier rule).
+  config.score.attribute_rule = "expected"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "privattnet"  # privattnet, privattnet_mlc, privnet, ap_pr, pr_cnn.
