@@ -178,6 +178,17 @@ def privacy_score(labels: np.ndarray, preferences: np.ndarray, pooling: str = "m
   return score.astype(np.float32)
 
 
+def log_prior_odds(labels: np.ndarray) -> np.ndarray:
+  """(68,) log(f / (1 - f)) of each attribute's frequency f in (N, 68) labels.
+
+  f = (count + 1/2) / (N + 1), so an attribute never (or always) seen stays finite. An attribute
+  model's output bias starts here (`model.attribute_bias_init`), as detection heads do.
+  """
+  labels = np.asarray(labels, dtype=bool)
+  frequency = (labels.sum(axis=0) + 0.5) / (len(labels) + 1.0)
+  return np.log(frequency / (1.0 - frequency)).astype(np.float32)
+
+
 def pooled_soft_score(probabilities, preferences, pooling: str = "max", rule: str = "expected"):
   """The privacy score from predicted attribute probabilities (attribute models).
 

@@ -60,7 +60,8 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 # Config fields that define what a checkpoint computes: a --config given to predict or export
 # must agree with the checkpoint's on these.
 MODEL_FIELDS = ("image_size", "half_precision", "model", "score")
-_INITIALISATION_FIELDS = ("model.encoder.pretrained",)  # Only where training started: not compared.
+# Only where training started: not compared.
+_INITIALISATION_FIELDS = ("model.encoder.pretrained", "model.attribute_bias_init")
 DEFAULT_BATCH_SIZE = 32
 TOP_ATTRIBUTES = 5
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far

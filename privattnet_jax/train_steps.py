@@ -349,7 +349,10 @@ def initial_variables(model, rngs: dict, image_shape, pretrained: str) -> dict:
   return weights.load_pretrained(pretrained, variables)
 
 
-def create_train_state(config, model, task, image_shape, total_steps, rng) -> TrainState:
+def create_train_state(
+  config, model, task, image_shape, total_steps, rng, attribute_bias=None
+) -> TrainState:
+  """The initial state; `attribute_bias` (68,): an attribute model's output bias at the start."""
   init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
   variables = initial_variables(
     model,
@@ -358,6 +361,8 @@ def create_train_state(config, model, task, image_shape, total_steps, rng) -> Tr
     config.model.encoder.pretrained,
   )
   params = variables["params"]
+  if attribute_bias is not None:
+    params = models.with_attribute_bias(params, config.model.name, attribute_bias)
   tx = create_optimizer(config, params, total_steps)
   return TrainState(
     # Not weakly typed, as a restored step is: new and resumed runs share one traced step.

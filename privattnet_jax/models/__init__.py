@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from privattnet_jax import attributes
 from privattnet_jax.models import efficientnet, heads, resnet
@@ -40,6 +41,7 @@ ENCODER_NAMES = ("resnet", "efficientnet_lite0")
 POOLED_MODELS = ("privnet", "ap_pr", "pr_cnn")  # Defined on the whole trunk: stages is always 4.
 
 BATCHNORM_MODES = ("update", "frozen")
+ATTRIBUTE_BIAS_INITS = ("prior", "uniform")  # model.attribute_bias_init
 NUM_NON_SAFE_ATTRIBUTES = attributes.NUM_ATTRIBUTES - 1  # 67: every attribute but a0_safe.
 
 
@@ -190,6 +192,27 @@ def create_model(config, num_outputs: int, batchnorm_axis_name: str | None = Non
     encoder_batchnorm=encoder_config.batchnorm,
   )
   return _interned(model)
+
+
+def with_attribute_bias(params: dict, model_name: str, bias: np.ndarray) -> dict:
+  """`params` with the attribute head's output bias set from `bias` (68,), in attributes.tsv order.
+
+  PrivAttNet_MLC's per-step head takes the 67 non-safe entries (its logits are averaged over the
+  steps, so each step's bias is the logit itself); AP-PR's linear head all 68.
+  """
+  bias = np.asarray(bias, np.float32)
+  head = dict(params["head"])
+  if model_name == "privattnet_mlc":
+    steps = dict(head["steps"])
+    regressor = dict(steps["regressor"])
+    regressor["output"] = {**regressor["output"], "bias": jnp.asarray(bias[1:])}
+    steps["regressor"] = regressor
+    head["steps"] = steps
+  elif model_name == "ap_pr":
+    head["output"] = {**head["output"], "bias": jnp.asarray(bias)}
+  else:
+    raise ValueError(f"{model_name} has no attribute head")
+  return {**params, "head": head}
 
 
 @functools.lru_cache(maxsize=32)
