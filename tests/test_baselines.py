@@ -230,8 +230,13 @@ def test_ap_pr_checkpoint_serves_the_scalar_table_and_its_row_is_the_table_row(r
   scalar_config = _config(config.data.data_dir, "ap_pr", per_profile=False)
   scalar = train.evaluate_checkpoint(scalar_config, str(tmp_path), "test")
   assert "per_profile" not in scalar and "table" not in scalar
-  for key in ("l1", "mse", "pearson", "spearman", "n"):
+  # The same scores up to float32 rounding (the expected max's cumulative product, on the device
+  # here, in numpy for the table row); after two steps they barely vary over the 12 images, so
+  # the correlations carry that rounding in their 5th digit.
+  for key in ("l1", "mse", "n"):
     assert scalar[key] == pytest.approx(metrics["table"][key], rel=1e-5)
+  for key in ("pearson", "spearman"):
+    assert scalar[key] == pytest.approx(metrics["table"][key], abs=1e-4)
   assert scalar["attribute_map"] == pytest.approx(metrics["attribute_map"])
 
 
