@@ -257,7 +257,7 @@ def expected_privacy_score(probabilities, preferences, pooling: str = "max"):
   raise ValueError(f"score.pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unit_interval_quadrature(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
   """Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree < 2 * num_nodes."""
   nodes, weights = np.polynomial.legendre.leggauss(max(num_nodes, 1))
