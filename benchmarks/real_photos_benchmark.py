@@ -1,11 +1,13 @@
 """The demo on real photographs: a VISPR-format set built from scikit-image's photos.
 
-    python -m benchmarks.real_photos_benchmark --out /tmp/real_photos [--variants privattnet,privnet]
+    python -m benchmarks.real_photos_benchmark --out /tmp/real_photos [--variants privattnet,ap_pr]
 
 Writes a VISPR-layout folder (images, annotations with boxes, its own split lists at the root,
 1,200 / 200 / 400 images of 256 px), then trains `configs/demo.py:<variant>` on it through
 `data.manual_dir` alone, as a user with their own small dataset would, and prints each
-variant's test metrics and the attention mass inside the boxes against the boxes' area share.
+variant's test metrics (every variant by default), the attribute mAP of the attribute models
+with their score under the earlier `product` rule beside it (the same checkpoint), and the
+attention mass inside the boxes against the boxes' area share.
 
 Images: a random crop of a real photo (astronaut's lower half, cat, coffee, rocket, Hubble,
 retina, motorcycle, brick, grass, ...) with 0-2 sensitive objects and 1-3 distractors pasted on:
@@ -152,7 +154,9 @@ def build(out: pathlib.Path, seed: int = 0) -> pathlib.Path:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="where the VISPR-format set and the runs go")
-  parser.add_argument("--variants", default="privattnet,privnet", help="demo.py variants to train")
+  parser.add_argument(
+    "--variants", default="privattnet,privattnet_mlc,privnet,ap_pr,pr_cnn", help="demo.py variants"
+  )
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
@@ -176,9 +180,35 @@ def main() -> None:
       f"{variant}: test L1 {metrics['l1']:.3f} Pearson {metrics['pearson']:.3f} "
       f"Spearman {metrics['spearman']:.3f} (n={metrics['n']}), {time.time() - start:.0f} s"
     )
+    if "table" in metrics:
+      table = metrics["table"]
+      line += f"; table row L1 {table['l1']:.3f} Pearson {table['pearson']:.3f} Spearman {table['spearman']:.3f}"
+    if "attribute_map" in metrics:
+      line += f"; attribute mAP {metrics['attribute_map']:.3f}; {_product_rule(config, workdir)}"
     if "localisation" in metrics:
       line += f"; localisation {json.dumps(metrics['localisation'])}"
     print(line, flush=True)
+
+
+def _product_rule(config, workdir: pathlib.Path) -> str:
+  """The test metrics of the same checkpoint under score.attribute_rule='product' (no files written)."""
+  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.score.attribute_rule = "product"
+  experiment = train.Experiment(config, workdir, need_train=False)
+  state = experiment.restore(experiment.manager.best_step())
+  metrics = train.evaluate(
+    state,
+    experiment.eval_fn,
+    experiment.feed.eval_batches("test"),
+    experiment.mesh,
+    experiment.task,
+  ).metrics
+  return (
+    f"product rule: L1 {metrics['l1']:.3f} Pearson {metrics['pearson']:.3f} "
+    f"Spearman {metrics['spearman']:.3f}"
+  )
 
 
 if __name__ == "__main__":

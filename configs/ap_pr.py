@@ -3,11 +3,13 @@
 ResNet-50 through conv5_x, global average pooling, a 68-way linear layer (`a0_safe`
 included), sigmoid BCE on the attribute labels, trained end to end; VISPR's attribute
 predictor was also a fine-tuned ResNet-50. The risk is never trained on: at evaluation each
-image's score is pooled from its predicted attribute probabilities p and the table
-`config.score` selects, with the ground truth's pooling (`attributes.pooled_soft_score`;
-under max pooling max_a p_a * pref_a). That formula is our reading, not VISPR's text; it is
-the ground truth itself when the probabilities are 0 or 1, and `a0_safe` (preference 0)
-never adds risk. Training ignores the preferences, so one checkpoint serves every table:
+image's score is the expected ground truth under its predicted attribute probabilities p and
+the table `config.score` selects (`attributes.pooled_soft_score`, `score.attribute_rule`: under
+max pooling, the preference of the most sensitive attribute present, averaged over which
+attributes are present, each independently with its p; `product`, max_a p_a * pref_a, was the
+rule before). That is our reading, not VISPR's text; it is the ground truth itself when the
+probabilities are 0 or 1, and `a0_safe` (preference 0) never adds risk. The output bias starts
+at the training labels' log prior odds (`model.attribute_bias_init`). Training ignores the preferences, so one checkpoint serves every table:
 with `score.per_profile=True` the same probabilities give all 30 profile scores.
 
 eval_<split>.json adds `attribute_map` (macro average precision over the attributes with a

@@ -64,6 +64,9 @@ def get_config():
   config.score.preferences_file = ""
   config.score.missing_value = 0.0  # Preference of an attribute absent from the table.
   config.score.per_profile = False  # Target: the 30 profile scores.
+  # Attribute models' score from their probabilities: "expected" (the expectation of the pooled
+  # score over independent attributes) or "product" (pooled p * pref, the earlier rule).
+  config.score.attribute_rule = "expected"
 
   config.model = ml_collections.ConfigDict()
   # A registered variant (privattnet_jax/models/registry.py): privattnet, privattnet_mlc, privnet,
@@ -74,6 +77,10 @@ def get_config():
   # Training BatchNorm pools statistics over all devices, so results do not depend on the device
   # count (one all-reduce per BatchNorm layer); False: per-device statistics, as torch DataParallel.
   config.model.sync_batchnorm = True
+  # Attribute models' (privattnet_mlc, ap_pr) output bias at the start: "prior", each attribute's
+  # log prior odds in the training labels (as detection heads start), or "uniform", PyTorch's
+  # Linear init (every logit near 0), under which PrivAttNet_MLC barely learns (docs/benchmarks.md).
+  config.model.attribute_bias_init = "prior"
   config.model.encoder = ml_collections.ConfigDict()
   config.model.encoder.name = "resnet"  # resnet (the paper) or efficientnet_lite0.
   config.model.encoder.depth = 50  # ResNet: 18, 34, 50 (the paper), or 0 for the tiny test encoder.

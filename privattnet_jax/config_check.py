@@ -219,10 +219,12 @@ RULES: dict[str, Rule] = {
   "score.preferences_file": Text(),
   "score.missing_value": Number(0, 5),  # Ratings lie in 1..5; 0: not sensitive.
   "score.per_profile": Boolean(),
+  "score.attribute_rule": OneOf(attributes.ATTRIBUTE_RULES),
   # The built-in variants; a config that names its own module (model.module) may name its own.
   "model.name": OneOf(("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")),
   "model.module": Text(),
   "model.half_precision": Boolean(),
+  "model.attribute_bias_init": OneOf(("prior", "uniform")),  # models.ATTRIBUTE_BIAS_INITS
   "model.sync_batchnorm": Boolean(),
   "model.encoder.name": OneOf(("resnet", "efficientnet_lite0")),
   "model.encoder.depth": OneOf((0, 18, 34, 50)),  # resnet.ARCHITECTURES; 0: the tiny encoder.

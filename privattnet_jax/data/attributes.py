@@ -24,6 +24,8 @@ SPLITS_DIR = DATA_DIR / "splits"
 
 SAFE_ATTRIBUTE = "a0_safe"
 POOLINGS = ("max", "sum", "mean")
+# How attribute models turn probabilities into a score (`pooled_soft_score`).
+ATTRIBUTE_RULES = ("expected", "product")
 PREFERENCE_SOURCES = ("profiles_mean", "profile", "user_study_1", "file")
 NUM_PROFILES = 30
 
@@ -179,24 +181,90 @@ def privacy_score(labels: np.ndarray, preferences: np.ndarray, pooling: str = "m
   return score.astype(np.float32)
 
 
-def pooled_soft_score(probabilities, preferences, pooling: str = "max"):
+def log_prior_odds(labels: np.ndarray) -> np.ndarray:
+  """(68,) log(f / (1 - f)) of each attribute's frequency f in (N, 68) labels.
+
+  f = (count + 1/2) / (N + 1), so an attribute never (or always) seen stays finite. An attribute
+  model's output bias starts here (`model.attribute_bias_init`), as detection heads do.
+  """
+  labels = np.asarray(labels, dtype=bool)
+  frequency = (labels.sum(axis=0) + 0.5) / (len(labels) + 1.0)
+  return np.log(frequency / (1.0 - frequency)).astype(np.float32)
+
+
+def pooled_soft_score(probabilities, preferences, pooling: str = "max", rule: str = "expected"):
   """The privacy score from predicted attribute probabilities (attribute models).
 
-  Our reading (not in any readable source): each attribute contributes its
-  preference weighted by its probability; `max` takes the largest weighted
-  preference, `sum` adds them, `mean` divides the sum by the expected number of
-  present attributes. Works on numpy and jax arrays alike.
-  probabilities: (..., 68) in [0, 1]; preferences: (68, P). Returns (..., P).
+  rule `expected` (the default): the expectation of `privacy_score` when each attribute is
+  present independently with its probability (`expected_privacy_score`). rule `product`, the
+  earlier reading, kept for comparison: each attribute contributes its preference times its
+  probability; `max` takes the largest product, `sum` adds them (the same as `expected`),
+  `mean` divides the sum by the expected number of present attributes. Both give the ground
+  truth for probabilities of 0 and 1. Works on numpy and jax arrays alike (and under jit).
+  probabilities: (..., K) in [0, 1]; preferences: (K, P). Returns (..., P).
   """
+  if pooling not in POOLINGS:
+    raise ValueError(f"score.pooling must be one of {POOLINGS}, got {pooling!r}")
+  if rule == "expected":
+    return expected_privacy_score(probabilities, preferences, pooling)
+  if rule != "product":
+    raise ValueError(f"score.attribute_rule must be one of {ATTRIBUTE_RULES}, got {rule!r}")
   xp = _array_module(probabilities)
   weighted = probabilities[..., :, None] * preferences
   if pooling == "max":
     return weighted.max(axis=-2)
   if pooling == "sum":
     return weighted.sum(axis=-2)
+  return weighted.sum(axis=-2) / xp.maximum(probabilities[..., None].sum(axis=-2), 1.0)
+
+
+def expected_privacy_score(probabilities, preferences, pooling: str = "max"):
+  """E[privacy_score(x)] for independent attributes x_k ~ Bernoulli(p_k); exact, no sampling.
+
+  The ground truth pools the preferences of the attributes present, so a score of uncertain
+  probabilities should be its expectation rather than a pooled product p * pref, which for max
+  pooling sits far below it. As in `privacy_score`, no attribute present scores 0, max pooling
+  counts absent attributes as 0, and every present attribute (a0_safe too) counts in the mean.
+  - max: rank the attributes by preference, highest first (ties in any order);
+    E = sum_k pref_k p_k prod_{j<k} (1 - p_j): attribute k sets the max when it is present and
+    none ranked above it is.
+  - sum: sum_k p_k pref_k (linear).
+  - mean: sum_k pref_k p_k E[1 / (1 + N_-k)], N_-k the count of the other attributes present.
+    With 1 / (1 + n) = int_0^1 t^n dt, E[1 / (1 + N_-k)] = int_0^1 prod_{j != k} (1 - p_j + p_j t)
+    dt, a polynomial of degree < K, which Gauss-Legendre quadrature with ceil(K / 2) nodes
+    integrates exactly; the products are taken in log space (many near-zero factors).
+  probabilities: (..., K); preferences: (K, P). Returns (..., P), numpy or jax as the input.
+  """
+  xp = _array_module(probabilities)
+  probabilities = xp.asarray(probabilities)
+  preferences = xp.asarray(preferences, dtype=probabilities.dtype)
+  if pooling == "sum":
+    return probabilities @ preferences
+  if pooling == "max":
+    values = xp.maximum(preferences, 0.0)
+    order = xp.argsort(-values, axis=0, stable=True)  # (K, P)
+    ranked_values = xp.take_along_axis(values, order, axis=0)
+    ranked = probabilities[..., order]  # (..., K, P)
+    none_above = xp.cumprod(1.0 - ranked, axis=-2)
+    none_above = xp.concatenate([xp.ones_like(none_above[..., :1, :]), none_above[..., :-1, :]], -2)
+    return (ranked_values * ranked * none_above).sum(axis=-2)
   if pooling == "mean":
-    return weighted.sum(axis=-2) / xp.maximum(probabilities[..., None].sum(axis=-2), 1.0)
+    nodes, node_weights = _unit_interval_quadrature((probabilities.shape[-1] + 1) // 2)
+    nodes = xp.asarray(nodes, probabilities.dtype)
+    node_weights = xp.asarray(node_weights, probabilities.dtype)
+    # log(1 - p_j + p_j t_q): (..., Q, K); the nodes lie strictly inside (0, 1), so no log(0).
+    log_factors = xp.log1p(probabilities[..., None, :] * (nodes[:, None] - 1.0))
+    others = xp.exp(log_factors.sum(axis=-1, keepdims=True) - log_factors)
+    inverse_count = (node_weights[:, None] * others).sum(axis=-2)  # (..., K)
+    return (probabilities * inverse_count) @ preferences
   raise ValueError(f"score.pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+@functools.cache
+def _unit_interval_quadrature(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gauss-Legendre nodes and weights on [0, 1]: exact for polynomials of degree < 2 * num_nodes."""
+  nodes, weights = np.polynomial.legendre.leggauss(max(num_nodes, 1))
+  return (nodes + 1.0) / 2.0, weights / 2.0
 
 
 def _array_module(x):

@@ -86,15 +86,28 @@ def split_scores(source, preferences: np.ndarray, pooling: str) -> np.ndarray:
   enough to run at start-up for the training mean of the target.
   """
   scores = np.zeros((len(source), preferences.shape[1]), dtype=np.float32)
+  for start, labels in _label_chunks(source):
+    scores[start : start + len(labels)] = attributes.privacy_score(labels, preferences, pooling)
+  return scores
+
+
+def split_labels(source) -> np.ndarray:
+  """The (N, 68) bool labels of every record of `source`, in source order (read as split_scores)."""
+  labels = np.zeros((len(source), attributes.NUM_ATTRIBUTES), dtype=bool)
+  for start, chunk in _label_chunks(source):
+    labels[start : start + len(chunk)] = chunk
+  return labels
+
+
+def _label_chunks(source):
+  """(first row, (n, 68) bool labels) for `source`'s records, _SCORE_CHUNK at a time."""
   for start in range(0, len(source), _SCORE_CHUNK):
     indices = list(range(start, min(start + _SCORE_CHUNK, len(source))))
     if hasattr(source, "__getitems__"):
       records = source.__getitems__(indices)
     else:
       records = [source[i] for i in indices]
-    labels = np.stack([_labels(record) for record in records])
-    scores[start : start + len(indices)] = attributes.privacy_score(labels, preferences, pooling)
-  return scores
+    yield start, np.stack([_labels(record) for record in records])
 
 
 def example_targets(element, preferences: np.ndarray, pooling: str) -> dict[str, np.ndarray]:

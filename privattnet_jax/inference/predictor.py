@@ -40,7 +40,8 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 MODEL_FIELDS = ("input.image_size", "model", "score")
 
 
-_INITIALISATION_FIELDS = ("model.encoder.pretrained",)  # Only where training started: not compared.
+# Only where training started: not compared.
+_INITIALISATION_FIELDS = ("model.encoder.pretrained", "model.attribute_bias_init")
 
 
 DEFAULT_BATCH_SIZE = 32

@@ -20,6 +20,7 @@ class UserScore:
   column: int | None = None  # Score column (per-profile or single-profile regression models).
   preferences: np.ndarray | None = None  # (68, 1), attribute models.
   pooling: str = "max"
+  rule: str = "expected"  # attributes.ATTRIBUTE_RULES
   offset: int = (
     0  # Attribute columns the model lacks at the front (1: a0_safe, for privattnet_mlc).
   )
@@ -31,7 +32,7 @@ class UserScore:
       return outputs["score"][:, self.column], None if steps is None else steps[:, :, self.column]
     probabilities = np.asarray(outputs["attribute_probabilities"], np.float64)
     scores = attributes.pooled_soft_score(
-      probabilities, self.preferences[self.offset :], self.pooling
+      probabilities, self.preferences[self.offset :], self.pooling, self.rule
     )
     return scores[:, 0], None
 
@@ -93,6 +94,7 @@ def resolve_user(
       label,
       preferences=table.astype(np.float64),
       pooling=score["pooling"],
+      rule=score.get("attribute_rule", "product"),  # Absent: a checkpoint from before the field.
       offset=attributes.NUM_ATTRIBUTES - len(info["attribute_ids"]),
     )
   trained_on = f"score.source={score['source']!r}" + (

@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from privattnet_jax.models import (
   efficientnet,
@@ -35,6 +36,7 @@ MODEL_NAMES = registry.names()
 ENCODER_NAMES = ("resnet", "efficientnet_lite0")
 
 BATCHNORM_MODES = ("update", "frozen")
+ATTRIBUTE_BIAS_INITS = ("prior", "uniform")  # model.attribute_bias_init
 
 
 class PrivacyModel(nn.Module):
@@ -173,6 +175,27 @@ def build_model(
     encoder_batchnorm=encoder_config.batchnorm,
   )
   return _interned(model)
+
+
+def with_attribute_bias(params: dict, model_name: str, bias: np.ndarray) -> dict:
+  """`params` with the attribute head's output bias set from `bias` (68,), in attributes.tsv order.
+
+  PrivAttNet_MLC's per-step head takes the 67 non-safe entries (its logits are averaged over the
+  steps, so each step's bias is the logit itself); AP-PR's linear head all 68.
+  """
+  bias = np.asarray(bias, np.float32)
+  head = dict(params["head"])
+  if model_name == "privattnet_mlc":
+    steps = dict(head["steps"])
+    regressor = dict(steps["regressor"])
+    regressor["output"] = {**regressor["output"], "bias": jnp.asarray(bias[1:])}
+    steps["regressor"] = regressor
+    head["steps"] = steps
+  elif model_name == "ap_pr":
+    head["output"] = {**head["output"], "bias": jnp.asarray(bias)}
+  else:
+    raise ValueError(f"{model_name} has no attribute head")
+  return {**params, "head": head}
 
 
 @functools.lru_cache(maxsize=32)

@@ -43,6 +43,8 @@ class Variant:
   encoder_stages: int | None
   attention: bool
   module: str  # Where it was registered, to name both places when a name is taken twice.
+  # Where an attribute head keeps its logits' bias in params["head"]: the prior-odds start sets it.
+  logits_bias: tuple[str, ...] | None = None
 
   def stages(self, encoder_config) -> int:
     """The encoder cut this variant runs on: its own, or `model.encoder.stages`."""
@@ -59,6 +61,7 @@ def register(
   kind: str = "regression",
   encoder_stages: int | None = None,
   attention: bool = False,
+  logits_bias: tuple[str, ...] | None = None,
 ) -> Variant:
   """Adds a variant under `name` (the value of `config.model.name`); a taken name is refused."""
   if not isinstance(name, str) or not name.isidentifier():
@@ -78,7 +81,15 @@ def register(
       f"model variant {name!r} is already registered (by {_VARIANTS[name].module}); "
       f"pick another name for the one in {module}"
     )
-  variant = Variant(name, build_head, kind, encoder_stages, bool(attention), module)
+  variant = Variant(
+    name,
+    build_head,
+    kind,
+    encoder_stages,
+    bool(attention),
+    module,
+    tuple(logits_bias) if logits_bias else None,
+  )
   _VARIANTS[name] = variant
   return variant
 

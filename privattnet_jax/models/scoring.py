@@ -24,6 +24,7 @@ class Task:
   attention_tau: float
   # (68, 1) profile-mean table of the paper's table row, with `score.per_profile` (else None).
   table_preferences: np.ndarray | None = None
+  attribute_rule: str = "expected"  # Probabilities -> score (attributes.pooled_soft_score).
 
   def _key(self) -> tuple:
     """The fields by value (numpy arrays as shape and bytes): equal tasks share their steps."""
@@ -42,6 +43,12 @@ class Task:
 def make_task(model_config, score_config, loss_config, target_mean, preferences) -> Task:
   """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
   loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
+  # Checkpoints from before the field scored with the product rule: they keep their scores.
+  attribute_rule = score_config.get("attribute_rule", "product")
+  if attribute_rule not in attributes.ATTRIBUTE_RULES:
+    raise ValueError(
+      f"score.attribute_rule must be one of {attributes.ATTRIBUTE_RULES}, got {attribute_rule!r}"
+    )
   return Task(
     kind=registry.lookup(model_config).kind,
     target_mean=np.asarray(target_mean, np.float32).reshape(-1),
@@ -54,17 +61,18 @@ def make_task(model_config, score_config, loss_config, target_mean, preferences)
     )
     if score_config.per_profile
     else None,
+    attribute_rule=attribute_rule,
   )
 
 
-def attribute_scores(probabilities, preferences, pooling: str):
+def attribute_scores(probabilities, preferences, pooling: str, rule: str = "expected"):
   """Scores (..., P) pooled from attribute probabilities (..., K) and a (68, P) preference table.
 
   K = 68 (AP-PR) or 67 (PrivAttNet_MLC, no `a0_safe` column): the table's last K rows are used.
   numpy or jax arrays, as `attributes.pooled_soft_score`.
   """
   offset = attributes.NUM_ATTRIBUTES - probabilities.shape[-1]
-  return attributes.pooled_soft_score(probabilities, preferences[offset:], pooling)
+  return attributes.pooled_soft_score(probabilities, preferences[offset:], pooling, rule)
 
 
 def predicted_scores(outputs: dict, task: Task) -> jax.Array:
@@ -72,7 +80,9 @@ def predicted_scores(outputs: dict, task: Task) -> jax.Array:
   if task.kind == "regression":
     return outputs["score"].astype(jnp.float32) / 2 + task.target_mean
   probabilities = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
-  return attribute_scores(probabilities, jnp.asarray(task.preferences), task.pooling)
+  return attribute_scores(
+    probabilities, jnp.asarray(task.preferences), task.pooling, task.attribute_rule
+  )
 
 
 def table_scores(
@@ -90,7 +100,10 @@ def table_scores(
   target = attributes.privacy_score(labels > 0, task.table_preferences, task.pooling)[:, 0]
   if task.kind == "regression":
     return predictions.mean(axis=1), target
-  return attribute_scores(probabilities, task.table_preferences, task.pooling)[:, 0], target
+  scores = attribute_scores(
+    probabilities, task.table_preferences, task.pooling, task.attribute_rule
+  )
+  return scores[:, 0], target
 
 
 def inference_outputs(outputs: dict, task: Task) -> dict:

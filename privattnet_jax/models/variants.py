@@ -64,7 +64,15 @@ def pr_cnn(model_config, num_outputs, dtype, batchnorm_axis_name):
 
 
 registry.register("privattnet", privattnet, kind="regression", attention=True)
-registry.register("privattnet_mlc", privattnet_mlc, kind="attributes", attention=True)
+registry.register(
+  "privattnet_mlc",
+  privattnet_mlc,
+  kind="attributes",
+  attention=True,
+  logits_bias=("steps", "regressor", "output", "bias"),
+)
 registry.register("privnet", privnet, kind="regression", encoder_stages=4)
-registry.register("ap_pr", ap_pr, kind="attributes", encoder_stages=4)
+registry.register(
+  "ap_pr", ap_pr, kind="attributes", encoder_stages=4, logits_bias=("output", "bias")
+)
 registry.register("pr_cnn", pr_cnn, kind="regression", encoder_stages=4)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from privattnet_jax import data as data_lib
 from privattnet_jax import config_check, models
-from privattnet_jax.data import input_pipeline
+from privattnet_jax.data import attributes, input_pipeline
 from privattnet_jax.models import registry, scoring, weights
 from privattnet_jax.training import checkpoints, feature_cache, feeds, train_state, train_steps
 
@@ -93,6 +93,7 @@ class Experiment:
           config.optim,
           self.total_steps,
           jax.random.PRNGKey(config.seed),
+          attribute_bias=self._attribute_bias(),
         )
       ),
       replicated,
@@ -113,6 +114,21 @@ class Experiment:
       prepare_cache=self.prepare_feature_cache,
       need_train=need_train,
     )
+
+  def _attribute_bias(self):
+    """An attribute model's initial logit bias: the training labels' log prior odds ("prior").
+
+    PyTorch's init ("uniform") starts every logit near 0 while most attributes are absent from
+    most images: PrivAttNet_MLC's shared per-step head then spends its run pushing those logits
+    down and barely learns which image holds what (docs/benchmarks.md, "PrivAttNet_MLC").
+    """
+    model_config = self.config.model
+    if registry.lookup(model_config).kind != "attributes":
+      return None
+    if model_config.get("attribute_bias_init", "uniform") == "uniform":
+      return None
+    bias = attributes.log_prior_odds(input_pipeline.split_labels(self.sources["train"]))
+    return lambda params: models.with_attribute_bias(params, model_config, bias)
 
   def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
     """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.

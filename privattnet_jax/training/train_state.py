@@ -61,14 +61,19 @@ def initial_variables(model, rngs: dict, image_shape, pretrained: str) -> dict:
 
 
 def create_train_state(
-  model, image_shape, encoder_config, optim_config, total_steps: int, rng
+  model, image_shape, encoder_config, optim_config, total_steps: int, rng, attribute_bias=None
 ) -> TrainState:
-  """A run's first state: initial (or pretrained) variables and the optimiser's state."""
+  """A run's first state: initial (or pretrained) variables and the optimiser's state.
+
+  `attribute_bias`: a function of the initial params that sets an attribute head's logit bias.
+  """
   init_rng, params_rng, dropout_rng = jax.random.split(rng, 3)
   variables = initial_variables(
     model, {"params": params_rng, "dropout": init_rng}, image_shape, encoder_config.pretrained
   )
   params = variables["params"]
+  if attribute_bias is not None:
+    params = attribute_bias(params)
   tx = optimizer_lib.create_optimizer(optim_config, encoder_config.trainable, params, total_steps)
   return TrainState(
     # Not weakly typed, as a restored step is: new and resumed runs share one traced step.

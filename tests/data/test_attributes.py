@@ -4,6 +4,8 @@ Expected values are worked out by hand from small tables written here, or
 read off the bundled TSVs with awk (not with the parser under test).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,11 +116,89 @@ def test_unknown_pooling_and_label_raise():
     attributes.multi_hot(["a999_nope"])
 
 
-def test_soft_score_of_certain_predictions_is_the_hard_score():
-  labels = _labels("a1_age_approx", "a2_weight_approx")
+@pytest.mark.parametrize("rule", attributes.ATTRIBUTE_RULES)
+def test_soft_score_of_certain_predictions_is_the_hard_score(rule):
+  for labels in (_labels("a1_age_approx", "a2_weight_approx"), _labels("a0_safe"), _labels()):
+    for pooling in attributes.POOLINGS:
+      soft = attributes.pooled_soft_score(labels.astype(np.float32), _PREFS, pooling, rule)
+      hard = attributes.privacy_score(labels, _PREFS, pooling)
+      np.testing.assert_allclose(soft, hard, rtol=1e-6, atol=1e-7)
+
+
+def _enumerated_expectation(probabilities, preferences, pooling):
+  """E[privacy_score] by brute force: every subset of the attributes with 0 < p < 1, weighted by
+  its probability (the others are certainly present or absent)."""
+  uncertain = np.flatnonzero((probabilities > 0) & (probabilities < 1))
+  expectation = np.zeros(preferences.shape[1])
+  for subset in range(2 ** len(uncertain)):
+    present = probabilities >= 1
+    chosen = np.array([(subset >> bit) & 1 for bit in range(len(uncertain))], bool)
+    present[uncertain] = chosen
+    weight = np.prod(np.where(chosen, probabilities[uncertain], 1 - probabilities[uncertain]))
+    score = attributes.privacy_score(present, preferences, pooling).astype(np.float64)
+    expectation += weight * score
+  return expectation
+
+
+def _random_case(seed, num_uncertain=7, num_profiles=3):
+  """Probabilities on a few attributes (a0_safe among them, one certain), the rest 0; preferences
+  with ties, a 0 and a negative `missing_value`-like entry, one column per profile."""
+  rng = np.random.default_rng(seed)
+  chosen = rng.choice(np.arange(1, attributes.NUM_ATTRIBUTES), num_uncertain, replace=False)
+  probabilities = np.zeros(attributes.NUM_ATTRIBUTES)
+  probabilities[chosen] = rng.uniform(0.02, 0.98, num_uncertain)
+  probabilities[0] = rng.uniform(0.1, 0.9)  # a0_safe: preference 0, but it counts in the mean.
+  probabilities[chosen[0]] = 1.0
+  preferences = rng.choice([1.0, 2.0, 2.0, 3.5, 5.0], (attributes.NUM_ATTRIBUTES, num_profiles))
+  preferences[0] = 0.0
+  preferences[chosen[1]] = [2.0, 0.0, -1.0][:num_profiles]
+  return probabilities, preferences
+
+
+@pytest.mark.parametrize("pooling", attributes.POOLINGS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_score_is_the_mean_over_every_subset_of_attributes(pooling, seed):
+  probabilities, preferences = _random_case(seed)
+  expected = _enumerated_expectation(probabilities, preferences, pooling)
+  ours = attributes.pooled_soft_score(probabilities, preferences, pooling)
+  # privacy_score's float32 (the mean's division) bounds the agreement.
+  np.testing.assert_allclose(ours, expected, rtol=1e-7, atol=1e-7)
+  # float32 under jit (the eval step), with a leading batch dimension.
+  jitted = jax.jit(attributes.expected_privacy_score, static_argnums=2)(
+    jnp.asarray(np.stack([probabilities, np.zeros_like(probabilities)]), jnp.float32),
+    jnp.asarray(preferences, jnp.float32),
+    pooling,
+  )
+  np.testing.assert_allclose(jitted, [expected, np.zeros_like(expected)], rtol=2e-6, atol=2e-6)
+
+
+def test_expected_score_of_thirty_profiles_and_every_attribute():
+  """P = 30 profile columns over all 68 attributes: each column is the one-profile score."""
+  rng = np.random.default_rng(3)
+  probabilities = rng.uniform(0, 1, (4, attributes.NUM_ATTRIBUTES)) ** 3
+  preferences = attributes.preference_table("profiles_mean", per_profile=True)
+  assert preferences.shape == (attributes.NUM_ATTRIBUTES, attributes.NUM_PROFILES)
   for pooling in attributes.POOLINGS:
-    soft = attributes.pooled_soft_score(labels.astype(np.float32), _PREFS, pooling)
-    np.testing.assert_allclose(soft, attributes.privacy_score(labels, _PREFS, pooling), rtol=1e-6)
+    scores = attributes.expected_privacy_score(probabilities, preferences, pooling)
+    assert scores.shape == (4, attributes.NUM_PROFILES)
+    for column in (0, 17, 29):
+      single = attributes.expected_privacy_score(probabilities, preferences[:, [column]], pooling)
+      np.testing.assert_allclose(scores[:, [column]], single, rtol=1e-6)
+
+
+def test_expected_max_by_hand_and_against_the_product_rule():
+  """Face (5) and age (2), each present with probability 1/2: the max is 5 half the time, 2 a
+  quarter, 0 a quarter: 3. The product rule says max(2.5, 1) = 2.5."""
+  probabilities = np.zeros(attributes.NUM_ATTRIBUTES)
+  probabilities[[IDX["a9_face_complete"], IDX["a1_age_approx"]]] = 0.5
+  assert attributes.pooled_soft_score(probabilities, _PREFS, "max")[0] == pytest.approx(3.0)
+  assert attributes.pooled_soft_score(probabilities, _PREFS, "max", "product")[0] == pytest.approx(
+    2.5
+  )
+  # The mean: {face} 5, {age} 2, {both} 3.5, {} 0, each 1/4.
+  assert attributes.pooled_soft_score(probabilities, _PREFS, "mean")[0] == pytest.approx(2.625)
+  with pytest.raises(ValueError, match="attribute_rule"):
+    attributes.pooled_soft_score(probabilities, _PREFS, "max", "median")
 
 
 # --- Preference sources (small tables written here) ------------------------

@@ -50,3 +50,32 @@ def test_average_precision_by_hand():
   # Column 1: ranked neg, pos, neg, pos -> 1/2, 2/4.
   assert result["map"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 2 + 2 / 4) / 2) / 2)
   assert np.isnan(result["per_attribute_ap"][2])
+
+
+def test_per_attribute_ap_with_known_answers():
+  """One column per case: perfect ranking, a single positive ranked 4th, positives
+  ranked 2nd and 3rd of five; the mAP averages the columns that have a positive."""
+  scores = np.array(
+    [
+      [0.9, 0.9, 0.9, 0.5],
+      [0.8, 0.8, 0.8, 0.4],
+      [0.7, 0.7, 0.7, 0.3],
+      [0.1, 0.1, 0.6, 0.2],
+      [0.05, 0.05, 0.5, 0.1],
+    ]
+  )
+  labels = np.array(
+    [
+      [1, 0, 0, 0],
+      [1, 0, 1, 0],
+      [0, 0, 1, 0],
+      [0, 1, 0, 0],
+      [0, 0, 0, 0],
+    ],
+    bool,
+  )
+  result = metrics.mean_average_precision(scores, labels)
+  expected = [1.0, 1 / 4, (1 / 2 + 2 / 3) / 2]
+  np.testing.assert_allclose(result["per_attribute_ap"][:3], expected)
+  assert np.isnan(result["per_attribute_ap"][3])
+  assert result["map"] == pytest.approx(np.mean(expected))

@@ -316,9 +316,12 @@ def test_attribute_model_scores_a_profile_through_its_attributes(
   for record in result.records:
     probabilities = _all_probabilities(record)
     assert len(probabilities) == attributes.NUM_ATTRIBUTES  # AP-PR scores a0_safe too.
-    expected = max(
-      probabilities[a] * table[attributes.ATTRIBUTE_INDEX[a]] for a in probabilities
-    )  # max pooling
+    # Max pooling, the expected score: each attribute, most sensitive first, scores its
+    # preference when it is present and none before it is.
+    expected, none_before = 0.0, 1.0
+    for a in sorted(probabilities, key=lambda a: -table[attributes.ATTRIBUTE_INDEX[a]]):
+      expected += table[attributes.ATTRIBUTE_INDEX[a]] * probabilities[a] * none_before
+      none_before *= 1 - probabilities[a]
     assert record["user_score"] == pytest.approx(expected, rel=1e-5)
     assert "heatmap" not in record  # AP-PR has no attention.
   assert not (tmp_path / "heatmaps").exists()
@@ -358,11 +361,13 @@ def test_raising_a_preference_raises_the_score_of_images_carrying_the_attribute(
   assert np.array_equal(
     np.argsort(gain), np.argsort(carrying)
   )  # The more an image carries it, the more it gains.
-  # Two rated attributes pool by max, as the checkpoint's score.pooling says.
+  # Two rated attributes pool by max, as the checkpoint's score.pooling says: the expected max
+  # is 5 when the passport is present, else 3 when the face is.
   both = user_scores({passport: 5, face: 3}, "both")
   for record in both:
     p = _all_probabilities(record)
-    assert record["user_score"] == pytest.approx(max(5 * p[passport], 3 * p[face]), rel=1e-5)
+    expected = 5 * p[passport] + 3 * p[face] * (1 - p[passport])
+    assert record["user_score"] == pytest.approx(expected, rel=1e-5)
   assert all(r["user"].startswith("preferences ") for r in both)
 
 
