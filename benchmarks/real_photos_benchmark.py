@@ -192,13 +192,14 @@ def main() -> None:
 
 def _product_rule(config, workdir: pathlib.Path) -> str:
   """The test metrics of the same checkpoint under score.attribute_rule='product' (no files written)."""
-  from privattnet_jax import train  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import evaluator  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.training import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
   config.score.attribute_rule = "product"
-  experiment = train.Experiment(config, workdir, need_train=False)
+  experiment = experiment_lib.Experiment(config, workdir, need_train=False)
   state = experiment.restore(experiment.manager.best_step())
-  metrics = train.evaluate(
+  metrics = evaluator.evaluate(
     state,
     experiment.eval_fn,
     experiment.feed.eval_batches("test"),
