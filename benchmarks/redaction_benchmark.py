@@ -4,7 +4,7 @@
   python -m benchmarks.redaction_benchmark --workdir=/tmp/demo --skip_quality --megapixels=12 --repeats=3
 
 Quality: the synthetic test split's images with boxes (read from the generated VISPR layout, as a
-user's photos: predict.load_image), redacted greedily along the attention (redact.redaction_quality)
+user's photos: predict.load_image), redacted greedily along the attention (redaction_quality.redaction_quality)
 for each --methods, until --target_drop of each score is gone and, separately, down to the safe
 score (the default target of --mode=redact); prints the mean risk drop of attention-guided,
 random and centred regions of the same area, their ratio, and the share of the boxes' area the
@@ -31,6 +31,9 @@ from privattnet_jax.inference import predict
 from privattnet_jax.inference import redact
 from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
+from privattnet_jax.inference import redaction
+from privattnet_jax.inference import photos
+from privattnet_jax.evaluation import redaction_quality
 
 flags.DEFINE_string("workdir", None, "A trained demo run (configs/demo.py).", required=True)
 flags.DEFINE_string(
@@ -40,7 +43,7 @@ flags.DEFINE_string("split", "test2017", "Split folder of the synthetic layout."
 flags.DEFINE_integer("max_images", 0, "Use at most this many risky images (0: all).")
 flags.DEFINE_list("methods", ["blur", "pixelate", "fill"], "Redaction methods to measure.")
 flags.DEFINE_float("target_drop", 0.5, "Quality: the share of each score to remove.")
-flags.DEFINE_float("max_area", redact.DEFAULT_MAX_AREA, "The area cap.")
+flags.DEFINE_float("max_area", redaction.DEFAULT_MAX_AREA, "The area cap.")
 flags.DEFINE_integer("batch_size", 32, "Predictor batch (quality).")
 flags.DEFINE_bool("skip_quality", False, "Only the timing.")
 flags.DEFINE_float("megapixels", 12.0, "Timing: the photo's size (0: no timing).")
@@ -69,7 +72,7 @@ def risky_images(
     loaded = predict.load_image(
       image_path, image_size=image_size, max_side=max_side, max_pixels=None
     )
-    pixels.append(redact.model_pixels(loaded.model_input))
+    pixels.append(redaction.model_pixels(loaded.model_input))
     boxes.append(annotation["boxes"])
     paths.append(image_path)
     if limit and len(pixels) == limit:
@@ -90,7 +93,7 @@ def quality(predictor: predictor_lib.Predictor) -> None:
     info["max_side"],
     FLAGS.max_images,
   )
-  score = redact.scorer(predictor)
+  score = redaction.scorer(predictor)
   grid_shape = tuple(info["grid_shape"])
   print(f"{len(pixels)} risky {FLAGS.split} images, grid {grid_shape}, max_area {FLAGS.max_area}")
   print(
@@ -100,10 +103,10 @@ def quality(predictor: predictor_lib.Predictor) -> None:
   for method in FLAGS.methods:
     for label, target in (
       (f"drop {FLAGS.target_drop:.0%}", None),
-      ("safe score", redact.safe_score(info)),
+      ("safe score", redaction.safe_score(info)),
     ):
       start = time.perf_counter()
-      summary, _ = redact.redaction_quality(
+      summary, _ = redaction_quality.redaction_quality(
         score,
         pixels,
         boxes,
@@ -172,7 +175,7 @@ def timing(predictor: predictor_lib.Predictor) -> None:
     record = result.records[0]
     # The stages alone, once more.
     load = time.perf_counter()
-    loaded = redact.load_photo(
+    loaded = photos.load_photo(
       photo,
       image_size=info["image_size"],
       max_side=info["max_side"],
@@ -180,9 +183,9 @@ def timing(predictor: predictor_lib.Predictor) -> None:
       panel_size=predict.PANEL_SIZE,
     )
     rounds = time.perf_counter()
-    outcome = redact.greedy_redactions(
-      redact.scorer(predictor),
-      redact.model_pixels(loaded.loaded.model_input)[None],
+    outcome = redaction.greedy_redactions(
+      redaction.scorer(predictor),
+      redaction.model_pixels(loaded.loaded.model_input)[None],
       lambda before: before * (1 - FLAGS.target_drop),
       tuple(info["grid_shape"]),
     )

@@ -45,9 +45,9 @@ def message(error: BaseException) -> str:
       f"no space left on the device ({first_line(error)}); free some and rerun: the checkpoints and "
       "data written so far are kept, and training resumes from the last checkpoint"
     )
-  vispr = sys.modules.get("privattnet_jax.data.vispr")
+  vispr_layout = sys.modules.get("privattnet_jax.data.vispr_layout")
   text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-  if vispr is not None and isinstance(error, vispr.ManualDirError):
+  if vispr_layout is not None and isinstance(error, vispr_layout.ManualDirError):
     return text
   text = text.strip().splitlines()[0] if text.strip() else type(error).__name__
   if not isinstance(error, expected_errors()):

@@ -52,7 +52,7 @@ def redaction_summary(
   max_images: int = REDACTION_IMAGES,
   examples: int = REPORT_EXAMPLES,
 ):
-  """Redaction quality (`redact.redaction_quality`) of an attention model on data with boxes.
+  """Redaction quality (`redaction_quality.redaction_quality`) of an attention model on data with boxes.
 
   Measured on up to `max_images` images with boxes, spread evenly over the split, read back from
   the source as the heat-map examples are. `infer` maps (images, mask) to `score` and `attention`
@@ -60,7 +60,8 @@ def redaction_summary(
   or boxes.
   """
   # Imported here: only this opt-in measure needs them (scipy.ndimage, ImageCms: slow imports).
-  from privattnet_jax.inference import redact  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.evaluation import redaction_quality  # pylint: disable=g-import-not-at-top
+  from privattnet_jax.inference import redact, redaction  # pylint: disable=g-import-not-at-top
 
   if "attention" not in extras or "num_boxes" not in extras:
     return None
@@ -73,7 +74,9 @@ def redaction_summary(
   image_ids = [str(extras["image_id"][i]) for i in rows]
   pixels = np.stack(
     [
-      redact.model_pixels(preprocessing.eval_image(_stored_image(source, i, image_id), image_size))
+      redaction.model_pixels(
+        preprocessing.eval_image(_stored_image(source, i, image_id), image_size)
+      )
       for i, image_id in zip(rows, image_ids)
     ]
   )
@@ -82,9 +85,9 @@ def redaction_summary(
     "image_size": image_size,
     "outputs": {"score": None, "attention": None},
   }
-  score = redact.scorer(predictor_lib.Predictor(info, batch_size, infer))
+  score = redaction.scorer(predictor_lib.Predictor(info, batch_size, infer))
   grid_shape = heatmaps.infer_grid_shape(np.asarray(extras["attention"]).shape[-1])
-  summary, greedy = redact.redaction_quality(
+  summary, greedy = redaction_quality.redaction_quality(
     score,
     pixels,
     np.asarray(extras["boxes"])[rows],
@@ -95,12 +98,12 @@ def redaction_summary(
   for k in np.argsort(-(greedy.before - greedy.after), kind="stable")[
     :examples
   ]:  # The largest drops.
-    after = Image.fromarray(redact.redact_array(pixels[k], greedy.masks[k]))
+    after = Image.fromarray(redaction.redact_array(pixels[k], greedy.masks[k]))
     panels.append(
       redact.before_after_panel(
         pixels[k],
         after,
-        redact.mask_regions(greedy.masks[k]),
+        redaction.mask_regions(greedy.masks[k]),
         (image_size, image_size),
         score_before=greedy.before[k],
         score_after=greedy.after[k],

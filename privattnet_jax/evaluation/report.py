@@ -429,7 +429,7 @@ def write_report(
     localisation: `localisation.localisation_metrics` output, when the data has boxes.
     split: the evaluated split's name, for the headings.
     value_range: fixes the scatter plot's axis range (e.g. (0, 5)); the data's by default.
-    redaction: `redact.redaction_quality`'s summary, when the data has boxes.
+    redaction: `redaction_quality.redaction_quality`'s summary, when the data has boxes.
     redaction_examples: before/after panels (PIL images) of the redaction.
 
   Returns:

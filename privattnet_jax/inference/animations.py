@@ -5,7 +5,7 @@ and redact finds its regions there; every frame of a GIF, WebP or APNG animation
 with that mask and written again with its timing. A file of several frames that are not an
 animation (TIFF pages, PSD layers) may show something else on each: it is refused, for itself
 alone, rather than written with its first frame only. An MPO's extra images (a depth or gain
-map, a second view) are metadata (redact.find_metadata).
+map, a second view) are metadata (metadata.find_metadata).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def check(fmt: str, frames: int, size: tuple[int, int], max_pixels: int | None) 
 def frames(
   data: bytes, count: int, orientation: int, mode: str, has_alpha: bool
 ) -> tuple[list[tuple[Image.Image, Image.Image | None]], dict]:
-  """Every frame of an animation as redact.load_photo gives the first: (pixels in `mode`, upright,
+  """Every frame of an animation as photos.load_photo gives the first: (pixels in `mode`, upright,
   transparency composited as the builder does; the alpha channel or None), and the save options
   that keep the animation's timing (duration per frame, loop)."""
   with preprocessing.pil_checks_ours():  # `check` bounded the pixels of all frames together.

@@ -15,6 +15,7 @@ from privattnet_jax import config_check, models
 from privattnet_jax.data import attributes, input_pipeline
 from privattnet_jax.models import registry, scoring, weights
 from privattnet_jax.training import checkpoints, feature_cache, feeds, train_state, train_steps
+from privattnet_jax.models import weight_keys
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -42,7 +43,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if pretrained:  # A missing weight file fails here, before any dataset work.
     try:
       weights.resolve_path(pretrained)
-    except weights.WeightImportError as e:
+    except weight_keys.WeightImportError as e:
       raise FileNotFoundError(f"model.encoder.pretrained: {e}") from None
 
 

@@ -15,6 +15,7 @@ from privattnet_jax.cli import usage
 from privattnet_jax.data import vispr
 from privattnet_jax.training import train
 from privattnet_jax.training import workdir_lock
+from privattnet_jax.data import vispr_layout
 
 
 @pytest.mark.parametrize(
@@ -27,14 +28,17 @@ from privattnet_jax.training import workdir_lock
     (workdir_lock.WorkdirInUseError("in use by another run"), "in use by another run"),
     (train.NonFiniteLossError("loss is nan at step 3"), "loss is nan at step 3"),
     (vispr.StrictBuildError("strict build: 2 skipped\n a\n b"), "strict build: 2 skipped"),
-    (vispr.ManualDirError("no manual dir\nDownload it:\n  1. ..."), "no manual dir\nDownload it:"),
+    (
+      vispr_layout.ManualDirError("no manual dir\nDownload it:\n  1. ..."),
+      "no manual dir\nDownload it:",
+    ),
     (TypeError("oops\nmore"), "internal error (TypeError): oops"),
     (RuntimeError(""), "internal error (RuntimeError): RuntimeError"),
   ],
 )
 def test_the_message_is_the_first_line_and_internal_errors_say_so(error, line):
   assert errors.message(error).startswith(line)
-  if not isinstance(error, vispr.ManualDirError):
+  if not isinstance(error, vispr_layout.ManualDirError):
     assert "\n" not in errors.message(error)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privattnet_jax.data import attributes, synthetic, vispr
+from privattnet_jax.data import attributes, build_report, synthetic, vispr, vispr_layout
 from privattnet_jax.inference import output_folders, predict, redact
 from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import checkpoints, serving
@@ -89,7 +89,7 @@ def test_builder_skips_every_path_outside_the_root_and_every_special_file(
     message = record.getMessage()
     assert message.encode("utf-8") and "\0" not in message, repr(message)
   assert any("\\udcff" in record.getMessage() for record in caplog.records)
-  report = vispr.load_build_report(builder)
+  report = build_report.load_build_report(builder)
   train = report["splits"]["train"]
   skipped = {i: reason for reason, entry in train["skip_reasons"].items() for i in entry["ids"]}
   assert skipped == expected
@@ -471,7 +471,7 @@ print("main thread went on")
 
 def test_split_lists_with_a_bom_crlf_and_blank_lines_keep_every_record(tmp_path):
   root = synthetic.generate(tmp_path / "vispr", 8, 6, 6, seed=0, image_size=SIZE)
-  for name in vispr.SPLIT_FILES.values():
+  for name in vispr_layout.SPLIT_FILES.values():
     entries = (root / name).read_text().split()
     text = "\r\n".join(f"{entry}  " for entry in entries) + "\r\n\r\n \t\r\n"
     encoding = "utf-16" if name == "val2017.txt" else "utf-8-sig"  # Both write a BOM.
@@ -480,7 +480,7 @@ def test_split_lists_with_a_bom_crlf_and_blank_lines_keep_every_record(tmp_path)
   with open(root / "test2017.txt", "ab") as listing:
     listing.write(f"{invisible}\r\n".encode())
   builder = vispr.prepare(root, tmp_path / "tfds", "max256", splits_dir=root)
-  report = vispr.load_build_report(builder)
+  report = build_report.load_build_report(builder)
   assert report["total"]["listed"] == 21 and report["total"]["written"] == 20
   assert {s: report["splits"][s]["written"] for s in report["splits"]} == {
     "train": 8,

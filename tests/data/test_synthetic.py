@@ -10,6 +10,7 @@ from PIL import Image
 
 from privattnet_jax.data import attributes
 from privattnet_jax.data import synthetic
+from privattnet_jax.data import synthetic_images
 
 SIZE = 48
 COUNTS = {"train2017": 24, "val2017": 6, "test2017": 6}
@@ -68,7 +69,7 @@ def test_labels_match_boxes(root):
       assert len(set(box_labels)) == len(box_labels)  # Different attributes per image.
       if box_labels:
         assert labels == sorted(box_labels, key=attributes.ATTRIBUTE_INDEX.__getitem__)
-        assert set(labels) <= set(synthetic.DEFAULT_ATTRIBUTES)
+        assert set(labels) <= set(synthetic_images.DEFAULT_ATTRIBUTES)
       else:
         assert labels == [attributes.SAFE_ATTRIBUTE]
       for ymin, xmin, ymax, xmax in boxes:
@@ -77,11 +78,11 @@ def test_labels_match_boxes(root):
 
 
 def test_statistics_safe_fraction_counts_and_sizes():
-  params = synthetic._params(0, 0, 0, 7, 64, synthetic.DEFAULT_ATTRIBUTES, 0.25, 0.04, 0.16)
+  params = synthetic._params(0, 0, 0, 7, 64, synthetic_images.DEFAULT_ATTRIBUTES, 0.25, 0.04, 0.16)
   safe, counts, areas = 0, [], []
   for i in range(300):
     rng = np.random.default_rng([params["seed"], 0, i])
-    _, labels, boxes, box_labels = synthetic.render_image(rng, 64, params["attributes"])
+    _, labels, boxes, box_labels = synthetic_images.render_image(rng, 64, params["attributes"])
     safe += labels == ["a0_safe"]
     counts.append(len(box_labels))
     areas += [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
@@ -94,9 +95,11 @@ def test_statistics_safe_fraction_counts_and_sizes():
 
 def test_attribute_set_spans_the_sensitivity_range():
   table = attributes.preference_table()[:, 0]
-  for attribute_id in synthetic.LOOKS:
+  for attribute_id in synthetic_images.LOOKS:
     assert attribute_id in attributes.ATTRIBUTE_INDEX
-  values = sorted(float(table[attributes.ATTRIBUTE_INDEX[a]]) for a in synthetic.DEFAULT_ATTRIBUTES)
+  values = sorted(
+    float(table[attributes.ATTRIBUTE_INDEX[a]]) for a in synthetic_images.DEFAULT_ATTRIBUTES
+  )
   assert 8 <= len(values) <= 12
   assert values[0] < 2.3 and values[-1] > 3.9  # Low to high risk.
   assert np.max(np.diff(values)) < 0.5  # No large hole in between.
@@ -151,7 +154,7 @@ def test_looks_are_distinct_and_localised(tmp_path):
   train_x, train_y = _crop_features(root, "train2017")
   test_x, test_y = _crop_features(root, "val2017")
   classes = sorted(set(train_y))
-  assert classes == sorted(synthetic.DEFAULT_ATTRIBUTES)
+  assert classes == sorted(synthetic_images.DEFAULT_ATTRIBUTES)
   centroids = np.stack([train_x[train_y == c].mean(0) for c in classes])
   predicted = np.asarray(classes)[
     np.argmin(((test_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)

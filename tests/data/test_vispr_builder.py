@@ -24,6 +24,8 @@ from privattnet_jax import data
 from privattnet_jax.data import attributes
 from privattnet_jax.data import synthetic, vispr
 from privattnet_jax.inference import preprocessing
+from privattnet_jax.data import vispr_layout
+from privattnet_jax.data import build_report
 
 SIZE = 48
 MAX_PIXELS = 200_000  # Small, so that the too-large paths are tested with small files.
@@ -119,8 +121,8 @@ def test_records_match_annotations(clean, synthetic_root):
 
 def test_clean_report_saved_beside_the_data(clean):
   builder, _ = clean
-  report = vispr.load_build_report(builder)
-  assert (pathlib.Path(builder.data_path) / vispr.REPORT_FILENAME).is_file()
+  report = build_report.load_build_report(builder)
+  assert (pathlib.Path(builder.data_path) / build_report.REPORT_FILENAME).is_file()
   assert report["total"] == {
     "listed": 18,
     "written": 18,
@@ -363,7 +365,7 @@ def messy(messy_root, tmp_path_factory):
     splits_dir=messy_root,
     max_pixels=MAX_PIXELS,
   )
-  return builder, vispr.data_sources(builder), vispr.load_build_report(builder)
+  return builder, vispr.data_sources(builder), build_report.load_build_report(builder)
 
 
 def test_report_counts_every_skip_under_its_reason(messy):
@@ -488,13 +490,13 @@ def test_original_config_keeps_size_and_prints_report(messy_root, tmp_path, caps
   )
   printed = capsys.readouterr().out
   assert "VISPR build report" in printed and "skipped too_large: 1: bad_huge_png" in printed
-  assert vispr.REPORT_FILENAME in printed
+  assert build_report.REPORT_FILENAME in printed
   records = _records(vispr.data_sources(builder)["train"])
   assert _decode(records["ok_wide_jpeg"]).shape == (300, 600, 3)
   assert _decode(records["ok_big_jpeg"]).shape == (258, 266, 3)  # Over max_pixels: 1/4 scale.
   assert _decode(records["conv_huge_jpeg"]).shape == (240, 320, 3)  # The pixel limit still holds.
   assert _decode(records["conv_exif"]).shape == (64, 32, 3)
-  report = vispr.load_build_report(builder)
+  report = build_report.load_build_report(builder)
   assert report["config"] == "original" and report["total"]["skipped"] == len(SKIPS) + 1
 
 
@@ -529,9 +531,9 @@ def test_strict_refuses_a_reused_build_with_skips(messy, messy_root):
 
 
 def _assert_fails_at_once(manual_dir, splits_dir, data_dir, match):
-  with pytest.raises(vispr.ManualDirError, match=match) as error:
+  with pytest.raises(vispr_layout.ManualDirError, match=match) as error:
     vispr.prepare(manual_dir, data_dir, "max256", splits_dir=splits_dir)
-  assert vispr.MANUAL_DOWNLOAD_INSTRUCTIONS in str(error.value)
+  assert vispr_layout.MANUAL_DOWNLOAD_INSTRUCTIONS in str(error.value)
   assert "annotations/train2017/2017_<id>.json" in str(error.value)
   assert not list(pathlib.Path(data_dir).rglob("*.array_record*"))
 
@@ -553,7 +555,7 @@ def test_split_list_pointing_to_nothing(synthetic_root, tmp_path):
     root, root, tmp_path / "tfds", r"none of the 4 annotations listed in .*val2017.txt"
   )
   # Without its own lists at the root, the bundled lists name real VISPR ids, which it does not have.
-  for name in vispr.SPLIT_FILES.values():
+  for name in vispr_layout.SPLIT_FILES.values():
     (root / name).unlink()
   _assert_fails_at_once(
     root,
@@ -592,7 +594,7 @@ def test_missing_or_empty_split_list(synthetic_root, tmp_path):
   shutil.copytree(synthetic_root, root)
   (root / "test2017.txt").unlink()
   (root / "val2017.txt").write_text("\n")
-  with pytest.raises(vispr.ManualDirError) as error:
+  with pytest.raises(vispr_layout.ManualDirError) as error:
     vispr.prepare(root, tmp_path / "tfds", splits_dir=root)
   assert "test2017.txt does not exist" in str(error.value) and "val2017.txt is empty" in str(
     error.value
@@ -602,7 +604,7 @@ def test_missing_or_empty_split_list(synthetic_root, tmp_path):
 def test_tfds_entry_point_checks_too(tmp_path):
   # Built the tfds way (e.g. the `tfds build` CLI) rather than through prepare().
   builder = vispr.Vispr(data_dir=tmp_path / "tfds")
-  with pytest.raises(vispr.ManualDirError, match="does not exist"):
+  with pytest.raises(vispr_layout.ManualDirError, match="does not exist"):
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none"))
     )
@@ -667,11 +669,11 @@ def test_load_data_sources_real_layout(synthetic_root, tmp_path):
   config.data.builder_config = "original"
   sources = data.load_data_sources(config.data)
   assert {s: len(v) for s, v in sources.items()} == {"train": 10, "validation": 4, "test": 4}
-  assert (tmp_path / "vispr" / "original" / "1.0.0" / vispr.REPORT_FILENAME).is_file()
+  assert (tmp_path / "vispr" / "original" / "1.0.0" / build_report.REPORT_FILENAME).is_file()
   assert not (tmp_path / data.SYNTHETIC_SUBDIR).exists()
   config.data.manual_dir = str(tmp_path / "missing")
   config.data.builder_config = "max256"
-  with pytest.raises(vispr.ManualDirError):
+  with pytest.raises(vispr_layout.ManualDirError):
     data.load_data_sources(config.data)
 
 

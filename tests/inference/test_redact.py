@@ -24,6 +24,9 @@ from privattnet_jax.evaluation import report
 from privattnet_jax.inference import output_folders, predict, preprocessing, redact
 from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.training import serving
+from privattnet_jax.inference import redaction
+from privattnet_jax.inference import metadata
+from privattnet_jax.evaluation import redaction_quality
 from tests import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -137,52 +140,54 @@ def _run(tmp_path, names_and_bytes: dict, predictor=None, **settings):
 
 def test_grow_mask_adds_the_most_salient_pixels_up_to_the_area():
   saliency = np.arange(100, dtype=np.float32).reshape(10, 10)
-  mask = redact.grow_mask(np.zeros((10, 10), bool), saliency, 0.2)
+  mask = redaction.grow_mask(np.zeros((10, 10), bool), saliency, 0.2)
   assert mask.sum() == 20 and mask[8:].all()  # The 20 largest values: the last two rows.
-  grown = redact.grow_mask(mask, -saliency, 0.3)  # Keeps what it had, adds the 10 now most salient.
+  grown = redaction.grow_mask(
+    mask, -saliency, 0.3
+  )  # Keeps what it had, adds the 10 now most salient.
   assert grown.sum() == 30 and (grown & mask).sum() == 20 and grown[0].all()
-  assert redact.grow_mask(grown, saliency, 0.1).sum() == 30  # Never shrinks.
+  assert redaction.grow_mask(grown, saliency, 0.1).sum() == 30  # Never shrinks.
 
 
 def test_regions_are_the_components_boxes_scaled_outward():
   mask = np.zeros((8, 8), bool)
   mask[1:3, 1:4] = True
   mask[5:8, 6:8] = True
-  assert redact.mask_regions(mask) == [(1, 1, 4, 3), (6, 5, 8, 8)]
-  assert redact.scale_boxes([(1, 1, 4, 3)], (8, 8), (20, 12)) == [(2, 1, 10, 5)]
+  assert redaction.mask_regions(mask) == [(1, 1, 4, 3), (6, 5, 8, 8)]
+  assert redaction.scale_boxes([(1, 1, 4, 3)], (8, 8), (20, 12)) == [(2, 1, 10, 5)]
 
 
-@pytest.mark.parametrize("method", redact.METHODS)
+@pytest.mark.parametrize("method", redaction.METHODS)
 def test_redaction_changes_the_masked_pixels_and_nothing_else(method):
   image = np.asarray(risky_photo())
   mask = np.zeros(image.shape[:2], bool)
   mask[PATCH[1] : PATCH[3], PATCH[0] : PATCH[2]] = True
-  out = redact.redact_array(image, mask, method)
+  out = redaction.redact_array(image, mask, method)
   np.testing.assert_array_equal(out[~mask], image[~mask])
-  inside = _detail(redact.normalise_images(out[None]))[0][mask]
-  before = _detail(redact.normalise_images(image[None]))[0][mask]
+  inside = _detail(redaction.normalise_images(out[None]))[0][mask]
+  before = _detail(redaction.normalise_images(image[None]))[0][mask]
   assert inside.mean() < 0.25 * before.mean()  # The checkerboard's detail is gone.
   if method == "fill":
-    assert (out[mask] == redact.FILL_COLOUR).all()
+    assert (out[mask] == redaction.FILL_COLOUR).all()
 
 
 def test_model_pixels_invert_the_normalisation_exactly():
   image = np.asarray(risky_photo().resize((32, 32)))
-  np.testing.assert_array_equal(redact.model_pixels(preprocessing.normalize(image)), image)
+  np.testing.assert_array_equal(redaction.model_pixels(preprocessing.normalize(image)), image)
 
 
 def test_strip_jpeg_metadata_keeps_the_image_data_byte_for_byte():
   data = _encoded(
     risky_photo(), "JPEG", quality=90, exif=_gps_exif(), xmp=XMP, comment=b"Jane's phone"
   )
-  stripped = redact.strip_jpeg_metadata(data)
+  stripped = metadata.strip_jpeg_metadata(data)
   assert b"Exif" not in stripped and b"xmpmeta" not in stripped and b"Jane" not in stripped
   assert stripped[stripped.index(b"\xff\xda") :] == data[data.index(b"\xff\xda") :]
   np.testing.assert_array_equal(
     np.asarray(Image.open(io.BytesIO(stripped))), np.asarray(Image.open(io.BytesIO(data)))
   )
   with pytest.raises(ValueError):
-    redact.strip_jpeg_metadata(b"\x89PNG\r\n")
+    metadata.strip_jpeg_metadata(b"\x89PNG\r\n")
 
 
 # ----------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def test_score_goes_down_and_the_regions_cover_the_private_patch(tmp_path):
   assert (
     record["target_reached"]
     and 1 <= record["rounds"]
-    and 0 < record["area"] <= redact.DEFAULT_MAX_AREA
+    and 0 < record["area"] <= redaction.DEFAULT_MAX_AREA
   )
   x0, y0, x1, y1 = (
     np.min([b[:2] for b in record["regions"]], 0).tolist()
@@ -233,10 +238,12 @@ def test_candidates_of_all_photos_are_scored_together_each_round(tmp_path):
     tmp_path, files, predictor, target_score=-1.0
   )  # Unreachable: rounds up to max_area.
   rounds = max(r["rounds"] for r in records.values())
-  assert rounds >= 2 and all(r["area"] <= redact.DEFAULT_MAX_AREA + 1e-9 for r in records.values())
+  assert rounds >= 2 and all(
+    r["area"] <= redaction.DEFAULT_MAX_AREA + 1e-9 for r in records.values()
+  )
   assert calls[:2] == [
     3,
-    3 * redact.CANDIDATES,
+    3 * redaction.CANDIDATES,
   ]  # The photos, then every photo's candidates, in one call each.
   assert len(calls) <= 2 + rounds
   assert all(r["score_after"] < r["score_before"] for r in records.values())
@@ -315,7 +322,7 @@ def test_no_metadata_is_left_and_the_row_lists_it(tmp_path):
     tiff["metadata_found"]["owner"] == {"artist": "Jane Doe"}
     and "make" in tiff["metadata_found"]["device"]
   )
-  assert not redact.find_metadata(Image.open(tmp_path / "out" / tiff["output"]))
+  assert not metadata.find_metadata(Image.open(tmp_path / "out" / tiff["output"]))
   assert b"Jane" not in (tmp_path / "out" / tiff["output"]).read_bytes()
   for name, record in records.items():
     found = record["metadata_found"]
@@ -333,7 +340,7 @@ def test_no_metadata_is_left_and_the_row_lists_it(tmp_path):
     assert set(record["metadata_removed"]) == set(found)
     data = (tmp_path / "out" / record["output"]).read_bytes()
     out = Image.open(io.BytesIO(data))
-    assert not out.getexif() and not redact.find_metadata(out), name
+    assert not out.getexif() and not metadata.find_metadata(out), name
     for secret in (b"Exif", b"Nikon", b"SN123456", b"Jane", b"xmpmeta", b"2024:05:01"):
       assert secret not in data, (name, secret)
   assert (
@@ -371,7 +378,7 @@ def test_a_safe_photo_is_left_alone(tmp_path):
     )
   # The JPEG is its own image data, cut of the metadata segments: no re-encoding.
   out = (tmp_path / "out" / "safe.jpg").read_bytes()
-  assert out == redact.strip_jpeg_metadata(files["safe.jpg"])
+  assert out == metadata.strip_jpeg_metadata(files["safe.jpg"])
 
 
 def test_a_photo_redaction_cannot_make_safer_is_left_alone_under_a_relative_target(tmp_path):
@@ -427,12 +434,12 @@ def test_bad_settings_and_models_without_attention_are_refused():
   no_attention = texture_predictor()
   no_attention.info["outputs"] = {"score": ["batch", 1]}
   with pytest.raises(predictor_lib.PredictError, match="attention"):
-    redact.scorer(no_attention)
+    redaction.scorer(no_attention)
 
 
 def test_safe_score_is_the_targets_score_of_a_safe_image():
   info = texture_predictor().info
-  assert redact.safe_score(info) == 0.0  # a0_safe has preference 0 in every table.
+  assert redaction.safe_score(info) == 0.0  # a0_safe has preference 0 in every table.
 
 
 # ----------------------------------------------------------------------------
@@ -532,8 +539,8 @@ def test_attention_beats_random_and_centred_regions_on_off_centre_patches():
     )  # Left edge, top or bottom: off centre.
     images.append(np.asarray(risky_photo((64, 64), (x0, y0, x0 + 20, y0 + 20))))
     boxes.append([[y0 / 64, x0 / 64, (y0 + 20) / 64, (x0 + 20) / 64]])
-  score = redact.scorer(texture_predictor())
-  summary, greedy = redact.redaction_quality(
+  score = redaction.scorer(texture_predictor())
+  summary, greedy = redaction_quality.redaction_quality(
     score, np.stack(images), np.array(boxes), np.ones(6, int), (GRID, GRID), target_drop=0.7
   )
   assert summary["num_images"] == 6 and greedy.masks.shape == (6, 64, 64)

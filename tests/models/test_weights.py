@@ -19,6 +19,7 @@ from privattnet_jax.models import weights
 from privattnet_jax.models.efficientnet import EfficientNetLite0
 from privattnet_jax.models.resnet import ResNet
 from privattnet_jax.training import train_state
+from privattnet_jax.models import weight_keys
 
 # Non-square, one even side: at stride 2 an even side is where 'SAME' padding would pad (0, 1)
 # where torch pads (1, 1); the odd side checks the other rounding of the output size.
@@ -116,7 +117,7 @@ def test_mapping_is_exact_and_invertible(reference):
     variables["params"]["layer4_0"]["downsample_bn"]["scale"],
     state_dict["layer4.0.downsample.1.weight"],
   )
-  back = weights.variables_to_state_dict(variables)
+  back = weight_keys.variables_to_state_dict(variables)
   expected_keys = {
     k for k in state_dict if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
   }
@@ -136,7 +137,7 @@ def test_missing_and_unexpected_keys_are_listed(reference, tmp_path):
   state_dict["layer3.0.se.fc1.weight"] = np.zeros((4, 4), np.float32)
   path = write_pth(tmp_path / "broken.pth", state_dict)
   _, shapes = encoder_shapes()
-  with pytest.raises(weights.WeightImportError) as error:
+  with pytest.raises(weight_keys.WeightImportError) as error:
     weights.load_pretrained_encoder(path, shapes)
   message = str(error.value)
   assert "missing keys: layer1.0.bn3.running_var, layer2.1.conv2.weight" in message
@@ -150,7 +151,7 @@ def test_shape_mismatch_names_both_shapes(reference, tmp_path):
   path = write_pth(tmp_path / "bad_shapes.pth", state_dict)
   _, shapes = encoder_shapes()
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match=r"layer1\.0\.conv2\.weight: file \(64, 32, 3, 3\), encoder \(64, 64, 3, 3\)",
   ) as error:
     weights.load_pretrained_encoder(path, shapes)
@@ -159,19 +160,19 @@ def test_shape_mismatch_names_both_shapes(reference, tmp_path):
 
 def test_depth_mismatch_is_named(reference, tmp_path):
   _, resnet18 = encoder_shapes(depth=18, stages=4)
-  state_dict = weights.variables_to_state_dict(
+  state_dict = weight_keys.variables_to_state_dict(
     jax.tree.map(lambda s: np.zeros(s.shape, np.float32), resnet18)
   )
   path = tmp_path / "resnet18.safetensors"
   safetensors_numpy.save_file(state_dict, str(path))
   _, resnet50 = encoder_shapes(depth=50, stages=3)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="depth mismatch: the file holds ResNet-18 but the encoder is ResNet-50 cut after conv4_x",
   ):
     weights.load_pretrained_encoder(path, resnet50)
   with pytest.raises(
-    weights.WeightImportError, match="the file holds ResNet-50 but the encoder is ResNet-18"
+    weight_keys.WeightImportError, match="the file holds ResNet-50 but the encoder is ResNet-18"
   ):
     weights.load_pretrained_encoder(reference["safetensors"], encoder_shapes(depth=18, stages=4)[1])
 
@@ -181,7 +182,7 @@ def test_a_file_cut_after_conv4_cannot_fill_a_full_encoder(tmp_path):
   variables = encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True)
   path = weights.save_encoder(tmp_path, variables)
   with pytest.raises(
-    weights.WeightImportError, match="stops after conv4_x but the encoder runs through conv5_x"
+    weight_keys.WeightImportError, match="stops after conv4_x but the encoder runs through conv5_x"
   ):
     weights.load_pretrained_encoder(path, encoder_shapes(depth=0, stages=4, width=8)[1])
 
@@ -195,7 +196,7 @@ def test_pickles_that_are_not_plain_state_dicts_are_refused(tmp_path):
   arbitrary = tmp_path / "arbitrary.pth"
   torch.save({"conv1.weight": torch.zeros(1), "payload": NotATensor()}, arbitrary)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match=r"refused: not a plain state dict of tensors \(it refers to "
     r"[\w.]*NotATensor\); this reader never runs code from a pickle",
   ):
@@ -203,34 +204,34 @@ def test_pickles_that_are_not_plain_state_dicts_are_refused(tmp_path):
   checkpoint = tmp_path / "checkpoint.pth"
   torch.save({"epoch": 3, "state_dict": {"conv1.weight": torch.zeros(1)}}, checkpoint)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match=r"a checkpoint, not a plain state dict \(entries \['state_dict'\]",
   ):
     weights.load_pretrained_encoder(checkpoint, shapes)
   a_list = tmp_path / "list.pth"
   torch.save([torch.zeros(1)], a_list)
-  with pytest.raises(weights.WeightImportError, match="holds a list, not a state dict"):
+  with pytest.raises(weight_keys.WeightImportError, match="holds a list, not a state dict"):
     weights.load_pretrained_encoder(a_list, shapes)
 
 
 def test_unknown_and_absent_files(tmp_path):
   _, shapes = encoder_shapes()
   (tmp_path / "weights.h5").write_bytes(b"\x89HDF")
-  with pytest.raises(weights.WeightImportError, match="unknown weight file type '.h5'"):
+  with pytest.raises(weight_keys.WeightImportError, match="unknown weight file type '.h5'"):
     weights.load_pretrained_encoder(tmp_path / "weights.h5", shapes)
-  with pytest.raises(weights.WeightImportError, match="no such weight file"):
+  with pytest.raises(weight_keys.WeightImportError, match="no such weight file"):
     weights.load_pretrained_encoder(tmp_path / "nothing.pth", shapes)
   safetensors_numpy.save_file(
     {"resnet.embedder.embedder.convolution.weight": np.zeros((64, 3, 7, 7), np.float32)},
     str(tmp_path / "transformers.safetensors"),
   )
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="no torchvision-style ResNet keys .* its keys begin resnet.embedder",
   ):
     weights.load_pretrained_encoder(tmp_path / "transformers.safetensors", shapes)
   (tmp_path / "foreign.msgpack").write_bytes(b"\x81\xa1a\x01")
-  with pytest.raises(weights.WeightImportError, match="not a privattnet_jax.encoder file"):
+  with pytest.raises(weight_keys.WeightImportError, match="not a privattnet_jax.encoder file"):
     weights.load_pretrained_encoder(tmp_path / "foreign.msgpack", shapes)
 
 
@@ -242,7 +243,7 @@ def test_own_format_round_trip_drops_conv5_for_a_cut_encoder(tmp_path):
   loaded = weights.load_pretrained_encoder(tmp_path / "exported", full_shapes)
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="width mismatch: the file's stem has 8 channels, the encoder's 16",
   ):
     weights.load_pretrained_encoder(path, encoder_shapes(depth=0, stages=4, width=16)[1])
@@ -251,7 +252,7 @@ def test_own_format_round_trip_drops_conv5_for_a_cut_encoder(tmp_path):
   variables["params"]["layer4_0"]["conv2"]["kernel"] = jnp.zeros((5, 5, 64, 64))
   weights.save_encoder(path, variables)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match=r"params/layer4_0/conv2/kernel: file \(5, 5, 64, 64\), encoder \(3, 3, 64, 64\)",
   ):
     weights.load_pretrained_encoder(path, full_shapes)
@@ -285,7 +286,7 @@ def test_convert_command_and_loading_into_a_whole_model(reference, tmp_path, cap
     jax.random.key(9), jnp.zeros((1, 32, 32, 3)), use_running_average=True
   )
   path = tmp_path / "tiny.safetensors"
-  safetensors_numpy.save_file(weights.variables_to_state_dict(donor), str(path))
+  safetensors_numpy.save_file(weight_keys.variables_to_state_dict(donor), str(path))
   loaded = weights.load_pretrained(path, variables)
   np.testing.assert_array_equal(
     loaded["params"]["encoder"]["layer2_0"]["conv1"]["kernel"],
@@ -322,7 +323,7 @@ def test_a_malicious_pickle_never_runs(tmp_path):
   path = tmp_path / "evil.pth"
   torch.save({"conv1.weight": torch.zeros(1), "payload": RunsCode(marker)}, path)
   with pytest.raises(
-    weights.WeightImportError, match=r"evil\.pth: refused: .*it refers to \w+\.mkdir"
+    weight_keys.WeightImportError, match=r"evil\.pth: refused: .*it refers to \w+\.mkdir"
   ):
     weights.read_state_dict(path)
   assert not marker.exists()
@@ -342,7 +343,7 @@ def test_broken_files_get_one_line_errors_naming_the_file(reference, tmp_path):
   }
   for name, data in cases.items():
     (tmp_path / name).write_bytes(data)
-    with pytest.raises(weights.WeightImportError) as error:
+    with pytest.raises(weight_keys.WeightImportError) as error:
       weights.load_pretrained_encoder(tmp_path / name, shapes)
     message = str(error.value)
     assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message, (name, message)
@@ -367,14 +368,14 @@ def test_an_installed_weight_name_needs_no_path(reference, tmp_path, capsys):
   assert "blocks_11" not in loaded["params"] and "conv_head" not in loaded["params"]
   # The other architecture, and a cut file for the whole trunk, are named.
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="wrong architecture: the file holds EfficientNet-Lite0 "
     r"\(the whole trunk\) but the encoder is ResNet-50 cut after conv4_x \(set "
     "model.encoder.name=efficientnet_lite0",
   ):
     weights.load_pretrained_encoder("efficientnet_lite0", encoder_shapes()[1])
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="wrong architecture: the file holds ResNet-50 .*model.encoder.name=resnet",
   ):
     weights.load_pretrained_encoder(reference["pth"], shapes)
@@ -382,7 +383,7 @@ def test_an_installed_weight_name_needs_no_path(reference, tmp_path, capsys):
   assert "EfficientNet-Lite0, the whole trunk" in capsys.readouterr().out
   weights.save_encoder(tmp_path / "cut", loaded)
   with pytest.raises(
-    weights.WeightImportError,
+    weight_keys.WeightImportError,
     match="the file holds EfficientNet-Lite0 cut at output stride 16 "
     r"but the encoder is EfficientNet-Lite0 \(the whole trunk\)",
   ):
