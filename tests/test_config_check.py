@@ -172,7 +172,7 @@ def test_unknown_missing_and_replaced_fields_are_named():
     ("model.encoder.x", "did you mean model.encoder.name"),
     (
       "model.zzzzzzzz",
-      "config.model has: attention, encoder, half_precision, module, name, sync_batchnorm",
+      "config.model has: attention, attribute_bias_init, encoder, half_precision, module, name,",
     ),
   ],
 )

@@ -177,25 +177,24 @@ def build_model(
   return _interned(model)
 
 
-def with_attribute_bias(params: dict, model_name: str, bias: np.ndarray) -> dict:
-  """`params` with the attribute head's output bias set from `bias` (68,), in attributes.tsv order.
+def with_attribute_bias(params: dict, model_config, bias: np.ndarray) -> dict:
+  """`params` with the attribute head's logit bias set from `bias` (68,), in attributes.tsv order.
 
-  PrivAttNet_MLC's per-step head takes the 67 non-safe entries (its logits are averaged over the
-  steps, so each step's bias is the logit itself); AP-PR's linear head all 68.
+  The variant names where its head keeps that bias (`registry.Variant.logits_bias`); a head of K
+  attributes takes the last K entries (PrivAttNet_MLC's 67 leave out a0_safe; its logits are
+  averaged over the steps, so each step's bias is the logit itself).
   """
-  bias = np.asarray(bias, np.float32)
-  head = dict(params["head"])
-  if model_name == "privattnet_mlc":
-    steps = dict(head["steps"])
-    regressor = dict(steps["regressor"])
-    regressor["output"] = {**regressor["output"], "bias": jnp.asarray(bias[1:])}
-    steps["regressor"] = regressor
-    head["steps"] = steps
-  elif model_name == "ap_pr":
-    head["output"] = {**head["output"], "bias": jnp.asarray(bias)}
-  else:
-    raise ValueError(f"{model_name} has no attribute head")
-  return {**params, "head": head}
+  path = registry.lookup(model_config).logits_bias
+  if path is None:
+    raise ValueError(f"model {model_config.name!r} names no attribute logits' bias")
+
+  def replaced(tree: dict, keys: tuple[str, ...]) -> dict:
+    if len(keys) == 1:
+      size = tree[keys[0]].shape[-1]
+      return {**tree, keys[0]: jnp.asarray(np.asarray(bias, np.float32)[-size:])}
+    return {**tree, keys[0]: replaced(dict(tree[keys[0]]), keys[1:])}
+
+  return {**params, "head": replaced(dict(params["head"]), path)}
 
 
 @functools.lru_cache(maxsize=32)

@@ -171,10 +171,10 @@ def _mlc_map_after_training(tiny_data_dir, bias_init, steps=60, seed=0):
     else None
   )
   state = train_state.create_train_state(
+    model,
     (64, 64, 3),
+    config.model.encoder,
     config.optim,
-    model.model.encoder,
-    model.optim,
     steps,
     jax.random.PRNGKey(seed),
     attribute_bias=bias,
