@@ -17,44 +17,18 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from privattnet_jax.data import attributes
 from privattnet_jax.models import scoring
+from privattnet_jax.training import loss as loss_lib
 from privattnet_jax.training import train_state
 
 AXIS = "batch"
 MODEL_INPUTS = ("image", "features")  # A batch carries one: images, or cached encoder features.
 DEVICE_KEYS = (*MODEL_INPUTS, "score", "labels", "mask")  # What the jitted steps read from a batch.
-
-
-def compute_loss(outputs: dict, batch: dict, task: scoring.Task) -> tuple[jax.Array, dict]:
-  """The paper's loss: MSE on (y - mean) * 2 (or BCE for attribute heads) + the attention penalty."""
-  mask = batch["mask"]
-  count = jnp.maximum(mask.sum(), 1.0)
-  if task.kind == "regression":
-    target = (batch["score"] - task.target_mean) * 2
-    per_example = jnp.square(outputs["score"].astype(jnp.float32) - target).mean(-1)
-  else:
-    logits = outputs["attribute_logits"].astype(jnp.float32)
-    labels = batch["labels"][:, attributes.NUM_ATTRIBUTES - logits.shape[-1] :]
-    per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
-  data_loss = (per_example * mask).sum() / count
-  penalty = jnp.zeros(())
-  if "attention" in outputs:
-    # gamma * sum_i (tau - sum_t alpha_ti)^2, averaged over the batch: AMNet's doubly stochastic term.
-    attention_total = outputs["attention"].astype(jnp.float32).sum(axis=1)
-    penalty = (
-      task.attention_gamma
-      * (jnp.square(task.attention_tau - attention_total).sum(-1) * mask).sum()
-      / count
-    )
-  loss = data_loss + penalty
-  return loss, {"loss": loss, "data_loss": data_loss, "attention_penalty": penalty}
 
 
 def apply_model(state: train_state.TrainState, params, batch: dict, **kwargs):
@@ -82,7 +56,7 @@ def train_step(
     outputs, new_model_state = apply_model(
       state, params, batch, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
     )
-    loss, aux = compute_loss(outputs, batch, task)
+    loss, aux = loss_lib.compute_loss(outputs, batch, task)
     return jax.lax.pmean(loss, AXIS), (aux, new_model_state)
 
   grads, (aux, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)

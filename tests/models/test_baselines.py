@@ -23,6 +23,7 @@ from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
 from privattnet_jax.training import experiment as experiment_lib
 from privattnet_jax import models
+from privattnet_jax.training import loss as loss_lib
 from privattnet_jax.training import restore, train_state
 from tests.conftest import make_tiny_config
 
@@ -300,7 +301,7 @@ def test_per_profile_targets_are_normalised_per_column():
   outputs = {"score": np.array([[0.0, 0.0], [2.0, -2.0]], np.float32)}
   batch = {"score": np.array([[1.0, 3.0], [3.0, 1.0]], np.float32), "mask": np.ones(2, np.float32)}
   # Normalised targets [[0, 0], [4, -4]]: squared errors [[0, 0], [4, 4]], per-example means 0 and 4.
-  assert float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
+  assert float(loss_lib.compute_loss(outputs, batch, task)[1]["data_loss"]) == pytest.approx(2.0)
   np.testing.assert_allclose(scoring.predicted_scores(outputs, task), [[1.0, 3.0], [2.0, 2.0]])
 
 
@@ -319,5 +320,5 @@ def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
   }
   raw_predictions = np.asarray(scoring.predicted_scores(outputs, task))
   caffe = np.square(raw_predictions - batch["score"]).sum() / (2 * 5)
-  ours = float(train_steps.compute_loss(outputs, batch, task)[1]["data_loss"])
+  ours = float(loss_lib.compute_loss(outputs, batch, task)[1]["data_loss"])
   assert ours == pytest.approx(8 / NUM_PROFILES * caffe, rel=1e-5)
