@@ -169,7 +169,8 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
     functools.partial(train_steps.train_step, task=task),
     train_set,
     steps_per_epoch,
-    config,
+    config.input.batch_size,
+    config.seed,
   )
   rate, state = timed_rate(step, state, lambda: arrays)
   run_seconds = None
@@ -296,8 +297,14 @@ def main(argv):
       flush=True,
     )
     start = time.perf_counter()
+    settings = feature_cache.CacheSettings(
+      cache=config.feature_cache,
+      input=config.input,
+      seed=config.seed,
+      compute_dtype="bfloat16" if config.model.half_precision else "float32",
+    )
     cache = feature_cache.ensure(
-      config,
+      settings,
       sources,
       state,
       lambda batch: encoder(state, train_steps.shard_batch({"image": batch}, mesh)["image"]),
