@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from privattnet_jax import nested
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps, preprocessing
 
@@ -97,24 +98,20 @@ def normalised(value):
 def check_config(given, stored: dict) -> None:
   """Fails, naming the fields, when a given config disagrees with a checkpoint's on MODEL_FIELDS."""
   given = normalised(given.to_dict())
-  differences = []
-
-  def compare(prefix, a, b):
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in sorted(set(a) | set(b)):
-        compare(
-          f"{prefix}.{key}" if prefix else key, a.get(key, "<absent>"), b.get(key, "<absent>")
-        )
-    elif a != b and prefix not in _INITIALISATION_FIELDS:
-      differences.append(f"{prefix}: --config has {a!r}, the checkpoint {b!r}")
 
   def field_value(config: dict, dotted: str):
     for name in dotted.split("."):
       config = config.get(name, "<absent>") if isinstance(config, dict) else "<absent>"
     return config
 
-  for field in MODEL_FIELDS:
-    compare(field, field_value(given, field), field_value(stored, field))
+  differences = [
+    f"{path}: --config has {a!r}, the checkpoint {b!r}"
+    for field in MODEL_FIELDS
+    for path, a, b in nested.nested_differences(
+      field_value(given, field), field_value(stored, field), field, missing="<absent>"
+    )
+    if path not in _INITIALISATION_FIELDS
+  ]
   if differences:
     raise PredictError(
       "the given config does not describe the checkpoint's model ("

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from privattnet_jax import nested
 from privattnet_jax.data import input_pipeline
 
 FORMAT = (
@@ -149,16 +150,6 @@ def manifest_key(settings: CacheSettings, sources: Mapping[str, Any], state) -> 
     },
   }
   return json.loads(json.dumps(key))  # As it reads back from the manifest (tuples -> lists).
-
-
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [
-      line
-      for name in sorted(set(old) | set(new))
-      for line in _differences(old.get(name), new.get(name), f"{path}.{name}" if path else name)
-    ]
-  return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 # ----------------------------------------------------------------------------
@@ -313,9 +304,13 @@ def _stale_reason(directory: pathlib.Path, key: dict) -> str | None:
     manifest = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     return f"unreadable manifest ({error})"
-  differences = _differences({field: manifest.get(field) for field in _KEY_FIELDS}, key)
+  differences = nested.nested_differences(
+    {field: manifest.get(field) for field in _KEY_FIELDS}, key
+  )
   if differences:
-    return "built from other inputs: " + "; ".join(differences)
+    return "built from other inputs: " + "; ".join(
+      f"{path}: {old!r} -> {new!r}" for path, old, new in differences
+    )
   for split, entry in manifest["splits"].items():
     layout = input_pipeline.ProcessLayout(
       0, len(entry["files"]), manifest["layout"]["rows_per_batch"]
