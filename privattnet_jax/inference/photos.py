@@ -70,7 +70,7 @@ def load_photo(
   no reduced decode is possible here).
   """
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)  # Read once.
-  loaded = predict.decode_image(
+  loaded = predict.load_image_bytes(
     data, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
   )
   if max_pixels is not None and loaded.width * loaded.height > max_pixels:

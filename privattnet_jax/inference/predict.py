@@ -144,12 +144,12 @@ def load_image(
   on anything but a regular file (a FIFO, a device, a symlink loop) without reading it.
   """
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)
-  return decode_image(
+  return load_image_bytes(
     data, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
   )
 
 
-def decode_image(
+def load_image_bytes(
   data: bytes, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int
 ) -> LoadedImage:
   """`load_image` on a file's bytes already read (redact decodes the same bytes at full size)."""
