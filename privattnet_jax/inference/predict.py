@@ -218,18 +218,28 @@ def _csv_header(info: dict, user: user_scores.UserScore | None, top_attributes: 
   return header + ["heatmap", "width", "height", "frames", "conversions"]
 
 
-def _csv_row(record: dict, header: Sequence[str]) -> list:
-  row = {"status": "ok" if record["ok"] else "error", **record}
-  for t, value in enumerate(record.get("step_scores") or ()):
-    row[f"step_{t + 1}"] = value
-  for p, value in enumerate(record.get("profile_scores") or ()):
-    row[f"profile_{p}"] = value
-  if "top_attributes" in record:
-    row["top_attributes"] = ";".join(
-      f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"]
-    )
+def csv_row(record: dict, header: Sequence[str], columns: dict) -> list:
+  """A JSONL record as a CSV row in `header` order (None blank); predict's table and redact's.
+
+  `columns` are the record's fields rewritten for the table; `status` and the `;`-joined
+  `conversions` are common to both.
+  """
+  row = {"status": "ok" if record["ok"] else "error", **record, **columns}
   row["conversions"] = ";".join(record.get("conversions", ()))
   return ["" if row.get(key) is None else row[key] for key in header]
+
+
+def _csv_columns(record: dict) -> dict:
+  """predict's table columns: one per step and profile, the top attributes joined."""
+  columns = {f"step_{t + 1}": value for t, value in enumerate(record.get("step_scores") or ())}
+  columns.update(
+    (f"profile_{p}", value) for p, value in enumerate(record.get("profile_scores") or ())
+  )
+  if "top_attributes" in record:
+    columns["top_attributes"] = ";".join(
+      f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"]
+    )
+  return columns
 
 
 def _image_records(
@@ -420,7 +430,7 @@ def predict(
           record.update(ok=False, error=loaded)
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
-        writer.writerow(_csv_row(record, header))
+        writer.writerow(csv_row(record, header, _csv_columns(record)))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()

@@ -96,15 +96,15 @@ CSV_HEADER = (
 )
 
 
-def _csv_row(record: dict) -> list:
-  row = {"status": "ok" if record["ok"] else "error", **record}
-  row["regions"] = ";".join(" ".join(map(str, box)) for box in record.get("regions", ()))
-  row["metadata_found"] = ";".join(record.get("metadata_found", {}))
-  row["metadata_removed"] = ";".join(record.get("metadata_removed", ()))
+def _csv_columns(record: dict) -> dict:
+  """redact's table columns: the region boxes, the metadata found and removed, the GPS tags."""
   gps = record.get("metadata_found", {}).get("gps")
-  row["gps"] = json.dumps(gps) if gps else None
-  row["conversions"] = ";".join(record.get("conversions", ()))
-  return ["" if row.get(key) is None else row[key] for key in CSV_HEADER]
+  return {
+    "regions": ";".join(" ".join(map(str, box)) for box in record.get("regions", ())),
+    "metadata_found": ";".join(record.get("metadata_found", {})),
+    "metadata_removed": ";".join(record.get("metadata_removed", ())),
+    "gps": json.dumps(gps) if gps else None,
+  }
 
 
 @dataclasses.dataclass
@@ -355,7 +355,7 @@ def redact_photos(
             record.update(ok=False, error=predict.error_text(e))
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
-        writer.writerow(_csv_row(record))
+        writer.writerow(predict.csv_row(record, CSV_HEADER, _csv_columns(record)))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()
