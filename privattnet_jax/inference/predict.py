@@ -1,4 +1,4 @@
-"""Privacy risk for users' own photos: scores, per-step and per-profile scores, attributes, heat maps.
+"""Privacy risk of users' own photos: scores, per-step and per-profile, attributes, heat maps.
 
 The photos are scored by a `predictor_lib.Predictor`: a checkpoint's (training/serving.py) or an
 exported artifact's.
@@ -50,7 +50,8 @@ TOP_ATTRIBUTES = 5
 
 
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far
-# more images per second than one thread reads and draws (docs/benchmarks.md, "On the GPU").
+# more images per second than one thread reads and draws (docs/benchmarks.md, "Figures behind
+# constants" and "On the GPU").
 READ_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
@@ -466,9 +467,10 @@ def loader_pool(processes: int):
   """Worker processes for reading photos, or None (threads of this process).
 
   The builder's normalisation decodes under a process-wide lock (it sets Pillow's globals), so
-  threads decode one photo at a time: about 120-155 1600 x 1200 JPEGs/s on a 16-core host
-  however many threads; 15 processes reached 273/s there. Workers are spawned (JAX's threads
-  make fork unsafe) and take seconds to start.
+  threads decode one photo at a time however many there are; processes decode in parallel, which
+  pays for camera-size photos on a many-core host (docs/benchmarks.md, "On the GPU"; threads gave
+  120-155 1600 x 1200 JPEGs/s on its 16-core host). Workers are spawned (JAX's threads make fork
+  unsafe) and take seconds to start.
   """
   if processes <= 0:
     return None

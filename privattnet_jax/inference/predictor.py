@@ -1,4 +1,4 @@
-"""Predictors behind one interface: a fixed-batch inference function plus the JSON that says how to feed it.
+"""Predictors behind one interface: a fixed-batch inference function and the JSON to feed it.
 
 A checkpoint predictor (training/serving.py) restores a workdir's checkpoint; an exported artifact
 (`load_exported_predictor`) is a serialized `jax.export` function with its JSON, which runs
@@ -52,7 +52,7 @@ _JAX_PLATFORMS = {"gpu": "cuda"}  # jax.default_backend() -> jax.export platform
 
 
 class PredictError(ValueError):
-  """The request cannot be served (a bad option, preference file or checkpoint); not one image's fault."""
+  """The request cannot be served: a bad option, preference file or checkpoint, not one image."""
 
 
 @dataclasses.dataclass
@@ -122,8 +122,10 @@ def check_config(given, stored: dict) -> None:
 
 
 def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
-  """The JSON beside an exported predictor (and a checkpoint predictor's `info`): preprocessing,
-  outputs, and how scores are read from them."""
+  """The JSON beside an exported predictor, and a checkpoint predictor's `info`.
+
+  It says the preprocessing, the outputs, and how scores are read from them.
+  """
   image_size = int(config["input"]["image_size"])
   outputs = {key: ["batch", *shape.shape[1:]] for key, shape in output_shapes.items()}
   grid_shape, steps = None, None
