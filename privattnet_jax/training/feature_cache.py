@@ -2,8 +2,8 @@
 
 With `model.encoder.trainable=False` and `model.encoder.batchnorm='frozen'` an image's encoder
 features depend on the image and the encoder weights alone, so they can be computed once and
-read back every epoch: no JPEG decoding, no augmentation, no encoder pass (~75% of a training
-step's arithmetic at the paper's size). Batches then carry `features` (B, h, w, D) instead of
+read back every epoch: no JPEG decoding, no augmentation, no encoder pass (most of a training
+step's arithmetic at the paper's size: docs/benchmarks.md, "On the 2-core CPU"). Batches then carry `features` (B, h, w, D) instead of
 `image`, and the train and eval steps run `PrivacyModel.head_from_features`.
 
 Layout of the cache folder (`config.feature_cache.dir`; default `feature_cache/` inside the
@@ -109,9 +109,11 @@ def _dataset_dir(sources: Mapping[str, Any]) -> pathlib.Path | None:
 
 
 def cache_dir(cache, sources: Mapping[str, Any], encoder_sha256: str) -> pathlib.Path:
-  """`feature_cache.dir`, or `feature_cache/<encoder digest>/` inside the dataset's TFDS version
-  folder: one folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet)
-  on one dataset keep their caches instead of rebuilding each other's."""
+  """`feature_cache.dir`, or `feature_cache/<encoder digest>/` in the dataset's TFDS version folder.
+
+  One folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet) on one
+  dataset keep their caches instead of rebuilding each other's.
+  """
   if cache.dir:
     return pathlib.Path(cache.dir).expanduser()
   dataset_dir = _dataset_dir(sources)
@@ -170,7 +172,7 @@ def encode_record(
 
 
 def decode_record(data: bytes, shape, dtype) -> dict[str, Any]:
-  """A record as a dataset-like dict, with `features` in place of `image` (no copy of the features)."""
+  """A record as a dataset-like dict, `features` (not copied) in place of `image`."""
   record = msgpack.unpackb(data)
   return {
     "features": np.frombuffer(record["features"], dtype).reshape(shape),
@@ -345,7 +347,7 @@ class _ViewRows:
 
 
 class _ViewTransform(input_pipeline.EvalTransform):
-  """A `_ViewRows` row -> the eval row whose image is augmented view v of example i (train transform)."""
+  """A `_ViewRows` row -> the eval row whose image is view v of example i (the train transform)."""
 
   def __init__(self, *, train_transform: input_pipeline.TrainTransform, seed: int, **kwargs):
     super().__init__(**kwargs)
