@@ -1,12 +1,12 @@
 """Host memory: keep what XLA:CPU frees for its next step instead of handing it back to the OS.
 
-XLA:CPU allocates each execution's temporary buffers anew with malloc, from several threads.
-glibc serves blocks that large with fresh mmap'd pages, or trims them off its per-thread heaps
-when they are freed, so every train step page-faults its whole working set again, a large share
-of a small step's time (docs/benchmarks.md, "Page faults: every step mapped its working set
-anew"; about 20% of a head step from cached features on the 2-core CPU). One malloc arena that
-never maps, nor trims, large blocks keeps the pages and reuses them: the process stays at its peak resident memory, as it would under
-tcmalloc or jemalloc. Linux with glibc only; elsewhere nothing changes.
+XLA:CPU allocates each execution's temporary buffers anew with malloc, from several threads. glibc
+serves blocks that large with fresh mmap'd pages, or trims them off its per-thread heaps when they
+are freed, so every train step page-faults its whole working set again, a large share of a small
+step's time (docs/benchmarks.md, "Page faults: every step mapped its working set anew"; about 20% of
+a head step from cached features on the 2-core CPU). One malloc arena that never maps, nor trims,
+large blocks keeps the pages and reuses them: the process stays at its peak resident memory, as it
+would under tcmalloc or jemalloc. Linux with glibc only; elsewhere nothing changes.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 A 1x1 convolution is a matrix product over the channel axis, but XLA:CPU runs it through its
 convolution kernel, several times slower than the same product as a `dot_general`. Its weight
-gradient is worse: XLA differentiates it as a convolution with batch and channels swapped, behind
-a transpose of the whole feature map (docs/benchmarks.md, "Where the image step's time went, and
-what changed"). Most of ResNet-50's and all of EfficientNet-Lite0's pointwise layers are 1x1, so every encoder and the attention head build
-their convolutions from `Conv` here. The kernel keeps `nn.Conv`'s shape (1, 1, C_in, C_out): the
-parameters, checkpoints and weight files are those of `nn.Conv`.
+gradient is worse: XLA differentiates it as a convolution with batch and channels swapped, behind a
+transpose of the whole feature map (docs/benchmarks.md, "Where the image step's time went, and what
+changed"). Most of ResNet-50's and all of EfficientNet-Lite0's pointwise layers are 1x1, so every
+encoder and the attention head build their convolutions from `Conv` here. The kernel keeps
+`nn.Conv`'s shape (1, 1, C_in, C_out): the parameters, checkpoints and weight files are those of
+`nn.Conv`.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ class Experiment:
   def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
     """The training split's mean score per column; reused from a checkpoint.
 
-    The authors hard-coded theirs. Attribute models never use it, so their checkpoints serve any `score.per_profile`.
+    The authors hard-coded theirs. Attribute models never use it, so their checkpoints serve any
+    `score.per_profile`.
     """
     num_outputs = preferences.shape[1]
     latest = self.manager.latest_step()
@@ -201,9 +202,10 @@ def prepare_feature_cache(
 ) -> feature_cache.FeatureCache:
   """Builds (or checks), ahead of training, the feature cache a run of `config` in `workdir` reads.
 
-  With the encoder of the workdir's latest checkpoint, else the initial one. Needs the run's data, encoder state, task and mesh, so it sets up the experiment without a train
-  step, with the cache read through the host ('device' reads the same files, and its device copy
-  of the features is a training run's, not the cache's).
+  With the encoder of the workdir's latest checkpoint, else the initial one. Needs the run's data,
+  encoder state, task and mesh, so it sets up the experiment without a train step, with the cache
+  read through the host ('device' reads the same files, and its device copy of the features is a
+  training run's, not the cache's).
   """
   config = config.copy_and_resolve_references()
   config.feature_cache.mode = "host"

@@ -1,10 +1,11 @@
 """Frozen-encoder feature cache: the encoder runs once per image, head training reads its output.
 
 With `model.encoder.trainable=False` and `model.encoder.batchnorm='frozen'` an image's encoder
-features depend on the image and the encoder weights alone, so they can be computed once and
-read back every epoch: no JPEG decoding, no augmentation, no encoder pass (most of a training
-step's arithmetic at the paper's size: docs/benchmarks.md, "On the 2-core CPU"). Batches then carry `features` (B, h, w, D) instead of
-`image`, and the train and eval steps run `PrivacyModel.head_from_features`.
+features depend on the image and the encoder weights alone, so they can be computed once and read
+back every epoch: no JPEG decoding, no augmentation, no encoder pass (most of a training step's
+arithmetic at the paper's size: docs/benchmarks.md, "On the 2-core CPU"). Batches then carry
+`features` (B, h, w, D) instead of `image`, and the train and eval steps run
+`PrivacyModel.head_from_features`.
 
 Layout of the cache folder (`config.feature_cache.dir`; default `feature_cache/` inside the
 dataset's TFDS version folder, so deleting the dataset deletes its caches too):
