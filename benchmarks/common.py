@@ -65,8 +65,11 @@ def train_step_for(config):
 
 
 def flops_per_image(lowered, batch_size: int) -> float:
-  """XLA's count for the lowered (unoptimised) step: the compiled module's omits the FLOPs of
-  library calls (cuBLAS/cuDNN on a GPU), which made a GPU's FLOPs per image 10-40x too small."""
+  """FLOPs per image, XLA's count for the lowered (unoptimised) step.
+
+  The compiled module's count omits the FLOPs of library calls (cuBLAS/cuDNN on a GPU), which left
+  a GPU's FLOPs per image far too small (docs/benchmarks.md, "Train step, full size"; 10-40x).
+  """
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) / batch_size

@@ -79,7 +79,8 @@ def get_config():
   config.model.sync_batchnorm = True
   # Attribute models' (privattnet_mlc, ap_pr) output bias at the start: "prior", each attribute's
   # log prior odds in the training labels (as detection heads start), or "uniform", PyTorch's
-  # Linear init (every logit near 0), under which PrivAttNet_MLC barely learns (docs/benchmarks.md).
+  # Linear init (every logit near 0), under which PrivAttNet_MLC barely learns (docs/benchmarks.md,
+  # "PrivAttNet_MLC").
   config.model.attribute_bias_init = "prior"
   config.model.encoder = ml_collections.ConfigDict()
   config.model.encoder.name = "resnet"  # resnet (the paper) or efficientnet_lite0.

@@ -71,7 +71,9 @@ def get_config(arg="privattnet"):
     config.model.encoder.trainable = True  # No pretrained weights here: learn the encoder.
     return config
   config.input.image_size = 224  # A 14x14 attention grid.
-  config.num_epochs = 8  # The cached features are learnt from fast (docs/benchmarks.md).
+  # Most of the fit comes in the first epochs from cached features (docs/benchmarks.md, "The demo
+  # with a frozen pretrained EfficientNet-Lite0").
+  config.num_epochs = 8
   config.model.encoder.name = "efficientnet_lite0"
   config.model.encoder.pretrained = "efficientnet_lite0"  # The file the package installs.
   config.model.encoder.trainable = False  # The paper's frozen ImageNet encoder...

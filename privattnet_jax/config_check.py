@@ -332,8 +332,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _registered(name) -> bool:
-  """Whether a variant of this name is registered in this process (from a user's module or a test);
-  the registry is not imported for it: the check stays light before any work."""
+  """Whether a variant of this name is registered in this process (by a user's module or a test).
+
+  The registry is not imported for it: the check stays light before any work.
+  """
   registry = sys.modules.get("privattnet_jax.models.registry")
   return registry is not None and name in registry.names()
 
@@ -386,8 +388,10 @@ def sections() -> list[str]:
 
 
 def closest_fields(field: str, count: int = 3) -> list[str]:
-  """Known fields a mistyped or misplaced one most likely meant: by the whole path, then by its
-  last part (`learning_rate` -> `optim.learning_rate`)."""
+  """Known fields a mistyped or misplaced one most likely meant.
+
+  Matched by the whole path, then by its last part (`learning_rate` -> `optim.learning_rate`).
+  """
   known = list(RULES)
   matches = difflib.get_close_matches(field, known, n=count, cutoff=0.6)
   name = field.rsplit(".", 1)[-1]

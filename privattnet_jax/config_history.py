@@ -29,7 +29,7 @@ def deprecation(old: str) -> str:
 
 
 def rename_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Rewrites `--config.<old>[=value]` to the new name; returns the new argv and the old names seen."""
+  """Rewrites `--config.<old>[=value]` to the new name; returns the new argv, the old names seen."""
   renamed, seen = [], []
   for arg in argv:
     name, equals, value = arg.partition("=")

@@ -39,8 +39,11 @@ MAX_IMAGE_BYTES = (
 
 
 def printable(path) -> str:
-  """`path` as text every log, terminal and UTF-8 file takes: a name's undecodable bytes (lone
-  surrogates), NULs and control characters are written as escapes instead of breaking the writer."""
+  """`path` as text every log, terminal and UTF-8 file takes.
+
+  A name's undecodable bytes (lone surrogates), NULs and control characters are written as escapes
+  instead of breaking the writer.
+  """
   text = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
   return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -90,7 +93,7 @@ def resolve(path: str | os.PathLike, root: str | os.PathLike | None = None) -> p
 
 
 def regular_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> pathlib.Path:
-  """The resolved path of an existing regular file (contained in `root` when given), opened by no one.
+  """The resolved path of an existing regular file (inside `root` when given), opened by no one.
 
   Raises UnsafeFileError (`missing`, `not_a_regular_file`, `symlink_loop`, `outside_root`).
   """

@@ -3,7 +3,7 @@
 The suite uses run.py's persistent compilation cache (the default config's folder), it and every
 child process: most of the suite's time is XLA compiling the same small steps, which a cache hit
 turns into a file read, within one run (tests that rebuild a step) and across runs. pytest-xdist
-runs the tests on every core (setup.cfg); each worker builds its own tiny dataset (~2 s).
+runs the tests on every core (setup.cfg); each worker builds its own tiny dataset.
 """
 
 import contextlib
@@ -22,9 +22,9 @@ from privattnet_jax.cli import process
 COMPILATION_CACHE_DIR = compilation_cache.resolve(default.get_config().compilation_cache_dir)
 # LLVM optimisation level 0. The programs and their numerics are XLA's; only the machine code is
 # less optimised, which the suite's tiny models do not notice, while the compiles that no cache can
-# serve (the two-process run) get cheaper: the whole suite took 4 min 44 s / 9 min 5 s of CPU with
-# it against 5 min 22 s / 10 min 11 s without (warm caches, 2 cores). The compilation cache keys
-# include the flag, so run.py's entries and the suite's never mix.
+# serve (the two-process run) get cheaper, and so does the whole suite (docs/benchmarks.md, "The
+# suite on both cores"). The compilation cache keys include the flag, so run.py's entries and the
+# suite's never mix.
 XLA_FLAG = "--xla_backend_optimization_level=0"
 
 

@@ -24,14 +24,17 @@ ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 
 
 def resolve(directory: str) -> str:
-  """The folder `directory` names: AUTO is $JAX_COMPILATION_CACHE_DIR (set but empty: off), else
-  DEFAULT_DIR; any other value is itself."""
+  """The folder `directory` names: AUTO is $JAX_COMPILATION_CACHE_DIR, else DEFAULT_DIR.
+
+  $JAX_COMPILATION_CACHE_DIR set but empty is off; any value other than AUTO is itself.
+  """
   return os.environ.get(ENV_VAR, DEFAULT_DIR) if directory == AUTO else directory
 
 
 def enable(directory: str) -> pathlib.Path | None:
-  """Caches every compilation in `directory` (AUTO resolved, `~` expanded; created on first write);
-  "" leaves the cache off. Returns the folder used, or None.
+  """Caches every compilation in `directory`; returns the folder used, or None ("": off).
+
+  AUTO is resolved and `~` expanded; the folder is created on first write.
 
   JAX caches only compilations above 1 s by default; the CPU compiles of small test models take
   less and would never be cached, so every compilation is cached (the entries are small).
@@ -47,8 +50,10 @@ def enable(directory: str) -> pathlib.Path | None:
 
 
 def environment(directory: str) -> dict[str, str]:
-  """Environment variables that give a child Python process the same cache as `enable(directory)`
-  (JAX reads them when it is imported); none for "" (off)."""
+  """Environment variables that give a child process the cache `enable(directory)` gives this one.
+
+  JAX reads them when it is imported; none for "" (off).
+  """
   directory = resolve(directory)
   if not directory:
     return {}

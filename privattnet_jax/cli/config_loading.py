@@ -16,8 +16,10 @@ from privattnet_jax import config_check, config_history
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error for a bad flag or config file (ml_collections puts a
-  config file's traceback into its message: its last line says what is wrong)."""
+  """absl's flag parsing, with a one-line error for a bad flag or config file.
+
+  ml_collections puts a config file's traceback into its message: its last line says what is wrong.
+  """
   argv, renamed = config_history.rename_overrides(argv)
   for old in renamed:
     print(config_history.deprecation(old), file=sys.stderr, flush=True)
@@ -35,8 +37,11 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
 
 
 def config_error_text(error: BaseException) -> str:
-  """A flag or config-file error on one line: a config file's traceback (which ml_collections puts
-  into its message) reduced to its last line, the rest joined and cut to a readable length."""
+  """A flag or config-file error on one line.
+
+  A config file's traceback (which ml_collections puts into its message) is reduced to its last
+  line, the rest joined and cut to a readable length.
+  """
   text = (
     str(error.args[0])
     if isinstance(error, (KeyError, AttributeError)) and error.args
@@ -52,9 +57,11 @@ def config_error_text(error: BaseException) -> str:
 
 
 def load_config(config):
-  """The --config flag's value, loaded now (ml_collections loads the file and applies overrides on
-  first use) and checked: a missing file, an unknown field, a failing get_config or a refused value
-  is one line before any work. None without --config."""
+  """The --config flag's value, loaded and checked now; None without --config.
+
+  ml_collections loads the file and applies overrides on first use; loading it here makes a missing
+  file, an unknown field, a failing get_config or a refused value one line before any work.
+  """
   if config is None:
     return None
   try:
@@ -69,8 +76,10 @@ def load_config(config):
 
 
 def override_field_error(argv: list[str]) -> str | None:
-  """An override of a field the config does not have (or that another replaced), named with the
-  closest known fields before flag parsing, where ml_collections would say only `'nonsense'`."""
+  """An override of a field the config lacks (or another replaced), with the closest known fields.
+
+  Checked before flag parsing, where ml_collections would say only `'nonsense'`.
+  """
   for arg in argv[1:]:
     if arg == "--":
       break

@@ -23,9 +23,12 @@ from privattnet_jax.inference import output_folders
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
-  """Errors that are the user's or the machine's, not the program's: bad requests (PredictError,
-  CheckpointError are ValueErrors), missing files, a diverged loss, a strict build that would skip,
-  a workdir in use, a disk full. Every error ends the run with one line; these without "internal"."""
+  """Errors that are the user's or the machine's, not the program's.
+
+  Bad requests (PredictError, CheckpointError are ValueErrors), missing files, a diverged loss, a
+  strict build that would skip, a workdir in use, a disk full. Every error ends the run with one
+  line; these without "internal".
+  """
   found = []
   for module, name in (
     ("privattnet_jax.training.train", "NonFiniteLossError"),
@@ -38,8 +41,10 @@ def expected_errors() -> tuple[type[Exception], ...]:
 
 
 def message(error: BaseException) -> str:
-  """The error's message for the user: its first line (the rest goes to the traceback file), except
-  for the manual-dir instructions, which are the message."""
+  """The error's message for the user: its first line (the rest goes to the traceback file).
+
+  The manual-dir instructions are the message whole.
+  """
   if is_disk_full(error):
     return (
       f"no space left on the device ({first_line(error)}); free some and rerun: the checkpoints and "
@@ -56,7 +61,10 @@ def message(error: BaseException) -> str:
 
 
 def is_disk_full(error: BaseException | None) -> bool:
-  """ENOSPC anywhere in the error's chain; libraries (array_record, orbax) re-raise it as other types."""
+  """ENOSPC anywhere in the error's chain.
+
+  Libraries (array_record, orbax) re-raise it as other types.
+  """
   while error is not None:
     if (
       isinstance(error, OSError) and error.errno == errno.ENOSPC
@@ -72,7 +80,10 @@ def first_line(error: BaseException) -> str:
 
 
 def save_traceback(error: BaseException | None, workdir: str | None) -> str:
-  """Writes the traceback to <workdir>/errors.log (or a temporary file): where the one line points."""
+  """Writes the traceback to <workdir>/errors.log (or a temporary file); returns the path.
+
+  The run's one-line error points there.
+  """
   if error is None:  # An unraisable report or thread exit without an exception.
     return ""
   text = "".join(traceback.format_exception(error))
@@ -124,8 +135,10 @@ def _report_thread_failure(hook_args, workdir: str | None) -> None:
 
 
 def fail(error: BaseException, workdir: str | None, *, verbose: bool) -> NoReturn:
-  """Ends the process with exit status 1 and one line on stderr; the traceback goes to a file, or to
-  stderr when `verbose` (--verbosity=1)."""
+  """Ends the process with exit status 1 and one line on stderr.
+
+  The traceback goes to a file, or to stderr when `verbose` (--verbosity=1).
+  """
   if isinstance(error, (config_check.ConfigError, output_folders.OutputFolderError)):
     print(f"error: {error}", file=sys.stderr, flush=True)  # The line says it all.
     sys.exit(1)
@@ -140,7 +153,9 @@ def fail(error: BaseException, workdir: str | None, *, verbose: bool) -> NoRetur
 
 
 def usage_failure(text: str) -> NoReturn:
-  """Ends the process on a bad command line: one line pointing at --helpshort (absl would print the
-  module docstring too), exit status 1."""
+  """Ends the process on a bad command line: one line pointing at --helpshort, exit status 1.
+
+  absl would print the module docstring too.
+  """
   print(f"error: {text} (see --helpshort)", file=sys.stderr, flush=True)
   sys.exit(1)

@@ -1,13 +1,12 @@
 """Host memory: keep what XLA:CPU frees for its next step instead of handing it back to the OS.
 
-XLA:CPU allocates each execution's temporary buffers anew with malloc, from several threads.
-glibc serves blocks that large with fresh mmap'd pages, or trims them off its per-thread heaps
-when they are freed, so every train step page-faults its whole working set again: 185,000 minor
-faults per image-path step and 113,000 per step from cached features at the paper's size (760
-and 460 MB, ~1.5 us each), 20% of a head step from cached features on the 2-core CPU
-(docs/benchmarks.md, issue 19). One malloc arena that never maps, nor trims, large blocks keeps
-the pages and reuses them: the process stays at its peak resident memory, as it would under
-tcmalloc or jemalloc. Linux with glibc only; elsewhere nothing changes.
+XLA:CPU allocates each execution's temporary buffers anew with malloc, from several threads. glibc
+serves blocks that large with fresh mmap'd pages, or trims them off its per-thread heaps when they
+are freed, so every train step page-faults its whole working set again, a large share of a small
+step's time (docs/benchmarks.md, "Page faults: every step mapped its working set anew"; about 20% of
+a head step from cached features on the 2-core CPU). One malloc arena that never maps, nor trims,
+large blocks keeps the pages and reuses them: the process stays at its peak resident memory, as it
+would under tcmalloc or jemalloc. Linux with glibc only; elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -26,8 +25,10 @@ _SETTINGS = (
 
 
 def keep_freed_memory() -> bool:
-  """Sets glibc's malloc as above; True where it applied. Call it before the first large
-  allocation: run.py does, first thing, and so do the benchmarks."""
+  """Sets glibc's malloc as above; True where it applied.
+
+  Call it before the first large allocation: run.py does, first thing, and so do the benchmarks.
+  """
   try:
     mallopt = ctypes.CDLL("libc.so.6").mallopt
   except (OSError, AttributeError):  # Not glibc (macOS, musl): its allocator stays as it is.

@@ -1,4 +1,4 @@
-"""The run's log: libraries' routine INFO lines and restated warnings dropped from absl's handler."""
+"""The run's log: absl's handler without libraries' routine INFO lines and restated warnings."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def quiet_library_info(workdir: str | None) -> None:
 
 
 def keep_record(record: std_logging.LogRecord, workdir: str | None) -> bool:
-  """Drops the libraries' INFO lines and EXPECTED_WARNINGS, and the tracebacks of their warnings and
-  errors (orbax logs one per failed background write on a full disk): the run's own one-line error
-  follows, with its traceback in errors.log."""
+  """Drops the libraries' INFO lines, EXPECTED_WARNINGS and the tracebacks of their other records.
+
+  Orbax logs a traceback per failed background write on a full disk; the run's own one-line error
+  follows, with its traceback in errors.log.
+  """
   # asyncio's abandoned tasks after a failed restore: see errors.route_library_tracebacks_to_errors_log.
   if record.name == "asyncio" and record.exc_info:
     errors.save_traceback(record.exc_info[1], workdir)

@@ -1,4 +1,4 @@
-"""run.py's modes other than train and evaluate, from plain values: what each prints, its exit status.
+"""run.py's modes but train and evaluate, from plain values: what each prints, its exit status.
 
 The library modules are imported inside the functions: grain worker processes re-import run.py
 (and so this module), and --exported runs need no model code.
@@ -14,8 +14,11 @@ from absl import app
 
 
 def check_output_dir(output: str, images: Sequence[str], preferences, workdir, exported) -> None:
-  """Fails before any work when predict's or redact's output folder cannot be one: not a folder,
-  or one that is or holds what the run reads (nothing read is written over, nothing written read)."""
+  """Fails before any work when predict's or redact's output folder cannot be one.
+
+  It cannot be a file, nor a folder that is or holds what the run reads (nothing read is written
+  over, nothing written read).
+  """
   from privattnet_jax.inference import output_folders  # pylint: disable=g-import-not-at-top
   from privattnet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 

@@ -18,10 +18,13 @@ from privattnet_jax.cli import logs
 
 
 def configure_process(workdir: str | None, config, *, writes_metrics: bool = False) -> None:
-  """Applies the settings before anything compiles or allocates device buffers: freed memory kept
-  (host_memory), the compilation cache of `config` (the default folder without one: predict,
-  export), the library log filters, the tracebacks of libraries' threads and callbacks routed to
-  `workdir`'s errors.log, and, for a run that `writes_metrics`, tensorboardX without torch."""
+  """Applies the settings before anything compiles or allocates device buffers.
+
+  Freed memory kept (host_memory), the compilation cache of `config` (the default folder without
+  one: predict, export), the library log filters, the tracebacks of libraries' threads and
+  callbacks routed to `workdir`'s errors.log, and, for a run that `writes_metrics`, tensorboardX
+  without torch.
+  """
   host_memory.keep_freed_memory()
   compilation_cache.enable(
     config.compilation_cache_dir if config is not None else compilation_cache.AUTO

@@ -9,8 +9,11 @@ from absl import app
 
 
 def check(values: Mapping[str, Any], extra: Sequence[str]) -> None:
-  """Raises app.UsageError when the mode lacks a flag it needs. `values`: {flag name: value}, as
-  FLAGS.flag_values_dict() gives; `extra`: the plain arguments after the flags."""
+  """Raises app.UsageError when the mode lacks a flag it needs.
+
+  `values`: {flag name: value}, as FLAGS.flag_values_dict() gives; `extra`: the plain arguments
+  after the flags.
+  """
   mode = values["mode"]
 
   def require(*names: str) -> None:

@@ -19,8 +19,11 @@ LOCK_FILENAME = ".prepare.lock"
 
 @contextlib.contextmanager
 def _exclusive(data_dir: pathlib.Path):
-  """Serialises generation and building across processes sharing data_dir (several processes
-  of one job, or two jobs): the first builds, the others wait and then reuse its build."""
+  """Serialises generation and building across processes sharing data_dir.
+
+  Several processes of one job, or two jobs: the first builds, the others wait and then reuse its
+  build.
+  """
   data_dir.mkdir(parents=True, exist_ok=True)
   try:
     import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only.

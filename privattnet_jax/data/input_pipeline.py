@@ -69,7 +69,7 @@ _SCORE_CHUNK = 1024  # split_scores: records per read; bounds the (chunk, 68, P)
 
 
 def score_preferences(score) -> np.ndarray:
-  """The (68, P) preference table that the `score` config section selects (P = 1, or 30 per profile)."""
+  """The (68, P) preference table the `score` config section selects (P = 1, or 30 per profile)."""
   return attributes.preference_table(
     score.source,
     profile_index=score.profile_index,
@@ -360,9 +360,11 @@ def sampler_seed(seed: int) -> int:
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Full global train batches per epoch (batches run across epoch boundaries; see
-  create_train_loader). Each of P processes reads floor(N / P) examples in batches of G / P, which
-  makes the same count: floor(floor(N / P) / (G / P)) = floor(N / G)."""
+  """Full global train batches per epoch (batches run across epoch boundaries: create_train_loader).
+
+  Each of P processes reads floor(N / P) examples in batches of G / P, which makes the same count:
+  floor(floor(N / P) / (G / P)) = floor(N / G).
+  """
   return num_examples // global_batch_size
 
 
@@ -439,8 +441,10 @@ def create_train_loader(
 
 
 def train_transform(input_config, task) -> TrainTransform:
-  """The image train transform (decode, random resized crop, flip, normalise) of the `input`
-  section, scoring with `task`'s preference table and pooling."""
+  """The image train transform of the `input` section, scoring with `task`'s preference table.
+
+  Decode, random resized crop, flip, normalise; the score pools with `task`'s pooling.
+  """
   return TrainTransform(
     image_size=input_config.image_size,
     resize_size=resize_size(input_config),
@@ -481,8 +485,11 @@ class ViewSampler:
 
 
 class _EvalRows:
-  """This process's rows of the padded eval stream (`ProcessLayout`): a record, or `{}` for a
-  padding row (indices >= N; not None, which grain's MapDataset treats as filtered out)."""
+  """This process's rows of the padded eval stream (`ProcessLayout`): a record, or `{}` for padding.
+
+  Padding rows are the indices >= N; `{}`, not None, which grain's MapDataset treats as filtered
+  out.
+  """
 
   def __init__(self, source, layout: ProcessLayout, num_batches: int):
     self._source = source
@@ -572,8 +579,11 @@ def decode_threads() -> int:
 
 
 def _iterate_and_close(stream, copy: bool) -> Iterator[dict[str, np.ndarray]]:
-  """Yields the batches, as plain arrays: workers hand over shared-memory arrays,
-  which callers keeping host-side keys for a whole pass would otherwise pin."""
+  """Yields the batches, as plain arrays when `copy`; closes the iterator however the loop ends.
+
+  Workers hand over shared-memory arrays, which callers keeping host-side keys for a whole pass
+  would otherwise pin.
+  """
   iterator = iter(stream)
   try:
     for batch in iterator:

@@ -56,7 +56,9 @@ SPLITS = (("train2017", "num_train"), ("val2017", "num_val"), ("test2017", "num_
 ID_BASE = 90_000_000  # Synthetic ids 2017_9xxxxxxx; real VISPR ids start at 2017_1.
 ID_SPLIT_STRIDE = 1_000_000
 _CHUNK = 256  # Images per pool task.
-_PARALLEL_MIN_IMAGES = 4096  # Below it, worker processes do not pay (docs/benchmarks.md).
+# Below it, starting worker processes costs more than it saves (docs/benchmarks.md, "Figures behind
+# constants").
+_PARALLEL_MIN_IMAGES = 4096
 
 
 def _params(

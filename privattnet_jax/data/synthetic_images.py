@@ -1,5 +1,7 @@
-"""The synthetic images: each planted privacy attribute's look, backgrounds, distractors, and
-an image rendered with its objects' boxes."""
+"""The synthetic images: attribute looks, backgrounds, distractors, an image with its boxes.
+
+Each planted privacy attribute has a look; an image is rendered with its objects' boxes.
+"""
 
 from __future__ import annotations
 
@@ -212,7 +214,7 @@ def _ausweis(w, h, rng):
 
 @dataclasses.dataclass(frozen=True)
 class Look:
-  """How one attribute is drawn: render(width, height, rng) -> RGBA patch; aspect = width / height."""
+  """How one attribute is drawn: render(width, height, rng) -> RGBA patch; aspect = width/height."""
 
   render: Callable[[int, int, np.random.Generator], Image.Image]
   aspect: float

@@ -74,7 +74,10 @@ CITATION = """@inproceedings{orekondy17iccv,
 
 
 class StrictBuildError(RuntimeError):
-  """strict=True and the build skipped annotations; the message's first line sums up, the rest lists them."""
+  """strict=True and the build skipped annotations.
+
+  The message's first line sums up, the rest lists them.
+  """
 
 
 class StaleBuildError(ValueError):
@@ -115,9 +118,11 @@ class Vispr(tfds.core.GeneratorBasedBuilder):
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
-    """This file. tfds' own lookup goes through the `importlib_resources` backport, which
-    etils only installs with its `epath` extra; without it, building fails for any builder
-    that lives in a package."""
+    """This file, found without tfds' own lookup.
+
+    tfds' lookup goes through the `importlib_resources` backport, which etils only installs with
+    its `epath` extra; without it, building fails for any builder that lives in a package.
+    """
     return epath.Path(inspect.getfile(cls))
 
   def __init__(

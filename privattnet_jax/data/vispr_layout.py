@@ -56,8 +56,10 @@ class ManualDirError(FileNotFoundError):
 
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
-  """Annotation paths (relative to the manual dir) listed in one split file; blank lines dropped,
-  a byte-order mark and CRLF line ends tolerated (`text_files`)."""
+  """Annotation paths (relative to the manual dir) listed in one split file.
+
+  Blank lines are dropped; a byte-order mark and CRLF line ends tolerated (`text_files`).
+  """
   return text_files.entries(path, max_bytes=safe_files.MAX_LIST_BYTES)
 
 
@@ -132,9 +134,12 @@ def check_manual_dir(
 def resolve_splits_dir(
   manual_dir: str | os.PathLike, splits_dir: str | os.PathLike = ""
 ) -> pathlib.Path:
-  """Where the split lists come from: `splits_dir` when given; else the manual dir's own lists
-  when all three lie at its root (a user's own VISPR-layout dataset, or the synthetic one);
-  else the VISPR lists bundled in data/splits. Some but not all at the root is an error."""
+  """Where the split lists come from: `splits_dir`, else the manual dir's, else the bundled ones.
+
+  The manual dir's own lists are used when all three lie at its root (a user's own VISPR-layout
+  dataset, or the synthetic one); else the VISPR lists bundled in data/splits. Some but not all at
+  the root is an error.
+  """
   if splits_dir:
     return pathlib.Path(splits_dir)
   root = pathlib.Path(manual_dir) if manual_dir else None

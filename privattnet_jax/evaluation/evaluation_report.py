@@ -52,7 +52,7 @@ def redaction_summary(
   max_images: int = REDACTION_IMAGES,
   examples: int = REPORT_EXAMPLES,
 ):
-  """Redaction quality (`redaction_quality.redaction_quality`) of an attention model on data with boxes.
+  """Redaction quality (`redaction_quality`) of an attention model on data with boxes.
 
   Measured on up to `max_images` images with boxes, spread evenly over the split, read back from
   the source as the heat-map examples are. `infer` maps (images, mask) to `score` and `attention`
@@ -133,7 +133,7 @@ def _stored_image(source, index: int, image_id: str) -> bytes:
 
 
 def report_dir(workdir, split: str) -> pathlib.Path:
-  """The test split's report goes into the workdir itself, any other split's into report_<split>/."""
+  """Where a split's report goes: the workdir itself for test, else report_<split>/."""
   workdir = pathlib.Path(workdir)
   return workdir if split == "test" else workdir / f"report_{split}"
 

@@ -78,7 +78,7 @@ def _covered_areas(
 
 
 def _inside_any(y: np.ndarray, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """(N, A, B) whether point (y[n, a], x[n, b]) lies in any valid box of image n (edges included)."""
+  """(N, A, B): whether point (y[n, a], x[n, b]) lies in a valid box of image n, edges included."""
   in_y = (y[:, :, None] >= boxes[:, None, :, 0]) & (
     y[:, :, None] <= boxes[:, None, :, 2]
   )  # (N, A, M)
@@ -114,7 +114,7 @@ def localisation_per_image(
   inside = _inside_any(y_mid, x_mid, boxes, valid)
   inside_area = inside * y_lengths[:, :, None] * x_lengths[:, None, :]  # (N, Ky, Kx)
   # (N, h, w) area in each cell. optimize: two matrix products; the plain three-operand einsum
-  # loops over all five indices at once, most of an evaluation's time (docs/benchmarks.md).
+  # loops over all five indices at once, far slower (docs/benchmarks.md, "The end of a run").
   covered = np.einsum("nah,nab,nbw->nhw", y_cell, inside_area, x_cell, optimize=True)
   cell_area = 1.0 / (grid_height * grid_width)
   coverage = np.clip(covered / cell_area, 0.0, 1.0).reshape(num_images, num_locations)

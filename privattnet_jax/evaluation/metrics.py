@@ -16,9 +16,12 @@ REGRESSION_METRICS = ("l1", "mse", "pearson", "spearman")
 
 
 def import_in_background() -> None:
-  """Starts importing scipy.stats on a daemon thread: its import (~1 s) then overlaps the first
-  train steps, whose compiled programs release the GIL, instead of delaying the first validation.
-  An import already under way makes `regression_metrics`'s own import wait for it."""
+  """Starts importing scipy.stats on a daemon thread, so that its slow import delays nothing.
+
+  The import then overlaps the first train steps, whose compiled programs release the GIL, instead
+  of delaying the first validation (docs/benchmarks.md, "The demo's second run: first train
+  step"). An import already under way makes `regression_metrics`'s own import wait for it.
+  """
   threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
 
 

@@ -288,7 +288,10 @@ REDACTION_HEADERS = ("regions", "mean risk drop", "attention's drop / this")
 
 
 def redaction_blocks(redaction: Mapping, panels: Sequence = ()) -> list:
-  """The report's redaction section: attention against random regions and a centred box, at equal area."""
+  """The report's redaction section: attention against random regions and a centred box.
+
+  The random regions and the box cover the same area as the attention's masks, per image.
+  """
   drop = redaction["mean_drop"]
   rows = []
   for name, key in (

@@ -48,9 +48,11 @@ def check(fmt: str, frames: int, size: tuple[int, int], max_pixels: int | None) 
 def frames(
   data: bytes, count: int, orientation: int, mode: str, has_alpha: bool
 ) -> tuple[list[tuple[Image.Image, Image.Image | None]], dict]:
-  """Every frame of an animation as photos.load_photo gives the first: (pixels in `mode`, upright,
-  transparency composited as the builder does; the alpha channel or None), and the save options
-  that keep the animation's timing (duration per frame, loop)."""
+  """Every frame of an animation as photos.load_photo gives the first, and the timing to save.
+
+  Each frame is (pixels in `mode`, upright, transparency composited as the builder does; the alpha
+  channel or None); the save options keep the animation's timing (duration per frame, loop).
+  """
   with preprocessing.pil_checks_ours():  # `check` bounded the pixels of all frames together.
     image = Image.open(io.BytesIO(data))
     found, durations = [], []

@@ -236,7 +236,7 @@ def attention_panel(
 
 
 def display_image(encoded: bytes, panel_size: int = PANEL_SIZE) -> np.ndarray:
-  """Encoded RGB image -> uint8 (h, w, 3) with the longer side at most `panel_size` (aspect kept)."""
+  """Encoded RGB image -> uint8 (h, w, 3), the longer side at most `panel_size`, aspect kept."""
   image = preprocessing.decode_image(encoded, panel_size)
   image.thumbnail((panel_size, panel_size), Image.Resampling.BILINEAR)
   return np.asarray(image)

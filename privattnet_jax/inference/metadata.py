@@ -1,5 +1,8 @@
-"""What a photo carries besides its pixels: EXIF (GPS position, device, owner, timestamps), XMP,
-IPTC, ICC profiles and comments, found for the report and cut out of JPEGs copied unchanged."""
+"""What a photo carries besides its pixels, found for the report and cut out of copied JPEGs.
+
+EXIF (GPS position, device, owner, timestamps), XMP, IPTC, ICC profiles and comments; they are
+cut out of JPEGs copied unchanged.
+"""
 
 from __future__ import annotations
 

@@ -47,8 +47,10 @@ def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
 
 
 def spec_root(spec: str) -> pathlib.Path:
-  """Where an --images argument starts: the file or folder, or a glob's folder before its first
-  wildcard (`in/**/*.jpg` -> `in`)."""
+  """Where an --images argument starts: the file or folder, or a glob's folder before a wildcard.
+
+  `in/**/*.jpg` -> `in`.
+  """
   if not glob.has_magic(spec):
     return pathlib.Path(os.path.expanduser(spec))
   parts = pathlib.Path(os.path.expanduser(spec)).parts
@@ -79,8 +81,11 @@ def workdir_reads(workdir) -> list[pathlib.Path]:
 
 
 def check(output_dir, inputs: Iterable[str] = (), reads: Iterable = ()) -> None:
-  """Raises OutputFolderError, before anything is written, when the output folder is or holds one
-  of `inputs` (--images arguments, a preference file) or lies inside one of `reads`."""
+  """Raises OutputFolderError, before anything is written, when the output folder overlaps inputs.
+
+  It may not be or hold one of `inputs` (--images arguments, a preference file), nor lie inside
+  one of `reads`.
+  """
   output = resolved(output_dir)
   for spec in inputs:
     root = resolved(spec_root(spec))
@@ -113,8 +118,11 @@ class Scan:
     self._output_checked = False
 
   def skip_folder(self, folder: pathlib.Path, base: pathlib.Path) -> bool:
-    """Whether a walk from `base` passes over `folder`: the run's output folder, an earlier
-    output folder below `base`, or an output folder's panels or heat maps."""
+    """Whether a walk from `base` passes over `folder`.
+
+    It does over the run's output folder, an earlier output folder below `base`, and an output
+    folder's panels or heat maps.
+    """
     real = resolved(folder)
     if self.output is not None and _inside(real, self.output):
       self._check_output_holds_no_photos(folder)
@@ -131,8 +139,10 @@ class Scan:
     return False
 
   def skip_below(self, folder: pathlib.Path, base: pathlib.Path) -> bool:
-    """Whether `folder` (a glob's match under `base`), or a folder between it and `base`, is one
-    that `skip_folder` passes over."""
+    """Whether `skip_folder` passes over `folder` (a glob's match under `base`) or one above it.
+
+    The folders checked are `folder` and those between it and `base`.
+    """
     base = pathlib.Path(base)
     while True:
       if self.skip_folder(folder, base):
@@ -142,8 +152,11 @@ class Scan:
       folder = folder.parent
 
   def refuse(self, path: pathlib.Path, real: pathlib.Path) -> str | None:
-    """The error row of a collected file (`real`: its resolved path) that is not a photo to read:
-    it is in, or links into, the output folder; or it is a panel or heat map an earlier run wrote."""
+    """The error of a collected file (`real`: its resolved path) that is not a photo to read.
+
+    Such a file is in, or links into, the output folder; or it is a panel, heat map or table an
+    earlier run wrote.
+    """
     if self.output is not None and _inside(real, self.output):
       return (
         f"inside_output: {path} is in (or links into) the output folder {self.output}, which "
@@ -160,8 +173,11 @@ class Scan:
     return None
 
   def _check_output_holds_no_photos(self, folder: pathlib.Path) -> None:
-    """A walk or glob reached the output folder: fine when it is an earlier output folder (its
-    files are outputs) or holds no photos; else its photos are inputs the run would overwrite."""
+    """Fails when a walk or glob that reached the output folder would read photos there.
+
+    Fine when it is an earlier output folder (its files are outputs) or holds no photos; else its
+    photos are inputs the run would overwrite.
+    """
     if self._output_checked:
       return
     self._output_checked = True
@@ -184,9 +200,11 @@ def input_paths(entries, extra: Iterable = ()) -> frozenset[pathlib.Path]:
 
 
 def claim(path: pathlib.Path, inputs: frozenset[pathlib.Path] = frozenset()) -> pathlib.Path:
-  """Makes `path` ready to be written: refuses it when it is (or links to) one of the run's
-  `inputs` (resolved paths); a symlink there is removed, so that the new file replaces the link
-  and never writes through it."""
+  """Makes `path` ready to be written, refusing it when it is (or links to) one of the run's inputs.
+
+  `inputs` are resolved paths. A symlink at `path` is removed, so that the new file replaces the
+  link and never writes through it.
+  """
   if resolved(path) in inputs:
     raise OutputFolderError(
       f"refusing to overwrite the input {resolved(path)}: choose another --output"

@@ -63,14 +63,13 @@ class Photo:
 def load_photo(
   path, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int
 ) -> Photo:
-  """predict.load_image (same checks, errors and model input), then the full-size pixels, from
-  one read of the file.
+  """predict.load_image (same checks, errors and model input) and the full-size pixels, one read.
 
   Raises `too_large` when the full size exceeds `max_pixels` (the output keeps the full size, so
   no reduced decode is possible here).
   """
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)  # Read once.
-  loaded = predict.decode_image(
+  loaded = predict.load_image_bytes(
     data, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
   )
   if max_pixels is not None and loaded.width * loaded.height > max_pixels:
@@ -126,7 +125,7 @@ def load_photo(
 
 
 def _srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
-  """Pixels in the profile's colour space -> sRGB, so that dropping the profile keeps the colours."""
+  """Pixels in the profile's colour space -> sRGB: dropping the profile then keeps the colours."""
   try:
     source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
     return ImageCms.profileToProfile(
@@ -185,9 +184,11 @@ def encode_photo(
 
 
 def unchanged_copy(photo: Photo, *, keep_metadata: bool) -> bytes | None:
-  """The source's own bytes for a photo redact leaves alone, where no decoding is needed: with its
-  metadata when kept, or a JPEG cut of its metadata segments when upright and without a colour
-  profile. None: encode it afresh."""
+  """The source's own bytes for a photo redact leaves alone, where no decoding is needed.
+
+  With its metadata when kept, or a JPEG cut of its metadata segments when upright and without a
+  colour profile. None: encode it afresh.
+  """
   if keep_metadata and photo.orientation == 1 and photo.format in WRITE_FORMATS:
     return photo.data
   if photo.format == "JPEG" and photo.orientation == 1 and not photo.icc_profile:

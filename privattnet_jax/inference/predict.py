@@ -1,4 +1,4 @@
-"""Privacy risk for users' own photos: scores, per-step and per-profile scores, attributes, heat maps.
+"""Privacy risk of users' own photos: scores, per-step and per-profile, attributes, heat maps.
 
 The photos are scored by a `predictor_lib.Predictor`: a checkpoint's (training/serving.py) or an
 exported artifact's.
@@ -50,7 +50,8 @@ TOP_ATTRIBUTES = 5
 
 
 # Reading and panel drawing run in threads (Pillow and numpy release the GIL): a GPU scores far
-# more images per second than one thread reads and draws (docs/benchmarks.md, "On the GPU").
+# more images per second than one thread reads and draws (docs/benchmarks.md, "Figures behind
+# constants" and "On the GPU").
 READ_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
@@ -144,12 +145,12 @@ def load_image(
   on anything but a regular file (a FIFO, a device, a symlink loop) without reading it.
   """
   data = safe_files.read_bytes(path, max_bytes=safe_files.MAX_IMAGE_BYTES)
-  return decode_image(
+  return load_image_bytes(
     data, image_size=image_size, max_side=max_side, max_pixels=max_pixels, panel_size=panel_size
   )
 
 
-def decode_image(
+def load_image_bytes(
   data: bytes, *, image_size: int, max_side: int, max_pixels: int | None, panel_size: int
 ) -> LoadedImage:
   """`load_image` on a file's bytes already read (redact decodes the same bytes at full size)."""
@@ -218,18 +219,28 @@ def _csv_header(info: dict, user: user_scores.UserScore | None, top_attributes: 
   return header + ["heatmap", "width", "height", "frames", "conversions"]
 
 
-def _csv_row(record: dict, header: Sequence[str]) -> list:
-  row = {"status": "ok" if record["ok"] else "error", **record}
-  for t, value in enumerate(record.get("step_scores") or ()):
-    row[f"step_{t + 1}"] = value
-  for p, value in enumerate(record.get("profile_scores") or ()):
-    row[f"profile_{p}"] = value
-  if "top_attributes" in record:
-    row["top_attributes"] = ";".join(
-      f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"]
-    )
+def csv_row(record: dict, header: Sequence[str], columns: dict) -> list:
+  """A JSONL record as a CSV row in `header` order (None blank); predict's table and redact's.
+
+  `columns` are the record's fields rewritten for the table; `status` and the `;`-joined
+  `conversions` are common to both.
+  """
+  row = {"status": "ok" if record["ok"] else "error", **record, **columns}
   row["conversions"] = ";".join(record.get("conversions", ()))
   return ["" if row.get(key) is None else row[key] for key in header]
+
+
+def _csv_columns(record: dict) -> dict:
+  """predict's table columns: one per step and profile, the top attributes joined."""
+  columns = {f"step_{t + 1}": value for t, value in enumerate(record.get("step_scores") or ())}
+  columns.update(
+    (f"profile_{p}", value) for p, value in enumerate(record.get("profile_scores") or ())
+  )
+  if "top_attributes" in record:
+    columns["top_attributes"] = ";".join(
+      f"{a['id']}:{a['probability']:.4f}" for a in record["top_attributes"]
+    )
+  return columns
 
 
 def _image_records(
@@ -420,7 +431,7 @@ def predict(
           record.update(ok=False, error=loaded)
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
-        writer.writerow(_csv_row(record, header))
+        writer.writerow(csv_row(record, header, _csv_columns(record)))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()
@@ -456,9 +467,10 @@ def loader_pool(processes: int):
   """Worker processes for reading photos, or None (threads of this process).
 
   The builder's normalisation decodes under a process-wide lock (it sets Pillow's globals), so
-  threads decode one photo at a time: about 120-155 1600 x 1200 JPEGs/s on a 16-core host
-  however many threads; 15 processes reached 273/s there. Workers are spawned (JAX's threads
-  make fork unsafe) and take seconds to start.
+  threads decode one photo at a time however many there are; processes decode in parallel, which
+  pays for camera-size photos on a many-core host (docs/benchmarks.md, "On the GPU"; threads gave
+  120-155 1600 x 1200 JPEGs/s on its 16-core host). Workers are spawned (JAX's threads make fork
+  unsafe) and take seconds to start.
   """
   if processes <= 0:
     return None

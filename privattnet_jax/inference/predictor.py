@@ -1,4 +1,4 @@
-"""Predictors behind one interface: a fixed-batch inference function plus the JSON that says how to feed it.
+"""Predictors behind one interface: a fixed-batch inference function and the JSON to feed it.
 
 A checkpoint predictor (training/serving.py) restores a workdir's checkpoint; an exported artifact
 (`load_exported_predictor`) is a serialized `jax.export` function with its JSON, which runs
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from privattnet_jax import nested
 from privattnet_jax.data import attributes
 from privattnet_jax.inference import heatmaps, preprocessing
 
@@ -51,7 +52,7 @@ _JAX_PLATFORMS = {"gpu": "cuda"}  # jax.default_backend() -> jax.export platform
 
 
 class PredictError(ValueError):
-  """The request cannot be served (a bad option, preference file or checkpoint); not one image's fault."""
+  """The request cannot be served: a bad option, preference file or checkpoint, not one image."""
 
 
 @dataclasses.dataclass
@@ -97,24 +98,20 @@ def normalised(value):
 def check_config(given, stored: dict) -> None:
   """Fails, naming the fields, when a given config disagrees with a checkpoint's on MODEL_FIELDS."""
   given = normalised(given.to_dict())
-  differences = []
-
-  def compare(prefix, a, b):
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in sorted(set(a) | set(b)):
-        compare(
-          f"{prefix}.{key}" if prefix else key, a.get(key, "<absent>"), b.get(key, "<absent>")
-        )
-    elif a != b and prefix not in _INITIALISATION_FIELDS:
-      differences.append(f"{prefix}: --config has {a!r}, the checkpoint {b!r}")
 
   def field_value(config: dict, dotted: str):
     for name in dotted.split("."):
       config = config.get(name, "<absent>") if isinstance(config, dict) else "<absent>"
     return config
 
-  for field in MODEL_FIELDS:
-    compare(field, field_value(given, field), field_value(stored, field))
+  differences = [
+    f"{path}: --config has {a!r}, the checkpoint {b!r}"
+    for field in MODEL_FIELDS
+    for path, a, b in nested.nested_differences(
+      field_value(given, field), field_value(stored, field), field, missing="<absent>"
+    )
+    if path not in _INITIALISATION_FIELDS
+  ]
   if differences:
     raise PredictError(
       "the given config does not describe the checkpoint's model ("
@@ -125,8 +122,10 @@ def check_config(given, stored: dict) -> None:
 
 
 def predictor_info(config: dict, task, step: int, output_shapes: dict) -> dict:
-  """The JSON beside an exported predictor (and a checkpoint predictor's `info`): preprocessing,
-  outputs, and how scores are read from them."""
+  """The JSON beside an exported predictor, and a checkpoint predictor's `info`.
+
+  It says the preprocessing, the outputs, and how scores are read from them.
+  """
   image_size = int(config["input"]["image_size"])
   outputs = {key: ["batch", *shape.shape[1:]] for key, shape in output_shapes.items()}
   grid_shape, steps = None, None

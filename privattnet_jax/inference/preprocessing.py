@@ -46,8 +46,8 @@ def normalize(image: np.ndarray) -> np.ndarray:
   """uint8 (H, W, 3) RGB -> float32, ImageNet-normalised.
 
   Works on (H, W * 3) rows against the per-channel constants tiled to a row:
-  broadcasting a (3,) vector would make numpy's inner loop 3 elements long,
-  several times slower (docs/benchmarks.md).
+  broadcasting a (3,) vector would make numpy's inner loop 3 elements long
+  (docs/benchmarks.md, "Figures behind constants").
   """
   height, width, channels = image.shape
   out = np.ascontiguousarray(image).reshape(height, width * channels).astype(np.float32)
@@ -113,9 +113,11 @@ _PIL_GLOBALS_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def pil_checks_ours():
-  """Suspends PIL's decompression-bomb check (ours, on the decoded size, replaces it) and
-  forbids loading truncated images, whatever another module set. Both are PIL globals, hence
-  the lock; the build itself is single-threaded."""
+  """Suspends PIL's decompression-bomb check and forbids truncated images, under a lock.
+
+  Our check, on the decoded size, replaces PIL's; truncated images are refused whatever another
+  module set. Both are PIL globals, hence the lock; the build itself is single-threaded.
+  """
   with _PIL_GLOBALS_LOCK:
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
@@ -137,8 +139,11 @@ def _decoded_pixels(width: int, height: int, factor: int) -> int:
 def _reduction_factor(
   width: int, height: int, can_draft: bool, max_side: int, max_pixels: int | None
 ):
-  """The JPEG DCT scale to decode at: the largest that keeps the shorter side >= max_side,
-  or a larger one if needed to stay within max_pixels. Returns (factor, forced by the limit)."""
+  """The JPEG DCT scale to decode at; returns (factor, forced by the limit).
+
+  The largest that keeps the shorter side >= max_side, or a larger one if needed to stay within
+  max_pixels.
+  """
   factor = 1
   if can_draft and max_side:
     for f in reversed(_JPEG_SCALES):

@@ -1,5 +1,7 @@
-"""Protect a photo, not only score it: each photo written again with the regions the model's
-attention points at blurred (or pixelated, or filled), and without its metadata.
+"""Protect a photo, not only score it: written again with the attended regions hidden, no metadata.
+
+Each photo is written again with the regions the model's attention points at blurred (or
+pixelated, or filled), and without its metadata.
 
 The masks come from `redaction` (greedy rounds scored at the model's resolution), the full-size
 reading and writing from `photos`, the metadata from `metadata`; this module runs them over the
@@ -30,9 +32,6 @@ from privattnet_jax.inference import predictor as predictor_lib
 from privattnet_jax.inference import user_scores
 from privattnet_jax.inference import redaction
 from privattnet_jax.inference import photos
-
-
-# EXIF tags (Pillow's ExifTags numbers), by what they give away.
 
 
 def before_after_panel(
@@ -96,15 +95,15 @@ CSV_HEADER = (
 )
 
 
-def _csv_row(record: dict) -> list:
-  row = {"status": "ok" if record["ok"] else "error", **record}
-  row["regions"] = ";".join(" ".join(map(str, box)) for box in record.get("regions", ()))
-  row["metadata_found"] = ";".join(record.get("metadata_found", {}))
-  row["metadata_removed"] = ";".join(record.get("metadata_removed", ()))
+def _csv_columns(record: dict) -> dict:
+  """redact's table columns: the region boxes, the metadata found and removed, the GPS tags."""
   gps = record.get("metadata_found", {}).get("gps")
-  row["gps"] = json.dumps(gps) if gps else None
-  row["conversions"] = ";".join(record.get("conversions", ()))
-  return ["" if row.get(key) is None else row[key] for key in CSV_HEADER]
+  return {
+    "regions": ";".join(" ".join(map(str, box)) for box in record.get("regions", ())),
+    "metadata_found": ";".join(record.get("metadata_found", {})),
+    "metadata_removed": ";".join(record.get("metadata_removed", ())),
+    "gps": json.dumps(gps) if gps else None,
+  }
 
 
 @dataclasses.dataclass
@@ -144,8 +143,11 @@ class RedactSettings:
 def _finish(
   photo: photos.Photo, mask: np.ndarray, settings: RedactSettings
 ) -> tuple[bytes, str, list, float, Image.Image, int]:
-  """Full-size output of one photo: (file bytes, format, region boxes, redacted area, pixels of
-  the first frame, frames written). An animation's frames all get the first frame's mask."""
+  """Full-size output of one photo; an animation's frames all get the first frame's mask.
+
+  Returns (file bytes, format, region boxes, redacted area, pixels of the first frame, frames
+  written).
+  """
   if not mask.any():
     data = photos.unchanged_copy(photo, keep_metadata=settings.keep_metadata)
     if data is not None:
@@ -182,8 +184,10 @@ def _write_outputs(
   panel: bool,
   inputs: frozenset[pathlib.Path] = frozenset(),
 ) -> dict:
-  """Writes the photo (and its panel), never onto one of the run's `inputs`; returns the record's
-  output fields."""
+  """Writes the photo (and its panel), never onto one of the run's `inputs`; returns output fields.
+
+  The fields are the record's: output, format, area, regions, frames written, panel.
+  """
   data, fmt, boxes, area, pixels, frames_written = _finish(photo, mask, settings)
   suffix = (
     source.suffix
@@ -241,10 +245,11 @@ def redact_photos(
   loader_processes: int = 0,
   progress: bool = True,
 ) -> RedactResult:
-  """Redacts every photo; writes OUT/<name>, redaction.jsonl, redaction.csv and panels/<name>_redact.png.
+  """Redacts every photo; writes OUT/<name>, redaction.jsonl, redaction.csv, panels/.
 
-  Files are collected, read and reported as predict does (`predict.predict`'s arguments of the same
-  names); `profile` / `preferences_file` redaction.redact for that user's score instead of the model's.
+  The panels are panels/<name>_redact.png. Files are collected, read and reported as predict does
+  (`predict.predict`'s arguments of the same names); `profile` / `preferences_file` redact for
+  that user's score instead of the model's.
   """
   settings.check()
   info = predictor.info
@@ -273,8 +278,6 @@ def redact_photos(
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  # predict's reading machinery (threads or processes, batches read ahead, error text), shared.
-
   records = []
   with (
     open(output_folders.claim(output_dir / "redaction.jsonl", inputs), "w") as jsonl_file,
@@ -285,6 +288,7 @@ def redact_photos(
   ):
     writer = csv.writer(csv_file)
     writer.writerow(CSV_HEADER)
+    # predict's reading machinery (threads or processes, batches read ahead, error text), shared.
     for chunk in predict.loaded_chunks(entries, names, load, predictor.batch_size, loader):
       good = [(path, name, photo) for path, name, photo in chunk if isinstance(photo, photos.Photo)]
       outcome = None
@@ -355,7 +359,7 @@ def redact_photos(
             record.update(ok=False, error=predict.error_text(e))
         records.append(record)
         jsonl_file.write(json.dumps(record) + "\n")
-        writer.writerow(_csv_row(record))
+        writer.writerow(predict.csv_row(record, CSV_HEADER, _csv_columns(record)))
         bar.update(1)
       jsonl_file.flush()
       csv_file.flush()

@@ -103,8 +103,10 @@ def scale_boxes(
 
 
 def _mask_crop(mask: Image.Image, box, size: tuple[int, int]) -> Image.Image:
-  """The part of a mode-L 0/255 mask under `box` of an image of `size`: bilinearly upsampled and
-  thresholded at half (a smooth edge at full size), computed for that box alone."""
+  """The part of a mode-L 0/255 mask under `box` of an image of `size`, computed for that box alone.
+
+  Bilinearly upsampled and thresholded at half: a smooth edge at full size.
+  """
   width, height = box[2] - box[0], box[3] - box[1]
   if mask.size == tuple(size):
     return mask.crop(box)
@@ -213,7 +215,7 @@ def scorer(predictor: predictor_lib.Predictor, user: user_scores.UserScore | Non
 
 
 def score_scale(info: dict) -> float:
-  """The largest score the checkpoint's target gives (its largest preference): what MIN_DROP scales."""
+  """The largest score the checkpoint's target gives (its largest preference): MIN_DROP's unit."""
   return float(np.max(np.abs(np.asarray(info["preferences"], np.float64))))
 
 

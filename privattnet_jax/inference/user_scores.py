@@ -1,4 +1,4 @@
-"""Whose score: the model's own, one profile's column, or a user's own preferences pooled over attributes."""
+"""Whose score: the model's, a profile's column, or a user's preferences pooled over attributes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from privattnet_jax.inference import predictor as predictor_lib
 
 @dataclasses.dataclass(frozen=True)
 class UserScore:
-  """One user's score from a predictor's outputs: a profile column, or pooled attribute probabilities."""
+  """One user's score from a predictor's outputs: a profile column, or pooled probabilities."""
 
   label: str
   column: int | None = None  # Score column (per-profile or single-profile regression models).
@@ -38,7 +38,7 @@ class UserScore:
 
 
 def _user_preference_table(path, missing_value: float) -> np.ndarray:
-  """A user's ratings file -> (68, 1); one rating column, attributes it leaves out get `missing_value`."""
+  """A user's ratings file (one column) -> (68, 1); attributes left out get `missing_value`."""
   try:
     safe_files.regular_file(path)
     if os.path.getsize(path) > safe_files.MAX_LIST_BYTES:

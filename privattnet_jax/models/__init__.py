@@ -199,7 +199,10 @@ def with_attribute_bias(params: dict, model_config, bias: np.ndarray) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _interned(model: PrivacyModel) -> PrivacyModel:
-  """The first of the equal models made in this process. Linen modules compare by value, but a
-  TrainState holds the bound `model.apply`, which compares by identity: one object per config
-  lets a second run with an equal config reuse the steps jitted for the first."""
+  """The first of the equal models made in this process: one object per config.
+
+  Linen modules compare by value, but a TrainState holds the bound `model.apply`, which compares by
+  identity: one object per config lets a second run with an equal config reuse the steps jitted
+  for the first.
+  """
   return model

@@ -201,7 +201,7 @@ class AttentionHead(nn.Module):
 
     # Step 4: T steps, one set of parameters, a fresh dropout key per step. Unrolled (the same
     # values): a rolled loop stacks each step's (B, L, D) residuals into buffers it first zeroes,
-    # ~8% of a head train step on a CPU (docs/benchmarks.md, issue 19).
+    # a cost the head step need not pay (docs/benchmarks.md, "Where the image step's time went").
     steps = nn.scan(
       AttentionStep,
       variable_broadcast="params",

@@ -1,13 +1,13 @@
 """`nn.Conv` with 1x1 convolutions computed as matrix products.
 
 A 1x1 convolution is a matrix product over the channel axis, but XLA:CPU runs it through its
-convolution kernel, at 27-71 GFLOP/s for ResNet-50's 56x56 and 28x28 stages on the 2-core CPU
-against 150-180 GFLOP/s as a `dot_general` (docs/benchmarks.md, issue 19). Its weight gradient is
-worse: the head's 1x1 conv was differentiated as a convolution with batch and channels swapped,
-behind a transpose of the whole feature map, 14% of a train step. Most of ResNet-50's and all of
-EfficientNet-Lite0's pointwise layers are 1x1, so every encoder and the attention head build
-their convolutions from `Conv` here. The kernel keeps `nn.Conv`'s shape (1, 1, C_in, C_out): the
-parameters, checkpoints and weight files are those of `nn.Conv`.
+convolution kernel, several times slower than the same product as a `dot_general`. Its weight
+gradient is worse: XLA differentiates it as a convolution with batch and channels swapped, behind a
+transpose of the whole feature map (docs/benchmarks.md, "Where the image step's time went, and what
+changed"). Most of ResNet-50's and all of EfficientNet-Lite0's pointwise layers are 1x1, so every
+encoder and the attention head build their convolutions from `Conv` here. The kernel keeps
+`nn.Conv`'s shape (1, 1, C_in, C_out): the parameters, checkpoints and weight files are those of
+`nn.Conv`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def conv_general_dilated(
   precision=None,
   **kwargs,
 ) -> jax.Array:
-  """`lax.conv_general_dilated`, except that a 1x1 convolution is a strided slice and a
-  `dot_general` over the channel axis (the same sums, in another order)."""
+  """`lax.conv_general_dilated`, but a 1x1 convolution is a strided slice and a `dot_general`.
+
+  The `dot_general` runs over the channel axis: the same sums, in another order.
+  """
   if not _is_pointwise(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count):
     return lax.conv_general_dilated(
       lhs,

@@ -2,7 +2,8 @@
 
 The attention head masks five (B, L, D) tensors per step (the feature, key and three energy
 dropouts: 1M elements per 224 px image), and with threefry the random bits cost more time than
-the head's arithmetic on a CPU. `flax.linen.Dropout` draws one 32-bit word per element
+the head's arithmetic on a CPU (docs/benchmarks.md, "On the 2-core CPU" under the feature cache).
+`flax.linen.Dropout` draws one 32-bit word per element
 (`jax.random.bernoulli`); here one word serves four elements (8-bit draws) where the keep
 probability is a multiple of 1/256 (0.5, 0.25, ...) or two (16-bit draws) otherwise, so a mask
 costs a quarter or half of the PRNG work, on every backend.

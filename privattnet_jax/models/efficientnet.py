@@ -9,7 +9,8 @@ Convolutions pad as TensorFlow's 'SAME' (the model was trained in TF; `efficient
 computes the same padding statically for 224 px): flax's `padding="SAME"` is exactly that at
 every input size. BatchNorm has TF's epsilon, 1e-3. Depthwise convolutions are computed as a
 sum of k x k shifted, scaled copies of the input (`DepthwiseConv`): the same function as a
-grouped convolution, which XLA runs 4-18x slower on CPU (docs/benchmarks.md).
+grouped convolution, which XLA:CPU runs several times slower (docs/benchmarks.md, "Lite0 against
+ResNet-50 on this CPU").
 
 Module names mirror the state-dict keys without their leading underscores, `.N.` turned into
 `_N`: `conv_stem`, `bn0`, `blocks_4/expand_conv`, `blocks_4/depthwise_conv`, `blocks_4/bn1`,
@@ -149,8 +150,9 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/16, S/16, 112) at the cut,
-  (B, S/32, S/32, 1280) for the whole trunk.
+  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/r, S/r, D).
+
+  (B, S/16, S/16, 112) at the cut, (B, S/32, S/32, 1280) for the whole trunk.
 
   Attributes:
     stages: 3 (cut at output stride 16) or 4 (the whole trunk, head conv included).

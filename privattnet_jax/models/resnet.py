@@ -137,7 +137,7 @@ def validate(depth: int, width: int, stages: int) -> None:
 
 
 class ResNet(nn.Module):
-  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/16, S/16, D) or (B, S/32, S/32, D).
+  """The trunk without its classifier: (B, S, S, 3) images -> (B, S/r, S/r, D), r = 16 or 32.
 
   Attributes:
     depth: 18, 34, 50, or 0 (tiny).
@@ -160,7 +160,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, use_running_average: bool):
-    """`use_running_average`: BatchNorm normalises with (and leaves alone) its running statistics."""
+    """`use_running_average`: BatchNorm uses, and leaves alone, its running statistics."""
     block, blocks_per_stage = ARCHITECTURES[self.depth]
     conv = functools.partial(
       convolution.Conv,

@@ -1,4 +1,7 @@
-"""What a run's model outputs mean: the score definition (`Task`) and the mapping from outputs to privacy scores, shared by training, evaluation and inference."""
+"""What a run's model outputs mean: the score definition (`Task`), outputs -> privacy scores.
+
+Shared by training, evaluation and inference.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +44,11 @@ class Task:
 
 
 def make_task(model_config, score_config, loss_config, target_mean, preferences) -> Task:
-  """The run's Task: built once (by the run, or from a checkpoint's metadata) and passed to the
-  loaders, the steps, evaluation and predict; `preferences` (68, P) is the score's table."""
+  """The run's Task; `preferences` (68, P) is the score's table.
+
+  Built once (by the run, or from a checkpoint's metadata) and passed to the loaders, the steps,
+  evaluation and predict.
+  """
   # Checkpoints from before the field scored with the product rule: they keep their scores.
   attribute_rule = score_config.get("attribute_rule", "product")
   if attribute_rule not in attributes.ATTRIBUTE_RULES:
@@ -76,7 +82,7 @@ def attribute_scores(probabilities, preferences, pooling: str, rule: str = "expe
 
 
 def predicted_scores(outputs: dict, task: Task) -> jax.Array:
-  """Raw privacy scores (B, P) from the model outputs (undoing the per-column target normalisation)."""
+  """Raw privacy scores (B, P) from the model outputs: the per-column normalisation undone."""
   if task.kind == "regression":
     return outputs["score"].astype(jnp.float32) / 2 + task.target_mean
   probabilities = jax.nn.sigmoid(outputs["attribute_logits"].astype(jnp.float32))
@@ -107,9 +113,11 @@ def table_scores(
 
 
 def inference_outputs(outputs: dict, task: Task) -> dict:
-  """Model outputs -> what users see: raw `score` (B, P), raw `step_scores` (B, T, P), `attention`
-  (B, T, L), `attribute_probabilities` (B, K); each where the model has it. Evaluation, predict
-  and the exported predictor all go through here, so they agree."""
+  """Model outputs -> what users see, the same for evaluation, predict and the exported predictor.
+
+  Raw `score` (B, P), raw `step_scores` (B, T, P), `attention` (B, T, L), `attribute_probabilities`
+  (B, K); each where the model has it. All three go through here, so they agree.
+  """
   result = {"score": predicted_scores(outputs, task)}
   if "step_scores" in outputs:
     result["step_scores"] = outputs["step_scores"].astype(jnp.float32) / 2 + task.target_mean

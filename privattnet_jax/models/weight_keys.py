@@ -1,5 +1,7 @@
-"""How torchvision's, timm's and efficientnet_pytorch's weight names map onto our encoders' variables,
-and which architecture a set of names belongs to."""
+"""Weight names of torchvision, timm and efficientnet_pytorch -> our encoders' variables.
+
+Also which architecture a set of names belongs to.
+"""
 
 from __future__ import annotations
 
@@ -221,8 +223,11 @@ def describe(block: str, blocks: tuple[int, ...]) -> str:
 
 
 def check_architecture(source: Mapping[FlatKey, Any], target: Mapping[FlatKey, Any], path) -> None:
-  """Encoder kind, block type, blocks per stage, stem width and stage count, before any
-  key-level comparison."""
+  """Fails, naming the mismatch, when the file's encoder cannot fill ours; before any key check.
+
+  Compared: encoder kind, block type, blocks per stage, stem width and stage count (a file may
+  hold more stages than the encoder runs).
+  """
   source_layout, target_layout = encoder_layout(source), encoder_layout(target)
   if source_layout != target_layout:
     raise WeightImportError(

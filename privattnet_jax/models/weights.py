@@ -75,7 +75,7 @@ INSTALLED_WEIGHTS = {
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """A `.pth` state dict as {key: numpy array}, read without torch (see `privattnet_jax.models.pth`).
+  """A `.pth` state dict as {key: numpy array}, read without torch (`privattnet_jax.models.pth`).
 
   Floating tensors become float32; anything but a flat mapping of names to tensors is refused.
   """
@@ -152,8 +152,10 @@ def installed_weights_path(name: str) -> pathlib.Path:
 
 
 def resolve_path(path: str | pathlib.Path) -> pathlib.Path:
-  """The weight file that `model.encoder.pretrained` names: an installed name, a converted-encoder
-  folder or a file; a weight_keys.WeightImportError when it is missing or not a regular file."""
+  """The weight file `model.encoder.pretrained` names: installed name, converted folder or file.
+
+  Raises weight_keys.WeightImportError when it is missing or not a regular file.
+  """
   if str(path) in INSTALLED_WEIGHTS:
     path = installed_weights_path(str(path))
   path = pathlib.Path(path)
@@ -305,8 +307,10 @@ def load_pretrained_encoder(
 
 
 def load_pretrained(path: str | pathlib.Path, variables: Mapping[str, Any]) -> dict[str, Any]:
-  """A whole model's variables (top-level `encoder` and `head` in each collection) with the
-  encoder's entries read from `path`; the head is left as it is."""
+  """A whole model's variables with the encoder's entries read from `path`; the head as it was.
+
+  Each collection holds top-level `encoder` and `head`.
+  """
   encoder = {
     collection: variables[collection]["encoder"] for collection in ("params", "batch_stats")
   }
@@ -336,8 +340,10 @@ def save_encoder(
 
 
 def encoder_for_file(path: str | pathlib.Path) -> resnet.ResNet | efficientnet.EfficientNetLite0:
-  """The encoder (ResNet depth, width, stages; or Lite0 and its cut) a weight file holds; raises
-  if it is no known layout."""
+  """The encoder a weight file holds (ResNet depth, width, stages; or Lite0 and its cut).
+
+  Raises if it is no known layout.
+  """
   resolved = resolve_path(path)
   source, _, unexpected = read_weights(resolved)
   if unexpected:

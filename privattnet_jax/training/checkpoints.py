@@ -130,8 +130,10 @@ def restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def _restore_or_explain(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
-  """manager.restore, or a CheckpointError: the step is broken (naming the intact steps), or it is
-  intact and does not fit what was asked of it (another model's config).
+  """manager.restore, or a CheckpointError that says whether the step is broken or does not fit.
+
+  Broken: the error names the intact steps. Intact but not fitting what was asked of it: another
+  model's config.
 
   Nothing is logged here: the CheckpointError chains the restore's error, so run.py's one line
   is all stderr gets and errors.log holds both tracebacks.
@@ -163,7 +165,9 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
 
 
 def check_step(manager: ocp.CheckpointManager, step: int) -> str | None:
-  """None when `step` restores (every state array read, the metadata parsed), else why not in one line.
+  """None when `step` restores, else why not, in one line.
+
+  Restoring means every state array read and the metadata parsed.
 
   The state is restored as saved (no target), so the check needs no model; it reads the whole
   checkpoint once.
@@ -185,7 +189,7 @@ def check_step(manager: ocp.CheckpointManager, step: int) -> str | None:
 def set_aside_unrestorable(
   manager: ocp.CheckpointManager, workdir: str | pathlib.Path
 ) -> int | None:
-  """Before a run resumes: the newest step that restores, after setting aside the newer ones that do not.
+  """Before a run resumes: the newest step that restores; the newer ones that do not set aside.
 
   Each broken step is renamed into <workdir>/checkpoints_set_aside/ (never deleted), with one
   warning line naming it and the step the run resumes from. Returns None when no step restores
@@ -237,8 +241,11 @@ FROZEN_ENCODER_DIR = "frozen_encoder"
 
 
 def frozen_collections(encoder_config) -> tuple[str, ...]:
-  """The variable collections whose "encoder" entry a run never changes: a frozen encoder's params,
-  and its BatchNorm statistics too when those are frozen ("update" keeps refreshing them)."""
+  """The variable collections whose "encoder" entry a run never changes.
+
+  A frozen encoder's params, and its BatchNorm statistics too when those are frozen ("update" keeps
+  refreshing them).
+  """
   if encoder_config.trainable:
     return ()
   return ("params", "batch_stats") if encoder_config.batchnorm == "frozen" else ("params",)
@@ -277,8 +284,10 @@ def _frozen_digest(frozen: dict) -> str:
 
 
 def save_frozen_encoder(workdir: str | pathlib.Path, state: Any, encoder_config) -> dict | None:
-  """Writes the run's frozen encoder parts once (nothing when that folder exists already) and
-  returns the reference `save` puts in each checkpoint's metadata; None when nothing is frozen.
+  """Writes the run's frozen encoder parts once; returns the reference each checkpoint names.
+
+  Nothing is written when that folder exists already. The reference is what `save` puts in each
+  checkpoint's metadata; None when nothing is frozen.
 
   Written synchronously and renamed into place by orbax when complete, before any checkpoint that
   names it: a run killed at any moment leaves no checkpoint pointing at a partial folder.

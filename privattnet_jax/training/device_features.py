@@ -4,7 +4,8 @@ With `feature_cache.mode='device'`, the train and validation splits of the featu
 once into arrays sharded over the mesh's batch axis (each device holds 1/N of the records), and
 every train step gathers its batch from them inside the jitted step. The host then only
 dispatches steps: at the paper's size a step reads 100 MB of features (256 x 14x14x1024 bf16),
-which a host loader could not supply at an accelerator's step rate (docs/benchmarks.md). The
+which a host loader could not supply at an accelerator's step rate (docs/benchmarks.md, "On one
+H100: the paper's whole run"). The
 price is device memory: 402 KB per record (bf16, 224 px), 4.0 GB for VISPR's 10,000 training
 images plus 1.7 GB for its 4,167 validation images, split over the devices.
 
@@ -44,8 +45,10 @@ _READ_THREADS = 8
 
 
 def _local_positions(mesh) -> list[int]:
-  """This process's device positions along the (one-axis) mesh, in mesh order; they must be
-  contiguous, as `jax.make_array_from_process_local_data` lays a process's rows out."""
+  """This process's device positions along the (one-axis) mesh, in mesh order.
+
+  They must be contiguous, as `jax.make_array_from_process_local_data` lays a process's rows out.
+  """
   positions = [
     k for k, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()
   ]
@@ -58,8 +61,10 @@ def _local_positions(mesh) -> list[int]:
 
 
 class _Rows:
-  """Row j of this process's share: `rows[j]` (a list of record indices; empty for padding) read
-  and turned into one dict by `make_row(records)`."""
+  """Row j of this process's share: records `rows[j]` read and made one dict by `make_row`.
+
+  `rows[j]` is a list of record indices, empty for padding.
+  """
 
   def __init__(self, source, rows: list[list[int]], make_row):
     self._source, self._rows, self._make_row = source, rows, make_row
@@ -72,8 +77,11 @@ class _Rows:
 
 
 def _read_rows(source, rows: list[list[int]], make_row) -> dict[str, np.ndarray]:
-  """The rows, read with parallel threads, stacked into one array per key (strings, such as image
-  ids, as wide as the longest: a width taken from the first row would cut longer ones)."""
+  """The rows, read with parallel threads, stacked into one array per key.
+
+  Strings, such as image ids, are as wide as the longest: a width taken from the first row would
+  cut longer ones.
+  """
   stream = grain.MapDataset.source(_Rows(source, rows, make_row)).to_iter_dataset(
     grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=2 * _READ_THREADS)
   )
@@ -95,7 +103,7 @@ def _read_rows(source, rows: list[list[int]], make_row) -> dict[str, np.ndarray]
 
 
 def _to_device(arrays: dict[str, np.ndarray], mesh, axis: str) -> dict[str, jax.Array]:
-  """This process's rows (its devices' blocks, in mesh order) -> global arrays sharded over `axis`."""
+  """This process's rows (its devices' blocks, in mesh order) -> global arrays split over `axis`."""
   sharding = NamedSharding(mesh, P(axis))
   return {
     key: jax.make_array_from_process_local_data(sharding, value) for key, value in arrays.items()
@@ -103,7 +111,7 @@ def _to_device(arrays: dict[str, np.ndarray], mesh, axis: str) -> dict[str, jax.
 
 
 def _check_fits(num_bytes: int, mesh, what: str) -> None:
-  """Refuses, with the numbers, to fill more than 3/4 of a device's memory (where the backend says)."""
+  """Refuses, with the numbers, to fill over 3/4 of a device's memory (where the backend says)."""
   device = mesh.devices.flat[_local_positions(mesh)[0]]
   limit = (device.memory_stats() or {}).get("bytes_limit")
   if limit and num_bytes > 0.75 * limit:
@@ -127,8 +135,11 @@ def _record_shape(cache: feature_cache.FeatureCache) -> tuple[tuple[int, ...], n
 
 @dataclasses.dataclass(frozen=True)
 class TrainSet:
-  """The train split on the devices: `arrays` {features (R, V, h, w, D), score (R, P), labels (R, 68),
-  valid (R,)}, R = ceil(num_examples / devices) x devices; row block d belongs to device d."""
+  """The train split on the devices; row block d of `arrays` belongs to device d.
+
+  `arrays`: {features (R, V, h, w, D), score (R, P), labels (R, 68), valid (R,)},
+  R = ceil(num_examples / devices) x devices.
+  """
 
   arrays: dict[str, jax.Array]
   views: int
@@ -211,9 +222,11 @@ def gather_batch(
 def parallel_train_step(
   mesh, axis: str, step_fn, train_set: TrainSet, steps_per_epoch: int, batch_size: int, seed: int
 ):
-  """jit(shard_map) of `step_fn(state, batch)` (the per-device train step) on a batch gathered from
-  `train_set.arrays` on the devices: call it as `step(state, train_set.arrays)`. Built once per
-  distinct (mesh, step_fn, batch layout, views, seed) in a process, as train_steps' steps."""
+  """jit(shard_map) of the per-device `step_fn(state, batch)` on a batch gathered on the devices.
+
+  The batch is gathered from `train_set.arrays`: call it as `step(state, train_set.arrays)`. Built
+  once per distinct (mesh, step_fn, batch layout, views, seed) in a process, as train_steps' steps.
+  """
   devices = mesh.devices.size
   local_batch = batch_size // devices
   if steps_per_epoch * local_batch > train_set.num_examples // devices:

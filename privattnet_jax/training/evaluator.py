@@ -1,4 +1,4 @@
-"""The evaluation pass over a split and `evaluate_checkpoint`, which writes eval_<split>.json and the report."""
+"""The evaluation pass over a split; `evaluate_checkpoint`: eval_<split>.json and the report."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def evaluate(
 
 
 def scalar_metrics(result_metrics: dict) -> dict:
-  """The loggable numbers of `evaluate`'s metrics: top-level scalars and the table row as `table/<key>`."""
+  """`evaluate`'s loggable numbers: top-level scalars, and the table row as `table/<key>`."""
   scalars = {f"table/{k}": v for k, v in result_metrics.get("table", {}).items()}
   scalars.update({k: v for k, v in result_metrics.items() if isinstance(v, (int, float))})
   return scalars
@@ -125,8 +125,10 @@ def evaluate_checkpoint(
   redaction_quality: bool = False,
   trained_state: train_state.TrainState | None = None,
 ) -> dict:
-  """Evaluates the best (or a named) checkpoint on a split; writes workdir/eval_<split>.json (with
-  `localisation` where the data has boxes) and the report (evaluation_report.report_dir).
+  """Evaluates the best (or a named) checkpoint on a split; writes eval_<split>.json and the report.
+
+  eval_<split>.json goes into the workdir, with `localisation` where the data has boxes; the report
+  into evaluation_report.report_dir.
 
   `redaction_quality` adds the `redaction` entry and the report's Redaction section (an attention
   model on data with boxes): opt-in, since it runs the image path on many candidate masks and

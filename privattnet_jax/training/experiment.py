@@ -1,4 +1,4 @@
-"""The run's setup: everything derived from its config (data, task, model, mesh, initial state, feed)."""
+"""The run's setup: all its config gives (data, task, model, mesh, initial state, feed)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from privattnet_jax.models import weight_keys
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, with the field's name, on values that would otherwise fail deep inside a step:
-  every field's own range (`config_check`), then what depends on the machine and the encoder."""
+  """Fails early, naming the field, on values that would otherwise fail deep inside a step.
+
+  Every field's own range (`config_check`), then what depends on the machine and the encoder.
+  """
   config_check.check(config)
   batch_size = config.input.batch_size
   devices, processes = jax.device_count(), jax.process_count()
@@ -132,9 +134,10 @@ class Experiment:
     return lambda params: models.with_attribute_bias(params, model_config, bias)
 
   def _target_mean(self, preferences: np.ndarray) -> np.ndarray:
-    """The training split's mean score per column (the authors hard-coded theirs); reused from a checkpoint.
+    """The training split's mean score per column; reused from a checkpoint.
 
-    Attribute models never use it, so their checkpoints serve any `score.per_profile`.
+    The authors hard-coded theirs. Attribute models never use it, so their checkpoints serve any
+    `score.per_profile`.
     """
     num_outputs = preferences.shape[1]
     latest = self.manager.latest_step()
@@ -163,8 +166,10 @@ class Experiment:
     }
 
   def prepare_feature_cache(self) -> feature_cache.FeatureCache:
-    """Builds or checks the cache for the run's frozen encoder: the latest checkpoint's when there
-    is one (a resumed run keeps its encoder even if the config's weights changed), else the initial one."""
+    """Builds or checks the cache for the frozen encoder: the latest checkpoint's, else the initial.
+
+    A resumed run keeps its encoder even if the config's weights changed.
+    """
     latest = self.manager.latest_step()
     state = self.initial_state if latest is None else self.restore(latest)
     encode_step = train_steps.parallel_encode_step(
@@ -195,12 +200,12 @@ class Experiment:
 def prepare_feature_cache(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> feature_cache.FeatureCache:
-  """Builds (or checks) the feature cache that a run of `config` in `workdir` reads, ahead of
-  training: with the encoder of the workdir's latest checkpoint, else the initial one.
+  """Builds (or checks), ahead of training, the feature cache a run of `config` in `workdir` reads.
 
-  Needs the run's data, encoder state, task and mesh, so it sets up the experiment without a train
-  step, with the cache read through the host ('device' reads the same files, and its device copy
-  of the features is a training run's, not the cache's).
+  With the encoder of the workdir's latest checkpoint, else the initial one. Needs the run's data,
+  encoder state, task and mesh, so it sets up the experiment without a train step, with the cache
+  read through the host ('device' reads the same files, and its device copy of the features is a
+  training run's, not the cache's).
   """
   config = config.copy_and_resolve_references()
   config.feature_cache.mode = "host"

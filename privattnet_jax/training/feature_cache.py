@@ -1,10 +1,11 @@
 """Frozen-encoder feature cache: the encoder runs once per image, head training reads its output.
 
 With `model.encoder.trainable=False` and `model.encoder.batchnorm='frozen'` an image's encoder
-features depend on the image and the encoder weights alone, so they can be computed once and
-read back every epoch: no JPEG decoding, no augmentation, no encoder pass (~75% of a training
-step's arithmetic at the paper's size). Batches then carry `features` (B, h, w, D) instead of
-`image`, and the train and eval steps run `PrivacyModel.head_from_features`.
+features depend on the image and the encoder weights alone, so they can be computed once and read
+back every epoch: no JPEG decoding, no augmentation, no encoder pass (most of a training step's
+arithmetic at the paper's size: docs/benchmarks.md, "On the 2-core CPU"). Batches then carry
+`features` (B, h, w, D) instead of `image`, and the train and eval steps run
+`PrivacyModel.head_from_features`.
 
 Layout of the cache folder (`config.feature_cache.dir`; default `feature_cache/` inside the
 dataset's TFDS version folder, so deleting the dataset deletes its caches too):
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from privattnet_jax import nested
 from privattnet_jax.data import input_pipeline
 
 FORMAT = (
@@ -108,9 +110,11 @@ def _dataset_dir(sources: Mapping[str, Any]) -> pathlib.Path | None:
 
 
 def cache_dir(cache, sources: Mapping[str, Any], encoder_sha256: str) -> pathlib.Path:
-  """`feature_cache.dir`, or `feature_cache/<encoder digest>/` inside the dataset's TFDS version
-  folder: one folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet)
-  on one dataset keep their caches instead of rebuilding each other's."""
+  """`feature_cache.dir`, or `feature_cache/<encoder digest>/` in the dataset's TFDS version folder.
+
+  One folder per encoder, so runs with other encoders or cuts (demo.py and demo.py:privnet) on one
+  dataset keep their caches instead of rebuilding each other's.
+  """
   if cache.dir:
     return pathlib.Path(cache.dir).expanduser()
   dataset_dir = _dataset_dir(sources)
@@ -151,16 +155,6 @@ def manifest_key(settings: CacheSettings, sources: Mapping[str, Any], state) -> 
   return json.loads(json.dumps(key))  # As it reads back from the manifest (tuples -> lists).
 
 
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [
-      line
-      for name in sorted(set(old) | set(new))
-      for line in _differences(old.get(name), new.get(name), f"{path}.{name}" if path else name)
-    ]
-  return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
-
-
 # ----------------------------------------------------------------------------
 # Records and reading.
 
@@ -179,7 +173,7 @@ def encode_record(
 
 
 def decode_record(data: bytes, shape, dtype) -> dict[str, Any]:
-  """A record as a dataset-like dict, with `features` in place of `image` (no copy of the features)."""
+  """A record as a dataset-like dict, `features` (not copied) in place of `image`."""
   record = msgpack.unpackb(data)
   return {
     "features": np.frombuffer(record["features"], dtype).reshape(shape),
@@ -313,9 +307,13 @@ def _stale_reason(directory: pathlib.Path, key: dict) -> str | None:
     manifest = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     return f"unreadable manifest ({error})"
-  differences = _differences({field: manifest.get(field) for field in _KEY_FIELDS}, key)
+  differences = nested.nested_differences(
+    {field: manifest.get(field) for field in _KEY_FIELDS}, key
+  )
   if differences:
-    return "built from other inputs: " + "; ".join(differences)
+    return "built from other inputs: " + "; ".join(
+      f"{path}: {old!r} -> {new!r}" for path, old, new in differences
+    )
   for split, entry in manifest["splits"].items():
     layout = input_pipeline.ProcessLayout(
       0, len(entry["files"]), manifest["layout"]["rows_per_batch"]
@@ -350,7 +348,7 @@ class _ViewRows:
 
 
 class _ViewTransform(input_pipeline.EvalTransform):
-  """A `_ViewRows` row -> the eval row whose image is augmented view v of example i (train transform)."""
+  """A `_ViewRows` row -> the eval row whose image is view v of example i (the train transform)."""
 
   def __init__(self, *, train_transform: input_pipeline.TrainTransform, seed: int, **kwargs):
     super().__init__(**kwargs)

@@ -1,4 +1,4 @@
-"""The optimiser: Adam with coupled L2, the learning-rate schedule, the frozen encoder masked out."""
+"""The optimiser: Adam with coupled L2, the learning-rate schedule, a frozen encoder masked out."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Restoring a run from its workdir alone: the checkpoint's metadata gives config, task and model."""
+"""A run restored from its workdir alone: the checkpoint's metadata gives config, task, model."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from privattnet_jax.training import checkpoints, train_state, train_steps
 
 @dataclasses.dataclass
 class RestoredRun:
-  """A checkpoint ready for inference: its config, task, model and state, on a mesh of every device."""
+  """A checkpoint ready for inference: config, task, model and state, on a mesh of every device."""
 
   config: ml_collections.ConfigDict
   task: scoring.Task
@@ -43,8 +43,10 @@ def select_step(manager, workdir, step: int | None = None) -> int:
 
 
 def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> RestoredRun:
-  """Restores a checkpoint from itself alone: its metadata gives the config, the target mean and
-  the preference table, so no dataset is built or read (predict, export)."""
+  """Restores a checkpoint from itself alone, building and reading no dataset (predict, export).
+
+  Its metadata gives the config, the target mean and the preference table.
+  """
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint in {directory}: train first")

@@ -1,4 +1,4 @@
-"""Serving a checkpoint: as a Predictor that runs the eval step on every device, or exported with jax.export."""
+"""Serving a checkpoint: a Predictor running the eval step on every device, or a jax.export."""
 
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ def _restore(workdir, step, config):
 def load_checkpoint_predictor(
   workdir, step: int | None = None, config=None, batch_size: int = predictor_lib.DEFAULT_BATCH_SIZE
 ) -> predictor_lib.Predictor:
-  """The best (or a named) checkpoint of `workdir` as a Predictor, run by the eval step
-  (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a multiple of the device
-  count."""
+  """The best (or a named) checkpoint of `workdir` as a Predictor.
+
+  It runs the eval step (`train_steps.eval_step`) on every device; `batch_size` is rounded up to a
+  multiple of the device count.
+  """
   if jax.process_count() > 1:
     raise predictor_lib.PredictError("predict runs in a single process")
   run = _restore(workdir, step, config)

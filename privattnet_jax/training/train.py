@@ -1,4 +1,4 @@
-"""The training loop: steps over the feed, logging, validation and checkpoints, then the final evaluation."""
+"""The training loop: steps over the feed, logging, validation, checkpoints, final evaluation."""
 
 from __future__ import annotations
 
@@ -144,8 +144,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _log_run_time(total: float, steps: int, batch_size: int, seconds: dict) -> None:
-  """Where a run's wall time went: train steps (with logging), validation, checkpoint saves (the
-  time the loop waited in `save`: async writes overlap the next steps)."""
+  """Logs where a run's wall time went: train steps (with logging), validation, checkpoint saves.
+
+  A save's time is what the loop waited in `save`: async writes overlap the next steps.
+  """
   stepping = total - sum(seconds.values())
   logging.info(
     "Trained %d steps in %.1f s: %.1f s of train steps (%.1f img/s), %.1f s of validation, "

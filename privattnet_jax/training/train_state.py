@@ -30,7 +30,8 @@ def _init(model, rngs, inputs, method: str):
 
 
 # One traced (and cached) program instead of an eager op per parameter and optimizer partition,
-# as TrainState.create would run: 0.8 s of a run's start-up with Lite0.
+# as TrainState.create would run: those ops were a visible part of a run's start-up
+# (docs/benchmarks.md, "The demo's second run: first train step"; 0.8 s with Lite0).
 @functools.partial(jax.jit, static_argnums=0)
 def _init_optimizer(tx, params):
   return tx.init(params)
@@ -40,10 +41,10 @@ def initial_variables(model, rngs: dict, image_shape, pretrained: str) -> dict:
   """The model's initial variables, the encoder's read from the weight file `pretrained` if set.
 
   The file replaces every encoder value, so then the encoder is traced for its shapes only
-  (`jax.eval_shape`: not lowered, compiled or run; the whole init took 3.7 s of the Lite0 demo's
-  start-up to trace, lower and load) and the head is initialised alone. Its values are those of
-  the whole model's init: Flax derives each submodule's keys from its path, not from what ran
-  before it.
+  (`jax.eval_shape`: not lowered, compiled or run, where the whole init took a large part of the
+  demo's start-up: docs/benchmarks.md, "Each step traced once per process") and the head is
+  initialised alone. Its values are those of the whole model's init: Flax derives each submodule's
+  keys from its path, not from what ran before it.
   """
   images = jnp.zeros((1, *image_shape), jnp.float32)
   if not pretrained:

@@ -27,7 +27,10 @@ class WorkdirInUseError(RuntimeError):
 
 
 def acquire(workdir: str | os.PathLike) -> None:
-  """Takes the workdir's lock for this process (again: no-op); raises WorkdirInUseError if another run holds it."""
+  """Takes the workdir's lock for this process (again: no-op).
+
+  Raises WorkdirInUseError if another run holds it.
+  """
   try:
     import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only.
   except ImportError:
