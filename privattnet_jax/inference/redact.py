@@ -284,7 +284,7 @@ def redact_photos(
     open(output_folders.claim(output_dir / "redaction.csv", inputs), "w", newline="") as csv_file,
     concurrent.futures.ThreadPoolExecutor(predict.READ_THREADS) as pool,
     predict.loader_pool(loader_processes) or contextlib.nullcontext(pool) as loader,
-    tqdm(total=len(entries), unit="img", disable=not progress, desc="redaction.redact") as bar,
+    tqdm(total=len(entries), unit="img", disable=not progress, desc="redact") as bar,
   ):
     writer = csv.writer(csv_file)
     writer.writerow(CSV_HEADER)

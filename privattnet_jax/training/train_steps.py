@@ -116,8 +116,10 @@ def parallel_encode_step(mesh, dtype):
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """This process's batch -> global arrays split over the mesh's batch axis (a global jax.Array,
-  as `device_features` batches carry, is used as it is)."""
+  """This process's batch -> global arrays split over the mesh's batch axis.
+
+  A global jax.Array, as `device_features` batches carry, is used as it is.
+  """
   sharding = NamedSharding(mesh, P(AXIS))
   return {
     k: batch[k]
