@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import ml_collections
+from PIL import Image
 
 from configs import default
 from privattnet_jax import config_history
@@ -105,11 +106,11 @@ def test_a_checkpoint_of_the_old_layout_restores_and_evaluates_through_run_py(
     f"--config.data.synthetic.{name}={synthetic[name]}"
     for name in ("num_train", "num_val", "num_test", "image_size")
   ]
+  photo = pathlib.Path(tmp_path / "photo.png")
+  Image.new("RGB", (40, 40), (90, 120, 200)).save(photo)
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [
-      sys.executable,
-      "run.py",
+  commands = {
+    "evaluate": [
       "--mode=evaluate",
       "--split=validation",
       "--config=configs/demo.py:tiny",
@@ -117,35 +118,30 @@ def test_a_checkpoint_of_the_old_layout_restores_and_evaluates_through_run_py(
       *old_names,
       *rest,
     ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: config")]
-  assert len(warnings) == 3 and "input.batch_size" in result.stderr, result.stderr[-2000:]
-  summary = json.loads((workdir / "eval_validation.json").read_text())
-  assert summary["step"] == 2 and summary["n"] == config.data.synthetic.num_val
-  photo = pathlib.Path(tmp_path / "photo.png")
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  Image.new("RGB", (40, 40), (90, 120, 200)).save(photo)
-  predicted = subprocess.run(
-    [
-      sys.executable,
-      "run.py",
+    "predict": [
       "--mode=predict",
       f"--workdir={workdir}",
       f"--images={photo}",
       f"--output={tmp_path / 'scores'}",
     ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  }
+  running = {  # Both at once: each mostly waits on its own start-up.
+    name: subprocess.Popen(
+      [sys.executable, "run.py", *args],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for name, args in commands.items()
+  }
+  for name, process in running.items():
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, (name, stderr[-3000:])
+    if name == "evaluate":
+      warnings = [line for line in stderr.splitlines() if line.startswith("warning: config")]
+      assert len(warnings) == 3 and "input.batch_size" in stderr, stderr[-2000:]
+  summary = json.loads((workdir / "eval_validation.json").read_text())
+  assert summary["step"] == 2 and summary["n"] == config.data.synthetic.num_val
   assert (tmp_path / "scores" / "predictions.jsonl").exists()

@@ -145,7 +145,7 @@ def _planted_features(rng, num, directions, ids, grid=4):
   return features, labels
 
 
-def _mlc_map_after_training(tiny_data_dir, bias_init, steps=60, seed=0):
+def _mlc_map_after_training(tiny_data_dir, bias_init, steps=30, seed=0):
   """PrivAttNet_MLC's head, trained by the real train step on planted features, then its
   test mAP over the planted attributes and the chance level (their frequency)."""
   config = make_tiny_config(tiny_data_dir, "privattnet_mlc")
