@@ -7,22 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from privattnet_jax.models import scoring
 from privattnet_jax.training import loss as loss_lib
 from privattnet_jax.training import train_state
 from privattnet_jax.training import train_steps
-
-
-def _task(kind="regression", target_mean=(0.0,), gamma=0.0, tau=0.0):
-  target_mean = np.asarray(target_mean, np.float32)
-  return scoring.Task(
-    kind=kind,
-    target_mean=target_mean,
-    preferences=np.ones((68, len(target_mean)), np.float32),
-    pooling="max",
-    attention_gamma=gamma,
-    attention_tau=tau,
-  )
+from tests.training.test_loss import _task
 
 
 class _TinyModel(nn.Module):
