@@ -44,9 +44,9 @@ def random_targets(rng: np.random.Generator, size: int) -> dict:
   }
 
 
-def train_step_for(config):
-  """(state replicated over a mesh of every device, the jitted train step, the mesh) for
-  `config`, through the project's public API (a regression task, target mean 0)."""
+def initial_state(config, mesh):
+  """(task, state replicated over `mesh`) for `config`, through the project's public API (a
+  regression task, target mean 0)."""
   task = scoring.make_task(
     config.model,
     config.score,
@@ -55,12 +55,17 @@ def train_step_for(config):
     input_pipeline.score_preferences(config.score),
   )
   model = models.create_model(config.model, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
-  mesh = train_steps.create_mesh()
   shape = (config.input.image_size, config.input.image_size, 3)
   state = train_state.create_train_state(
     model, shape, config.model.encoder, config.optim, 1000, jax.random.PRNGKey(0)
   )
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  return task, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def train_step_for(config):
+  """(state replicated over a mesh of every device, the jitted train step, the mesh) for `config`."""
+  mesh = train_steps.create_mesh()
+  task, state = initial_state(config, mesh)
   return state, train_steps.parallel_train_step(mesh, task), mesh
 
 

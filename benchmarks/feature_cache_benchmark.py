@@ -33,16 +33,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from benchmarks import common
 from configs import privattnet
 from privattnet_jax import data as data_lib
 from privattnet_jax.training import device_features
 from privattnet_jax.training import feature_cache
 from privattnet_jax.cli import host_memory
 from privattnet_jax.data import input_pipeline
-from privattnet_jax import models
 from privattnet_jax.training import train_steps
-from privattnet_jax.models import scoring
-from privattnet_jax.training import train_state
 
 flags.DEFINE_integer("image_size", 224, "Crop side in pixels (the grid is image_size / 16).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -116,14 +114,6 @@ def timed_rate(step, state, next_batch):
   return max(rates), state
 
 
-def random_targets(rng, size: int) -> dict:
-  return {
-    "score": rng.uniform(0, 5, size=(size, 1)).astype(np.float32),
-    "labels": (rng.uniform(size=(size, 68)) < 0.1).astype(np.float32),
-    "mask": np.ones(size, np.float32),
-  }
-
-
 def copy_state(state):
   return jax.tree_util.tree_map(lambda x: x.copy(), state)  # The train step donates its state.
 
@@ -153,7 +143,7 @@ def device_resident_rate(state, mesh, task, config, num: int, shape, dtype, epoc
     lambda key: jax.random.normal(key, (num, 1, *shape), jnp.float32).astype(dtype),
     out_shardings=sharding,
   )(jax.random.PRNGKey(0))
-  targets = random_targets(np.random.default_rng(1), num)
+  targets = common.random_targets(np.random.default_rng(1), num)
   arrays = {
     "features": features,
     "score": targets["score"],
@@ -189,33 +179,22 @@ def main(argv):
   workdir = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="feature_cache_benchmark_"))
   config = make_config(workdir)
   mesh = train_steps.create_mesh()
-  task = scoring.make_task(
-    config.model,
-    config.score,
-    config.loss,
-    np.zeros(1),
-    input_pipeline.score_preferences(config.score),
-  )
-  model = models.create_model(config.model, num_outputs=1, batchnorm_axis_name=train_steps.AXIS)
+  task, state = common.initial_state(config, mesh)
   image_shape = (config.input.image_size, config.input.image_size, 3)
-  state = jax.device_put(
-    train_state.create_train_state(
-      model, image_shape, config.model.encoder, config.optim, 1000, jax.random.PRNGKey(0)
-    ),
-    NamedSharding(mesh, P()),
-  )
   cache_dtype = np.dtype(feature_cache.DTYPES[FLAGS.cache_dtype])
   encode_step = train_steps.parallel_encode_step(mesh, cache_dtype)
   rng = np.random.default_rng(0)
   local_batch = FLAGS.batch_size // jax.process_count()
   images = rng.standard_normal((local_batch, *image_shape), np.float32)
-  image_batch = train_steps.shard_batch({"image": images, **random_targets(rng, local_batch)}, mesh)
+  image_batch = train_steps.shard_batch(
+    {"image": images, **common.random_targets(rng, local_batch)}, mesh
+  )
   lowered = {"encoder": encode_step.lower(state, image_batch["image"])}
   encoder = lowered["encoder"].compile()
   features = np.asarray(jax.device_get(encoder(state, image_batch["image"])))
   shape = features.shape[1:]
   feature_batch = train_steps.shard_batch(
-    {"features": features, **random_targets(rng, local_batch)}, mesh
+    {"features": features, **common.random_targets(rng, local_batch)}, mesh
   )
   train_fn = train_steps.parallel_train_step(mesh, task)
   lowered.update(

@@ -12,6 +12,7 @@ import os
 import signal
 
 import jax
+import numpy as np
 import pytest
 
 from configs import default
@@ -102,3 +103,18 @@ def no_hang():
   yield
   signal.alarm(0)
   signal.signal(signal.SIGALRM, previous)
+
+
+def make_task(kind, preferences, target_mean=None, pooling="max"):
+  """A Task built by hand (no config): no attention penalty, target mean 0 unless given."""
+  from privattnet_jax.models import scoring  # pylint: disable=g-import-not-at-top  # Model code.
+
+  target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
+  return scoring.Task(
+    kind=kind,
+    target_mean=target_mean,
+    preferences=preferences,
+    pooling=pooling,
+    attention_gamma=0.0,
+    attention_tau=0.0,
+  )

@@ -93,3 +93,19 @@ def hold_workdir_lock(workdir: pathlib.Path) -> subprocess.Popen:
   )
   assert child.stdout.readline().strip() == "held"
   return child
+
+
+def start_run_py(commands: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
+  """`run.py <args>` for each named argument list, all started at once, output captured."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  return {
+    name: subprocess.Popen(
+      [sys.executable, "run.py", *args],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for name, args in commands.items()
+  }

@@ -1,10 +1,7 @@
 """Moved config fields: old names on the command line, in config files and in checkpoints still work."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import ml_collections
 from PIL import Image
@@ -13,7 +10,7 @@ from configs import default
 from privattnet_jax import config_history
 from privattnet_jax.training import restore, train
 from tests.conftest import make_tiny_config
-from tests.subprocesses import REPO
+from tests import subprocesses
 
 
 def _old_layout(config: dict) -> dict:
@@ -108,7 +105,6 @@ def test_a_checkpoint_of_the_old_layout_restores_and_evaluates_through_run_py(
   ]
   photo = pathlib.Path(tmp_path / "photo.png")
   Image.new("RGB", (40, 40), (90, 120, 200)).save(photo)
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   commands = {
     "evaluate": [
       "--mode=evaluate",
@@ -125,17 +121,7 @@ def test_a_checkpoint_of_the_old_layout_restores_and_evaluates_through_run_py(
       f"--output={tmp_path / 'scores'}",
     ],
   }
-  running = {  # Both at once: each mostly waits on its own start-up.
-    name: subprocess.Popen(
-      [sys.executable, "run.py", *args],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for name, args in commands.items()
-  }
+  running = subprocesses.start_run_py(commands)  # Both at once: each mostly waits on start-up.
   for name, process in running.items():
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, (name, stderr[-3000:])

@@ -297,22 +297,6 @@ def _config_overrides(config, base) -> list[str]:
   return [f"--config.{k}={v}" for k, v in leaves(config.to_dict()) if defaults.get(k) != v]
 
 
-def _start_run_py(commands: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
-  """`run.py <args>` for each named argument list, all started at once, output captured."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  return {
-    name: subprocess.Popen(
-      [sys.executable, "run.py", *args],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for name, args in commands.items()
-  }
-
-
 def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_data_dir, tmp_path):
   """evaluate, export and predict of a step with a truncated array file: stderr holds the one error
   line naming the intact step and no traceback; errors.log holds the traceback."""
@@ -335,7 +319,9 @@ def test_run_py_on_a_corrupt_step_prints_one_line_and_logs_the_traceback(tiny_da
     "export": ["--mode=export", *common, f"--output={tmp_path / 'export'}"],
     "predict": ["--mode=predict", *common, f"--output={tmp_path / 'out'}", f"--images={photo}"],
   }
-  running = _start_run_py(commands)  # One at a time would triple the test's start-up time.
+  running = subprocesses.start_run_py(
+    commands
+  )  # One at a time would triple the test's start-up time.
   for mode, process in running.items():
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, (mode, stderr[-3000:])
@@ -411,7 +397,7 @@ def test_run_py_errors_are_one_line_with_exit_status_1(tmp_path):
   cases = _run_py_cases(tmp_path)
   holder = subprocesses.hold_workdir_lock(tmp_path / "locked")
   try:
-    running = _start_run_py({name: args for name, (args, _) in cases.items()})
+    running = subprocesses.start_run_py({name: args for name, (args, _) in cases.items()})
     results = {
       name: (process.wait(timeout=300), *process.communicate()) for name, process in running.items()
     }

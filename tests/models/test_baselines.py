@@ -25,22 +25,10 @@ from privattnet_jax.training import experiment as experiment_lib
 from privattnet_jax import models
 from privattnet_jax.training import loss as loss_lib
 from privattnet_jax.training import restore, train_state
-from tests.conftest import make_tiny_config
+from tests.conftest import make_task, make_tiny_config
 
 MODELS = ("privattnet", "privattnet_mlc", "privnet", "ap_pr", "pr_cnn")
 NUM_PROFILES = attributes.NUM_PROFILES
-
-
-def _task(kind, preferences, target_mean=None, pooling="max"):
-  target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
-  return scoring.Task(
-    kind=kind,
-    target_mean=target_mean,
-    preferences=preferences,
-    pooling=pooling,
-    attention_gamma=0.0,
-    attention_tau=0.0,
-  )
 
 
 def _config(data_dir, name, per_profile=True):
@@ -163,7 +151,7 @@ def _mlc_map_after_training(tiny_data_dir, bias_init, steps=30, seed=0):
   directions = rng.normal(size=(len(ids), channels))
   train_features, train_labels = _planted_features(rng, 256, directions, ids)
   test_features, test_labels = _planted_features(rng, 128, directions, ids)
-  task = _task("attributes", attributes.preference_table())
+  task = make_task("attributes", attributes.preference_table())
   model = models.create_model(config.model, 1, batchnorm_axis_name=train_steps.AXIS)
   prior = attributes.log_prior_odds(train_labels > 0)
   bias = (
@@ -282,7 +270,7 @@ def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logit
   high[face, 0] = 4.0
 
   def scores(preferences):
-    task = _task("attributes", preferences, pooling=pooling)
+    task = make_task("attributes", preferences, pooling=pooling)
     return np.asarray(scoring.predicted_scores({"attribute_logits": logits[:, -num_logits:]}, task))
 
   before, after = scores(low), scores(high)
@@ -297,7 +285,7 @@ def test_personalised_attribute_scores_follow_the_preferences(pooling, num_logit
 
 
 def test_per_profile_targets_are_normalised_per_column():
-  task = _task("regression", np.ones((68, 2), np.float32), np.array([1.0, 3.0], np.float32))
+  task = make_task("regression", np.ones((68, 2), np.float32), np.array([1.0, 3.0], np.float32))
   outputs = {"score": np.array([[0.0, 0.0], [2.0, -2.0]], np.float32)}
   batch = {"score": np.array([[1.0, 3.0], [3.0, 1.0]], np.float32), "mask": np.ones(2, np.float32)}
   # Normalised targets [[0, 0], [4, -4]]: squared errors [[0, 0], [4, 4]], per-example means 0 and 4.
@@ -308,7 +296,7 @@ def test_per_profile_targets_are_normalised_per_column():
 def test_pr_cnn_loss_is_8_over_p_times_caffe_euclidean_loss():
   """configs/pr_cnn.py: our MSE on (y - mean) * 2 = 8 / P * sum_n ||yhat_n - y_n||^2 / (2N)."""
   rng = np.random.default_rng(0)
-  task = _task(
+  task = make_task(
     "regression",
     np.ones((68, NUM_PROFILES), np.float32),
     rng.uniform(1, 3, NUM_PROFILES).astype(np.float32),

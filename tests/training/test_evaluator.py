@@ -10,18 +10,7 @@ from privattnet_jax.models import scoring
 from privattnet_jax.training import evaluator
 from privattnet_jax.training import train_state
 from privattnet_jax.training import train_steps
-
-
-def _task(kind, preferences, target_mean=None, pooling="max"):
-  target_mean = np.zeros(preferences.shape[1], np.float32) if target_mean is None else target_mean
-  return scoring.Task(
-    kind=kind,
-    target_mean=target_mean,
-    preferences=preferences,
-    pooling=pooling,
-    attention_gamma=0.0,
-    attention_tau=0.0,
-  )
+from tests.conftest import make_task
 
 
 def test_eval_reports_attribute_ap_by_id_without_padding_rows():
@@ -56,7 +45,7 @@ def test_eval_reports_attribute_ap_by_id_without_padding_rows():
     tx=optax.identity(),
     rng=jax.random.PRNGKey(0),
   )
-  task = _task("attributes", np.ones((68, 1), np.float32))
+  task = make_task("attributes", np.ones((68, 1), np.float32))
   mesh = train_steps.create_mesh()
   result = evaluator.evaluate(
     state, train_steps.parallel_eval_step(mesh, task), batches, mesh, task
